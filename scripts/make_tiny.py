@@ -1,0 +1,103 @@
+"""Write the embedded tiny base model (random init) as a diffusers folder at `sdlora.tiny.MODEL_DIR`.
+
+The architecture is Stable Diffusion 1.x's, scaled down: an x8 AutoencoderKL (64 px -> 8x8x4 latents), a
+UNet2DConditionModel with cross-attention, a CLIP text encoder and the real CLIP BPE tokenizer (made by
+scripts/make_tokenizer.py). Weights are stored in fp16 to keep the package small; diffusers loads them as fp32.
+
+    python scripts/make_tiny.py [--seed 0] [--tokenizer DIR]
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sdlora.tiny import MODEL_DIR
+
+UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(64, 128, 192),
+    layers_per_block=1,
+    attention_head_dim=4,  # SD1.x's config key; it is the number of heads
+    cross_attention_dim=128,
+    norm_num_groups=32,
+)
+VAE = dict(
+    sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    scaling_factor=0.18215,
+)
+TEXT = dict(
+    vocab_size=49408,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+    projection_dim=128,
+)
+# SD1.5's own scheduler settings (its model_index ships PNDM with these values).
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    skip_prk_steps=True,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def build(seed: int, tokenizer_dir: Path) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT)),
+        tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
+        unet=UNet2DConditionModel(**UNET),
+        scheduler=PNDMScheduler(**SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=str(Path(MODEL_DIR) / "tokenizer"))
+    args = ap.parse_args()
+    tmp = Path(MODEL_DIR + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = build(args.seed, Path(args.tokenizer))
+    pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    # transformers loads a model in its config's dtype; keep fp16 storage but make plain from_pretrained run fp32.
+    te_config = tmp / "text_encoder" / "config.json"
+    te_config.write_text(te_config.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
+    shutil.rmtree(MODEL_DIR, ignore_errors=True)
+    tmp.rename(MODEL_DIR)
+    counts = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}
+    print(f"wrote {MODEL_DIR}: " + ", ".join(f"{n} {c / 1e6:.1f}M params" for n, c in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The command line: `sdlora train | generate | runs | app`; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+# Library chatter (load bars, safety-checker notices) hides what the user must read; set before they import.
+for _name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+    os.environ.setdefault(_name, "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from sdlora.config import PRESETS, TrainConfig, build_config
+from sdlora.errors import UserError
+
+# Flags whose names differ from the field (the brief's exact forms) or that take a list.
+_RENAMED = {"sample_prompts": "--sample-prompt"}
+_SKIPPED = {"dataset"}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, from its type, default and help; unset flags stay out of the result."""
+    group = parser.add_argument_group("training settings (defaults in brackets)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _SKIPPED:
+            continue
+        flag = _RENAMED.get(f.name, "--" + f.name.replace("_", "-"))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help = f"{f.metadata['help']} [{default}]"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, list):
+            group.add_argument(flag, action="append", **kw)
+        else:
+            group.add_argument(flag, type=type(default), choices=f.metadata.get("choices"), **kw)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdlora", description="Train Stable Diffusion LoRAs from a folder of images.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("dataset", nargs="?", help="folder or .zip of images with .txt captions")
+    t.add_argument("--out", help="run folder to create (lora.safetensors, samples/, events.jsonl...)")
+    t.add_argument("--run-dir", help="train the run whose config.json is already in this folder")
+    t.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset's values")
+    t.add_argument("--config", help="a config.json to start from")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(t)
+
+    g = sub.add_parser("generate", help="make an image with a base model and LoRAs at chosen strengths")
+    g.add_argument("prompt")
+    g.add_argument("--base", default="tiny")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a LoRA file, optionally with its own strength; repeat to stack")
+    g.add_argument("--strength", type=float, default=1.0, help="strength for --lora files given without one")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=7.0)
+    g.add_argument("--scheduler", default="EulerDiscreteScheduler")
+    g.add_argument("--size", type=int, default=0, help="width and height (0 = the model's own)")
+    g.add_argument("--grid", metavar="S1,S2,...", help="make a grid across these strengths for the first --lora")
+    g.add_argument("--seeds", type=int, default=1, help="rows of the --grid, seeds seed..seed+N-1")
+    g.add_argument("--out", required=True, help="PNG file to write")
+
+    r = sub.add_parser("runs", help="list runs in a folder with their state")
+    r.add_argument("root", nargs="?", default="runs")
+
+    a = sub.add_parser("app", help="open the browser app")
+    a.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def _quiet_loading() -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": _train, "generate": _generate, "runs": _runs, "app": _app}[args.command](args)
+    except UserError as e:
+        print(f"sdlora: error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _train(args) -> int:
+    from sdlora.train import train
+
+    _quiet_loading()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and k != "dataset"}
+    if args.run_dir:
+        config = build_config(args.preset, args.config or str(Path(args.run_dir) / "config.json"), **overrides)
+        run_dir = args.run_dir
+    else:
+        if not args.dataset or not args.out:
+            raise UserError("give a dataset and --out", "sdlora train DATASET --base tiny --out runs/NAME")
+        config = build_config(args.preset, args.config, dataset=args.dataset, **overrides)
+        run_dir = args.out
+        if (Path(run_dir) / "events.jsonl").exists() and not args.resume:
+            raise UserError(f"{run_dir} already holds a run", "add --resume to continue it, or pick another --out")
+    train(config, run_dir, resume=args.resume, progress_bar=not args.quiet)
+    return 0
+
+
+def _generate(args) -> int:
+    from sdlora.generate import Previewer
+
+    _quiet_loading()
+    loras = [_lora_spec(spec, args.strength) for spec in args.lora]
+    prev = Previewer(args.base)
+    kw = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+              width=args.size or None, height=args.size or None)
+    if args.grid:
+        if not loras:
+            raise UserError("--grid needs a --lora", "add --lora FILE")
+        strengths = [float(s) for s in args.grid.split(",")]
+        image = prev.strength_grid(loras[0][0], args.prompt, strengths, range(args.seed, args.seed + args.seeds), **kw)
+    else:
+        prev.set_loras(loras)
+        image = prev.image(args.prompt, seed=args.seed, **kw)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(args.out)
+    return 0
+
+
+def _lora_spec(spec: str, default: float) -> tuple[str, float]:
+    """`FILE:0.8` -> (FILE, 0.8); `FILE` -> (FILE, default)."""
+    path, _, strength = spec.rpartition(":")
+    try:
+        return (path, float(strength)) if path else (spec, default)
+    except ValueError:
+        return spec, default
+
+
+def _runs(args) -> int:
+    from sdlora.runs import list_runs, read_events, status
+
+    for run in list_runs(args.root):
+        progress = [e for e in read_events(run) if e["type"] == "progress"]
+        where = f"step {progress[-1]['step']}/{progress[-1]['total']}" if progress else ""
+        print(f"{run.name:30s} {status(run):8s} {where}")
+    return 0
+
+
+def _app(args) -> int:
+    os.execvp(sys.executable, [sys.executable, str(Path(__file__).resolve().parent.parent / "app.py"), *args.rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

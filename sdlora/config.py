@@ -1,0 +1,154 @@
+"""TrainConfig: every knob of a training run, its default and why, presets, validation and the JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdlora.errors import UserError
+
+
+def _knob(default, help: str, choices: tuple | None = None, **kw):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """One training run, completely. The CLI, the app and the tests build one and call `sdlora.train.train`."""
+
+    # What to train on
+    dataset: str = _knob("", "folder or .zip of images with same-name .txt captions (or a metadata.jsonl)")
+    base: str = _knob("tiny", "base model: 'tiny' (embedded), a diffusers folder, a .safetensors checkpoint or a hub id")
+    trigger: str = _knob("", "trigger word put first in every caption (added where a caption lacks it)")
+    caption_template: str = _knob("a picture", "caption for images without a .txt file (after the trigger)")
+    shuffle_tags: bool = _knob(False, "shuffle comma-separated tags each step (tag captions only; never sentences)")
+    keep_tags: int = _knob(1, "tags kept in place at the front when shuffling (1 keeps the trigger first)")
+    caption_dropout: float = _knob(0.0, "chance of training a step with an empty caption; 0.05-0.1 helps styles")
+    resolution: int = _knob(0, "training resolution in pixels; 0 = the base model's own (tiny 64, SD1 512, SDXL 1024)")
+    random_crop: bool = _knob(False, "random instead of centre crops (turns off the latent cache)")
+    flip: bool = _knob(False, "random horizontal flips; only for subjects without a handed side (text, asymmetry)")
+
+    # The adapter
+    rank: int = _knob(16, "LoRA rank (dim): capacity of the adapter")
+    alpha: float = _knob(8.0, "LoRA alpha; the update is scaled by alpha/rank, so LR and alpha travel together")
+    lora_dropout: float = _knob(0.0, "dropout inside the LoRA layers")
+    targets: str = _knob("attn", "layers to adapt: attention only, or attention + MLP (kohya's default)",
+                         choices=("attn", "attn-mlp"))
+    train_text_encoder: bool = _knob(True, "also train a LoRA on the text encoder(s)")
+
+    # Optimisation
+    steps: int = _knob(600, "optimizer steps in total")
+    batch_size: int = _knob(4, "images per step (per GPU)")
+    grad_accum: int = _knob(1, "gradient accumulation: steps of batch_size images per optimizer step")
+    unet_lr: float = _knob(5e-4, "UNet learning rate (at alpha/rank = 0.5)")
+    text_encoder_lr: float = _knob(1e-4, "text-encoder learning rate; 1/2 to 1/5 of the UNet's")
+    optimizer: str = _knob("adamw", "adamw, or adamw8bit (needs bitsandbytes)", choices=("adamw", "adamw8bit"))
+    weight_decay: float = _knob(1e-2, "AdamW weight decay")
+    lr_scheduler: str = _knob("cosine", "learning-rate schedule after warmup",
+                              choices=("constant", "cosine", "cosine_with_restarts", "linear"))
+    lr_cycles: int = _knob(1, "restarts for cosine_with_restarts")
+    warmup_fraction: float = _knob(0.05, "fraction of the steps spent warming the learning rate up")
+    min_snr_gamma: float = _knob(5.0, "min-SNR loss weighting (Hang et al. 2023); 0 turns it off")
+    noise_offset: float = _knob(0.0, "noise offset; helps very dark/bright images (0.05 SD1, 0.0357 SDXL)")
+    mixed_precision: str = _knob("auto", "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU",
+                                 choices=("auto", "no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _knob(False, "trade compute for memory")
+    cache_latents: bool = _knob(True, "encode every image once instead of every step")
+    seed: int = _knob(0, "seed for data order, noise and samples: the same seed gives the same run")
+
+    # What the run leaves behind
+    sample_every: int = _knob(0, "make sample images every N steps (0 = 4 times per run); always at step 0 and the end")
+    sample_prompts: list = _knob([], "prompts for samples (default: the first two captions of the dataset)")
+    sample_negative: str = _knob("", "negative prompt for samples")
+    sample_seed: int = _knob(0, "seed for the first sample prompt; the next prompts use seed+1, seed+2...")
+    sample_steps: int = _knob(25, "inference steps for samples")
+    sample_guidance: float = _knob(7.0, "classifier-free guidance for samples")
+    sample_scheduler: str = _knob("EulerDiscreteScheduler", "diffusers scheduler class used for samples")
+    save_every: int = _knob(0, "save the adapter every N steps (0 = 4 times per run)")
+    keep_checkpoints: int = _knob(2, "resumable checkpoints kept (older ones are deleted)")
+    export_diffusers: bool = _knob(False, "also write the adapter in the diffusers/peft layout")
+    title: str = _knob("", "title written into the file's metadata (default: the run's name)")
+    description: str = _knob("", "description written into the file's metadata")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown setting(s): {', '.join(unknown)}", "check the spelling against `sdlora train --help`")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        try:
+            values = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file not found: {path}", "give the path of a config.json") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e}", "fix the file or write it again") from None
+        return cls.from_dict(values)
+
+    def validate(self) -> None:
+        """Check every value once, before anything loads; raise UserError naming the setting."""
+        def need(ok: bool, name: str, what: str):
+            if not ok:
+                raise UserError(f"{name} = {getattr(self, name)!r}: {what}", f"fix --{name.replace('_', '-')}")
+
+        need(bool(self.dataset), "dataset", "give a folder or .zip of images")
+        need(self.rank >= 1, "rank", "must be at least 1")
+        need(self.alpha > 0, "alpha", "must be positive")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        need(self.steps >= 1, "steps", "must be at least 1")
+        need(self.batch_size >= 1, "batch_size", "must be at least 1")
+        need(self.grad_accum >= 1, "grad_accum", "must be at least 1")
+        need(self.unet_lr > 0, "unet_lr", "must be positive")
+        need(self.text_encoder_lr >= 0, "text_encoder_lr", "must be 0 or more")
+        need(0 <= self.caption_dropout <= 1, "caption_dropout", "must be in [0, 1]")
+        need(self.keep_tags >= 0, "keep_tags", "must be 0 or more")
+        need(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
+        need(self.min_snr_gamma >= 0, "min_snr_gamma", "must be 0 (off) or more")
+        need(self.resolution == 0 or self.resolution >= 64, "resolution", "must be 0 (model default) or at least 64")
+        need(self.sample_every >= 0 and self.save_every >= 0, "sample_every", "must be 0 or more")
+        need(self.sample_steps >= 1, "sample_steps", "must be at least 1")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                need(False, f.name, f"must be one of {', '.join(choices)}")
+        if self.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise UserError("optimizer adamw8bit needs bitsandbytes", "pip install bitsandbytes, or use --optimizer adamw") from None
+
+
+# Presets are plain field values applied over the defaults (see docs in README). Numbers from field practice:
+# hollowstrawberry's SD1.5 recipe (dim 16 / alpha 8, UNet 5e-4, TE 1e-4), "TE can be 0 for a style".
+PRESETS: dict[str, dict] = {
+    "quick": {"steps": 100, "sample_every": 50, "save_every": 50},
+    "character": {"targets": "attn-mlp", "train_text_encoder": True, "rank": 16, "alpha": 8.0},
+    "style": {"targets": "attn-mlp", "train_text_encoder": False, "caption_dropout": 0.05, "rank": 16, "alpha": 8.0},
+}
+
+
+def build_config(preset: str | None = None, config_file: str | None = None, **overrides) -> TrainConfig:
+    """Defaults, then a preset, then a config file, then explicit values: later wins."""
+    values: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}", f"use one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if config_file:
+        values.update(dataclasses.asdict(TrainConfig.from_file(config_file)))
+    values.update(overrides)
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,415 @@
+"""Ingest + validate images, captions (trigger, shuffle, dropout), aspect-ratio buckets."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sdlora.errors import UserError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_EXTS = (".txt", ".caption")  # in order of preference when both exist
+METADATA_FILE = "metadata.jsonl"
+MIN_SIDE = 8
+_ZIP_MAX_BYTES = 4 * 1024**3  # total uncompressed size; zipfile never inflates past a member's declared size
+_ZIP_MAX_MEMBERS = 20_000
+_REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's "10_name" folder: 10 repeats per epoch
+_HINT_LAYOUT = (f"use a folder or .zip of {', '.join(sorted(IMAGE_EXTS))} images, each with an optional "
+                f"same-name .txt caption (a.png + a.txt) or a {METADATA_FILE} with file_name and text")
+
+
+@dataclass
+class Record:
+    """One usable training image."""
+    name: str               # path relative to the dataset root, posix style, e.g. "10_cat/a.png"
+    image: Image.Image      # mode RGB, EXIF orientation applied, first frame, loaded
+    caption: str            # base caption, trigger included
+    repeats: int            # N from a kohya-style "N_name" folder, else 1
+    captioned: bool         # False when the caption came from the template
+
+
+@dataclass
+class Ingested:
+    """What ingest found: usable records, skipped files with reasons, and warnings for the user."""
+    records: list[Record]
+    rejected: list[tuple[str, str]]
+    warnings: list[str]
+    root: str
+
+
+def ingest(source, *, trigger: str = "", caption_template: str = "a picture",
+           max_pixels: int = 64_000_000) -> Ingested:
+    """Read a dataset folder or .zip: validate and normalise every image, pair captions, add the trigger.
+
+    Files that can't be used are listed in `rejected` with the reason; the rest goes on. Raises UserError
+    when the source is missing, the archive is unsafe, metadata.jsonl is malformed, or no image is usable.
+
+    >>> data = ingest("photos/", trigger="zxq")
+    >>> data.records[0].name, data.records[0].caption
+    ('10_cat/a.png', 'zxq, a cat on a sofa')
+    """
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"dataset not found: {path}", "check the path; give a folder of images or a .zip")
+    if path.is_dir():
+        return _ingest_files(str(source), _folder_files(path), [], trigger, caption_template, max_pixels)
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"not a folder or a .zip archive: {path}", _HINT_LAYOUT)
+    rejected: list[tuple[str, str]] = []
+    with zipfile.ZipFile(path) as archive:
+        files = _zip_files(path, archive, rejected)
+        return _ingest_files(str(source), files, rejected, trigger, caption_template, max_pixels)
+
+
+def _ignored(part: str) -> bool:
+    """Files that operating systems leave behind: skipped without a word."""
+    return part.startswith(".") or part == "__MACOSX" or part.lower() in ("thumbs.db", "desktop.ini")
+
+
+def _folder_files(root: Path) -> dict[str, Callable[[], bytes]]:
+    files = {}
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not _ignored(d))
+        for name in sorted(names):
+            if not _ignored(name):
+                path = Path(folder) / name
+                files[path.relative_to(root).as_posix()] = path.read_bytes
+    return files
+
+
+def _zip_files(path: Path, archive: zipfile.ZipFile, rejected) -> dict[str, Callable[[], bytes]]:
+    infos = archive.infolist()
+    if len(infos) > _ZIP_MAX_MEMBERS:
+        raise UserError(f"{path} has {len(infos)} files, more than the {_ZIP_MAX_MEMBERS} allowed",
+                        "split the dataset or use a folder instead of a .zip")
+    total = sum(info.file_size for info in infos)
+    if total > _ZIP_MAX_BYTES:
+        raise UserError(f"{path} unpacks to {total / 1024**3:.1f} GiB, more than the "
+                        f"{_ZIP_MAX_BYTES / 1024**3:.0f} GiB allowed", "unpack it yourself and give the folder")
+    members = {}
+    for info in infos:
+        name = info.filename.replace("\\", "/")
+        parts = name.split("/")
+        # Never read a member that would land outside the folder if unpacked ("zip slip").
+        if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+            rejected.append((name, "unsafe path in archive (absolute or '..'); not read"))
+            continue
+        parts = [p for p in parts if p not in ("", ".")]
+        if info.is_dir() or not parts or any(_ignored(p) for p in parts):
+            continue
+        members["/".join(parts)] = info
+    # A zip of a folder holds one top-level folder: treat it as the root, as if the folder were given.
+    tops = {name.split("/")[0] for name in members}
+    if len(tops) == 1 and all("/" in name for name in members):
+        cut = len(tops.pop()) + 1
+        members = {name[cut:]: info for name, info in members.items()}
+    return {name: (lambda info=info: archive.read(info)) for name, info in sorted(members.items())}
+
+
+def _ingest_files(source: str, files: dict, rejected: list, trigger: str, template: str,
+                  max_pixels: int) -> Ingested:
+    warnings: list[str] = []
+    metadata = _read_metadata(source, files.pop(METADATA_FILE, None))
+    images, captions = [], {}
+    for name in sorted(files):
+        ext = PurePosixPath(name).suffix.lower()
+        if ext in IMAGE_EXTS:
+            images.append(name)
+        elif ext in CAPTION_EXTS:
+            captions.setdefault(name[: -len(ext)], {})[ext] = name
+        else:
+            rejected.append((name, f"not an image ({ext or 'no extension'})"))
+    if not images:
+        raise UserError(f"no images found in {source}", _HINT_LAYOUT)
+
+    records, uncaptioned = [], []
+    for name in images:
+        try:
+            data = files[name]()
+        except Exception as error:  # permissions, encrypted or damaged zip member
+            rejected.append((name, f"could not read file: {error}"))
+            continue
+        image = _load_image(data, max_pixels)
+        if isinstance(image, str):
+            rejected.append((name, image))
+            continue
+        stem = name[: -len(PurePosixPath(name).suffix)]
+        caption_file = next((captions[stem][e] for e in CAPTION_EXTS if e in captions.get(stem, {})), None)
+        caption = metadata.get(name, "")
+        if not caption and caption_file:
+            caption = _read_caption(caption_file, files[caption_file], rejected)
+        if not caption:
+            uncaptioned.append(name)
+        records.append(Record(name, image, _with_trigger(caption or template, trigger), _repeats(name),
+                              captioned=bool(caption)))
+
+    if not records:
+        first = [f"{name}: {reason}" for name, reason in rejected if name in images][:3]
+        raise UserError(f"all {len(images)} images in {source} were rejected", "; ".join(first))
+    if uncaptioned:
+        warnings.append(f"{_count(uncaptioned, 'image')} no caption; used '{_with_trigger(template, trigger)}': "
+                        f"{_some(uncaptioned)}")
+    missing = sorted(set(metadata) - set(images))
+    if missing:
+        warnings.append(f"{METADATA_FILE} names {len(missing)} file(s) not in the dataset: {_some(missing)}")
+    image_stems = {name[: -len(PurePosixPath(name).suffix)] for name in images}
+    orphans = sorted(n for stem, by_ext in captions.items() if stem not in image_stems for n in by_ext.values())
+    if orphans:
+        warnings.append(f"{_count(orphans, 'caption file')} no matching image (ignored): {_some(orphans)}")
+    return Ingested(records, rejected, warnings, source)
+
+
+def _count(names: list, noun: str) -> str:
+    return f"1 {noun} has" if len(names) == 1 else f"{len(names)} {noun}s have"
+
+
+def _some(names: list, limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _clean_caption(text: str) -> str:
+    return " ".join(text.split())  # strip, and newlines/tabs/runs of spaces become one space
+
+
+def _read_caption(name: str, read: Callable[[], bytes], rejected: list) -> str:
+    try:
+        return _clean_caption(read().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        rejected.append((name, "caption is not UTF-8 text; image used without it"))
+    except Exception as error:
+        rejected.append((name, f"could not read caption: {error}"))
+    return ""
+
+
+def _read_metadata(source: str, read: Callable[[], bytes] | None) -> dict[str, str]:
+    """metadata.jsonl at the root (the Hugging Face imagefolder layout): {relative file name: caption}."""
+    if read is None:
+        return {}
+    where = f"{METADATA_FILE} in {source}"
+    example = 'each line must be one JSON object like {"file_name": "a.png", "text": "a cat"}'
+    try:
+        lines = read().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text", example) from None
+    captions = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str)
+                and isinstance(row.get("text"), str)):
+            raise UserError(f"{where}: line {number} is not a JSON object with 'file_name' and 'text'", example)
+        file_name = "/".join(p for p in row["file_name"].replace("\\", "/").split("/") if p not in ("", "."))
+        captions[file_name] = _clean_caption(row["text"])
+    return captions
+
+
+def _with_trigger(caption: str, trigger: str) -> str:
+    """Prepend the trigger unless the caption already has it as a whole word."""
+    if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def _repeats(name: str) -> int:
+    """N from the innermost kohya-style "N_name" folder holding the file, else 1."""
+    for folder in reversed(PurePosixPath(name).parts[:-1]):
+        match = _REPEATS_FOLDER.match(folder)
+        if match and int(match.group(1)) > 0:
+            return int(match.group(1))
+    return 1
+
+
+def _load_image(data: bytes, max_pixels: int) -> Image.Image | str:
+    """Decode and normalise one image file; returns an RGB image, or the reason it can't be used."""
+    if not data:
+        return "empty file (0 bytes)"
+    # PIL's own bomb guard warns or raises at a fixed size; ours checks the header against max_pixels instead.
+    saved_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            return "not an image or unsupported format"
+        except Exception as error:
+            return f"truncated or corrupt image: {error}"
+        width, height = image.size
+        if width * height > max_pixels:
+            return f"too large ({width} x {height} pixels, limit {max_pixels:,})"
+        if min(width, height) < MIN_SIDE:
+            return f"too small ({width} x {height} pixels, each side must be at least {MIN_SIDE})"
+        try:
+            image.seek(0)  # first frame of an animation
+            image.load()
+        except Exception as error:
+            return f"truncated or corrupt image: {error}"
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # unreadable EXIF: keep the pixels as stored
+        pass
+    try:
+        rgb = _to_rgb(image)
+    except Exception as error:
+        return f"unsupported colour mode {image.mode}: {error}"
+    rgb.info = {}  # drop EXIF/ICC bytes we no longer need
+    return rgb
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(image), mode), "L").convert("RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA", "P") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        # Transparent areas become white, not whatever colour happens to be stored under alpha 0.
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, HSV, RGBX...
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16-bit, 32-bit and float pixels to 0..255 (clipping to 255 would turn most of them white)."""
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    if mode == "F" and low >= 0 and high <= 1:
+        values = values * 255.0
+    elif mode == "F" and low >= 0 and high <= 255:
+        pass
+    elif mode != "F" and low >= 0 and high <= 65535:
+        values = values / 257.0  # 16-bit content ("I" included): 65535 -> 255, 32768 -> 127.5
+    elif high > low:
+        values = (values - low) / (high - low) * 255.0  # any wider range: stretch what is there
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def build_caption(caption: str, *, shuffle: bool, keep_tags: int, dropout: float, rng: random.Random) -> str:
+    """The caption for one training step: optionally shuffle comma tags after the first `keep_tags`,
+    then drop the whole caption with probability `dropout` (an empty prompt trains the unconditional case).
+
+    Always draws exactly one `rng.random()` for dropout, so runs with the same seed see the same captions.
+    """
+    if shuffle:
+        tags = _tags(caption)
+        rest = tags[keep_tags:]
+        rng.shuffle(rest)
+        if len(tags) > 1:
+            caption = ", ".join(tags[:keep_tags] + rest)
+    return "" if rng.random() < dropout else caption
+
+
+def _tags(caption: str) -> list[str]:
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+def make_buckets(resolution: int, step: int = 64, min_side: int | None = None,
+                 max_side: int | None = None) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets (width, height) with sides that are multiples of `step` and an area of at most
+    resolution**2 (resolution rounded down to `step`; the caller warns when that changed it).
+
+    As kohya does: for each width, the tallest height that fits the area, in both orientations, plus the square.
+
+    >>> make_buckets(64)
+    [(64, 64)]
+    """
+    size = resolution // step * step
+    if size < step:
+        raise UserError(f"resolution {resolution} is smaller than the bucket step {step}",
+                        f"use a resolution of at least {step}, e.g. 512 for SD1.x or 1024 for SDXL")
+    low = max(step, size // 2 // step * step) if min_side is None else -(-min_side // step) * step
+    high = size * 2 // step * step if max_side is None else max_side // step * step
+    if low > high:
+        raise UserError(f"bucket sides from {min_side} to {max_side} leave no size in steps of {step}",
+                        "make the smallest bucket side smaller than the largest")
+    buckets = {(size, size)}
+    for width in range(low, high + 1, step):
+        height = min(high, size * size // width // step * step)
+        if height >= low:
+            buckets.update({(width, height), (height, width)})
+    return sorted(buckets)
+
+
+def nearest_bucket(width: int, height: int, buckets) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to width/height (in log space); ties go to the larger area."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def prepare_image(image: Image.Image, bucket, *, random_crop: bool, flip: bool,
+                  rng: random.Random) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Resize `image` to cover `bucket` (width, height), crop to it, maybe flip it horizontally.
+
+    Returns (pixels, crop_top_left, original_size): a float32 tensor (3, height, width) in [-1, 1], the
+    (top, left) of the crop in the resized image, and the input's (height, width), as SDXL conditions on them.
+    """
+    bucket_w, bucket_h = bucket
+    width, height = image.size
+    scale = max(bucket_w / width, bucket_h / height)
+    new_w, new_h = max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    if random_crop:
+        top, left = rng.randint(0, new_h - bucket_h), rng.randint(0, new_w - bucket_w)
+    else:
+        top, left = (new_h - bucket_h) // 2, (new_w - bucket_w) // 2
+    pixels = np.asarray(image.crop((left, top, left + bucket_w, top + bucket_h)).convert("RGB"))
+    if flip and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float() / 127.5 - 1.0
+    return tensor, (top, left), (height, width)
+
+
+def expand_repeats(records: list[Record]) -> list[int]:
+    """Record indices for one epoch, each repeated `repeats` times, in record order."""
+    return [index for index, record in enumerate(records) for _ in range(record.repeats)]
+
+
+def epoch_batches(buckets_per_sample: list[tuple[int, int]], batch_size: int,
+                  rng: random.Random) -> list[list[int]]:
+    """Batches of sample indices for one epoch; a batch never mixes buckets (its images must stack).
+
+    Shuffles within each bucket, cuts it into batches (the last one may be short), then shuffles the batches.
+    """
+    assert batch_size >= 1, batch_size
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, bucket in enumerate(buckets_per_sample):
+        by_bucket.setdefault(tuple(bucket), []).append(index)
+    batches = []
+    for bucket in sorted(by_bucket):
+        indices = by_bucket[bucket]
+        rng.shuffle(indices)
+        batches += [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def tag_frequency(records) -> dict:
+    """Tag counts per top-level folder, kohya's `ss_tag_frequency` shape: {"10_cat": {"cat": 12, ...}}.
+
+    Images at the dataset root count under "dataset".
+    """
+    frequency: dict[str, dict[str, int]] = {}
+    for record in records:
+        folder = record.name.split("/")[0] if "/" in record.name else "dataset"
+        counts = frequency.setdefault(folder, {})
+        for tag in _tags(record.caption):
+            counts[tag] = counts.get(tag, 0) + 1
+    return frequency

@@ -1,0 +1,135 @@
+"""Write the shareable LoRA file (kohya layout + metadata) and verify it through diffusers' own loader."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sdlora.config import TrainConfig
+from sdlora.lora import adapter_layers, kohya_name, read_lora, text_encoder_prefix
+from sdlora.models import FAMILIES, load_base
+
+VERIFY_ADAPTER = "sdlora_verify"
+
+
+def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: int, epoch: int, num_images: int,
+                   tag_frequency: dict, started_at: float, title: str) -> dict[str, str]:
+    """The `ss_*` fields kohya's tools write and the `modelspec.*` fields of SAI's model spec; all strings."""
+    fam = FAMILIES[family]
+    now = time.time()
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": str(config.alpha),
+        "ss_network_dropout": str(config.lora_dropout),
+        "ss_base_model_version": fam["base_model_version"],
+        "ss_v2": str(fam["v2"]),
+        "ss_sd_model_name": Path(config.base).name if config.base != "tiny" else "sdlora-tiny",
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_num_train_images": str(num_images),
+        "ss_steps": str(step),
+        "ss_epoch": str(epoch),
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.grad_accum),
+        "ss_learning_rate": str(config.unet_lr),
+        "ss_unet_lr": str(config.unet_lr),
+        "ss_text_encoder_lr": str(config.text_encoder_lr if config.train_text_encoder else 0),
+        "ss_network_train_unet_only": str(not config.train_text_encoder),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_optimizer": config.optimizer,
+        "ss_min_snr_gamma": str(config.min_snr_gamma),
+        "ss_noise_offset": str(config.noise_offset),
+        "ss_caption_dropout_rate": str(config.caption_dropout),
+        "ss_shuffle_caption": str(config.shuffle_tags),
+        "ss_keep_tokens": str(config.keep_tags),
+        "ss_flip_aug": str(config.flip),
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_seed": str(config.seed),
+        "ss_output_name": title,
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_training_started_at": str(started_at),
+        "ss_training_finished_at": str(now),
+        "ss_training_comment": config.description,
+        "sdlora_targets": config.targets,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": fam["architecture"],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
+        else "diffusers",
+        "modelspec.title": title,
+        "modelspec.description": config.description,
+        "modelspec.trigger_phrase": config.trigger,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if family == "sd2-v" else "epsilon",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
+    }
+    return meta
+
+
+def write_diffusers_layout(path: str | Path, unet, text_encoder, config: TrainConfig) -> None:
+    """The same adapter in the diffusers/peft layout, with the LoRA config so diffusers keeps the alpha."""
+    from diffusers import StableDiffusionPipeline
+
+    def layers(model):
+        return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+
+    def meta(targets):
+        return {"r": config.rank, "lora_alpha": config.alpha, "target_modules": targets}
+
+    from sdlora.lora import TEXT_TARGETS, UNET_TARGETS
+
+    path = Path(path)
+    StableDiffusionPipeline.save_lora_weights(
+        str(path.parent), weight_name=path.name,
+        unet_lora_layers=layers(unet),
+        text_encoder_lora_layers=layers(text_encoder) if text_encoder is not None else None,
+        unet_lora_adapter_metadata=meta(UNET_TARGETS[config.targets]),
+        text_encoder_lora_adapter_metadata=meta(TEXT_TARGETS[config.targets]) if text_encoder is not None else None,
+    )
+
+
+@torch.no_grad()
+def verify(path: str | Path, base_spec: str) -> dict:
+    """Reload `path` through diffusers' `load_lora_weights` into a fresh copy of the base and check that every key
+    landed (same weights, same alpha/rank scale) and that strength 0 gives back the base model's output exactly."""
+    state, _ = read_lora(path)
+    pipe = load_base(base_spec).pipe
+    ids = pipe.tokenizer("a photo", padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    gen = torch.Generator("cpu").manual_seed(0)
+    latents = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=gen)
+    t = torch.tensor([500])
+
+    def forward():
+        hidden = pipe.text_encoder(ids)[0]
+        return pipe.unet(latents, t, hidden).sample
+
+    before = forward()
+    pipe.load_lora_weights(str(path), adapter_name=VERIFY_ADAPTER)
+    loaded = {kohya_name("lora_unet_", p): m for p, m in adapter_layers_named(pipe.unet).items()}
+    loaded.update({kohya_name(text_encoder_prefix(p), p): m for p, m in adapter_layers_named(pipe.text_encoder).items()})
+    names = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state})
+    consumed = 0
+    for name in names:
+        layer = loaded.get(name)
+        if layer is None:
+            continue
+        down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
+        alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else down.shape[0]
+        same = (torch.equal(layer.lora_A[VERIFY_ADAPTER].weight.float(), down)
+                and torch.equal(layer.lora_B[VERIFY_ADAPTER].weight.float(), up)
+                and abs(layer.scaling[VERIFY_ADAPTER] - alpha / down.shape[0]) < 1e-6)
+        consumed += 3 * same if f"{name}.alpha" in state else 2 * same
+    pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[0.0])
+    strength0 = (forward() - before).abs().max().item()
+    pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[1.0])
+    strength1 = (forward() - before).abs().mean().item()
+    ok = consumed == len(state) and strength0 == 0.0
+    return {"path": str(path), "keys_written": len(state), "keys_consumed": consumed,
+            "strength0_max_diff": strength0, "strength1_mean_diff": strength1, "ok": ok}
+
+
+def adapter_layers_named(model) -> dict:
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and VERIFY_ADAPTER in m.lora_A}

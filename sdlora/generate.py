@@ -1,0 +1,90 @@
+"""Previews: a base model plus any LoRA files at chosen strengths, one image or a grid across strengths and seeds."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from sdlora.errors import UserError
+from sdlora.models import Base, load_base
+
+
+class Previewer:
+    """A loaded base model that LoRAs can be added to and re-weighted without reloading the base."""
+
+    def __init__(self, base: str | Base, device: str | None = None):
+        self.base = load_base(base) if isinstance(base, str) else base
+        self.pipe = self.base.pipe
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.pipe.to(self.device)
+        self._loaded: dict[str, str] = {}  # file identity -> adapter name
+
+    def set_loras(self, loras: list[tuple[str, float]]) -> None:
+        """Use these (file, strength) pairs from now on; files already loaded are only re-weighted."""
+        names, weights = [], []
+        for path, strength in loras:
+            names.append(self._load(path))
+            weights.append(float(strength))
+        if names:
+            self.pipe.set_adapters(names, adapter_weights=weights)
+        elif self._loaded:
+            self.pipe.set_adapters(list(self._loaded.values()), adapter_weights=[0.0] * len(self._loaded))
+
+    def _load(self, path: str) -> str:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"LoRA file not found: {path}", "give the path of a .safetensors file")
+        stat = p.stat()
+        key = f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in self._loaded:
+            name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:10]
+            try:
+                self.pipe.load_lora_weights(str(p), adapter_name=name)
+            except Exception as e:  # diffusers raises ValueError/KeyError/RuntimeError for foreign files
+                raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
+                                "check that the LoRA was made for this model family (SD1, SD2 or SDXL)") from None
+            self._loaded[key] = name
+        return self._loaded[key]
+
+    @torch.no_grad()
+    def image(self, prompt: str, *, negative_prompt: str = "", seed: int = 0, steps: int = 25,
+              guidance_scale: float = 7.0, scheduler: str = "EulerDiscreteScheduler", width: int | None = None,
+              height: int | None = None) -> Image.Image:
+        """One image; `torch.Generator("cpu").manual_seed(seed)` as the training samples use."""
+        import diffusers
+
+        if not hasattr(diffusers, scheduler):
+            raise UserError(f"unknown scheduler {scheduler!r}", "use a diffusers scheduler class name such as EulerDiscreteScheduler")
+        self.pipe.scheduler = getattr(diffusers, scheduler).from_config(self.pipe.scheduler.config)
+        size = self.base.resolution
+        return self.pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, width=width or size, height=height or size,
+                         generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+    def strength_grid(self, lora: str, prompt: str, strengths=(0.0, 0.5, 1.0), seeds=(0, 1), **kw) -> Image.Image:
+        """Rows are seeds, columns strengths; labels on top."""
+        cells = []
+        for seed in seeds:
+            row = []
+            for s in strengths:
+                self.set_loras([(lora, s)])
+                row.append(self.image(prompt, seed=seed, **kw))
+            cells.append(row)
+        return grid(cells, [f"{s:g}" for s in strengths])
+
+
+def grid(cells: list[list[Image.Image]], labels: list[str]) -> Image.Image:
+    """Paste rows of equal-size images into one image with a label above each column."""
+    w, h = cells[0][0].size
+    pad = 14
+    out = Image.new("RGB", (w * len(cells[0]), h * len(cells) + pad), "white")
+    draw = ImageDraw.Draw(out)
+    for c, label in enumerate(labels):
+        draw.text((c * w + 2, 1), label, fill="black")
+    for r, row in enumerate(cells):
+        for c, img in enumerate(row):
+            out.paste(img, (c * w, pad + r * h))
+    return out

@@ -1,0 +1,129 @@
+"""Run directories: write and read events, start a run as its own process, send it STOP/SAMPLE/SAVE, list runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONTROL_FILES = ("STOP", "SAMPLE", "SAVE")
+FINAL_EVENTS = ("done", "stopped", "error")
+
+
+class EventLog:
+    """Append-only `events.jsonl`: one JSON object a line, flushed per line so a reader never waits."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, echo: bool = False):
+        self.path = Path(run_dir) / "events.jsonl"
+        self.enabled = enabled  # only the main process writes when a run spans several
+        self.echo = echo and enabled  # the CLI also shows what a user must read
+
+    def _show(self, event: dict) -> None:
+        from tqdm.auto import tqdm
+
+        kind = event["type"]
+        if kind == "warning":
+            tqdm.write(f"warning: {event['message']}")
+        elif kind == "sample":
+            tqdm.write(f"sample (step {event['step']}): {event['path']}")
+        elif kind == "verify":
+            ok = "ok" if event["ok"] else "FAILED"
+            tqdm.write(f"compatibility check {ok}: diffusers' loader took {event['keys_consumed']}/{event['keys_written']} "
+                       f"keys; strength 0 = base (max diff {event['strength0_max_diff']:g})")
+        elif kind in ("done", "stopped"):
+            tqdm.write(f"{kind} at step {event['step']}: {event['path']}")
+
+    def emit(self, type: str, **fields) -> dict:
+        event = {"type": type, "time": round(time.time(), 3), **fields}
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event, default=str) + "\n")
+                f.flush()
+            if self.echo:
+                self._show(event)
+        return event
+
+
+def read_events(run_dir: str | Path) -> list[dict]:
+    """Every complete event of a run so far (a line still being written is skipped)."""
+    path = Path(run_dir) / "events.jsonl"
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def request(run_dir: str | Path, what: str) -> None:
+    """Ask a running run to STOP, SAMPLE or SAVE at its next step (it removes the file when done)."""
+    assert what in CONTROL_FILES, what
+    (Path(run_dir) / what).touch()
+
+
+def take_request(run_dir: str | Path, what: str) -> bool:
+    """True (and the file removed) when `what` was requested. STOP stays, so a restarted process sees it too."""
+    path = Path(run_dir) / what
+    if not path.exists():
+        return False
+    if what != "STOP":
+        path.unlink(missing_ok=True)
+    return True
+
+
+def start(run_dir: str | Path, gpus: int = 1) -> subprocess.Popen:
+    """Start `python -m sdlora train --run-dir DIR` (config.json already written) as its own process.
+
+    Its stdout and stderr go to `log.txt`; the caller follows it through `events.jsonl`.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(run_dir / "config.json")
+    (run_dir / "STOP").unlink(missing_ok=True)
+    if gpus > 1:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "-m", "sdlora"]
+    else:
+        cmd = [sys.executable, "-m", "sdlora"]
+    cmd += ["train", "--run-dir", str(run_dir), "--resume"]
+    log = open(run_dir / "log.txt", "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    write_atomic(run_dir / "pid", str(proc.pid))
+    return proc
+
+
+def status(run_dir: str | Path) -> str:
+    """'running', 'done', 'stopped', 'error' or 'new' for a run directory."""
+    events = read_events(run_dir)
+    last = next((e["type"] for e in reversed(events) if e["type"] in FINAL_EVENTS + ("start",)), None)
+    if last in FINAL_EVENTS:
+        return last
+    pid_file = Path(run_dir) / "pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+            return "running"
+        except (OSError, ValueError):
+            return "error" if last == "start" else "new"
+    return "running" if last == "start" else "new"
+
+
+def list_runs(root: str | Path) -> list[Path]:
+    """Run directories under `root`, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if (p / "config.json").exists()]
+    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)

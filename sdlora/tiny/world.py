@@ -1,0 +1,255 @@
+"""A procedural world of captioned images (coloured shapes on plain backgrounds) to pretrain the tiny base model on.
+
+Everything is deterministic: `sample_scene` draws from the `random.Random` it is given, `render` is a pure function
+of the scene, and `make_batch(n, seed)` always returns the same images and captions.
+
+    >>> images, captions = make_batch(4, seed=0)
+    >>> captions[0]   # e.g. 'a small red star at the top left on a blue background'
+"""
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "ring")
+
+# Fixed RGB per name, spread out so that the nearest palette colour is unambiguous even on a blurry sample
+# (the closest pair, orange and yellow, is still ~100 apart).
+COLORS = {
+    "red": (220, 30, 30),
+    "orange": (255, 128, 0),
+    "yellow": (255, 230, 0),
+    "green": (40, 170, 60),
+    "blue": (30, 80, 220),
+    "purple": (140, 50, 180),
+    "pink": (255, 130, 190),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+    "brown": (130, 75, 30),
+    "cyan": (30, 200, 220),
+}
+
+# Radius of the shape's bounding circle as a fraction of the image side.
+SIZES = {"small": 0.13, "large": 0.22}
+
+# Centre of the object as (x, y) fractions of the image side, y pointing down. 0.27 keeps a large corner object
+# (radius 0.22 plus jitter) inside the frame.
+POSITIONS = {
+    "center": (0.5, 0.5),
+    "left": (0.27, 0.5),
+    "right": (0.73, 0.5),
+    "top": (0.5, 0.27),
+    "bottom": (0.5, 0.73),
+    "top left": (0.27, 0.27),
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
+}
+
+_PHRASES = {"center": "in the center", "left": "on the left", "right": "on the right"}
+_JITTER = 0.02  # position jitter (fraction of the side) so the model sees more than nine exact spots
+_SCALE_JITTER = 0.1  # relative size jitter, for the same reason
+_RING_WIDTH = 0.42  # ring thickness as a fraction of its radius
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    size: str
+    position: str
+    # Small per-object variation chosen by sample_scene; render() only reads it, so a scene renders the same way
+    # every time.
+    offset: tuple[float, float] = (0.0, 0.0)
+    scale: float = 1.0
+
+
+@dataclass
+class Scene:
+    objects: list[Obj] = field(default_factory=list)
+    background: str = "white"
+
+
+def _centered(points):
+    """Shift a polygon so its bounding box is centred on the origin."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
+    return [(x - cx, y - cy) for x, y in points]
+
+
+def _regular(n_points, radii, start=-90.0):
+    """Points alternating through `radii` at equal angles, the first one straight up."""
+    count = n_points * len(radii)
+    return [
+        (radii[i % len(radii)] * math.cos(math.radians(start + 360 * i / count)),
+         radii[i % len(radii)] * math.sin(math.radians(start + 360 * i / count)))
+        for i in range(count)
+    ]
+
+
+def _heart():
+    # The classic parametric heart curve, flipped so it points down in image coordinates and scaled to unit size.
+    pts = []
+    for i in range(64):
+        t = 2 * math.pi * i / 64
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        pts.append((x / 16, -y / 16))
+    return _centered(pts)
+
+
+_ARM = 0.34  # half-width of a cross arm
+# Unit polygons (bounding circle of radius ~1, centred). circle and ring are drawn as ellipses instead.
+_POLYGONS = {
+    "square": [(-0.82, -0.82), (0.82, -0.82), (0.82, 0.82), (-0.82, 0.82)],
+    "triangle": _centered(_regular(3, [1.0])),
+    "star": _centered(_regular(5, [1.0, 0.45])),
+    "heart": _heart(),
+    "diamond": [(0, -1), (0.8, 0), (0, 1), (-0.8, 0)],
+    "cross": [(-_ARM, -1), (_ARM, -1), (_ARM, -_ARM), (1, -_ARM), (1, _ARM), (_ARM, _ARM), (_ARM, 1),
+              (-_ARM, 1), (-_ARM, _ARM), (-1, _ARM), (-1, -_ARM), (-_ARM, -_ARM)],
+}
+
+
+def _gap_ok(a: Obj, b: Obj) -> bool:
+    """Whether two objects are far enough apart not to touch, jitter included."""
+    (ax, ay), (bx, by) = POSITIONS[a.position], POSITIONS[b.position]
+    reach = (SIZES[a.size] + SIZES[b.size]) * (1 + _SCALE_JITTER) + 2 * _JITTER * math.sqrt(2) + 0.01
+    return math.hypot(ax - bx, ay - by) > reach
+
+
+def sample_scene(rng: random.Random, max_objects: int = 2) -> Scene:
+    """Draw a random scene of 1..max_objects non-touching objects, each coloured unlike the background."""
+    background = rng.choice(list(COLORS))
+    object_colors = [c for c in COLORS if c != background]
+    n = rng.randint(1, max_objects)
+    objects: list[Obj] = []
+    tries = 0
+    while len(objects) < n:
+        obj = Obj(
+            shape=rng.choice(SHAPES),
+            color=rng.choice(object_colors),
+            size=rng.choice(list(SIZES)),
+            position=rng.choice(list(POSITIONS)),
+            offset=(rng.uniform(-_JITTER, _JITTER), rng.uniform(-_JITTER, _JITTER)),
+            scale=rng.uniform(1 - _SCALE_JITTER, 1 + _SCALE_JITTER),
+        )
+        if all(_gap_ok(obj, other) for other in objects):
+            objects.append(obj)
+        tries += 1
+        if tries % 20 == 0:  # the first object leaves no room (a large one in the center): start over
+            objects = []
+    return Scene(objects=objects, background=background)
+
+
+def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
+    """Draw the scene as an RGB image of `size` x `size` pixels.
+
+    Shapes are drawn at `size * supersample` and downsampled with LANCZOS, which antialiases the edges.
+    """
+    side = size * supersample
+    image = Image.new("RGB", (side, side), COLORS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        px, py = POSITIONS[obj.position]
+        cx, cy = (px + obj.offset[0]) * side, (py + obj.offset[1]) * side
+        r = SIZES[obj.size] * obj.scale * side
+        color = COLORS[obj.color]
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=color)
+        elif obj.shape == "ring":
+            draw.ellipse(box, outline=color, width=max(1, round(_RING_WIDTH * r)))
+        else:
+            draw.polygon([(cx + x * r, cy + y * r) for x, y in _POLYGONS[obj.shape]], fill=color)
+    if supersample > 1:
+        image = image.resize((size, size), Image.LANCZOS)
+    return image
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _describe(obj: Obj, with_size=True, with_color=True, with_position=True) -> str:
+    words = ([obj.size] if with_size else []) + ([obj.color] if with_color else []) + [obj.shape]
+    text = _article(" ".join(words))
+    if with_position:
+        text += " " + _PHRASES.get(obj.position, "at the " + obj.position)
+    return text
+
+
+def caption(scene: Scene, rng: random.Random | None = None) -> str:
+    """Describe the scene in plain English.
+
+    Without `rng` the caption is complete ("a small red star at the top left on a blue background"). With `rng`,
+    about half the captions are partial ("a red star", "a star on a blue background", "a blue background") so the
+    model also learns short prompts; whatever a partial caption leaves out was random in the scene anyway.
+    """
+    background = f"{_article(scene.background)} background"
+    if rng is None or rng.random() < 0.5:
+        return " and ".join(_describe(o) for o in scene.objects) + " on " + background
+    first = scene.objects[0]
+    kind = rng.randrange(5)
+    if kind == 0:
+        return background
+    if kind == 1:
+        return _describe(first, with_size=False, with_position=False)
+    if kind == 2:
+        return _describe(first, with_size=False, with_color=False, with_position=False) + " on " + background
+    if kind == 3:
+        return _describe(first, with_size=False, with_position=False) + " on " + background
+    return _describe(first) + " on " + background
+
+
+# Longest phrases first so "top left" wins over "top".
+_POSITION_WORDS = sorted(POSITIONS, key=len, reverse=True)
+_WORD = r"(?<![a-z]){}(?:e?s)?(?![a-z])"  # whole words, plurals allowed ("stars", "crosses")
+
+
+def _first(words, text):
+    """The word from `words` that appears earliest in text, or None."""
+    best = None
+    for w in words:
+        m = re.search(_WORD.format(re.escape(w)), text)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), w)
+    return best[1] if best else None
+
+
+def parse_prompt(prompt: str) -> dict:
+    """The first object and the background a prompt asks for.
+
+    Returns a dict with keys shape, color, size, position (of the first object mentioned) and background; a key
+    is None where the prompt does not say. Unknown words (a trigger word, "photo of") are ignored.
+    """
+    text = prompt.lower().replace("grey", "gray").replace("centre", "center")
+    background = None
+    m = re.search(r"([a-z]+) background", text)
+    if m and m.group(1) in COLORS:
+        background = m.group(1)
+        # Drop the background phrase so its colour word is not read as the object's.
+        text = text[: m.start()] + text[m.end():]
+    first_object = text.split(" and ")[0]
+    return {
+        "shape": _first(SHAPES, first_object),
+        "color": _first(COLORS, first_object),
+        "size": _first(SIZES, first_object),
+        "position": _first(_POSITION_WORDS, first_object),
+        "background": background,
+    }
+
+
+def make_batch(n: int, seed: int, size: int = 64) -> tuple[list[Image.Image], list[str]]:
+    """`n` random scenes rendered at `size` px with their (sometimes partial) captions, deterministic in `seed`."""
+    rng = random.Random(seed)
+    images, captions = [], []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        images.append(render(scene, size))
+        captions.append(caption(scene, rng))
+    return images, captions

@@ -1,0 +1,422 @@
+"""The training loop under accelerate: caches, the step, samples, saves, resume, stop, and the run's events."""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sdlora import dataset as ds
+from sdlora.config import TrainConfig
+from sdlora.errors import UserError
+from sdlora.export import kohya_metadata, verify, write_diffusers_layout
+from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, add_adapters, kohya_state_dict, save_lora
+from sdlora.models import load_base
+from sdlora.runs import CONTROL_FILES, EventLog, take_request, write_atomic
+
+
+def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress_bar: bool = True) -> Path:
+    """Train the LoRA that `config` describes into `run_dir`; return the path of the final adapter file.
+
+    Stops cleanly (saving first) on SIGINT/SIGTERM or a STOP file. User errors raise `UserError` after an `error`
+    event; the same config and seed give the same run, and `resume=True` continues from the last checkpoint.
+    """
+    from accelerate import Accelerator
+
+    config.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision),
+                              gradient_accumulation_steps=config.grad_accum)
+    events = EventLog(run_dir, enabled=accelerator.is_main_process, echo=progress_bar)
+    if accelerator.is_main_process:
+        write_atomic(run_dir / "config.json", config.to_json())
+        for name in CONTROL_FILES:  # requests left over from an earlier process are stale
+            (run_dir / name).unlink(missing_ok=True)
+    stop = _StopSignals()
+    try:
+        return _train(config, run_dir, accelerator, events, stop, resume, progress_bar)
+    except UserError as e:
+        events.emit("error", message=e.message, hint=e.hint)
+        raise
+    except torch.OutOfMemoryError:
+        events.emit("error", message="out of memory", hint="lower batch_size or resolution, or turn on gradient_checkpointing")
+        raise UserError("out of memory", "lower batch_size or resolution, or turn on gradient_checkpointing") from None
+    except Exception as e:
+        events.emit("error", message=f"{type(e).__name__}: {e}", hint="see log.txt in the run folder")
+        raise
+    finally:
+        stop.restore()
+
+
+def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> Path:
+    started_at = time.time()
+    device = accelerator.device
+
+    # 1. Data: every image opened and checked once; captions fixed; buckets from the base's resolution.
+    data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template)
+    base = load_base(config.base)
+    pipe = base.pipe
+    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = config.resolution or base.resolution
+    step_px = 8 * vae_factor  # latent sides must survive the UNet's three halvings
+    buckets = ds.make_buckets(resolution, step=step_px)
+    if resolution % step_px:
+        events.emit("warning", message=f"resolution {resolution} rounded down to {resolution // step_px * step_px}")
+    records = data.records
+    samples = ds.expand_repeats(records)
+    bucket_of = [ds.nearest_bucket(*r.image.size, buckets) for r in records]
+    for w in data.warnings:
+        events.emit("warning", message=w)
+    for name, reason in data.rejected:
+        events.emit("warning", message=f"skipped {name}: {reason}")
+    long = [r.name for r in records if len(tokenizer(r.caption).input_ids) > tokenizer.model_max_length]
+    if long:
+        events.emit("warning", message=f"{len(long)} captions are longer than {tokenizer.model_max_length - 2} tokens "
+                                       f"and will be cut (e.g. {long[0]})")
+
+    # 2. Models: frozen base in the compute dtype; the VAE stays fp32 (fp16 VAEs overflow into NaNs).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    noise_scheduler = _ddpm(pipe.scheduler.config)
+    vae.requires_grad_(False).to(device, torch.float32)
+    text_encoder.requires_grad_(False).to(device, weight_dtype)
+    unet.requires_grad_(False).to(device, weight_dtype)
+
+    # 3. Adapters: fp32 LoRA parameters on top of the frozen base (updates would vanish in fp16).
+    unet_params = add_adapters(unet, UNET_TARGETS[config.targets], config.rank, config.alpha, config.lora_dropout)
+    te_params = []
+    if config.train_text_encoder:
+        te_params = add_adapters(text_encoder, TEXT_TARGETS[config.targets], config.rank, config.alpha,
+                                 config.lora_dropout)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    # 4. Caches: latents once per image (and per flip); text embeddings once when the text encoder is frozen and
+    #    captions don't change between steps (kohya refuses caching with shuffle for the same reason).
+    latent_cache = _cache_latents(vae, records, bucket_of, config.flip, device) \
+        if config.cache_latents and not config.random_crop else None
+    text_cache = None
+    if not config.train_text_encoder and not config.shuffle_tags:
+        texts = sorted({r.caption for r in records} | {""})
+        text_cache = dict(zip(texts, _encode_text(tokenizer, text_encoder, texts, device).unbind(0)))
+
+    # 5. Optimizer and schedule.
+    groups = [{"params": unet_params, "lr": config.unet_lr}]
+    if te_params:
+        groups.append({"params": te_params, "lr": config.text_encoder_lr})
+    optimizer = _optimizer(config, groups)
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared schedule once per process each optimizer step, hence the factor
+    n = accelerator.num_processes
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                 num_warmup_steps=round(config.warmup_fraction * config.steps) * n,
+                                 num_training_steps=config.steps * n, num_cycles=config.lr_cycles)
+    trained = [unet, text_encoder] if te_params else [unet]
+    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    trained, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
+    _register_adapter_checkpointing(accelerator)
+
+    # 6. Resume: weights, optimizer, schedule; data order and noise are functions of (seed, step), so they follow.
+    step = 0
+    checkpoints = run_dir / "checkpoints"
+    if resume and (last := _last_checkpoint(checkpoints)) is not None:
+        accelerator.load_state(str(last))
+        step = int(last.name.split("-")[1])
+        events.emit("warning", message=f"resumed from {last.name}")
+    sample_every = config.sample_every or max(1, config.steps // 4)
+    save_every = config.save_every or max(1, config.steps // 4)
+    prompts = config.sample_prompts or [r.caption for r in records[:2]]
+    images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
+    events.emit("start", config=config.__dict__, family=base.family, resolution=resolution, buckets=len(buckets),
+                images=len(records), rejected=len(data.rejected), samples_per_epoch=len(samples),
+                total_steps=config.steps, start_step=step, device=str(device), precision=accelerator.mixed_precision,
+                batch_per_gpu=config.batch_size, global_batch=images_per_step,
+                epochs=round(config.steps * images_per_step / len(samples), 2))
+
+    def save(step: int, final: bool) -> Path:
+        name = "lora.safetensors" if final else f"lora-step-{step:06d}.safetensors"
+        path = run_dir / name
+        if accelerator.is_main_process:
+            net_unet = accelerator.unwrap_model(unet)
+            net_te = accelerator.unwrap_model(text_encoder) if te_params else None
+            meta = kohya_metadata(config, family=base.family, resolution=resolution, step=step,
+                                  epoch=math.ceil(step * images_per_step / len(samples)), num_images=len(records),
+                                  tag_frequency=ds.tag_frequency(records), started_at=started_at,
+                                  title=config.title or run_dir.name)
+            save_lora(path, kohya_state_dict(net_unet, {"lora_te_": net_te} if net_te else {}), meta)
+            if final and config.export_diffusers:
+                write_diffusers_layout(run_dir / "lora-diffusers.safetensors", net_unet, net_te, config)
+            events.emit("save", step=step, path=str(path))
+        accelerator.save_state(str(checkpoints / f"step-{step:06d}"))
+        if accelerator.is_main_process:
+            for old in sorted(checkpoints.glob("step-*"))[:-config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def finish(step: int, kind: str) -> Path:
+        path = save(step, final=True)
+        if accelerator.is_main_process:
+            result = verify(path, config.base)
+            events.emit("verify", **result)
+            if not result["ok"]:
+                raise RuntimeError(f"export check failed for {path.name}: {result}")
+            events.emit(kind, step=step, path=str(path))
+        accelerator.wait_for_everyone()
+        return path
+
+    bar = None
+    if progress_bar and accelerator.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    loss_ema, t_last, step_last, last_good = None, time.perf_counter(), step, None
+    for m in trained:
+        m.train()
+
+    while True:
+        # Once in a while: samples (a step-0 baseline first), saves, and requests from the run folder.
+        done = step >= config.steps
+        if step % sample_every == 0 or done or take_request(run_dir, "SAMPLE"):
+            _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events)
+        if stop.requested or take_request(run_dir, "STOP"):
+            return finish(step, "stopped")
+        if done:
+            return finish(step, "done")
+        if step > 0 and (step % save_every == 0 or take_request(run_dir, "SAVE")):
+            last_good = save(step, final=False)
+
+        # The step: encode, add noise, predict, loss, backward, update.
+        for micro in range(config.grad_accum):
+            k = step * config.grad_accum + micro  # micro-batch index: the data position
+            idx, captions, rng = batch_at(k, config, records, samples, bucket_of)
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + k)
+            with accelerator.accumulate(*trained):
+                if latent_cache is not None:
+                    flips = [config.flip and rng.random() < 0.5 for _ in idx]
+                    mean = torch.stack([latent_cache[(i, f)][0] for i, f in zip(idx, flips)])
+                    std = torch.stack([latent_cache[(i, f)][1] for i, f in zip(idx, flips)])
+                    latents = mean + std * torch.randn(mean.shape, generator=gen).to(device)
+                else:
+                    pixels = torch.stack([ds.prepare_image(records[i].image, bucket_of[i], random_crop=config.random_crop,
+                                                           flip=config.flip, rng=rng)[0] for i in idx]).to(device)
+                    with torch.no_grad():
+                        dist = vae.encode(pixels).latent_dist
+                    latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
+                latents = (latents * vae.config.scaling_factor).to(weight_dtype)
+                if text_cache is not None:
+                    encoder_hidden_states = torch.stack([text_cache[c] for c in captions])
+                else:
+                    encoder_hidden_states = _encode_text(tokenizer, text_encoder, captions, device)
+
+                noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
+                if config.noise_offset:  # https://www.crosslabs.org/blog/diffusion-with-offset-noise
+                    noise += config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(noise)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+                timesteps = timesteps.to(device)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                with accelerator.autocast():
+                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+                loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                loss = (loss * _min_snr_weights(noise_scheduler, timesteps, config.min_snr_gamma)).mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet_params + te_params, 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        loss_value = accelerator.gather(loss.detach()).mean().item()
+        if not math.isfinite(loss_value):
+            keep = f"; the last good save is {last_good.name}" if last_good else ""
+            raise UserError(f"the loss became {loss_value} at step {step + 1}{keep}",
+                            "lower unet_lr/text_encoder_lr, or use bf16/fp32 instead of fp16")
+        step += 1
+        loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.4f}")
+        now = time.perf_counter()
+        if now - t_last >= 1.0 or step == config.steps:
+            rate = (step - step_last) / (now - t_last)
+            events.emit("progress", step=step, total=config.steps, loss=loss_value, loss_ema=loss_ema,
+                        lr=lr_scheduler.get_last_lr()[0], images_per_s=rate * images_per_step,
+                        eta_s=(config.steps - step) / max(rate, 1e-9), memory_gb=_memory_gb(device))
+            t_last, step_last = now, step
+
+
+def batch_at(k: int, config: TrainConfig, records, samples: list[int], bucket_of) -> tuple[list[int], list[str], random.Random]:
+    """Record indices and captions of micro-batch `k`, and the RNG for its crops and flips.
+
+    A pure function of (seed, k): epochs are shuffled per (seed, epoch), so a resumed run sees the data a run
+    without a break would have seen.
+    """
+    buckets = [bucket_of[i] for i in samples]
+    per_epoch = len(ds.epoch_batches(buckets, config.batch_size, random.Random(0)))
+    epoch, position = divmod(k, per_epoch)
+    batch = ds.epoch_batches(buckets, config.batch_size, random.Random(config.seed * 100_003 + epoch))[position]
+    idx = [samples[i] for i in batch]
+    rng = random.Random(config.seed * 1_000_003 + k)
+    captions = [ds.build_caption(records[i].caption, shuffle=config.shuffle_tags, keep_tags=config.keep_tags,
+                                 dropout=config.caption_dropout, rng=rng) for i in idx]
+    return idx, captions, rng
+
+
+def _precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _ddpm(scheduler_config):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config)
+
+
+def _optimizer(config: TrainConfig, groups):
+    if config.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def _min_snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, https://arxiv.org/abs/2303.09556), as in diffusers' examples."""
+    if not gamma:
+        return torch.ones_like(timesteps, dtype=torch.float32)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return weights / (snr + 1)
+    return weights / snr
+
+
+def _encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in text_encoder.parameters())):
+        return text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def _cache_latents(vae, records, bucket_of, flip: bool, device) -> dict:
+    """(record index, flipped) -> (mean, std) of the VAE's latent distribution, centre-cropped to its bucket."""
+    cache = {}
+    rng = random.Random(0)
+    for i, (record, bucket) in enumerate(zip(records, bucket_of)):
+        pixels = ds.prepare_image(record.image, bucket, random_crop=False, flip=False, rng=rng)[0]
+        variants = [(False, pixels)] + ([(True, pixels.flip(-1))] if flip else [])
+        for flipped, px in variants:
+            dist = vae.encode(px[None].to(device, torch.float32)).latent_dist
+            cache[(i, flipped)] = (dist.mean[0], dist.std[0])
+    return cache
+
+
+@torch.no_grad()
+def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events) -> None:
+    """Sample images with the adapter as trained (strength 1), each recorded so plain diffusers can redo it."""
+    import diffusers
+
+    if not accelerator.is_main_process:
+        return
+    scheduler = getattr(diffusers, config.sample_scheduler).from_config(pipe.scheduler.config)
+    modules = {"unet": accelerator.unwrap_model(trained[0]), "scheduler": scheduler}
+    if len(trained) > 1:
+        modules["text_encoder"] = accelerator.unwrap_model(trained[1])
+    sampler = type(pipe)(**{**pipe.components, **modules})
+    sampler.set_progress_bar_config(disable=True)
+    for m in trained:
+        m.eval()
+    out_dir = run_dir / "samples"
+    out_dir.mkdir(exist_ok=True)
+    for n, prompt in enumerate(prompts):
+        seed = config.sample_seed + n
+        with accelerator.autocast():
+            image = sampler(prompt, negative_prompt=config.sample_negative or None,
+                            num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
+                            width=resolution, height=resolution,
+                            generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        path = out_dir / f"step-{step:06d}-{n}.png"
+        tmp = path.with_name(path.stem + ".tmp.png")
+        image.save(tmp)
+        tmp.replace(path)
+        events.emit("sample", step=step, path=str(path), prompt=prompt, negative_prompt=config.sample_negative,
+                    seed=seed, steps=config.sample_steps, guidance_scale=config.sample_guidance,
+                    scheduler=config.sample_scheduler, width=resolution, height=resolution, strength=1.0)
+    for m in trained:
+        m.train()
+
+
+def _register_adapter_checkpointing(accelerator) -> None:
+    """Make accelerate's save_state/load_state keep only the LoRA weights (not the frozen base) with the
+    optimizer, schedule and RNG state, as diffusers' LoRA examples do."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            lora = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+            if accelerator.is_main_process:
+                save_file(lora, str(Path(output_dir) / f"adapter_{i}.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            state = load_file(str(Path(input_dir) / f"adapter_{i}.safetensors"))
+            result = model.load_state_dict(state, strict=False)
+            assert not result.unexpected_keys, result.unexpected_keys
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _last_checkpoint(checkpoints: Path) -> Path | None:
+    found = sorted(checkpoints.glob("step-*")) if checkpoints.is_dir() else []
+    return found[-1] if found else None
+
+
+def _memory_gb(device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag the loop checks each step, so a stop always saves first."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a UI worker): rely on the STOP file
+            self._old = {}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
