@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from sdlora.config import TrainConfig
-from sdlora.lora import adapter_layers, kohya_name, read_lora, text_encoder_prefix
+from sdlora.lora import ADAPTER, TEXT_TARGETS, UNET_TARGETS, kohya_name, read_lora, text_encoder_prefix
 from sdlora.models import FAMILIES, load_base
 
 VERIFY_ADAPTER = "sdlora_verify"
@@ -72,13 +72,12 @@ def write_diffusers_layout(path: str | Path, unet, text_encoder, config: TrainCo
     """The same adapter in the diffusers/peft layout, with the LoRA config so diffusers keeps the alpha."""
     from diffusers import StableDiffusionPipeline
 
-    def layers(model):
-        return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+    def layers(model):  # peft's own layout: `...to_q.lora_A.weight`, without the adapter name
+        return {n.replace(f".{ADAPTER}.", "."): p.detach().float().cpu().contiguous()
+                for n, p in model.named_parameters() if "lora_" in n}
 
     def meta(targets):
         return {"r": config.rank, "lora_alpha": config.alpha, "target_modules": targets}
-
-    from sdlora.lora import TEXT_TARGETS, UNET_TARGETS
 
     path = Path(path)
     StableDiffusionPipeline.save_lora_weights(

@@ -89,7 +89,9 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     text_encoder.requires_grad_(False).to(device, weight_dtype)
     unet.requires_grad_(False).to(device, weight_dtype)
 
-    # 3. Adapters: fp32 LoRA parameters on top of the frozen base (updates would vanish in fp16).
+    # 3. Adapters: fp32 LoRA parameters on top of the frozen base (updates would vanish in fp16), their initial
+    #    values drawn from the run's seed.
+    torch.manual_seed(config.seed)
     unet_params = add_adapters(unet, UNET_TARGETS[config.targets], config.rank, config.alpha, config.lora_dropout)
     te_params = []
     if config.train_text_encoder:

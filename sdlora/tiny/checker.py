@@ -78,7 +78,8 @@ def _objects(pixels: np.ndarray, bg_rgb: np.ndarray, background: str):
 
 def _holes(binary: np.ndarray) -> int:
     """Pixels not in the mask that the mask encloses (a ring's middle)."""
-    outside = _components(np.pad(~binary, 1, constant_values=True))[0]  # the padded frame makes the outside one component, the largest
+    # A one-pixel frame joins everything outside into the component that holds the corner.
+    outside = next(c for c in _components(np.pad(~binary, 1, constant_values=True)) if c[0, 0])
     return int((~binary).sum() - (outside[1:-1, 1:-1]).sum())
 
 
@@ -125,7 +126,7 @@ def _shape_features(pixels, bg_rgb, obj_rgb, comp) -> np.ndarray:
         area / (w * h),  # fill of the bounding box
         area / max(hull, 1.0),  # solidity: stars, crosses and hearts are far from convex
         _holes(binary) / area,  # only rings have a hole
-        float((rows * (np.arange(h) + 0.5)).sum() / rows.sum() / h),  # centroid height: triangles sit low
+        float((rows * (np.arange(h) + 0.5)).sum() / max(rows.sum(), 1e-6) / h),  # centroid height: triangles sit low
         float(np.abs(soft - soft[::-1]).sum() / area),  # up-down asymmetry: triangle, heart, star
     ]
     return np.concatenate([crop.ravel(), extra]).astype(np.float32)

@@ -1,0 +1,679 @@
+"""The browser app: pictures and captions, training with live progress, previews at any strength, export.
+
+Layout and wiring only. Training runs as its own process (`sdlora.runs.start`); the page follows it through the
+run directory, so a reload or a second tab finds it again. `import app` builds nothing; `build()` makes the page;
+`python app.py` (or `sdlora app`) serves it on 127.0.0.1:7860.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+for _name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+    os.environ.setdefault(_name, "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import gradio as gr
+import pandas as pd
+
+from sdlora import card, runs
+from sdlora import workspace as ws
+from sdlora.config import PRESETS, TrainConfig, build_config
+from sdlora.errors import UserError
+
+EXAMPLES = Path(__file__).resolve().parent / "datasets"
+PRESET_CHOICES = [("Style", "style"), ("Character", "character"), ("Quick test", "quick")]
+FIRST_PRESET = "quick"
+GRID_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SAVES_STRENGTHS = (0.0, 0.5, 0.75, 1.0)
+# A tiny-model step on a laptop CPU, measured: ~0.1 s at 4 pictures a step, plus ~15 s to start and sample.
+TINY_CPU_SPEED = (40.0, 15.0)
+
+# The main knobs, with the words an artist uses; every other TrainConfig field goes under "Advanced".
+MAIN = {
+    "trigger": ("Trigger word", "a made-up word that calls up your LoRA in prompts, e.g. zkstyle"),
+    "steps": ("Training steps", "more steps learn more; too many copy the pictures"),
+    "batch_size": ("Pictures per step", "lower it if you run out of memory"),
+    "resolution": ("Resolution", "0 = the base model's own (tiny 64, SD1 512, SDXL 1024)"),
+    "rank": ("Rank", "size of the LoRA: 8-32 is plenty for most styles and characters"),
+    "alpha": ("Alpha", "strength scale; half the rank is usual"),
+    "unet_lr": ("Learning rate", "how fast the image model learns"),
+    "text_encoder_lr": ("Text learning rate", "how fast the text model learns; smaller than the other"),
+    "train_text_encoder": ("Also teach the text model", "helps characters; usually off for styles"),
+}
+HIDDEN = {"dataset", "base"}
+
+CSS = """
+.sdl-progress progress { width: 100%; height: 18px; }
+.sdl-progress p { margin: 4px 0 0 0; }
+footer { display: none !important; }
+"""
+
+
+def _user_errors(fn):
+    """Show a UserError in the page (and to API clients) as one line; the app keeps running."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+    return wrapper
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _form_values(preset: str | None) -> dict:
+    """Every form field's value under a preset (defaults first, then the preset)."""
+    config = dataclasses.asdict(build_config(preset or None))
+    config["sample_prompts"] = "\n".join(config["sample_prompts"])
+    return config
+
+
+def _field_input(f: dataclasses.Field, value):
+    label, info = MAIN.get(f.name, (f.name.replace("_", " ").capitalize(), f.metadata["help"]))
+    if f.name in MAIN:
+        info = f"{info}. {f.metadata['help']}" if f.name not in ("trigger", "steps") else info
+    default = _default(f)
+    if isinstance(default, bool):
+        return gr.Checkbox(value=value, label=label, info=info)
+    if f.metadata.get("choices"):
+        return gr.Dropdown(list(f.metadata["choices"]), value=value, label=label, info=info)
+    if isinstance(default, int):
+        return gr.Number(value=value, label=label, info=info, precision=0, minimum=0)
+    if isinstance(default, float):
+        step = 1e-5 if f.name.endswith("_lr") else 0.5 if f.name == "alpha" else 0.01
+        return gr.Number(value=value, label=label, info=info, step=step, minimum=0)
+    if isinstance(default, list):
+        return gr.Textbox(value=value, label=label, info=f"{info}; one prompt a line", lines=2)
+    return gr.Textbox(value=value, label=label, info=info)
+
+
+def build(workspace: str | Path = "workspace", models: str | Path | None = None,
+          max_unpacked: int = ws.MAX_UNPACKED) -> gr.Blocks:
+    """The page, for a workspace folder (datasets, runs, exports) and a folder of base models."""
+    root = Path(workspace).resolve()
+    models = Path(models).resolve() if models else root / "models"
+    start_lock = threading.Lock()
+    previewers: dict = {}
+    preview_lock = threading.Lock()
+
+    def examples() -> list[str]:
+        return sorted(p.name for p in EXAMPLES.iterdir() if p.is_dir() and any(p.glob("*.png"))) \
+            if EXAMPLES.is_dir() else []
+
+    # ---- dataset ----------------------------------------------------------------------------------------------
+    def gallery_of(name: str):
+        if not name:
+            return [], "Pick a dataset, or type a name and add pictures."
+        items = ws.captions(root, name)
+        images, captioned, per_epoch = ws.dataset_counts(root, name)
+        note = f"**{name}**: {images} pictures, {captioned} with captions"
+        if per_epoch != images:
+            note += f" ({per_epoch} per round, counting repeat folders)"
+        if images and captioned < images:
+            note += ". Pictures without a caption train with the caption template (Train, Advanced)."
+        return [(str(path), f"{file}: {caption or '(no caption)'}") for file, path, caption in items], note
+
+    @_user_errors
+    def show_dataset(name):
+        items, note = gallery_of(name)
+        return items, note, "", ""
+
+    @_user_errors
+    def add_pictures(name, files):
+        if not files:
+            raise UserError("no files to add", "drop pictures, caption .txt files or a .zip into the box first")
+        name = ws.slug(name or "my-pictures")
+        added = ws.add_files(root, name, [str(f) for f in files], max_unpacked=max_unpacked)
+        report = [f"Added {len(added.saved)} pictures to **{name}**."]
+        if added.rejected:
+            report.append("Not used:\n" + "\n".join(f"- `{n}`: {why}" for n, why in added.rejected))
+        report += [f"Note: {w}" for w in added.warnings]
+        items, note = gallery_of(name)
+        return (gr.update(choices=ws.dataset_names(root), value=name), items, note + "\n\n" + "\n\n".join(report),
+                None)
+
+    @_user_errors
+    def use_example(example):
+        if example not in examples():
+            raise UserError(f"no example named {example!r}", "pick one from the list")
+        name = ws.copy_example(root, EXAMPLES / example)
+        items, note = gallery_of(name)
+        return gr.update(choices=ws.dataset_names(root), value=name), items, note
+
+    @_user_errors
+    def pick_picture(name, evt: gr.SelectData):
+        items = ws.captions(root, name)
+        if evt.index is None or evt.index >= len(items):
+            return "", ""
+        file, _, caption = items[evt.index]
+        return file, caption
+
+    @_user_errors
+    def save_caption(name, file, caption):
+        ws.set_caption(root, name, file, caption)
+        items, note = gallery_of(name)
+        return items, note + f"\n\nSaved the caption of `{file}`."
+
+    @_user_errors
+    def remove_picture(name, file):
+        ws.remove_image(root, name, file)
+        items, note = gallery_of(name)
+        return items, note + f"\n\nRemoved `{file}`.", "", ""
+
+    @_user_errors
+    def change_all(name, trigger, prefix, suffix, find, replace):
+        if not name:
+            raise UserError("no dataset picked", "pick a dataset first")
+        count = ws.edit_captions(root, name, trigger=trigger, prefix=prefix, suffix=suffix, find=find, replace=replace)
+        items, note = gallery_of(name)
+        new_trigger = trigger.strip() or gr.skip()
+        return items, note + f"\n\nChanged {count} captions.", new_trigger
+
+    def follow_dataset(name):
+        names = ws.dataset_names(root)
+        return gr.update(choices=names, value=name) if name in names else gr.update(choices=names)
+
+    # ---- train ------------------------------------------------------------------------------------------------
+    def form_config(values: dict) -> TrainConfig:
+        """The TrainConfig the form describes: form fields map onto TrainConfig fields by name."""
+        fields = {name: values[c] for c, name in form.items()}
+        if not values[train_dataset]:
+            raise UserError("no dataset picked", "add pictures on the Pictures tab, then pick the dataset here")
+        fields["dataset"] = str(ws.dataset_dir(root, values[train_dataset]))
+        fields["base"] = ws.resolve_base(models, values[base_box])
+        fields["sample_prompts"] = [p.strip() for p in (fields["sample_prompts"] or "").splitlines() if p.strip()]
+        for name in fields:
+            if fields[name] is None:
+                raise UserError(f"{name.replace('_', ' ')} is empty", "fill in a number")
+        config = build_config(**fields)
+        config.validate()
+        return config
+
+    def plan_text(values: dict) -> str:
+        name = values[train_dataset]
+        if not name:
+            return "Pick a dataset to see what the run will do."
+        try:
+            images, _, per_epoch = ws.dataset_counts(root, name)
+            steps, batch = int(values[form_inv["steps"]] or 0), int(values[form_inv["batch_size"]] or 0)
+            accum = int(values[form_inv["grad_accum"]] or 1)
+            base = ws.resolve_base(models, values[base_box])
+        except (UserError, ValueError, TypeError):
+            return "Fill in the form to see what the run will do."
+        if not images or steps < 1 or batch < 1:
+            return "Fill in the form to see what the run will do."
+        shown = steps * batch * accum
+        epochs = shown / per_epoch
+        speed = ws.measured_speed(root, base)
+        source = "measured on your last run"
+        if speed is None and base == "tiny":
+            speed, source = TINY_CPU_SPEED, "a rough guess for a laptop CPU"
+        eta = f"about {_duration(speed[1] + shown / speed[0])} ({source}: {speed[0]:.1f} pictures/s)" \
+            if speed else "shown once the run has started (no earlier run on this base to measure)"
+        repeats = f" ({per_epoch} with repeats)" if per_epoch != images else ""
+        return (f"**What this run will do:** {steps} steps × {batch * accum} pictures = {shown:,} pictures shown "
+                f"to the model. Your dataset has {images} pictures{repeats}, so each one is seen about "
+                f"**{epochs:.0f} times** ({epochs:.1f} epochs). Time: {eta}.")
+
+    @_user_errors
+    def start(values: dict):
+        config = form_config(values)
+        with start_lock:  # check and start together, so two tabs can't both start a run
+            live = ws.running(root)
+            if live:
+                raise UserError(f"run {live} is still training; only one run trains at a time",
+                                "wait for it to finish or press Stop, then start again")
+            run_dir = ws.new_run_dir(root, values[run_name] or f"{values[train_dataset]}-{time.strftime('%m%d-%H%M')}")
+            runs.write_atomic(run_dir / "config.json", config.to_json())
+            process = runs.start(run_dir)
+            threading.Thread(target=process.wait, daemon=True).start()  # reap it, so its pid dies with it
+        return gr.update(choices=ws.run_names(root), value=run_dir.name), run_dir.name
+
+    @_user_errors
+    def control(run, what):
+        if not run or runs.status(ws.run_dir(root, run)) != "running":
+            raise UserError("no run is training", "start one first")
+        runs.request(ws.run_dir(root, run), what)
+        gr.Info({"STOP": "Stopping after this step; the LoRA so far is saved.", "SAMPLE": "Making samples now.",
+                 "SAVE": "Saving the LoRA at this step."}[what])
+
+    def view(run: str):
+        """Progress, status, loss and samples of a run, from its directory."""
+        run_dir = ws.run_dir(root, run)
+        events = runs.read_events(run_dir)
+        state = runs.status(run_dir)
+        progress = [e for e in events if e["type"] == "progress"]
+        last = progress[-1] if progress else None
+        if last:
+            bar = (f"<div class='sdl-progress'><progress value='{last['step']}' max='{last['total']}'></progress>"
+                   f"<p>Step {last['step']} / {last['total']} · {last['images_per_s']:.1f} pictures/s")
+            bar += f" · about {_duration(last['eta_s'])} left</p></div>" if state == "running" else "</p></div>"
+        else:
+            bar = "<div class='sdl-progress'><p>Getting ready: loading the model and the pictures…</p></div>" \
+                if state == "running" else "<div class='sdl-progress'><p></p></div>"
+        loss = pd.DataFrame([{"step": e["step"], "loss": e[k], "curve": label} for e in progress
+                             for k, label in (("loss", "loss"), ("loss_ema", "smoothed"))],
+                            columns=["step", "loss", "curve"])
+        samples = sorted((e for e in events if e["type"] == "sample"), key=lambda e: (e["step"], e["path"]))
+        gallery = [(e["path"], f"step {e['step']}: {e['prompt']}") for e in samples if Path(e["path"]).is_file()]
+        return bar, _status_text(run, run_dir, state, events), loss, gallery
+
+    def tick(run, followed, seen):
+        live = ws.running(root)
+        update_choices = gr.skip()
+        if live and live != followed:  # a run started here or in another tab: follow it once
+            run, followed = live, live
+            update_choices = gr.update(choices=ws.run_names(root), value=live)
+        if not run:
+            return update_choices, gr.skip(), gr.skip(), gr.skip(), gr.skip(), followed, seen
+        events_file = ws.run_dir(root, run) / "events.jsonl"
+        signature = f"{run}:{events_file.stat().st_size if events_file.exists() else 0}:{runs.status(events_file.parent)}"
+        if signature == seen:
+            return update_choices, gr.skip(), gr.skip(), gr.skip(), gr.skip(), followed, seen
+        return (update_choices, *view(run), followed, signature)
+
+    @_user_errors
+    def show_run(run):
+        if not run:
+            return "", "No run yet.", pd.DataFrame(columns=["step", "loss", "curve"]), [], ""
+        return (*view(run), f"{run}:shown")
+
+    def on_load():
+        names = ws.run_names(root)
+        live = ws.running(root)
+        datasets = ws.dataset_names(root)
+        current = live or (names[0] if names else None)
+        bases = ws.base_models(models)
+        return (gr.update(choices=datasets, value=datasets[0] if datasets else None),
+                gr.update(choices=datasets, value=datasets[0] if datasets else None),
+                gr.update(choices=examples()),
+                gr.update(choices=bases),
+                gr.update(choices=names, value=current), live)
+
+    # ---- preview ----------------------------------------------------------------------------------------------
+    def previewer(base: str):
+        from sdlora.generate import Previewer
+
+        if base not in previewers:
+            while len(previewers) >= 2:  # a base model is large; keep the two used last
+                previewers.pop(next(iter(previewers)))
+            previewers[base] = Previewer(base)
+        previewers[base] = previewers.pop(base)  # most recently used last
+        return previewers[base]
+
+    def lora_and_base(run, file, upload, base):
+        if upload:
+            if not str(upload).endswith(".safetensors"):
+                raise UserError("the uploaded file is not a .safetensors LoRA", "upload a .safetensors file")
+            return str(upload), ws.resolve_base(models, base)
+        if not run or not file:
+            raise UserError("no LoRA picked", "pick a run and one of its files, or upload a .safetensors")
+        return str(ws.lora_file(root, run, file)), runs_base(run)
+
+    def runs_base(run):
+        return ws.run_config(root, run)["base"]
+
+    def gen_kw(negative, steps, guidance):
+        return dict(negative_prompt=negative or "", steps=int(steps), guidance_scale=float(guidance))
+
+    @_user_errors
+    def preview(run, file, upload, base, prompt, negative, seed, steps, guidance, strength):
+        lora, base = lora_and_base(run, file, upload, base)
+        with preview_lock:
+            p = previewer(base)
+            p.set_loras([(lora, float(strength))])
+            return p.image(prompt, seed=int(seed), **gen_kw(negative, steps, guidance))
+
+    @_user_errors
+    def strength_grid(run, file, upload, base, prompt, negative, seed, steps, guidance, seeds):
+        from sdlora.compare import strength_seed_grid
+
+        lora, base = lora_and_base(run, file, upload, base)
+        with preview_lock:
+            return strength_seed_grid(previewer(base), lora, prompt, GRID_STRENGTHS,
+                                      range(int(seed), int(seed) + int(seeds)), **gen_kw(negative, steps, guidance))
+
+    @_user_errors
+    def saves_grid(run, prompt, negative, seed, steps, guidance):
+        from sdlora.compare import saves_grid as make
+
+        if not run:
+            raise UserError("no run picked", "pick a run with saved steps")
+        files = ws.lora_files(root, run)
+        if not files:
+            raise UserError(f"run {run} has no saved LoRA yet", "wait for its first save, or press Save now")
+        saves = [(f"step {ws.step_of(f)}" if ws.step_of(f) is not None else "final", str(ws.lora_file(root, run, f)))
+                 for f in files]
+        with preview_lock:
+            return make(previewer(runs_base(run)), saves, prompt, SAVES_STRENGTHS, int(seed),
+                        **gen_kw(negative, steps, guidance))
+
+    @_user_errors
+    def pick_run(run):
+        """Fill the preview and export forms from a run: its files, trigger, first sample prompt."""
+        if not run:
+            return gr.update(choices=[], value=None), gr.skip(), gr.skip(), gr.update(choices=[], value=None), \
+                gr.skip(), gr.skip(), gr.skip()
+        files = ws.lora_files(root, run)
+        config = ws.run_config(root, run)
+        sample = next((e for e in runs.read_events(ws.run_dir(root, run)) if e["type"] == "sample"), None)
+        prompt = sample["prompt"] if sample else (config["trigger"] or "a picture")
+        newest = files[-1] if files else None
+        return (gr.update(choices=files, value=newest), prompt, config.get("sample_negative", ""),
+                gr.update(choices=files, value=newest), config.get("title") or run, config.get("trigger", ""),
+                config.get("description", ""))
+
+    def refresh_runs(current):
+        names = ws.run_names(root)
+        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+
+    # ---- export -----------------------------------------------------------------------------------------------
+    @_user_errors
+    def export(run, file, title, trigger, description, with_diffusers, with_sample, with_card):
+        if not run or not file:
+            raise UserError("no LoRA picked", "pick a run and one of its files")
+        src = ws.lora_file(root, run, file)
+        title = title.strip() or run
+        step = ws.step_of(file)
+        stem = ws.slug(title, run) + (f"-step{step}" if step is not None else "")
+        out = ws.inside(root, "exports", run)
+        if out.exists():
+            shutil.rmtree(out)  # one export per run at a time: what the page lists is what is there
+        out.mkdir(parents=True)
+        made = [out / f"{stem}.safetensors"]
+        card.retitle(src, made[0], title=title, trigger=trigger.strip(), description=description.strip())
+        run_dir = ws.run_dir(root, run)
+        if with_diffusers:
+            diffusers_file = run_dir / "lora-diffusers.safetensors"
+            if step is not None or not diffusers_file.is_file():
+                gr.Warning("This run has no diffusers version of that file: tick 'Export diffusers' under Advanced "
+                           "before training (only the final file gets one).")
+            else:
+                made.append(out / f"{stem}-diffusers.safetensors")
+                shutil.copyfile(diffusers_file, made[-1])
+        events = runs.read_events(run_dir)
+        saved_step = step if step is not None else next((e["step"] for e in reversed(events)
+                                                         if e["type"] in ("done", "stopped")), None)
+        samples = [e for e in events if e["type"] == "sample" and e["step"] == saved_step] or \
+            [e for e in events if e["type"] == "sample"][-2:]
+        sample_name = None
+        if with_sample and samples and Path(samples[0]["path"]).is_file():
+            sample_name = f"{stem}-sample.png"
+            made.append(out / sample_name)
+            shutil.copyfile(samples[0]["path"], made[-1])
+        text = card.model_card(title=title, trigger=trigger.strip(), description=description.strip(),
+                               config=ws.run_config(root, run), file_name=made[0].name, step=saved_step,
+                               samples=samples, sample_file=sample_name)
+        if with_card:
+            made.append(out / f"{stem}-README.md")
+            made[-1].write_text(text, encoding="utf-8")
+        return [str(p) for p in made], text
+
+    # ---- layout -----------------------------------------------------------------------------------------------
+    first = _form_values(FIRST_PRESET)
+    with gr.Blocks(title="sdlora") as demo:
+        gr.Markdown("# sdlora\nTrain a LoRA from your pictures: **1** add pictures and captions, **2** train, "
+                    "**3** try it, **4** download it.")
+        followed = gr.State(None)
+        seen = gr.State("")
+        timer = gr.Timer(1.5)
+
+        with gr.Tab("1 · Pictures", id="pictures"):
+            with gr.Row():
+                dataset = gr.Dropdown([], label="Dataset", allow_custom_value=True, scale=2,
+                                      info="pick one, or type a new name and add pictures")
+                example = gr.Dropdown([], label="Example datasets", scale=1, allow_custom_value=True, info="ready-made pictures to try")
+                use_example_btn = gr.Button("Use this example", scale=0, min_width=140)
+            with gr.Row():
+                uploads = gr.File(label="Drop pictures, caption .txt files (same name as the picture) or a .zip",
+                                  file_count="multiple", file_types=["image", ".txt", ".caption", ".zip"], scale=3,
+                                  height=140)
+                add_btn = gr.Button("Add to dataset", variant="primary", scale=1)
+            dataset_note = gr.Markdown("Pick a dataset, or type a name and add pictures.")
+            gallery = gr.Gallery(label="Pictures (click one to edit its caption)", columns=8, height=360,
+                                 allow_preview=False, object_fit="contain")
+            with gr.Row():
+                picked = gr.Textbox(label="Picture", interactive=False, scale=1)
+                caption = gr.Textbox(label="Caption", scale=4, placeholder="what is in the picture, e.g. "
+                                     "'zkstyle, a red fox in the snow'")
+                with gr.Column(scale=1, min_width=140):
+                    save_caption_btn = gr.Button("Save caption", variant="primary")
+                    remove_btn = gr.Button("Remove picture", variant="stop", size="sm")
+            with gr.Accordion("Change all captions", open=False):
+                with gr.Row():
+                    bulk_trigger = gr.Textbox(label="Trigger word", info="put first in every caption that lacks it")
+                    bulk_prefix = gr.Textbox(label="Add at the start")
+                    bulk_suffix = gr.Textbox(label="Add at the end")
+                    bulk_find = gr.Textbox(label="Find")
+                    bulk_replace = gr.Textbox(label="Replace with")
+                bulk_btn = gr.Button("Change all captions")
+
+        with gr.Tab("2 · Train", id="train"):
+            form: dict = {}
+            with gr.Row():
+                train_dataset = gr.Dropdown([], label="Dataset", info="from the Pictures tab", allow_custom_value=True)
+                base_box = gr.Dropdown([("tiny (built in, for trying things out)", "tiny")], value="tiny",
+                                       label="Base model", allow_custom_value=True,
+                                       info=f"tiny, a model in {models}, or a hub id like org/name")
+                preset = gr.Radio(PRESET_CHOICES, value=FIRST_PRESET, label="Preset",
+                                  info="fills in sensible values below")
+                run_name = gr.Textbox(label="Run name", placeholder="made from the dataset and time")
+            fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in HIDDEN]
+            main_fields = [f for f in fields if f.name in MAIN]
+            with gr.Row():
+                for f in main_fields[:5]:
+                    form[_field_input(f, first[f.name])] = f.name
+            with gr.Row():
+                for f in main_fields[5:]:
+                    form[_field_input(f, first[f.name])] = f.name
+            with gr.Accordion("Advanced", open=False):
+                rest = [f for f in fields if f.name not in MAIN]
+                for i in range(0, len(rest), 4):
+                    with gr.Row():
+                        for f in rest[i:i + 4]:
+                            form[_field_input(f, first[f.name])] = f.name
+            form_inv = {name: c for c, name in form.items()}
+            plan = gr.Markdown()
+            with gr.Row():
+                start_btn = gr.Button("Start training", variant="primary", scale=2)
+                stop_btn = gr.Button("Stop", variant="stop")
+                sample_btn = gr.Button("Sample now")
+                save_btn = gr.Button("Save now")
+            with gr.Row():
+                run_pick = gr.Dropdown([], label="Showing run", scale=1, allow_custom_value=True)
+                with gr.Column(scale=3):
+                    progress = gr.HTML("<div class='sdl-progress'><p></p></div>")
+                    run_status = gr.Markdown("No run yet.")
+            with gr.Row():
+                loss_plot = gr.LinePlot(pd.DataFrame(columns=["step", "loss", "curve"]), x="step", y="loss",
+                                        color="curve", label="Loss (lower is better; it is noisy, watch the smoothed "
+                                        "line)", height=260, scale=2)
+                samples = gr.Gallery(label="Samples as it trains (step 0 = before training)", columns=2, height=300,
+                                     scale=3, object_fit="contain")
+
+        with gr.Tab("3 · Try it", id="preview") as preview_tab:
+            with gr.Row():
+                prev_run = gr.Dropdown([], label="Run", scale=1, allow_custom_value=True)
+                prev_file = gr.Dropdown([], label="LoRA file", info="final, or a save at some step", scale=1,
+                                        allow_custom_value=True)
+                with gr.Accordion("…or use another LoRA file", open=False):
+                    prev_upload = gr.File(label=".safetensors LoRA", file_types=[".safetensors"], height=100)
+                    prev_base = gr.Dropdown([("tiny (built in, for trying things out)", "tiny")], value="tiny",
+                                            label="Its base model", allow_custom_value=True)
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt", scale=3)
+                negative = gr.Textbox(label="Negative prompt", scale=2)
+            with gr.Row():
+                seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                gen_steps = gr.Number(25, label="Steps", precision=0, minimum=1)
+                guidance = gr.Number(7.0, label="Guidance", step=0.5, minimum=0)
+                strength = gr.Slider(-1, 2, value=1.0, step=0.05, label="LoRA strength",
+                                     info="0 = the base model alone, 1 = as trained")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    make_btn = gr.Button("Make picture", variant="primary")
+                    picture = gr.Image(label="Picture", format="png", type="pil", height=320, interactive=False)
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        grid_seeds = gr.Slider(1, 4, value=2, step=1, label="Seeds in the grid")
+                        grid_btn = gr.Button("Strength × seed grid")
+                        saves_btn = gr.Button("Saves × strength grid")
+                    grid_image = gr.Image(label="Grid", format="png", type="pil", height=420, interactive=False)
+
+        with gr.Tab("4 · Download", id="export") as export_tab:
+            with gr.Row():
+                exp_run = gr.Dropdown([], label="Run", allow_custom_value=True)
+                exp_file = gr.Dropdown([], label="LoRA file", info="final, or a save at some step",
+                                       allow_custom_value=True)
+            with gr.Row():
+                title = gr.Textbox(label="Title")
+                trigger_words = gr.Textbox(label="Trigger words")
+            description = gr.Textbox(label="Description", lines=2)
+            with gr.Row():
+                with_diffusers = gr.Checkbox(False, label="Also the diffusers version")
+                with_sample = gr.Checkbox(True, label="A sample picture")
+                with_card = gr.Checkbox(True, label="A model card")
+            export_btn = gr.Button("Make files", variant="primary")
+            with gr.Row():
+                downloads = gr.File(label="Download", file_count="multiple", interactive=False, scale=1)
+                card_text = gr.Textbox(label="Model card (paste it on a model-sharing site)", lines=14, scale=2,
+                                       buttons=["copy"])
+
+        # ---- wiring -----------------------------------------------------------------------------------------
+        dataset.change(show_dataset, dataset, [gallery, dataset_note, picked, caption], api_name="show_dataset")
+        add_btn.click(add_pictures, [dataset, uploads], [dataset, gallery, dataset_note, uploads],
+                      api_name="add_pictures")
+        use_example_btn.click(use_example, example, [dataset, gallery, dataset_note], api_name="use_example")
+        gallery.select(pick_picture, dataset, [picked, caption], api_name=False)
+        save_caption_btn.click(save_caption, [dataset, picked, caption], [gallery, dataset_note],
+                               api_name="save_caption")
+        remove_btn.click(remove_picture, [dataset, picked], [gallery, dataset_note, picked, caption],
+                         api_name="remove_picture")
+        bulk_btn.click(change_all, [dataset, bulk_trigger, bulk_prefix, bulk_suffix, bulk_find, bulk_replace],
+                       [gallery, dataset_note, form_inv["trigger"]], api_name="change_all")
+
+        form_set = {train_dataset, base_box, run_name, *form}
+        preset.change(lambda p: [gr.update(value=_form_values(p)[name]) for name in form.values()], preset,
+                      list(form), api_name=False)
+        for c in (train_dataset, base_box, form_inv["steps"], form_inv["batch_size"], form_inv["grad_accum"]):
+            c.change(plan_text, form_set, plan, show_progress="hidden", api_name=False)
+        # the Pictures tab's dataset list changes: keep the Train tab's in step
+        dataset.change(follow_dataset, dataset, train_dataset, api_name=False)
+        start_btn.click(start, form_set, [run_pick, followed], api_name="start")
+        stop_btn.click(lambda r: control(r, "STOP"), run_pick, None, api_name="stop")
+        sample_btn.click(lambda r: control(r, "SAMPLE"), run_pick, None, api_name="sample_now")
+        save_btn.click(lambda r: control(r, "SAVE"), run_pick, None, api_name="save_now")
+        run_pick.change(show_run, run_pick, [progress, run_status, loss_plot, samples, seen], api_name="show_run",
+                        show_progress="hidden")
+        timer.tick(tick, [run_pick, followed, seen], [run_pick, progress, run_status, loss_plot, samples, followed,
+                                                       seen], show_progress="hidden", api_name="poll")
+
+        preview_tab.select(refresh_runs, prev_run, prev_run, api_name=False)
+        export_tab.select(refresh_runs, exp_run, exp_run, api_name=False)
+        run_outputs = [prev_file, prompt, negative, exp_file, title, trigger_words, description]
+        prev_run.change(pick_run, prev_run, run_outputs, api_name=False)
+        exp_run.change(lambda r: pick_run(r)[3:], exp_run, run_outputs[3:], api_name=False)
+        gen_inputs = [prompt, negative, seed, gen_steps, guidance]
+        make_btn.click(preview, [prev_run, prev_file, prev_upload, prev_base, *gen_inputs, strength], picture,
+                       api_name="preview")
+        grid_btn.click(strength_grid, [prev_run, prev_file, prev_upload, prev_base, *gen_inputs, grid_seeds],
+                       grid_image, api_name="strength_grid")
+        saves_btn.click(saves_grid, [prev_run, *gen_inputs], grid_image, api_name="saves_grid")
+        export_btn.click(export, [exp_run, exp_file, title, trigger_words, description, with_diffusers, with_sample,
+                                  with_card], [downloads, card_text], api_name="export")
+
+        demo.load(on_load, None, [dataset, train_dataset, example, base_box, run_pick, followed], api_name=False)
+        demo.load(lambda: gr.update(choices=ws.base_models(models)), None, prev_base, api_name=False)
+    return demo
+
+
+def _status_text(run: str, run_dir: Path, state: str, events: list[dict]) -> str:
+    last = events[-1] if events else {}
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    if state == "running":
+        text = f"**{run}** is training."
+    elif state == "done":
+        check = next((e for e in events if e["type"] == "verify"), None)
+        text = f"**{run}** is done: `lora.safetensors` is ready on the Try it and Download tabs."
+        if check:
+            text += f" (Checked: diffusers loaded {check['keys_consumed']}/{check['keys_written']} weights.)"
+    elif state == "stopped":
+        text = f"**{run}** was stopped at step {last.get('step')}; what it learned so far is saved."
+    elif state == "error":
+        error = next((e for e in reversed(events) if e["type"] == "error"), None)
+        if error:
+            text = f"**{run}** failed: {error['message']}" + (f". What to do: {error['hint']}" if error.get("hint") else "")
+        else:
+            text = f"**{run}** stopped unexpectedly. The end of its log:\n```\n{_log_tail(run_dir)}\n```"
+    else:
+        log = _log_tail(run_dir)
+        text = f"**{run}** has not started." + (f" Its log:\n```\n{log}\n```" if log else "")
+    if warnings:
+        text += "\n\nNotes from the run:\n" + "\n".join(f"- {w}" for w in warnings[-5:])
+    return text
+
+
+def _log_tail(run_dir: Path, lines: int = 12) -> str:
+    log = run_dir / "log.txt"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.is_file() else ""
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def serve(workspace: str | Path = "workspace", models: str | Path | None = None, *, host: str = "127.0.0.1",
+          port: int = 7860, auth: tuple[str, str] | None = None, max_upload_mb: int = 1024,
+          max_unpacked: int = ws.MAX_UNPACKED, block: bool = True) -> gr.Blocks:
+    """Build the page and serve it; files are served only from the workspace and Gradio's own temp folder."""
+    root = Path(workspace).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    demo = build(root, models, max_unpacked=max_unpacked)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[str(root)],
+                max_file_size=f"{max_upload_mb}mb", prevent_thread_lock=not block, css=CSS, quiet=not block,
+                footer_links=[])
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="sdlora app", description="Open the sdlora browser app.")
+    p.add_argument("--listen", action="store_true", help="serve on every network interface (0.0.0.0), not only this computer")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", default=os.environ.get("SDLORA_AUTH"),
+                   help="USER:PASS that the page asks for (or set SDLORA_AUTH)")
+    p.add_argument("--workspace", default="workspace", help="folder for datasets, runs and exports")
+    p.add_argument("--models", help="folder of base models to offer (default: WORKSPACE/models)")
+    p.add_argument("--max-upload-mb", type=int, default=1024, help="largest file a browser may upload")
+    args = p.parse_args(argv)
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            p.error("--auth needs USER:PASS")
+        auth = (user, password)
+    if args.listen and not auth:
+        print("warning: --listen without --auth: anyone on the network can use this app")
+    serve(args.workspace, args.models, host="0.0.0.0" if args.listen else "127.0.0.1", port=args.port, auth=auth,
+          max_upload_mb=args.max_upload_mb)
+
+
+if __name__ == "__main__":
+    main()

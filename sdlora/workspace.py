@@ -1,0 +1,360 @@
+"""The app's workspace on disk: datasets and their captions, safe uploads, runs, and the base models on offer.
+
+```
+WORKSPACE/
+  datasets/<name>/   images (PNG, as ingest normalised them) with same-name .txt captions; "N_name" folders repeat
+  runs/<name>/       run directories (design.md)
+  exports/<run>/     files made for download
+```
+Every name that arrives from a form is reduced to a slug and every path is resolved under the workspace, so no
+field can make the app read or write somewhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from sdlora import dataset as ds
+from sdlora import runs as runs_
+from sdlora.errors import UserError
+
+MAX_UNPACKED = 2 * 1024**3  # what an uploaded .zip may hold once unpacked
+_REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's "10_name": as sdlora.dataset reads it
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MODEL_FILES = (".safetensors", ".ckpt")
+
+
+def slug(text: str, fallback: str = "untitled") -> str:
+    """A safe file or folder name: letters, digits, `-`, `_` and inner dots; never empty, `.` or `..`."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text).strip()).strip(".-")[:64].strip(".-")
+    return text or fallback
+
+
+def inside(root: str | Path, *parts: str) -> Path:
+    """`root/parts...` resolved, refusing anything that would land outside `root` (`..`, absolute parts, links)."""
+    root = Path(root).resolve()
+    path = root.joinpath(*parts).resolve()
+    if path != root and root not in path.parents:
+        raise UserError(f"{'/'.join(parts)!r} is outside the workspace", "pick a name from the list")
+    return path
+
+
+def _named(root: str | Path, kind: str, name: str) -> Path:
+    if not name or slug(name) != name:
+        raise UserError(f"{name!r} is not a valid {kind[:-1]} name", "use letters, digits, '-' and '_' only")
+    return inside(Path(root) / kind, name)
+
+
+# ---- datasets ------------------------------------------------------------------------------------------------
+
+def dataset_names(root: str | Path) -> list[str]:
+    """Datasets saved in the workspace, by name."""
+    folder = Path(root) / "datasets"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and slug(p.name) == p.name) if folder.is_dir() else []
+
+
+def dataset_dir(root: str | Path, name: str) -> Path:
+    """The folder of dataset `name` (it may not exist yet); UserError for a name that is not a plain slug."""
+    return _named(root, "datasets", name)
+
+
+@dataclass
+class Added:
+    """What an upload put into a dataset."""
+    saved: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def add_files(root: str | Path, name: str, files: list[str], *, max_unpacked: int = MAX_UNPACKED) -> Added:
+    """Check uploaded images, captions and .zip archives with `sdlora.dataset.ingest` and save what it accepted
+    (images as PNG, captions as .txt) into dataset `name`. Nothing is unpacked: only accepted records are written."""
+    dest = dataset_dir(root, name)
+    added = Added()
+    loose = [Path(f) for f in files if not str(f).lower().endswith(".zip")]
+    archives = [Path(f) for f in files if str(f).lower().endswith(".zip")]
+    found = []
+    with tempfile.TemporaryDirectory() as staging:
+        for f in loose:
+            if f.is_symlink() or not f.is_file():
+                added.rejected.append((f.name, "not a regular file"))
+                continue
+            shutil.copyfile(f, Path(staging) / (slug(f.stem, "file") + f.suffix.lower()))
+        if loose and any(Path(staging).iterdir()):
+            found.append(_ingest(staging, added))
+        for archive in archives:
+            check_zip(archive, max_unpacked)
+            found.append(_ingest(archive, added))
+        dest.mkdir(parents=True, exist_ok=True)
+        for data in found:
+            for record in data.records:
+                added.saved.append(_write_record(dest, record))
+    return added
+
+
+def _ingest(source, added: Added) -> ds.Ingested:
+    data = ds.ingest(source)
+    added.rejected += data.rejected
+    added.warnings += data.warnings
+    return data
+
+
+def _write_record(dest: Path, record: ds.Record) -> str:
+    parts = [slug(p, "folder") for p in PurePosixPath(record.name).parent.parts]
+    stem = slug(PurePosixPath(record.name).stem, "image")
+    image_path = inside(dest, *parts, stem + ".png")
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = image_path.with_name(image_path.stem + ".tmp.png")
+    record.image.save(tmp)
+    tmp.replace(image_path)
+    if record.captioned:
+        runs_.write_atomic(image_path.with_suffix(".txt"), record.caption + "\n")
+    return image_path.relative_to(dest).as_posix()
+
+
+def check_zip(path: str | Path, max_unpacked: int = MAX_UNPACKED) -> None:
+    """Refuse an archive that holds links or would unpack past `max_unpacked` bytes (ingest rejects the members
+    with absolute or `..` paths itself)."""
+    name = Path(path).name
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError):
+        raise UserError(f"{name} is not a readable .zip archive", "make the archive again, or upload the images") from None
+    links = [i.filename for i in infos if stat.S_ISLNK(i.external_attr >> 16)]
+    if links:
+        raise UserError(f"{name} contains links ({', '.join(links[:3])}), which are not allowed",
+                        "zip the files themselves, not links to them")
+    total = sum(i.file_size for i in infos)
+    if total > max_unpacked:
+        raise UserError(f"{name} would unpack to {total / 2**20:,.0f} MiB, more than the "
+                        f"{max_unpacked / 2**20:,.0f} MiB allowed", "upload fewer or smaller images at a time")
+
+
+def copy_example(root: str | Path, example: str | Path) -> str:
+    """Copy a bundled example dataset (a folder of images and captions) into the workspace; returns its name."""
+    example = Path(example)
+    name = slug(example.name + "-example")
+    dest = dataset_dir(root, name)
+    if not dest.exists():
+        shutil.copytree(example, dest, ignore=shutil.ignore_patterns(".*"), symlinks=False)
+    return name
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in ds.IMAGE_EXTS and p.is_file()
+                  and not p.is_symlink() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def captions(root: str | Path, name: str) -> list[tuple[str, Path, str]]:
+    """(file name in the dataset, image path, caption) for every image of dataset `name`."""
+    folder = dataset_dir(root, name)
+    if not folder.is_dir():
+        return []
+    out = []
+    for image in _images(folder):
+        txt = image.with_suffix(".txt")
+        out.append((image.relative_to(folder).as_posix(), image,
+                    " ".join(txt.read_text(encoding="utf-8-sig", errors="replace").split()) if txt.is_file() else ""))
+    return out
+
+
+def set_caption(root: str | Path, name: str, file: str, caption: str) -> None:
+    """Write one image's caption (an empty caption removes the .txt, so the run's caption template applies)."""
+    folder = dataset_dir(root, name)
+    image = inside(folder, file)
+    if image.suffix.lower() not in ds.IMAGE_EXTS or not image.is_file():
+        raise UserError(f"no image {file!r} in dataset {name}", "click an image in the gallery first")
+    txt = image.with_suffix(".txt")
+    caption = " ".join(caption.split())
+    if caption:
+        runs_.write_atomic(txt, caption + "\n")
+    else:
+        txt.unlink(missing_ok=True)
+
+
+def edit_captions(root: str | Path, name: str, *, trigger: str = "", prefix: str = "", suffix: str = "",
+                  find: str = "", replace: str = "") -> int:
+    """Change every caption of a dataset at once: find/replace, then prefix and suffix, then put the trigger word
+    first where a caption lacks it. Returns how many captions changed."""
+    changed = 0
+    for file, _, old in captions(root, name):
+        new = old.replace(find, replace) if find else old
+        if prefix:
+            new = f"{prefix.strip()} {new}".strip() if new else prefix.strip()
+        if suffix:
+            new = f"{new} {suffix.strip()}".strip()
+        word = trigger.strip()
+        if word and not re.search(rf"(?<!\w){re.escape(word)}(?!\w)", new):  # as ingest adds a trigger
+            new = f"{word}, {new}" if new else word
+        if " ".join(new.split()) != old:
+            set_caption(root, name, file, new)
+            changed += 1
+    return changed
+
+
+def remove_image(root: str | Path, name: str, file: str) -> None:
+    """Delete one image and its caption from a dataset."""
+    image = inside(dataset_dir(root, name), file)
+    if image.suffix.lower() not in ds.IMAGE_EXTS or not image.is_file():
+        raise UserError(f"no image {file!r} in dataset {name}", "click an image in the gallery first")
+    image.unlink()
+    image.with_suffix(".txt").unlink(missing_ok=True)
+
+
+def dataset_counts(root: str | Path, name: str) -> tuple[int, int, int]:
+    """(images, captioned images, images per epoch counting "N_name" folder repeats) of a saved dataset."""
+    items = captions(root, name)
+    per_epoch = 0
+    for file, _, _ in items:
+        repeats = 1
+        for folder in reversed(PurePosixPath(file).parts[:-1]):
+            match = _REPEATS_FOLDER.match(folder)
+            if match and int(match.group(1)) > 0:
+                repeats = int(match.group(1))
+                break
+        per_epoch += repeats
+    return len(items), sum(1 for _, _, c in items if c), per_epoch
+
+
+# ---- runs ----------------------------------------------------------------------------------------------------
+
+def run_dir(root: str | Path, name: str) -> Path:
+    """The folder of run `name`; UserError for a name that is not a plain slug."""
+    return _named(root, "runs", name)
+
+
+def new_run_dir(root: str | Path, name: str) -> Path:
+    """A fresh, empty run folder named after `name` (with -2, -3... when taken)."""
+    base = slug(name, "run")
+    for n in range(1, 10_000):
+        path = run_dir(root, base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"too many runs named {base}", "pick another run name")
+
+
+def run_names(root: str | Path) -> list[str]:
+    """Runs in the workspace, newest first (by when their config was written)."""
+    found = runs_.list_runs(Path(root) / "runs")
+    found.sort(key=lambda p: (p / "config.json").stat().st_mtime, reverse=True)
+    return [p.name for p in found if slug(p.name) == p.name]
+
+
+def running(root: str | Path) -> str | None:
+    """The name of the run that is training now, if any."""
+    return next((n for n in run_names(root) if runs_.status(Path(root) / "runs" / n) == "running"), None)
+
+
+def lora_files(root: str | Path, name: str) -> list[str]:
+    """The run's adapter files, intermediate saves by step first, then the final `lora.safetensors`."""
+    folder = run_dir(root, name)
+    files = sorted(p.name for p in folder.glob("lora-step-*.safetensors"))
+    return files + (["lora.safetensors"] if (folder / "lora.safetensors").is_file() else [])
+
+
+def lora_file(root: str | Path, run: str, file: str) -> Path:
+    """Path of one of the run's adapter files, refusing any other name."""
+    if file not in lora_files(root, run):
+        raise UserError(f"run {run} has no file {file!r}", "pick a file from the list")
+    return run_dir(root, run) / file
+
+
+def step_of(file: str) -> int | None:
+    """12 for `lora-step-000012.safetensors`; None for the final file."""
+    match = re.match(r"lora-step-(\d+)\.safetensors$", file)
+    return int(match.group(1)) if match else None
+
+
+def run_config(root: str | Path, name: str) -> dict:
+    """The run's config.json as a dict."""
+    return json.loads((run_dir(root, name) / "config.json").read_text())
+
+
+def measured_speed(root: str | Path, base: str) -> tuple[float, float] | None:
+    """(images per second, seconds of setup) of the newest run on `base` that got going, from its events."""
+    for name in run_names(root):
+        events = runs_.read_events(Path(root) / "runs" / name)
+        start = next((e for e in events if e["type"] == "start"), None)
+        progress = [e for e in events if e["type"] == "progress"]
+        if not start or start["config"].get("base") != base or len(progress) < 2:
+            continue
+        seconds = progress[-1]["time"] - progress[0]["time"]
+        images = (progress[-1]["step"] - progress[0]["step"]) * start["global_batch"]
+        if seconds > 0 and images > 0:
+            pid = Path(root) / "runs" / name / "pid"  # written when the process started: setup includes imports
+            began = pid.stat().st_mtime if pid.exists() else start["time"]
+            return images / seconds, max(0.0, progress[0]["time"] - began)
+    return None
+
+
+# ---- base models ---------------------------------------------------------------------------------------------
+
+def base_models(models_dir: str | Path | None) -> list[tuple[str, str]]:
+    """(label, value) of the bases on offer: the embedded tiny model, diffusers folders and checkpoint files under
+    `models_dir`, and diffusers models already in the Hugging Face cache."""
+    found = [("tiny (built in, for trying things out)", "tiny")]
+    if models_dir and Path(models_dir).is_dir():
+        root = Path(models_dir).resolve()
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if any(p.startswith(".") for p in path.relative_to(root).parts):
+                continue
+            if path.is_dir() and (path / "model_index.json").is_file():
+                found.append((f"{rel} (folder)", rel))
+            elif path.is_file() and path.suffix in _MODEL_FILES and not _is_lora(path):
+                found.append((rel, rel))
+    for repo in _cached_hub_models():
+        found.append((f"{repo} (downloaded)", repo))
+    return found
+
+
+def _is_lora(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return any("lora" in k for k in list(f.keys())[:50])
+    except Exception:
+        return True  # not a readable checkpoint either: keep it off the list
+
+
+def _cached_hub_models() -> list[str]:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir()
+    except Exception:
+        return []
+    out = []
+    for repo in info.repos:
+        if repo.repo_type == "model" and any(f.file_name == "model_index.json" for r in repo.revisions for f in r.files):
+            out.append(repo.repo_id)
+    return sorted(out)
+
+
+def resolve_base(models_dir: str | Path | None, value: str) -> str:
+    """The `base` a run gets for what the form holds: 'tiny', a file or folder under `models_dir`, or a hub id."""
+    value = (value or "").strip()
+    if value == "tiny":
+        return value
+    if models_dir:
+        candidate = Path(models_dir).resolve() / value
+        if ".." not in PurePosixPath(value).parts and not value.startswith("/") and candidate.exists():
+            return str(inside(models_dir, value))
+    if _HUB_ID.match(value) and ".." not in value and not Path(value).exists():
+        return value
+    raise UserError(f"base model {value!r} not found",
+                    "pick one from the list, put a model into the models folder, or type a hub id like org/name")

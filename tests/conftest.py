@@ -1,0 +1,55 @@
+"""Shared fixtures: small datasets drawn on the fly and one trained run on the embedded tiny model."""
+
+import os
+import random
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test touches the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 30), "yellow": (230, 220, 40)}
+
+
+def draw_dataset(folder, n=8, seed=0, size=96, captions=True):
+    """n images of a coloured circle or square on a plain background, with sentence captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n):
+        color, bg = rng.sample(sorted(COLORS), 2)
+        shape = rng.choice(["circle", "square"])
+        im = Image.new("RGB", (size, size), COLORS[bg])
+        box = [size // 4, size // 4, 3 * size // 4, 3 * size // 4]
+        (ImageDraw.Draw(im).ellipse if shape == "circle" else ImageDraw.Draw(im).rectangle)(box, fill=COLORS[color])
+        im.save(folder / f"img{i:02d}.png")
+        if captions:
+            (folder / f"img{i:02d}.txt").write_text(f"a {color} {shape} on a {bg} background")
+    return folder
+
+
+def small_config(dataset, **kw):
+    from sdlora.config import TrainConfig
+
+    values = dict(dataset=str(dataset), base="tiny", steps=20, batch_size=2, rank=4, alpha=2.0, trigger="zxq",
+                  sample_every=10, sample_steps=6, save_every=10, lr_scheduler="constant", warmup_fraction=0.0,
+                  unet_lr=1e-3, text_encoder_lr=5e-4, train_text_encoder=True)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory):
+    return draw_dataset(tmp_path_factory.mktemp("data") / "shapes")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, dataset_dir):
+    """20 steps, rank 4 / alpha 2 (alpha != rank), text-encoder LoRA on: the run most tests look at."""
+    from sdlora.train import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    train(small_config(dataset_dir), run_dir, progress_bar=False)
+    return run_dir

@@ -1,0 +1,305 @@
+"""Training on the tiny model, end to end: what the run leaves, what other loaders see, resume, stop, errors."""
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import draw_dataset, small_config
+from sdlora import dataset as ds
+from sdlora.runs import read_events
+from sdlora.tiny import MODEL_DIR
+
+
+def _plain_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _render(pipe, event):
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, event["scheduler"]).from_config(pipe.scheduler.config)
+    return np.asarray(pipe(event["prompt"], negative_prompt=event["negative_prompt"] or None,
+                           num_inference_steps=event["steps"], guidance_scale=event["guidance_scale"],
+                           width=event["width"], height=event["height"],
+                           generator=torch.Generator("cpu").manual_seed(event["seed"])).images[0], dtype=np.float32)
+
+
+def test_samples_reproduce_in_plain_diffusers(trained_run):
+    """The reproducibility contract: base folder + exported file + the sample event's settings = the sample."""
+    events = read_events(trained_run)
+    samples = [e for e in events if e["type"] == "sample"]
+    assert {e["step"] for e in samples} == {0, 10, 20}  # step-0 baseline, every 10, the end
+    for field in ("path", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "width",
+                  "height", "strength"):
+        assert field in samples[0]
+    base = _plain_pipeline()
+    for step, lora in ((20, trained_run / "lora.safetensors"), (10, trained_run / "lora-step-000010.safetensors")):
+        pipe = _plain_pipeline()
+        pipe.load_lora_weights(str(lora))
+        for event in (e for e in samples if e["step"] == step):
+            sample = np.asarray(__import__("PIL.Image").Image.open(event["path"]), dtype=np.float32)
+            redone = _render(pipe, event)
+            assert np.abs(redone - sample).mean() < 1.0, (event, np.abs(redone - sample).mean())  # < 1/255 of range
+            assert np.abs(_render(base, event) - sample).mean() > 1.0  # the LoRA really changed the image
+
+
+def test_export_layout_alpha_and_metadata(trained_run):
+    with safe_open(str(trained_run / "lora.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        alphas = {k: f.get_tensor(k) for k in keys if k.endswith(".alpha")}
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)  # nothing stray
+    assert len(keys) == 3 * len(names)
+    unet = {n for n in names if n.startswith("lora_unet_")}
+    te = {n for n in names if n.startswith("lora_te_text_model_encoder_layers_")}
+    assert unet | te == names and te and unet
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in unet
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te
+    assert all(float(a) == 2.0 for a in alphas.values())  # the trained alpha, not the rank
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.trigger_phrase"] == "zxq" and meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["ss_steps"] == "20" and meta["ss_num_train_images"] == "8"
+    assert "zxq" in json.loads(meta["ss_tag_frequency"])["dataset"]
+    verify = next(e for e in read_events(trained_run) if e["type"] == "verify")
+    assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"] == len(keys)
+    assert verify["strength0_max_diff"] == 0.0 and verify["strength1_mean_diff"] > 0
+
+
+def test_strength_zero_is_the_base_model(trained_run):
+    from sdlora.generate import Previewer
+
+    base = np.asarray(_plain_pipeline()("a red circle", num_inference_steps=6, height=64, width=64, guidance_scale=7.0,
+                                        generator=torch.Generator("cpu").manual_seed(3)).images[0])
+    prev = Previewer("tiny", device="cpu")
+    lora = str(trained_run / "lora.safetensors")
+    kw = dict(seed=3, steps=6, scheduler="PNDMScheduler")
+    prev.set_loras([(lora, 0.0)])
+    zero = np.asarray(prev.image("a red circle", **kw))
+    prev.set_loras([(lora, 1.0)])
+    one = np.asarray(prev.image("a red circle", **kw))
+    prev.set_loras([(lora, -1.0)])
+    minus = np.asarray(prev.image("a red circle", **kw))
+    assert np.array_equal(zero, base)
+    assert not np.array_equal(one, base) and not np.array_equal(minus, one)
+
+
+def _hand_written_kohya(path, rank=2, alpha=1.0):
+    """A kohya-layout file as another trainer would write it, built from module names alone.
+
+    (Its text-encoder part includes out_proj, as kohya's always does: diffusers 0.42 cannot detect the format of a
+    text-encoder LoRA without it.)"""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    pipe = _plain_pipeline()
+    state = {}
+    for prefix, model, names in (("lora_unet_", pipe.unet, ("attn1.to_q", "attn2.to_k", "attn1.to_out.0")),
+                                 ("lora_te_text_model_", pipe.text_encoder, ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1"))):
+        for path_, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and path_.endswith(names):
+                key = prefix + path_.replace(".", "_")
+                state[f"{key}.lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.5
+                state[f"{key}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.5
+                state[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(state, str(path))
+    return path
+
+
+def test_foreign_kohya_file_previews(tmp_path):
+    from sdlora.generate import Previewer
+
+    lora = str(_hand_written_kohya(tmp_path / "other.safetensors"))
+    prev = Previewer("tiny", device="cpu")
+    kw = dict(seed=1, steps=4)
+    base = np.asarray(prev.image("a blue star", **kw))
+    prev.set_loras([(lora, 1.0)])
+    with_lora = np.asarray(prev.image("a blue star", **kw))
+    prev.set_loras([(lora, 0.0)])
+    assert np.array_equal(np.asarray(prev.image("a blue star", **kw)), base)
+    assert np.abs(with_lora.astype(float) - base).mean() > 1.0
+
+
+def test_diffusers_layout_export_loads(tmp_path, dataset_dir):
+    from sdlora.generate import Previewer
+    from sdlora.train import train
+
+    run = tmp_path / "run"
+    train(small_config(dataset_dir, steps=6, sample_every=100, save_every=100, export_diffusers=True), run,
+          progress_bar=False)
+    prev = Previewer("tiny", device="cpu")
+    images = {}
+    for name in ("lora.safetensors", "lora-diffusers.safetensors"):
+        prev.set_loras([(str(run / name), 1.0)])
+        images[name] = np.asarray(prev.image("zxq, a red circle", seed=0, steps=4), dtype=np.float32)
+        prev.set_loras([])
+    assert np.abs(images["lora.safetensors"] - images["lora-diffusers.safetensors"]).mean() < 0.5
+
+
+def _denoising_loss(pipe, dataset_dir, n_t=8):
+    """Mean noise-prediction error over the dataset at fixed noise and timesteps."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    data = ds.ingest(dataset_dir, trigger="zxq")
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    with torch.no_grad():
+        for r in data.records:
+            px = ds.prepare_image(r.image, (64, 64), random_crop=False, flip=False, rng=random.Random(0))[0]
+            latents = pipe.vae.encode(px[None]).latent_dist.mean * pipe.vae.config.scaling_factor
+            ids = pipe.tokenizer([r.caption], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            hidden = pipe.text_encoder(ids)[0]
+            for t in torch.linspace(50, 950, n_t).long():
+                noise = torch.randn(latents.shape, generator=g)
+                pred = pipe.unet(sched.add_noise(latents, noise, t[None]), t[None], hidden).sample
+                losses.append(torch.mean((pred - noise) ** 2).item())
+    return float(np.mean(losses))
+
+
+def test_training_lowers_the_loss(trained_run, dataset_dir):
+    pipe = _plain_pipeline()
+    before = _denoising_loss(pipe, dataset_dir)
+    pipe.load_lora_weights(str(trained_run / "lora.safetensors"))
+    after = _denoising_loss(pipe, dataset_dir)
+    # fixed noise and timesteps, so any drop is real; 20 steps of rank 4 move a random-init base ~4%
+    assert after < 0.98 * before, (before, after)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, dataset_dir):
+    from sdlora.lora import read_lora
+    from sdlora.train import train
+
+    kw = dict(sample_every=1000, save_every=10, caption_dropout=0.2, shuffle_tags=True, flip=True)
+    train(small_config(dataset_dir, steps=20, **kw), tmp_path / "full", progress_bar=False)
+    train(small_config(dataset_dir, steps=10, **kw), tmp_path / "split", progress_bar=False)
+    train(small_config(dataset_dir, steps=20, **kw), tmp_path / "split", resume=True, progress_bar=False)
+
+    def last_loss(run):
+        return [e for e in read_events(run) if e["type"] == "progress"][-1]["loss"]
+
+    assert any(e["type"] == "warning" and "resumed from step-000010" in e["message"] for e in read_events(tmp_path / "split"))
+    assert last_loss(tmp_path / "split") == pytest.approx(last_loss(tmp_path / "full"), rel=1e-4)
+    a, _ = read_lora(tmp_path / "full" / "lora.safetensors")
+    b, _ = read_lora(tmp_path / "split" / "lora.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_stop_file_stops_and_saves(tmp_path, dataset_dir):
+    from sdlora import runs
+
+    run = tmp_path / "stopme"
+    run.mkdir()
+    (run / "config.json").write_text(small_config(dataset_dir, steps=5000, sample_every=10_000, save_every=10_000).to_json())
+    proc = runs.start(run)
+    deadline = time.time() + 120
+    while not any(e["type"] == "progress" for e in read_events(run)):
+        assert proc.poll() is None, (run / "log.txt").read_text()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.3)
+    assert runs.status(run) == "running"
+    runs.request(run, "STOP")
+    assert proc.wait(timeout=120) == 0, (run / "log.txt").read_text()[-2000:]
+    events = read_events(run)
+    stopped = next(e for e in events if e["type"] == "stopped")
+    assert 0 < stopped["step"] < 5000
+    assert (run / "lora.safetensors").exists() and runs.status(run) == "stopped"
+    assert next(e for e in events if e["type"] == "verify")["ok"]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_save(tmp_path, dataset_dir):
+    from sdlora.errors import UserError
+    from sdlora.train import train
+
+    run = tmp_path / "nan"
+    config = small_config(dataset_dir, steps=400, unet_lr=1e6, text_encoder_lr=1e6, min_snr_gamma=0.0,
+                          sample_every=10_000, save_every=1)
+    with pytest.raises(UserError, match="loss became"):
+        train(config, run, progress_bar=False)
+    error = read_events(run)[-1]
+    assert error["type"] == "error" and "loss became" in error["message"] and "learning" in error["hint"].replace("_lr", " learning")
+    assert not (run / "lora.safetensors").exists()  # never overwritten with broken weights
+    assert list(run.glob("lora-step-*.safetensors"))
+
+
+def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in (["train", str(tmp_path / "missing"), "--out", str(tmp_path / "r")],
+                 ["train", str(empty), "--out", str(tmp_path / "r")],
+                 ["train", str(draw_dataset(tmp_path / "d", n=2)), "--out", str(tmp_path / "r2"), "--rank", "0"]):
+        out = subprocess.run([sys.executable, "-m", "sdlora", *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("sdlora: error:") and "hint:" in lines[0], out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_cli_train_and_generate(tmp_path, dataset_dir):
+    run = tmp_path / "cli"
+    out = subprocess.run([sys.executable, "-m", "sdlora", "train", str(dataset_dir), "--base", "tiny", "--out", str(run),
+                          "--steps", "4", "--rank", "4", "--alpha", "1", "--trigger", "zxq", "--sample-every", "2",
+                          "--save-every", "2", "--seed", "1", "--no-train-text-encoder", "--sample-steps", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compatibility check ok" in out.stderr + out.stdout
+    with safe_open(str(run / "lora.safetensors"), "pt") as f:
+        assert not any(k.startswith("lora_te") for k in f.keys())  # --no-train-text-encoder
+    png = tmp_path / "g.png"
+    out = subprocess.run([sys.executable, "-m", "sdlora", "generate", "zxq, a red circle", "--base", "tiny", "--lora",
+                          str(run / "lora.safetensors"), "--strength", "0.7", "--seed", "2", "--steps", "3", "--out",
+                          str(png)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(png).size == (64, 64)
+
+
+def test_captions_reach_the_batches(tmp_path):
+    from sdlora.train import batch_at
+
+    folder = tmp_path / "tags"
+    draw_dataset(folder / "3_thing", n=4, captions=False)
+    draw_dataset(folder / "plain", n=2, seed=5, captions=False)
+    for p in (folder / "3_thing").glob("*.png"):
+        p.with_suffix(".txt").write_text("red, big, round, shiny, old")
+    (folder / "plain" / "img00.txt").write_text("zxq, blue, small")
+    data = ds.ingest(folder, trigger="zxq")
+    samples = ds.expand_repeats(data.records)
+    assert len(samples) == 4 * 3 + 2
+    bucket_of = [(64, 64)] * len(data.records)
+
+    seen, captions = [], []
+    config = small_config(folder, batch_size=2, shuffle_tags=True, keep_tags=1, caption_dropout=0.0)
+    per_epoch = 7
+    for k in range(per_epoch):
+        idx, caps, _ = batch_at(k, config, data.records, samples, bucket_of)
+        seen += idx
+        captions += caps
+    assert sorted(seen) == sorted(samples)  # one epoch = every image x its repeats
+    assert all(c.startswith("zxq, ") for c in captions if c)  # trigger prepended, kept first by the shuffle
+    assert sum(c.count("zxq") for c in captions) == len(captions)  # never doubled
+    tails = {tuple(c.split(", ")[1:]) for c in captions if "red" in c}
+    assert len(tails) > 1 and all(sorted(t) == sorted(["red", "big", "round", "shiny", "old"]) for t in tails)
+    template = [c for i, c in zip(seen, captions) if not data.records[i].captioned]
+    assert template and all(c == "zxq, a picture" for c in template)
+
+    dropped = 0
+    config = small_config(folder, batch_size=2, caption_dropout=0.5)
+    for k in range(400):
+        dropped += sum(c == "" for c in batch_at(k, config, data.records, samples, bucket_of)[1])
+    assert 0.4 < dropped / 800 < 0.6
+    # same seed, same batches: what makes resume exact
+    assert batch_at(123, config, data.records, samples, bucket_of)[:2] == batch_at(123, config, data.records, samples, bucket_of)[:2]
