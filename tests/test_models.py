@@ -1,0 +1,46 @@
+"""Loading base models: the embedded tiny model, a diffusers folder, and clear errors for what can't load."""
+
+import shutil
+
+import pytest
+
+from sdlora.errors import UserError
+from sdlora.models import load_base
+from sdlora.tiny import MODEL_DIR
+
+
+def test_tiny_is_an_sd1_diffusers_folder():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR)  # plain diffusers, no network, fp32 on CPU
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype
+    assert str(pipe.unet.dtype) == "torch.float32"
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    assert len(pipe.tokenizer) == 49408
+    assert pipe.scheduler.config.steps_offset == 1
+    base = load_base("tiny")
+    assert base.family == "sd1" and base.resolution == 64 and base.prediction_type == "epsilon"
+
+
+def test_a_diffusers_folder_loads_as_its_family(tmp_path):
+    folder = tmp_path / "my-model"
+    shutil.copytree(MODEL_DIR, folder)
+    base = load_base(str(folder))
+    assert base.family == "sd1" and base.resolution == 512  # a folder is treated as a real SD1 model
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("some-org/not-cached-model", "not in the local model cache"),
+    ("/no/such/model.safetensors", "base model file not found"),
+    ("/no/such/folder", "base model not found"),
+])
+def test_models_that_cannot_load_give_one_line_with_a_hint(spec, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=message) as err:
+        load_base(spec)
+    assert err.value.hint and "\n" not in str(err.value)
+
+
+def test_a_folder_without_model_index_is_refused(tmp_path):
+    with pytest.raises(UserError, match="model_index.json"):
+        load_base(str(tmp_path))
