@@ -1,0 +1,20 @@
+#!/bin/bash
+# Pretrain the embedded tiny model on a lent GPU, then evaluate it; everything lands under $OUT (device tool).
+# Run there with `carry: [".whl"]` (../shared/tools/gpu-wheels.sh puts diffusers' wheel in .whl/):
+#   bash bench/tiny_pretrain_gpu.sh TRAIN_LIMIT_S EVAL_N [pretrain args...]
+# pretrain runs under `timeout TRAIN_LIMIT_S` so that its last save is still packed and evaluated when it runs
+# long. $OUT gets log.txt, eval.json, grid.png and model.tar.part-* (the folder minus tokenizer/, in 15 MB parts
+# because the device tool returns files of 16 MiB at most): cat model.tar.part-* | tar -x
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1
+limit=$1 n=$2; shift 2
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee $OUT/log.txt
+timeout "$limit" python3 -m sdlora.tiny.pretrain --out /tmp/tiny "$@" 2>&1 | grep -v -e "should be kept in float32" \
+  -e "Writing model shards" -e "requires torchvision" | tee -a $OUT/log.txt
+echo "pretrain exit ${PIPESTATUS[0]}" | tee -a $OUT/log.txt
+tar -C /tmp -cf - --exclude=tokenizer tiny | split -b 15M - $OUT/model.tar.part-
+timeout 150 python3 -m sdlora.tiny.eval --model /tmp/tiny --n "$n" --json $OUT/eval.json --grid $OUT/grid.png 2>&1 \
+  | grep -v -e "Loading" -e "requires torchvision" | tee -a $OUT/log.txt
+ls -la $OUT
