@@ -1,4 +1,4 @@
-"""The command line: `sdlora train | generate | runs | app`; user errors print one line and exit 2."""
+"""The command line: `sdlora train | generate | runs | app | merge | resize | info`; user errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -73,6 +73,28 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list runs in a folder with their state")
     r.add_argument("root", nargs="?", default="runs")
 
+    m = sub.add_parser("merge", help="bake LoRAs into a base model: a single-file checkpoint or a diffusers folder")
+    m.add_argument("base", help="'tiny', a diffusers folder, a .safetensors checkpoint or a hub id")
+    m.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]", help="LoRA files, each with its own strength (default 1)")
+    m.add_argument("--out", required=True, help="NAME.safetensors (single file), or a folder with --format diffusers")
+    m.add_argument("--format", choices=("single", "diffusers"), default="single",
+                   help="single: one .safetensors in the original layout (ComfyUI, AUTOMATIC1111); diffusers: a folder")
+    m.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16",
+                   help="weights are summed in fp32, then stored in this precision")
+
+    z = sub.add_parser("resize", help="lower a LoRA's rank by SVD (fixed rank, or per module by energy)")
+    z.add_argument("file")
+    z.add_argument("--rank", type=int, help="new rank (with --energy: the most any module keeps)")
+    z.add_argument("--energy", type=float,
+                   help="per module, keep the smallest rank holding this fraction of the energy, e.g. 0.9")
+    z.add_argument("--out", required=True, help="the resized .safetensors file to write")
+    z.add_argument("--all", action="store_true", help="print every module, not only the 10 worst")
+
+    i = sub.add_parser("info", help="what a LoRA file holds: family, ranks, alphas, targets, trigger, settings")
+    i.add_argument("file")
+    i.add_argument("--base", help="also check that every key maps onto this base model")
+    i.add_argument("--json", action="store_true", help="print everything as JSON")
+
     a = sub.add_parser("app", help="open the browser app")
     a.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -87,7 +109,8 @@ def _quiet_loading() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "generate": _generate, "runs": _runs, "app": _app}[args.command](args)
+        return {"train": _train, "generate": _generate, "runs": _runs, "app": _app, "merge": _merge, "resize": _resize,
+                "info": _info}[args.command](args)
     except UserError as e:
         print(f"sdlora: error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
         return 2
@@ -153,6 +176,39 @@ def _runs(args) -> int:
         progress = [e for e in read_events(run) if e["type"] == "progress"]
         where = f"step {progress[-1]['step']}/{progress[-1]['total']}" if progress else ""
         print(f"{run.name:30s} {status(run):8s} {where}")
+    return 0
+
+
+def _merge(args) -> int:
+    from sdlora.merge import merge
+
+    _quiet_loading()
+    report = merge(args.base, [_lora_spec(spec, 1.0) for spec in args.loras], args.out, fmt=args.format,
+                   precision=args.precision)
+    for lora in report["loras"]:
+        print(f"merged {lora['file']} at {lora['strength']:g} ({lora['modules']} modules)")
+    print(f"{report['layers_changed']} layers changed; wrote {report['out']} ({report['format']}, {report['precision']})")
+    return 0
+
+
+def _resize(args) -> int:
+    from sdlora.resize import format_rows, resize
+
+    rows = resize(args.file, args.out, rank=args.rank, energy=args.energy)
+    print(format_rows(rows, limit=0 if args.all else 10))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _info(args) -> int:
+    import json
+
+    from sdlora.info import describe, format_info
+
+    if args.base:
+        _quiet_loading()
+    info = describe(args.file, base=args.base)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
 

@@ -1,0 +1,308 @@
+"""Read any LoRA file sdlora understands into per-module (down, up, alpha), and describe it: layout, family, ranks,
+alphas, targets, trigger words, training settings, and whether its keys fit a given base model."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdlora.errors import UserError
+from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, kohya_name, read_lora, text_encoder_prefix
+from sdlora.models import FAMILIES
+
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+# LyCORIS networks store other factorisations; W' = W + s*(alpha/r)*up@down does not apply to them.
+_OTHER_NETWORKS = ("hada_w1_a", "lokr_w1", "lokr_w1_a", ".diff", "oft_blocks", "lora_mid.weight")
+# sd2 and sd2-v share every weight shape; A1111/Forge also only tell v1, v2 and XL apart (ss_v2, the SDXL version).
+_ARCHITECTURE = {"sd1": "sd1", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
+# Cross-attention width of the UNet (attn2 to_k input) per family; the tiny model's 128 tells nothing.
+_CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_SETTINGS = [  # (metadata key, label) shown by `sdlora info`, in this order
+    ("ss_sd_model_name", "trained on"), ("ss_resolution", "resolution"), ("ss_num_train_images", "images"),
+    ("ss_steps", "steps"), ("ss_epoch", "epochs"), ("ss_batch_size_per_device", "batch size"),
+    ("ss_gradient_accumulation_steps", "grad accumulation"), ("ss_learning_rate", "learning rate"),
+    ("ss_unet_lr", "unet lr"), ("ss_text_encoder_lr", "text encoder lr"), ("ss_optimizer", "optimizer"),
+    ("ss_lr_scheduler", "lr scheduler"), ("ss_network_dropout", "lora dropout"), ("ss_min_snr_gamma", "min-SNR gamma"),
+    ("ss_noise_offset", "noise offset"), ("ss_caption_dropout_rate", "caption dropout"),
+    ("ss_shuffle_caption", "shuffle tags"), ("ss_flip_aug", "flip"), ("ss_mixed_precision", "mixed precision"),
+    ("ss_seed", "seed"), ("modelspec.prediction_type", "prediction"), ("modelspec.date", "date"),
+]
+
+
+@dataclass
+class Adapter:
+    """A LoRA file, one entry per adapted module, named in the kohya layout whatever layout the file uses."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # kohya name -> (down, up, alpha)
+    metadata: dict[str, str]
+    layout: str  # "kohya" or "diffusers" (peft keys, `lora_A`/`lora_B`)
+    stray: list[str] = field(default_factory=list)  # keys that belong to no module: loaders choke on these
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """Read a kohya-layout or diffusers/peft-layout LoRA file; UserError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"LoRA file not found: {path}", "give the path of a .safetensors file")
+    try:
+        state, metadata = read_lora(path)
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise UserError(f"{path.name} is not a readable .safetensors file: {str(e).splitlines()[0][:200]}",
+                        "check that the download finished; sdlora reads .safetensors LoRA files") from None
+    other = next((k for k in state if any(s in k for s in _OTHER_NETWORKS)), None)
+    if other:
+        raise UserError(f"{path.name} is a LyCORIS network (LoHa/LoKr/OFT...), not a LoRA: key {other}",
+                        "sdlora's adapter tools read plain LoRA files (lora_down/lora_up or lora_A/lora_B)")
+    if any(".lora_A." in k or ".lora_B." in k for k in state):
+        return _read_peft(path, state, metadata)
+    names: dict[str, dict[str, torch.Tensor]] = {}
+    stray = []
+    for key, value in state.items():
+        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
+        name = key[: -len(suffix)] if suffix else ""
+        if suffix and name.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) and "." not in name:
+            names.setdefault(name, {})[suffix] = value
+        else:
+            stray.append(key)
+    modules = {}
+    for name, parts in names.items():
+        if ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
+            stray += [name + s for s in parts]
+            continue
+        down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
+        # every loader uses alpha = rank (scale 1) when `.alpha` is missing
+        alpha = float(parts[".alpha"]) if ".alpha" in parts else float(down.shape[0])
+        modules[name] = (down, up, alpha)
+    if not modules:
+        raise UserError(f"{path.name} holds no LoRA weights (no .lora_down/.lora_up or .lora_A/.lora_B keys)",
+                        "give a LoRA .safetensors file, not a checkpoint or an embedding")
+    return Adapter(modules, metadata, "kohya", sorted(stray))
+
+
+def _read_peft(path: Path, state: dict, metadata: dict) -> Adapter:
+    # diffusers writes the peft config per component into `lora_adapter_metadata`; without it alpha = rank.
+    config = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
+    second_encoder = any(k.startswith("text_encoder_2.") for k in state)
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if second_encoder else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
+    pattern = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_(A|B)\.weight$")
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    stray = []
+    for key, value in state.items():
+        m = pattern.match(key)
+        if m:
+            parts.setdefault((m[1], m[2]), {})[m[3]] = value
+        else:
+            stray.append(key)
+    modules = {}
+    for (component, module_path), ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            stray += [f"{component}.{module_path}.lora_{x}.weight" for x in ab]
+            continue
+        rank = ab["A"].shape[0]
+        alpha = config.get(f"{component}.lora_alpha", rank)
+        for pat, value in (config.get(f"{component}.alpha_pattern") or {}).items():
+            if module_path == pat or module_path.endswith("." + pat) or re.fullmatch(pat, module_path):
+                alpha = value
+        prefix = prefixes[component]
+        if component != "unet":
+            prefix = text_encoder_prefix(module_path, prefix)
+        modules[kohya_name(prefix, module_path)] = (ab["A"], ab["B"], float(alpha))
+    return Adapter(modules, metadata, "diffusers", sorted(stray))
+
+
+def stated_family(metadata: dict[str, str]) -> str | None:
+    """The family the file says it was made for (kohya's `ss_base_model_version`, else `modelspec.architecture`)."""
+    version = metadata.get("ss_base_model_version", "")
+    for fam, spec in FAMILIES.items():
+        if version == spec["base_model_version"]:
+            return fam
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version.startswith("sd_v2"):
+        return "sd2-v" if version.endswith("_v") else "sd2"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    arch = metadata.get("modelspec.architecture", "")
+    for fam, spec in FAMILIES.items():
+        if arch == spec["architecture"]:
+            return fam
+    for start, fam in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2-768-v", "sd2-v"),
+                       ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1")):
+        if arch.startswith(start):
+            return fam
+    if metadata.get("ss_v2") == "True":
+        return "sd2"
+    return None
+
+
+def guessed_family(adapter: Adapter) -> str | None:
+    """The family the key names and shapes point to, for files without metadata."""
+    if any(n.startswith("lora_te2_") or "_input_blocks_" in n for n in adapter.modules):
+        return "sdxl"
+    widths = {down.shape[1] for n, (down, _, _) in adapter.modules.items() if n.endswith("attn2_to_k")}
+    return next((_CONTEXT_WIDTH[w] for w in widths if w in _CONTEXT_WIDTH), None)
+
+
+def check_family(adapter: Adapter, family: str, name: str) -> None:
+    """UserError if the file says it was made for a family other than the base's."""
+    made_for = stated_family(adapter.metadata)
+    if made_for and _ARCHITECTURE[made_for] != _ARCHITECTURE[family]:
+        said = adapter.metadata.get("ss_base_model_version") or adapter.metadata.get("modelspec.architecture")
+        raise UserError(f"{name} was made for {made_for} (its metadata says {said}) but the base model is {family}",
+                        f"use a {made_for} base model, or a LoRA trained for {family}")
+
+
+def base_modules(pipe, family: str) -> dict[str, torch.nn.Module]:
+    """kohya name -> Linear/Conv2d of the base, under every name the loaders accept for this family."""
+    table: dict[str, torch.nn.Module] = {}
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    for path, m in pipe.unet.named_modules():
+        if isinstance(m, layers):
+            table[kohya_name("lora_unet_", path)] = m
+    if family == "sdxl":  # kohya names SDXL's UNet in the original (SGM) layout
+        from sdlora.merge import original_unet_key
+
+        for path, m in pipe.unet.named_modules():
+            if isinstance(m, layers):
+                table[kohya_name("lora_unet_", original_unet_key(path + ".weight", pipe.unet.config)[: -len(".weight")])] = m
+    encoders = [("text_encoder", ("lora_te1_", "lora_te_")), ("text_encoder_2", ("lora_te2_",))] if family == "sdxl" \
+        else [("text_encoder", ("lora_te_",))]
+    for attr, prefixes in encoders:
+        model = getattr(pipe, attr, None)
+        for path, m in (model.named_modules() if model is not None else []):
+            if isinstance(m, layers):
+                for prefix in prefixes:
+                    table[kohya_name(text_encoder_prefix(path, prefix), path)] = m
+    return table
+
+
+def fit(adapter: Adapter, table: dict[str, torch.nn.Module]) -> dict:
+    """Which modules land on the base: `mapped` names, `missing` (no such layer), `wrong_shape` (name, lora, layer)."""
+    mapped, missing, wrong = [], [], []
+    for name, (down, up, _) in adapter.modules.items():
+        layer = table.get(name)
+        if layer is None:
+            missing.append(name)
+        elif up.shape[0] != layer.weight.shape[0] or down[0].numel() != layer.weight[0].numel():
+            wrong.append((name, f"{tuple(up.shape)}x{tuple(down.shape)}", tuple(layer.weight.shape)))
+        else:
+            mapped.append(name)
+    return {"mapped": mapped, "missing": sorted(missing), "wrong_shape": sorted(wrong)}
+
+
+_KNOWN_LAYERS = sorted({t for ts in (*UNET_TARGETS.values(), *TEXT_TARGETS.values()) for t in ts}, key=len, reverse=True)
+
+
+def _kind(name: str) -> str:
+    """`lora_unet_..._attn1_to_out_0` -> `to_out.0`; the layer's own name, as UNET_TARGETS/TEXT_TARGETS spell it."""
+    for target in _KNOWN_LAYERS:
+        if name.endswith("_" + target.replace(".", "_")):
+            return target
+    return name.rsplit("_", 1)[-1]
+
+
+def _targets(names: list[str], presets: dict[str, list[str]]) -> dict:
+    kinds = Counter(_kind(n) for n in names)
+    preset = next((p for p, ts in presets.items() if set(kinds) == set(ts)), None)
+    return {"modules": len(names), "layers": dict(sorted(kinds.items())), "preset": preset}
+
+
+def describe(path: str | Path, base=None) -> dict:
+    """Everything `sdlora info` prints, as a dict. `base`: a spec or a loaded `Base` to check the keys against."""
+    adapter = read_adapter(path)
+    meta = adapter.metadata
+    ranks = Counter(down.shape[0] for down, _, _ in adapter.modules.values())
+    alphas = Counter(alpha for _, _, alpha in adapter.modules.values())
+    conv3x3 = sum(down.dim() == 4 and down.shape[-1] > 1 for down, _, _ in adapter.modules.values())
+    unet = [n for n in adapter.modules if n.startswith("lora_unet_")]
+    te = [n for n in adapter.modules if not n.startswith("lora_unet_")]
+    tags = Counter()
+    for per_dir in json.loads(meta.get("ss_tag_frequency", "{}") or "{}").values():
+        tags.update(per_dir)
+    settings = {label: meta[key] for key, label in _SETTINGS if meta.get(key, "") not in ("", "None")}
+    for key, label in (("ss_training_started_at", "started"), ("ss_training_finished_at", "finished")):
+        try:
+            settings[label] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(meta[key])))
+        except (KeyError, ValueError):
+            pass
+    stated = stated_family(meta)
+    info = {
+        "file": str(path), "layout": adapter.layout, "title": meta.get("modelspec.title") or meta.get("ss_output_name", ""),
+        "family": stated or guessed_family(adapter), "family_source": "metadata" if stated else "key shapes",
+        "ranks": dict(sorted(ranks.items())), "alphas": dict(sorted(alphas.items())),
+        "scales": sorted({round(a / d.shape[0], 6) for d, _, a in adapter.modules.values()}),
+        "conv3x3_modules": conv3x3,
+        "unet": _targets(unet, UNET_TARGETS), "text_encoder": _targets(te, TEXT_TARGETS),
+        "trigger": meta.get("modelspec.trigger_phrase", ""),
+        "top_tags": [t for t, _ in tags.most_common(5)],
+        "settings": settings, "stray_keys": adapter.stray,
+    }
+    if base is not None:
+        from sdlora.models import Base, load_base
+
+        base = base if isinstance(base, Base) else load_base(base)
+        result = fit(adapter, base_modules(base.pipe, base.family))
+        info["base"] = {"name": base.name, "family": base.family, "mapped": len(result["mapped"]),
+                        "missing": result["missing"], "wrong_shape": result["wrong_shape"],
+                        "family_ok": not stated or _ARCHITECTURE[stated] == _ARCHITECTURE[base.family],
+                        "ok": not result["missing"] and not result["wrong_shape"] and not adapter.stray}
+    return info
+
+
+def format_info(info: dict, limit: int = 10) -> str:
+    """`describe`'s dict as the lines `sdlora info` prints."""
+
+    def counts(c: dict) -> str:
+        return ", ".join(f"{k:g} ({v} modules)" if isinstance(k, float) else f"{k} ({v} modules)" for k, v in c.items())
+
+    def targets(t: dict) -> str:
+        if not t["modules"]:
+            return "none"
+        preset = f"; sdlora preset '{t['preset']}'" if t["preset"] else ""
+        return f"{t['modules']} modules: " + ", ".join(f"{k} x{v}" for k, v in t["layers"].items()) + preset
+
+    family = info["family"] or "unknown (no metadata, and the key shapes fit no known family)"
+    title = f"   title: {info['title']}" if info["title"] else ""
+    lines = [f"file:          {info['file']}", f"layout:        {info['layout']}{title}",
+             f"family:        {family}" + (f" (from {info['family_source']})" if info["family"] else ""),
+             f"rank:          {counts(info['ranks'])}", f"alpha:         {counts(info['alphas'])}",
+             "scale:         " + ", ".join(f"{s:g}" for s in info["scales"]) + " (alpha/rank)",
+             f"unet:          {targets(info['unet'])}", f"text encoder:  {targets(info['text_encoder'])}"]
+    if len(info["alphas"]) > 1:
+        top = max(info["ranks"])
+        lines.append(f"note:          the alphas differ between modules; diffusers 0.42 (so also sdlora's previews) applies the "
+                     f"most common one to every module; `sdlora resize FILE --rank {top}` writes one alpha, same function")
+    if info["conv3x3_modules"]:
+        lines.append(f"conv 3x3:      {info['conv3x3_modules']} modules (LoCon)")
+    lines.append(f"trigger:       {info['trigger'] or '(none in the metadata)'}")
+    if info["top_tags"]:
+        lines.append("top tags:      " + "; ".join(info["top_tags"]))
+    if info["settings"]:
+        lines.append("training:      " + ", ".join(f"{k} {v}" for k, v in info["settings"].items()))
+    else:
+        lines.append("training:      (no training settings in the metadata)")
+    if info["stray_keys"]:
+        lines.append(f"stray keys:    {len(info['stray_keys'])} (diffusers then loads nothing): "
+                     + ", ".join(info["stray_keys"][:limit]))
+    base = info.get("base")
+    if base:
+        total = base["mapped"] + len(base["missing"]) + len(base["wrong_shape"])
+        verdict = "every key maps" if base["ok"] else "NOT every key maps"
+        lines.append(f"on base:       {base['name']} ({base['family']}): {verdict}, {base['mapped']}/{total} modules")
+        if not base["family_ok"]:
+            lines.append(f"               made for {info['family']}, the base is {base['family']}")
+        for name in base["missing"][:limit]:
+            lines.append(f"  no such layer in the base: {name}")
+        for name, lora, layer in base["wrong_shape"][:limit]:
+            lines.append(f"  shape mismatch: {name}: lora up x down {lora}, layer {layer}")
+        hidden = max(0, len(base["missing"]) - limit) + max(0, len(base["wrong_shape"]) - limit)
+        if hidden:
+            lines.append(f"  ... and {hidden} more (--json lists all)")
+    return "\n".join(lines)
