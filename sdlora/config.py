@@ -26,6 +26,11 @@ class TrainConfig:
     # What to train on
     dataset: str = _knob("", "folder or .zip of images with same-name .txt captions (or a metadata.jsonl)")
     base: str = _knob("tiny", "base model: 'tiny' (embedded), a diffusers folder, a .safetensors checkpoint or a hub id")
+    base_config: str = _knob("", "for a single-file base: a diffusers folder (or cached hub id) of the same architecture to take "
+                                 "configs and tokenizers from; empty = the ones shipped for the family the file shows")
+    prediction_type: str = _knob("auto", "what the base predicts; auto = its scheduler config, or for a single file what "
+                                         "the file shows (SD2 768 models: v_prediction)",
+                                 choices=("auto", "epsilon", "v_prediction"))
     trigger: str = _knob("", "trigger word put first in every caption (added where a caption lacks it)")
     caption_template: str = _knob("a picture", "caption for images without a .txt file (after the trigger)")
     shuffle_tags: bool = _knob(False, "shuffle comma-separated tags each step (tag captions only; never sentences)")
@@ -60,6 +65,8 @@ class TrainConfig:
     mixed_precision: str = _knob("auto", "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU",
                                  choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = _knob(False, "trade compute for memory")
+    auto_memory: bool = _knob(True, "on a GPU, pick batch_size and gradient_checkpointing left at their defaults from "
+                                    "the model family and the free GPU memory (the run says what it picked)")
     cache_latents: bool = _knob(True, "encode every image once instead of every step")
     seed: int = _knob(0, "seed for data order, noise and samples: the same seed gives the same run")
 

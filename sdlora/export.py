@@ -9,16 +9,22 @@ from pathlib import Path
 import torch
 
 from sdlora.config import TrainConfig
-from sdlora.lora import ADAPTER, TEXT_TARGETS, UNET_TARGETS, kohya_name, read_lora, text_encoder_prefix
+from sdlora.lora import (ADAPTER, TEXT_TARGETS, UNET_TARGETS, check_lora_fits, kohya_name, read_lora,
+                         text_encoder_prefix, unet_module_name)
 from sdlora.models import FAMILIES, load_base
 
 VERIFY_ADAPTER = "sdlora_verify"
 
 
 def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: int, epoch: int, num_images: int,
-                   tag_frequency: dict, started_at: float, title: str) -> dict[str, str]:
-    """The `ss_*` fields kohya's tools write and the `modelspec.*` fields of SAI's model spec; all strings."""
+                   tag_frequency: dict, started_at: float, title: str,
+                   prediction_type: str | None = None) -> dict[str, str]:
+    """The `ss_*` fields kohya's tools write and the `modelspec.*` fields of SAI's model spec; all strings.
+
+    `prediction_type` is the base's (an SDXL v-prediction model says so here); by default the family's.
+    """
     fam = FAMILIES[family]
+    pred = prediction_type or ("v_prediction" if family == "sd2-v" else "epsilon")
     now = time.time()
     meta = {
         "ss_network_module": "networks.lora",
@@ -62,15 +68,18 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
         "modelspec.description": config.description,
         "modelspec.trigger_phrase": config.trigger,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if family == "sd2-v" else "epsilon",
+        "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
     }
     return meta
 
 
-def write_diffusers_layout(path: str | Path, unet, text_encoder, config: TrainConfig) -> None:
-    """The same adapter in the diffusers/peft layout, with the LoRA config so diffusers keeps the alpha."""
-    from diffusers import StableDiffusionPipeline
+def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: TrainConfig) -> None:
+    """The same adapter in the diffusers/peft layout, with the LoRA config so diffusers keeps the alpha.
+
+    `text_encoders` are the adapted text encoders in pipeline order (none, one, or SDXL's two).
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     def layers(model):  # peft's own layout: `...to_q.lora_A.weight`, without the adapter name
         return {n.replace(f".{ADAPTER}.", "."): p.detach().float().cpu().contiguous()
@@ -80,35 +89,48 @@ def write_diffusers_layout(path: str | Path, unet, text_encoder, config: TrainCo
         return {"r": config.rank, "lora_alpha": config.alpha, "target_modules": targets}
 
     path = Path(path)
-    StableDiffusionPipeline.save_lora_weights(
-        str(path.parent), weight_name=path.name,
-        unet_lora_layers=layers(unet),
-        text_encoder_lora_layers=layers(text_encoder) if text_encoder is not None else None,
-        unet_lora_adapter_metadata=meta(UNET_TARGETS[config.targets]),
-        text_encoder_lora_adapter_metadata=meta(TEXT_TARGETS[config.targets]) if text_encoder is not None else None,
-    )
+    kw = dict(unet_lora_layers=layers(unet), unet_lora_adapter_metadata=meta(UNET_TARGETS[config.targets]))
+    for i, te in enumerate(text_encoders):
+        name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+        kw[f"{name}_lora_layers"] = layers(te)
+        kw[f"{name}_lora_adapter_metadata"] = meta(TEXT_TARGETS[config.targets])
+    cls = StableDiffusionXLPipeline if len(text_encoders) > 1 or unet.config.addition_embed_type == "text_time" \
+        else StableDiffusionPipeline
+    cls.save_lora_weights(str(path.parent), weight_name=path.name, **kw)
 
 
 @torch.no_grad()
-def verify(path: str | Path, base_spec: str) -> dict:
+def verify(path: str | Path, base_spec: str, *, base_config: str = "", prediction_type: str = "auto") -> dict:
     """Reload `path` through diffusers' `load_lora_weights` into a fresh copy of the base and check that every key
-    landed (same weights, same alpha/rank scale) and that strength 0 gives back the base model's output exactly."""
-    state, _ = read_lora(path)
-    pipe = load_base(base_spec).pipe
-    ids = pipe.tokenizer("a photo", padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
+    landed (same weights, same alpha/rank scale) and that strength 0 gives back the base model's output exactly.
+
+    A file made for another model family is refused with a UserError naming both.
+    """
+    state, metadata = read_lora(path)
+    base = load_base(base_spec, base_config=base_config, prediction_type=prediction_type)
+    check_lora_fits(Path(path).name, state, metadata, base)
+    pipe = base.pipe
+    sdxl = base.family == "sdxl"
     gen = torch.Generator("cpu").manual_seed(0)
     latents = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=gen)
     t = torch.tensor([500])
 
-    def forward():
-        hidden = pipe.text_encoder(ids)[0]
+    def forward():  # the pipelines' own prompt encoding, so the text-encoder LoRA counts too
+        if sdxl:
+            hidden, _, pooled, _ = pipe.encode_prompt("a photo", device="cpu", do_classifier_free_guidance=False)
+            time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+            return pipe.unet(latents, t, hidden, added_cond_kwargs=added).sample
+        hidden, _ = pipe.encode_prompt("a photo", "cpu", 1, False)
         return pipe.unet(latents, t, hidden).sample
 
     before = forward()
     pipe.load_lora_weights(str(path), adapter_name=VERIFY_ADAPTER)
-    loaded = {kohya_name("lora_unet_", p): m for p, m in adapter_layers_named(pipe.unet).items()}
-    loaded.update({kohya_name(text_encoder_prefix(p), p): m for p, m in adapter_layers_named(pipe.text_encoder).items()})
+    sgm = FAMILIES[base.family]["sgm_unet"]
+    loaded = {kohya_name("lora_unet_", unet_module_name(p, pipe.unet, sgm)): m
+              for p, m in adapter_layers_named(pipe.unet).items()}
+    for prefix, te in base.text_encoders().items():
+        loaded.update({kohya_name(text_encoder_prefix(p, prefix), p): m for p, m in adapter_layers_named(te).items()})
     names = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state})
     consumed = 0
     for name in names:

@@ -9,14 +9,18 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdlora.errors import UserError
+from sdlora.lora import check_lora_fits, read_lora
 from sdlora.models import Base, load_base
 
 
 class Previewer:
     """A loaded base model that LoRAs can be added to and re-weighted without reloading the base."""
 
-    def __init__(self, base: str | Base, device: str | None = None):
-        self.base = load_base(base) if isinstance(base, str) else base
+    def __init__(self, base: str | Base, device: str | None = None, *, base_config: str = "",
+                 prediction_type: str = "auto"):
+        """`base` as `--base` takes it (or a loaded Base); `base_config` and `prediction_type` as in `load_base`."""
+        self.base = load_base(base, base_config=base_config, prediction_type=prediction_type) \
+            if isinstance(base, str) else base
         self.pipe = self.base.pipe
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe.to(self.device)
@@ -41,6 +45,12 @@ class Previewer:
         key = f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         if key not in self._loaded:
             name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:10]
+            try:
+                state, metadata = read_lora(p)
+            except Exception as e:
+                raise UserError(f"{p.name} is not a readable .safetensors LoRA file: {str(e).splitlines()[0][:200]}",
+                                "give the path of a LoRA .safetensors file") from None
+            check_lora_fits(p.name, state, metadata, self.base)
             try:
                 self.pipe.load_lora_weights(str(p), adapter_name=name)
             except Exception as e:  # diffusers raises ValueError/KeyError/RuntimeError for foreign files

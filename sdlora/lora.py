@@ -52,13 +52,36 @@ def text_encoder_prefix(module_path: str, prefix: str = "lora_te_") -> str:
     return prefix if module_path.startswith("text_model.") else prefix + "text_model_"
 
 
-def kohya_state_dict(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+def sgm_unet_path(module_path: str, layers_per_block: int) -> str:
+    """A diffusers UNet module path in the original (SGM/LDM) block numbering, as kohya names SDXL modules.
+
+    `down_blocks.1.attentions.0.X` -> `input_blocks.4.1.X`, `mid_block.attentions.0.X` -> `middle_block.1.X`,
+    `up_blocks.0.attentions.1.X` -> `output_blocks.1.1.X`. Inside a transformer block the names are the same. The
+    inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers`: a down block holds `layers_per_block` layers plus
+    a downsampler, an up block one layer more.
+    """
+    parts = module_path.split(".")
+    n = layers_per_block + 1
+    if parts[0] == "down_blocks" and parts[2] == "attentions":
+        return ".".join(["input_blocks", str(1 + int(parts[1]) * n + int(parts[3])), "1", *parts[4:]])
+    if parts[0] == "mid_block" and parts[1] == "attentions":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    if parts[0] == "up_blocks" and parts[2] == "attentions":
+        return ".".join(["output_blocks", str(int(parts[1]) * n + int(parts[3])), "1", *parts[4:]])
+    raise AssertionError(f"no SGM name for {module_path}: only transformer-block modules are LoRA targets")
+
+
+def kohya_state_dict(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+                     sgm_unet: bool = False) -> dict[str, torch.Tensor]:
     """The adapter in the kohya layout: `<name>.lora_down.weight`, `.lora_up.weight` and the trained `.alpha`.
 
-    `text_encoders` maps a key prefix (`lora_te_` for SD1/SD2) to a text encoder that carries an adapter.
+    `text_encoders` maps a key prefix (`lora_te_` for SD1/SD2, `lora_te1_`/`lora_te2_` for SDXL) to a text encoder
+    that carries an adapter. `sgm_unet` names UNet modules in the original block numbering, as kohya does for SDXL
+    (design.md, "LoRA file format"); otherwise they keep their diffusers paths.
     """
     out: dict[str, torch.Tensor] = {}
-    modules = [("lora_unet_", path, layer) for path, layer in adapter_layers(unet).items()]
+    modules = [("lora_unet_", unet_module_name(path, unet, sgm_unet), layer)
+               for path, layer in adapter_layers(unet).items()]
     for prefix, te in text_encoders.items():
         modules += [(text_encoder_prefix(path, prefix), path, layer) for path, layer in adapter_layers(te).items()]
     for prefix, path, layer in modules:
@@ -71,6 +94,10 @@ def kohya_state_dict(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Mo
         alpha = layer.lora_alpha[ADAPTER] if hasattr(layer, "lora_alpha") else layer.scaling[ADAPTER] * down.shape[0]
         out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
+
+
+def unet_module_name(module_path: str, unet: torch.nn.Module, sgm_unet: bool) -> str:
+    return sgm_unet_path(module_path, unet.config.layers_per_block) if sgm_unet else module_path
 
 
 def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -86,3 +113,62 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     return load_file(str(path)), metadata
+
+
+def check_lora_fits(name: str, state: dict[str, torch.Tensor], metadata: dict[str, str], base) -> None:
+    """Raise a one-line UserError when the LoRA file `name` was made for another model family than `base`.
+
+    The metadata says so first (`ss_base_model_version`, `modelspec.architecture`); files without it are judged by
+    their shapes: the width the UNet's cross-attention layers take (768 SD1, 1024 SD2, 2048 SDXL) and the text
+    encoders' widths. A mismatch otherwise shows up as a shape error deep in a loader, or as a LoRA that silently
+    does nothing (field.md, "Wrong base family").
+    """
+    from sdlora.errors import UserError
+    from sdlora.models import FAMILIES, family_of_width
+
+    fam = FAMILIES[base.family]
+    hint = f"use it with a base model of its own family, or pick a LoRA made for {fam['label']}"
+    made_for = _family_from_metadata(metadata)
+    if made_for is not None and made_for not in FAMILIES:
+        raise UserError(f"{name} is a LoRA for {made_for}, and the base model is {fam['label']}", hint)
+    if made_for is not None and FAMILIES[made_for]["arch"] != fam["arch"]:
+        raise UserError(f"{name} is a LoRA for {FAMILIES[made_for]['label']}, and the base model is {fam['label']}",
+                        hint)
+
+    base_width = base.pipe.unet.config.cross_attention_dim
+    for key, tensor in state.items():
+        if key.endswith(("attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight", "attn2_to_v.lora_down.weight")):
+            width = tensor.shape[1]
+            if width != base_width:
+                family = family_of_width(width)
+                made = f"{FAMILIES[family]['label']} ({width}-wide cross-attention)" if family \
+                    else f"a model with {width}-wide cross-attention"
+                raise UserError(f"{name} was made for {made}, and the base model is {fam['label']} "
+                                f"({base_width}-wide)", hint)
+            break
+    encoders = base.text_encoders()
+    first = encoders.get("lora_te_") or encoders.get("lora_te1_")  # loaders take either prefix for the first one
+    for prefix, te in (("lora_te_", first), ("lora_te1_", first), ("lora_te2_", encoders.get("lora_te2_"))):
+        keys = [k for k in state if k.startswith(prefix) and k.endswith("q_proj.lora_down.weight")]
+        if not keys:
+            continue
+        if te is None:
+            raise UserError(f"{name} has a LoRA for a second text encoder (SDXL's), and the base model is "
+                            f"{fam['label']}", hint)
+        width = state[keys[0]].shape[1]
+        if width != te.config.hidden_size:
+            raise UserError(f"{name} was made for a {width}-wide text encoder, and the base model's is "
+                            f"{te.config.hidden_size} wide ({fam['label']})", hint)
+
+
+def _family_from_metadata(metadata: dict[str, str]) -> str | None:
+    """The family a file's metadata names (sd1, sd2, sdxl), another architecture's name as written, or None."""
+    version = metadata.get("ss_base_model_version", "")
+    arch = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if version.startswith("sd_v2") or arch.startswith("stable-diffusion-v2"):
+        return "sd2"
+    if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
+        return "sd1"
+    return arch.split("/")[0] or None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,23 +11,54 @@ import torch
 
 from sdlora.errors import UserError
 
+CONFIGS_DIR = Path(__file__).parent / "configs"  # per-architecture configs + tokenizers (scripts/make_configs.py)
+
 # What differs between families sits here, in one table. The tiny model is SD1 for every loader's purposes.
+# `arch` names the weights' layout (sd2 and sd2-v share one); `text_encoders` maps each kohya key prefix to the
+# pipeline component it adapts; `sgm_unet` says the kohya file names UNet modules as the original (SGM) code does.
+# `base_model_version` is kohya's string (sd-scripts' get_model_version_str_for_sd1_sd2 and sdxl_base_v1-0).
 FAMILIES = {
-    "sd1": dict(resolution=512, base_model_version="sd_v1", architecture="stable-diffusion-v1/lora", v2=False),
-    "sd2": dict(resolution=512, base_model_version="sd_v2", architecture="stable-diffusion-v2-512/lora", v2=True),
-    "sd2-v": dict(resolution=768, base_model_version="sd_v2_768_v", architecture="stable-diffusion-v2-768-v/lora", v2=True),
-    "sdxl": dict(resolution=1024, base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base/lora", v2=False),
+    "sd1": dict(label="SD1.x", arch="sd1", resolution=512, base_model_version="sd_v1",
+                architecture="stable-diffusion-v1/lora", v2=False, cross_attention_dim=768,
+                text_encoders={"lora_te_": "text_encoder"}, sgm_unet=False),
+    "sd2": dict(label="SD2.x", arch="sd2", resolution=512, base_model_version="sd_v2",
+                architecture="stable-diffusion-v2-512/lora", v2=True, cross_attention_dim=1024,
+                text_encoders={"lora_te_": "text_encoder"}, sgm_unet=False),
+    "sd2-v": dict(label="SD2.x v-prediction", arch="sd2", resolution=768, base_model_version="sd_v2_v",
+                  architecture="stable-diffusion-v2-768-v/lora", v2=True, cross_attention_dim=1024,
+                  text_encoders={"lora_te_": "text_encoder"}, sgm_unet=False),
+    "sdxl": dict(label="SDXL", arch="sdxl", resolution=1024, base_model_version="sdxl_base_v1-0",
+                 architecture="stable-diffusion-xl-v1-base/lora", v2=False, cross_attention_dim=2048,
+                 text_encoders={"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}, sgm_unet=True),
 }
 TINY_RESOLUTION = 64
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+# Memory-aware defaults on a GPU: (free GiB at least, batch_size, gradient_checkpointing), roomiest first, for a LoRA
+# run at the family's native resolution with the base in bf16, cached latents, rank 16 and the text-encoder LoRA on.
+# Measured peaks (bench/full_size_check.py, docs/benchmarks.md): SD1.5 at 512, batch 4: 5.7 GB, 3.4 GB with
+# checkpointing; SDXL at 1024, batch 4: 30 GB, 11.7 GB with checkpointing (then the fp32 VAE at 1024 sets the peak,
+# whatever the batch). SD2-v at 768 is scaled from SD1 by pixel count. The thresholds leave ~30% headroom for the
+# allocator and other processes: an out-of-memory stop costs more than checkpointing's extra compute.
+MEMORY_DEFAULTS = {
+    "sd1": [(10, 4, False), (6, 4, True), (0, 1, True)],
+    "sd2": [(10, 4, False), (6, 4, True), (0, 1, True)],
+    "sd2-v": [(18, 4, False), (10, 4, True), (0, 1, True)],
+    "sdxl": [(40, 4, False), (16, 4, True), (0, 1, True)],
+}
 
 
 @dataclass
 class Base:
-    pipe: object  # a diffusers StableDiffusionPipeline (or the SDXL one)
+    pipe: object  # a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
     family: str  # a key of FAMILIES
     name: str  # what the user gave, for metadata
     resolution: int  # the family's native training resolution
-    prediction_type: str  # "epsilon" or "v_prediction", from the scheduler config
+    prediction_type: str  # "epsilon" or "v_prediction", from the scheduler config (or the override)
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """kohya key prefix -> text encoder, in pipeline order (SDXL: CLIP-L, then OpenCLIP-G)."""
+        return {prefix: getattr(self.pipe, name) for prefix, name in FAMILIES[self.family]["text_encoders"].items()}
 
 
 def detect_family(pipe) -> str:
@@ -34,61 +66,251 @@ def detect_family(pipe) -> str:
     scheduler config, never the weights."""
     if getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
-    if pipe.unet.config.cross_attention_dim == 1024:
+    if pipe.unet.config.cross_attention_dim == 1024 or _is_open_clip(pipe.text_encoder):
         return "sd2-v" if pipe.scheduler.config.get("prediction_type") == "v_prediction" else "sd2"
     return "sd1"
 
 
-def load_base(spec: str, dtype: torch.dtype = torch.float32) -> Base:
-    """Load `spec` ('tiny', a diffusers folder, a .safetensors/.ckpt file or a hub id) as a diffusers pipeline."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+def _is_open_clip(text_encoder) -> bool:
+    # SD1 uses OpenAI CLIP (quick_gelu); SD2 uses OpenCLIP ViT-H (gelu). Tells small SD2-like models apart too.
+    return getattr(text_encoder.config, "hidden_act", "") == "gelu"
 
-    kw = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+
+def family_of_width(cross_attention_dim: int) -> str | None:
+    """The family whose UNet cross-attends to states this wide, if it is one of the full-size ones."""
+    return next((f for f in ("sd1", "sd2", "sdxl") if FAMILIES[f]["cross_attention_dim"] == cross_attention_dim), None)
+
+
+def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str = "",
+              prediction_type: str = "auto") -> Base:
+    """Load `spec` ('tiny', a diffusers folder, a .safetensors/.ckpt file or a hub id) as a diffusers pipeline.
+
+    A single file takes its architecture (configs, tokenizers) from `base_config` (a diffusers folder or a cached hub
+    id) or, by default, from the configs that ship with sdlora for the family its weights show: no network needed.
+    `prediction_type` ('epsilon'/'v_prediction') overrides what the scheduler config or the checkpoint suggests.
+    """
+    if prediction_type not in ("auto", *PREDICTION_TYPES):
+        raise UserError(f"prediction_type = {prediction_type!r}: must be auto, epsilon or v_prediction",
+                        "fix --prediction-type")
+    override = None if prediction_type == "auto" else prediction_type
     if spec == "tiny":
+        from diffusers import StableDiffusionPipeline
         from sdlora.tiny import MODEL_DIR
 
-        pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, **kw)
-        return _base(pipe, spec, TINY_RESOLUTION)
+        pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, **_pipeline_kwargs("sd1", dtype))
+        return _base(pipe, spec, override, TINY_RESOLUTION)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise UserError(f"{spec} is not a diffusers model folder (no model_index.json)",
                             "point --base at the folder that holds model_index.json, or at a .safetensors file")
-        return _base(DiffusionPipeline.from_pretrained(str(path), **kw), spec)
-    if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth"):
-        if not path.exists():
+        return _base(_from_folder(str(path), dtype), spec, override)
+    if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        if not path.is_file():
             raise UserError(f"base model file not found: {spec}", "check the path")
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **kw)
-        except Exception as e:  # diffusers raises many types here; the user needs one line
-            raise UserError(f"could not load {path.name} as a Stable Diffusion checkpoint: {str(e).splitlines()[0]}",
-                            "use an SD1.x checkpoint file or a diffusers folder") from None
-        return _base(pipe, spec)
+        pipe, suggested = _from_single_file(path, dtype, base_config)
+        return _base(pipe, spec, override or suggested)
     if spec.count("/") == 1 and not path.exists():
-        return _base(_from_hub(spec, kw), spec)
+        return _base(_from_hub(spec, dtype), spec, override)
     raise UserError(f"base model not found: {spec}", "use 'tiny', a diffusers folder, a .safetensors file or a hub id")
 
 
-def _from_hub(repo_id: str, kw: dict):
+def _pipeline_kwargs(arch: str, dtype: torch.dtype) -> dict:
+    if arch == "sdxl":
+        return dict(dtype=dtype)
+    return dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+
+
+def _from_folder(folder: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
+    arch = "sdxl" if "text_encoder_2" in json.loads(Path(folder, "model_index.json").read_text()) else "sd1"
+    try:
+        return DiffusionPipeline.from_pretrained(folder, **_pipeline_kwargs(arch, dtype))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"could not load the diffusers folder {folder}: {_first_line(e)}",
+                        "check that it holds a complete Stable Diffusion model (unet, vae, text encoder, tokenizer)") from None
+
+
+# --- single-file checkpoints ------------------------------------------------------------------------------------
+
+@dataclass
+class CheckpointInfo:
+    arch: str  # "sd1", "sd2" or "sdxl": the layout of the weights
+    prediction_type: str | None  # what the file itself says or suggests; None = nothing either way
+    why: str  # how prediction_type was found, for the start event
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Tell the architecture of an original-layout (LDM/SGM) checkpoint from its keys and shapes, and whether it is
+    a v-prediction model where the file says so."""
+    path = Path(path)
+    keys, tensor, metadata = _open_checkpoint(path)
+    unet_keys = [k for k in keys if k.startswith("model.diffusion_model.")]
+    if not unet_keys:
+        hint = ("this looks like a diffusers-layout or partial file" if any(k.startswith(("down_blocks.", "unet."))
+                                                                             for k in keys)
+                else "sdlora trains Stable Diffusion 1.x, 2.x and SDXL checkpoints")
+        raise UserError(f"{path.name} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)",
+                        f"{hint}; point --base at a full SD1/SD2/SDXL .safetensors file or a diffusers folder")
+    conv_in = tensor("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != 4:
+        raise UserError(f"{path.name} is an inpainting or instruct model ({conv_in.shape[1]} input channels)",
+                        "use a text-to-image base model (4 latent input channels)")
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        arch = "sdxl"
+    elif any(k.startswith("conditioner.") for k in keys):
+        raise UserError(f"{path.name} looks like an SDXL refiner (one OpenCLIP text encoder, no CLIP-L)",
+                        "train on an SDXL base checkpoint")
+    elif any(k.startswith("cond_stage_model.model.") for k in keys):
+        arch = "sd2"  # OpenCLIP ViT-H text encoder
+    else:
+        to_k = tensor("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+        arch = "sd2" if to_k is not None and to_k.shape[-1] == 1024 else "sd1"
+
+    # v-prediction is a training choice the weights do not show by shape: look for what the file says.
+    if "v_pred" in keys:  # ComfyUI writes an empty `v_pred` tensor into v-prediction checkpoints it saves
+        return CheckpointInfo(arch, "v_prediction", "the checkpoint has a v_pred key")
+    spec_type = metadata.get("modelspec.prediction_type", "")
+    if spec_type:
+        pred = "v_prediction" if spec_type.startswith("v") else "epsilon"
+        return CheckpointInfo(arch, pred, f"its modelspec.prediction_type is {spec_type}")
+    if arch == "sd2":
+        # ComfyUI's SD2 test (comfy/supported_models.py, SD20.model_type): the v models' last attention block has a
+        # norm1 bias spread far wider than the epsilon models'.
+        bias = tensor("model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias")
+        if bias is not None and bias.numel() > 1:
+            v = torch.std(bias.float(), unbiased=False).item() > 0.09
+            return CheckpointInfo(arch, "v_prediction" if v else "epsilon",
+                                  "SD2 norm-bias test (ComfyUI's heuristic)")
+    return CheckpointInfo(arch, None, "")
+
+
+def _open_checkpoint(path: Path):
+    """(keys, tensor(key) -> Tensor | None, safetensors metadata) without reading the whole file where possible."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            f = safe_open(str(path), framework="pt")
+        except Exception as e:
+            raise UserError(f"{path.name} is not a readable .safetensors file: {_first_line(e)}",
+                            "download it again; the file may be truncated") from None
+        keys = set(f.keys())
+        return keys, (lambda k: f.get_tensor(k) if k in keys else None), (f.metadata() or {})
+    state = _torch_load(path)
+    return set(state), state.get, {}
+
+
+def _torch_load(path: Path) -> dict:
+    """A .ckpt/.pt file through torch.load(weights_only=True) only: plain pickle can run arbitrary code."""
+    import pickle
+
+    try:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path.name} holds pickled objects besides weights, and sdlora only loads .ckpt files with "
+                        f"weights_only=True ({_first_line(e)[:120]})",
+                        "use a .safetensors version of the model") from None
+    except Exception as e:
+        raise UserError(f"{path.name} could not be read as a PyTorch checkpoint: {_first_line(e)}",
+                        "use a .safetensors version of the model") from None
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{path.name} does not hold a state dict", "use a .safetensors version of the model")
+    return state
+
+
+def shipped_config(arch: str) -> str:
+    """The diffusers config folder (no weights) that ships with sdlora for an architecture."""
+    return str(CONFIGS_DIR / arch)
+
+
+def _from_single_file(path: Path, dtype: torch.dtype, base_config: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    info = inspect_checkpoint(path)
+    config = base_config or shipped_config(info.arch)
+    label = FAMILIES["sd2" if info.arch == "sd2" else info.arch]["label"]
+    if base_config:
+        index = Path(base_config) / "model_index.json"
+        if Path(base_config).is_dir() and not index.exists():
+            raise UserError(f"base_config {base_config} is not a diffusers model folder (no model_index.json)",
+                            "point --base-config at a diffusers folder of the same architecture, or leave it empty")
+        if index.exists():
+            config_arch = "sdxl" if "text_encoder_2" in json.loads(index.read_text()) else "sd"
+            if (config_arch == "sdxl") != (info.arch == "sdxl"):
+                raise UserError(f"{path.name} is an {label} checkpoint but base_config {base_config} is "
+                                f"{'an SDXL' if config_arch == 'sdxl' else 'an SD1/SD2'} model",
+                                "give a base_config of the same family, or leave it empty to use the shipped one")
+    cls = StableDiffusionXLPipeline if info.arch == "sdxl" else StableDiffusionPipeline
+    try:
+        # config= a local folder: diffusers reads every component's config and the tokenizers from it, and with
+        # local_files_only nothing is fetched, so this works offline (diffusers.loaders.single_file.from_single_file).
+        pipe = cls.from_single_file(str(path), config=config, local_files_only=True,
+                                    **_pipeline_kwargs(info.arch, dtype))
+    except UserError:
+        raise
+    except Exception as e:  # diffusers raises many types here; the user needs one line
+        hint = ("pass --base-config with a diffusers folder (or cached hub id) of this model's architecture"
+                if not base_config else "check that --base-config has the same architecture as the file")
+        raise UserError(f"could not load {path.name} as an {label} checkpoint: {_first_line(e)[:200]}", hint) from None
+    pred = info.prediction_type
+    if pred is None and not base_config:
+        pred = "epsilon"  # the shipped SD1/SDXL configs say so too; SD2 always gets an answer from inspect_checkpoint
+    return pipe, pred
+
+
+# --- hub ids ----------------------------------------------------------------------------------------------------
+
+def _from_hub(repo_id: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    hint = "point --base at a local .safetensors file or diffusers folder"
     # Try the local cache first so an offline machine never waits on the network.
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **kw)
+        return DiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **_pipeline_kwargs("sd1", dtype))
     except (OSError, ValueError):
         pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise UserError(f"{repo_id} is not in the local model cache and the hub is switched off (HF_HUB_OFFLINE=1)",
-                        "point --base at a local .safetensors file or diffusers folder")
-    try:
-        return DiffusionPipeline.from_pretrained(repo_id, **kw)
+                        hint)
+    try:  # a short, bounded look first: a machine without a route to the hub fails here in seconds, not minutes
+        from huggingface_hub import model_info
+
+        model_info(repo_id, timeout=10)
     except Exception as e:
-        raise UserError(f"could not download {repo_id}: {str(e).splitlines()[0][:200]}",
-                        "check the id and the network, or point --base at a local .safetensors file or diffusers folder") from None
+        raise UserError(f"{repo_id} is not in the local model cache and the hub did not answer "
+                        f"({type(e).__name__})", hint) from None
+    try:
+        return DiffusionPipeline.from_pretrained(repo_id, **_pipeline_kwargs("sd1", dtype))
+    except Exception as e:
+        raise UserError(f"could not download {repo_id}: {_first_line(e)[:200]}", f"check the id and the network, or {hint}") from None
 
 
-def _base(pipe, name: str, resolution: int | None = None) -> Base:
+def _base(pipe, name: str, prediction_type: str | None, resolution: int | None = None) -> Base:
+    if prediction_type and pipe.scheduler.config.get("prediction_type", "epsilon") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     family = detect_family(pipe)
     pipe.set_progress_bar_config(disable=True)
     return Base(pipe=pipe, family=family, name=name, resolution=resolution or FAMILIES[family]["resolution"],
                 prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --- memory-aware defaults --------------------------------------------------------------------------------------
+
+def memory_defaults(family: str, free_gib: float) -> tuple[int, bool]:
+    """(batch_size, gradient_checkpointing) that fit a LoRA run of this family in `free_gib` of GPU memory."""
+    for need, batch_size, checkpointing in MEMORY_DEFAULTS[family]:
+        if free_gib >= need:
+            return batch_size, checkpointing
+    raise AssertionError("the last row needs 0 GiB")

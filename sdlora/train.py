@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import shutil
@@ -17,7 +18,7 @@ from sdlora.config import TrainConfig
 from sdlora.errors import UserError
 from sdlora.export import kohya_metadata, verify, write_diffusers_layout
 from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, add_adapters, kohya_state_dict, save_lora
-from sdlora.models import load_base
+from sdlora.models import FAMILIES, load_base, memory_defaults
 from sdlora.runs import CONTROL_FILES, EventLog, take_request, write_atomic
 
 
@@ -61,9 +62,14 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
 
     # 1. Data: every image opened and checked once; captions fixed; buckets from the base's resolution.
     data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template)
-    base = load_base(config.base)
+    base = load_base(config.base, base_config=config.base_config, prediction_type=config.prediction_type)
     pipe = base.pipe
-    tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+    vae, unet = pipe.vae, pipe.unet
+    text_encoders = list(base.text_encoders().values())  # SDXL: CLIP-L and OpenCLIP-G, conditioned on together
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if len(text_encoders) > 1 else [pipe.tokenizer]
+    sdxl = base.family == "sdxl"
+    if device.type == "cuda" and config.auto_memory:
+        config = _memory_defaults(config, base.family, accelerator, events, run_dir)
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = config.resolution or base.resolution
     step_px = 8 * vae_factor  # latent sides must survive the UNet's three halvings
@@ -77,6 +83,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         events.emit("warning", message=w)
     for name, reason in data.rejected:
         events.emit("warning", message=f"skipped {name}: {reason}")
+    tokenizer = tokenizers[0]
     long = [r.name for r in records if len(tokenizer(r.caption).input_ids) > tokenizer.model_max_length]
     if long:
         events.emit("warning", message=f"{len(long)} captions are longer than {tokenizer.model_max_length - 2} tokens "
@@ -86,7 +93,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     noise_scheduler = _ddpm(pipe.scheduler.config)
     vae.requires_grad_(False).to(device, torch.float32)
-    text_encoder.requires_grad_(False).to(device, weight_dtype)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False).to(device, weight_dtype)
     unet.requires_grad_(False).to(device, weight_dtype)
 
     # 3. Adapters: fp32 LoRA parameters on top of the frozen base (updates would vanish in fp16), their initial
@@ -95,21 +103,25 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     unet_params = add_adapters(unet, UNET_TARGETS[config.targets], config.rank, config.alpha, config.lora_dropout)
     te_params = []
     if config.train_text_encoder:
-        te_params = add_adapters(text_encoder, TEXT_TARGETS[config.targets], config.rank, config.alpha,
-                                 config.lora_dropout)
+        for text_encoder in text_encoders:
+            te_params += add_adapters(text_encoder, TEXT_TARGETS[config.targets], config.rank, config.alpha,
+                                      config.lora_dropout)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for text_encoder in text_encoders:
+                text_encoder.gradient_checkpointing_enable()
 
-    # 4. Caches: latents once per image (and per flip); text embeddings once when the text encoder is frozen and
-    #    captions don't change between steps (kohya refuses caching with shuffle for the same reason).
+    # 4. Caches: latents once per image (and per flip), with SDXL's size/crop conditioning; text embeddings once when
+    #    the text encoder is frozen and captions don't change between steps (kohya refuses caching with shuffle for
+    #    the same reason).
     latent_cache = _cache_latents(vae, records, bucket_of, config.flip, device) \
         if config.cache_latents and not config.random_crop else None
     text_cache = None
     if not config.train_text_encoder and not config.shuffle_tags:
         texts = sorted({r.caption for r in records} | {""})
-        text_cache = dict(zip(texts, _encode_text(tokenizer, text_encoder, texts, device).unbind(0)))
+        hidden, pooled = _encode_text(tokenizers, text_encoders, texts, device)
+        text_cache = {text: (hidden[i], None if pooled is None else pooled[i]) for i, text in enumerate(texts)}
 
     # 5. Optimizer and schedule.
     groups = [{"params": unet_params, "lr": config.unet_lr}]
@@ -123,7 +135,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=round(config.warmup_fraction * config.steps) * n,
                                  num_training_steps=config.steps * n, num_cycles=config.lr_cycles)
-    trained = [unet, text_encoder] if te_params else [unet]
+    trained = [unet, *text_encoders] if te_params else [unet]
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
     trained, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
     _register_adapter_checkpointing(accelerator)
@@ -150,14 +162,16 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         path = run_dir / name
         if accelerator.is_main_process:
             net_unet = accelerator.unwrap_model(unet)
-            net_te = accelerator.unwrap_model(text_encoder) if te_params else None
+            net_tes = [accelerator.unwrap_model(m) for m in trained[1:]]
             meta = kohya_metadata(config, family=base.family, resolution=resolution, step=step,
                                   epoch=math.ceil(step * images_per_step / len(samples)), num_images=len(records),
                                   tag_frequency=ds.tag_frequency(records), started_at=started_at,
-                                  title=config.title or run_dir.name)
-            save_lora(path, kohya_state_dict(net_unet, {"lora_te_": net_te} if net_te else {}), meta)
+                                  title=config.title or run_dir.name, prediction_type=base.prediction_type)
+            state = kohya_state_dict(net_unet, dict(zip(base.text_encoders(), net_tes)),
+                                     sgm_unet=FAMILIES[base.family]["sgm_unet"])
+            save_lora(path, state, meta)
             if final and config.export_diffusers:
-                write_diffusers_layout(run_dir / "lora-diffusers.safetensors", net_unet, net_te, config)
+                write_diffusers_layout(run_dir / "lora-diffusers.safetensors", net_unet, net_tes, config)
             events.emit("save", step=step, path=str(path))
         accelerator.save_state(str(checkpoints / f"step-{step:06d}"))
         if accelerator.is_main_process:
@@ -168,7 +182,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     def finish(step: int, kind: str) -> Path:
         path = save(step, final=True)
         if accelerator.is_main_process:
-            result = verify(path, config.base)
+            result = verify(path, config.base, base_config=config.base_config,
+                            prediction_type=config.prediction_type)
             events.emit("verify", **result)
             if not result["ok"]:
                 raise RuntimeError(f"export check failed for {path.name}: {result}")
@@ -205,20 +220,26 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
             with accelerator.accumulate(*trained):
                 if latent_cache is not None:
                     flips = [config.flip and rng.random() < 0.5 for _ in idx]
-                    mean = torch.stack([latent_cache[(i, f)][0] for i, f in zip(idx, flips)])
-                    std = torch.stack([latent_cache[(i, f)][1] for i, f in zip(idx, flips)])
+                    cached = [latent_cache[(i, f)] for i, f in zip(idx, flips)]
+                    mean, std, time_ids = (torch.stack(t) for t in zip(*cached))
                     latents = mean + std * torch.randn(mean.shape, generator=gen).to(device)
                 else:
-                    pixels = torch.stack([ds.prepare_image(records[i].image, bucket_of[i], random_crop=config.random_crop,
-                                                           flip=config.flip, rng=rng)[0] for i in idx]).to(device)
+                    images = [ds.prepare_image(records[i].image, bucket_of[i], random_crop=config.random_crop,
+                                               flip=config.flip, rng=rng) for i in idx]
+                    pixels = torch.stack([im[0] for im in images]).to(device)
+                    time_ids = torch.stack([_time_ids(im[2], im[1], bucket_of[i]) for im, i in zip(images, idx)])
                     with torch.no_grad():
                         dist = vae.encode(pixels).latent_dist
+                    _check_finite(dist.mean, ", ".join(records[i].name for i in idx))
                     latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
                 latents = (latents * vae.config.scaling_factor).to(weight_dtype)
                 if text_cache is not None:
-                    encoder_hidden_states = torch.stack([text_cache[c] for c in captions])
+                    encoder_hidden_states = torch.stack([text_cache[c][0] for c in captions])
+                    pooled = torch.stack([text_cache[c][1] for c in captions]) if sdxl else None
                 else:
-                    encoder_hidden_states = _encode_text(tokenizer, text_encoder, captions, device)
+                    encoder_hidden_states, pooled = _encode_text(tokenizers, text_encoders, captions, device)
+                # SDXL also conditions on the pooled text embedding and each image's size, crop and target size
+                added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids.to(device)} if sdxl else None
 
                 noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
                 if config.noise_offset:  # https://www.crosslabs.org/blog/diffusion-with-offset-noise
@@ -231,7 +252,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
                 else:
                     target = noise
                 with accelerator.autocast():
-                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states,
+                                      added_cond_kwargs=added_cond_kwargs).sample
                 loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 loss = (loss * _min_snr_weights(noise_scheduler, timesteps, config.min_snr_gamma)).mean()
                 accelerator.backward(loss)
@@ -312,25 +334,81 @@ def _min_snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
     return weights / snr
 
 
-def _encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in text_encoder.parameters())):
-        return text_encoder(ids)[0]
+def _encode_text(tokenizers, text_encoders, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(encoder_hidden_states, pooled) as the pipelines make them: SD1/SD2 the text encoder's last hidden state
+    (pooled None); SDXL both encoders' penultimate hidden states side by side, and the second encoder's pooled
+    projection (diffusers' StableDiffusionXLPipeline.encode_prompt)."""
+    grad = torch.is_grad_enabled() and any(p.requires_grad for te in text_encoders for p in te.parameters())
+    with torch.set_grad_enabled(grad):
+        if len(text_encoders) == 1:
+            return text_encoders[0](_token_ids(tokenizers[0], captions, device))[0], None
+        hidden, pooled = [], None
+        for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+            out = text_encoder(_token_ids(tokenizer, captions, device), output_hidden_states=True)
+            pooled = out[0]  # the last encoder's is the one used: CLIPTextModelWithProjection's text_embeds
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+
+def _token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def _time_ids(original_size, crop_top_left, bucket) -> torch.Tensor:
+    """SDXL's size conditioning for one image: original (height, width), crop (top, left), target (height, width),
+    in the order of diffusers' StableDiffusionXLPipeline._get_add_time_ids."""
+    return torch.tensor([*original_size, *crop_top_left, bucket[1], bucket[0]], dtype=torch.float32)
+
+
+def _check_finite(latents: torch.Tensor, images: str) -> None:
+    # An fp16 VAE (SDXL's especially) overflows into inf/NaN; the VAE runs in fp32 here, so this catches broken VAE
+    # weights before they turn into a NaN loss (field.md: kohya#952, OneTrainer#318).
+    if not torch.isfinite(latents).all():
+        raise UserError(f"the VAE gave NaN/inf latents for {images}",
+                        "the base model's VAE weights are broken (an fp16 VAE that overflowed?); use a checkpoint "
+                        "with a working VAE, or an fp16-fixed VAE baked in")
 
 
 @torch.no_grad()
 def _cache_latents(vae, records, bucket_of, flip: bool, device) -> dict:
-    """(record index, flipped) -> (mean, std) of the VAE's latent distribution, centre-cropped to its bucket."""
+    """(record index, flipped) -> (mean, std, time_ids): the VAE's latent distribution of the image centre-cropped to
+    its bucket, and its SDXL size/crop conditioning. The VAE runs in fp32."""
     cache = {}
     rng = random.Random(0)
     for i, (record, bucket) in enumerate(zip(records, bucket_of)):
-        pixels = ds.prepare_image(record.image, bucket, random_crop=False, flip=False, rng=rng)[0]
+        pixels, crop_top_left, original_size = ds.prepare_image(record.image, bucket, random_crop=False, flip=False,
+                                                                rng=rng)
+        time_ids = _time_ids(original_size, crop_top_left, bucket)
         variants = [(False, pixels)] + ([(True, pixels.flip(-1))] if flip else [])
         for flipped, px in variants:
             dist = vae.encode(px[None].to(device, torch.float32)).latent_dist
-            cache[(i, flipped)] = (dist.mean[0], dist.std[0])
+            _check_finite(dist.mean, record.name)
+            cache[(i, flipped)] = (dist.mean[0], dist.std[0], time_ids.to(device))
     return cache
+
+
+def _memory_defaults(config: TrainConfig, family: str, accelerator, events, run_dir: Path) -> TrainConfig:
+    """On a GPU, batch_size and gradient_checkpointing left at their defaults follow the family and the free memory
+    (the least any process has, so all pick alike). The resolved values replace config.json, so a resume repeats
+    them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    free = torch.tensor([torch.cuda.mem_get_info(accelerator.device)[0] / 2**30], device=accelerator.device)
+    free_gib = accelerator.gather(free).min().item()
+    batch_size, checkpointing = memory_defaults(family, free_gib)
+    picked = {}
+    if config.batch_size == defaults["batch_size"]:
+        picked["batch_size"] = batch_size
+    if config.gradient_checkpointing == defaults["gradient_checkpointing"]:
+        picked["gradient_checkpointing"] = checkpointing
+    resolved = dataclasses.replace(config, auto_memory=False, **picked)
+    events.emit("warning", message=f"memory defaults for {FAMILIES[family]['label']} with {free_gib:.0f} GiB free: "
+                                   f"batch_size {resolved.batch_size}, gradient_checkpointing "
+                                   f"{'on' if resolved.gradient_checkpointing else 'off'}, precision "
+                                   f"{accelerator.mixed_precision} (set them, or --no-auto-memory, to choose)")
+    if accelerator.is_main_process:
+        write_atomic(run_dir / "config.json", resolved.to_json())
+    return resolved
 
 
 @torch.no_grad()
@@ -342,8 +420,8 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
         return
     scheduler = getattr(diffusers, config.sample_scheduler).from_config(pipe.scheduler.config)
     modules = {"unet": accelerator.unwrap_model(trained[0]), "scheduler": scheduler}
-    if len(trained) > 1:
-        modules["text_encoder"] = accelerator.unwrap_model(trained[1])
+    for name, model in zip(("text_encoder", "text_encoder_2"), trained[1:]):
+        modules[name] = accelerator.unwrap_model(model)
     sampler = type(pipe)(**{**pipe.components, **modules})
     sampler.set_progress_bar_config(disable=True)
     for m in trained:
@@ -353,10 +431,11 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
     for n, prompt in enumerate(prompts):
         seed = config.sample_seed + n
         with accelerator.autocast():
-            image = sampler(prompt, negative_prompt=config.sample_negative or None,
-                            num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
-                            width=resolution, height=resolution,
-                            generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+            latents = sampler(prompt, negative_prompt=config.sample_negative or None,
+                              num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
+                              width=resolution, height=resolution, output_type="latent",
+                              generator=torch.Generator("cpu").manual_seed(seed)).images
+        image = _decode(sampler, latents)
         path = out_dir / f"step-{step:06d}-{n}.png"
         tmp = path.with_name(path.stem + ".tmp.png")
         image.save(tmp)
@@ -366,6 +445,14 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
                     scheduler=config.sample_scheduler, width=resolution, height=resolution, strength=1.0)
     for m in trained:
         m.train()
+
+
+def _decode(pipe, latents: torch.Tensor):
+    """The pipelines' own VAE decode, but in fp32 outside autocast: under fp16 autocast a VAE (SDXL's especially)
+    overflows into black samples."""
+    with torch.autocast(latents.device.type, enabled=False):
+        image = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
 def _register_adapter_checkpointing(accelerator) -> None:

@@ -1,0 +1,383 @@
+"""SD1, SD2 (v-prediction) and SDXL bases: small models of each architecture, as diffusers folders and as original-layout
+single files, trained through the CLI and read back by diffusers' own loaders; family checks; the shipped configs."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import draw_dataset
+from original_layout import kohya_reference, pipeline_to_original, text_encoders_to_original, unet_to_original
+from sdlora.errors import UserError
+from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, kohya_name, sgm_unet_path, text_encoder_prefix
+from sdlora.models import CONFIGS_DIR, FAMILIES, inspect_checkpoint, load_base, memory_defaults
+from sdlora.runs import read_events
+
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 steps_offset=1)
+
+# One row per family: what the file must say and how its keys are named.
+CASES = {
+    "sd1": dict(pipeline="StableDiffusionPipeline", te_prefixes=["lora_te_"], version="sd_v1", v2="False",
+                architecture="stable-diffusion-v1/lora", prediction="epsilon", unet_key="lora_unet_down_blocks_0_"),
+    "sd2-v": dict(pipeline="StableDiffusionPipeline", te_prefixes=["lora_te_"], version="sd_v2_v", v2="True",
+                  architecture="stable-diffusion-v2-768-v/lora", prediction="v", unet_key="lora_unet_down_blocks_0_"),
+    "sdxl": dict(pipeline="StableDiffusionXLPipeline", te_prefixes=["lora_te1_", "lora_te2_"], version="sdxl_base_v1-0",
+                 v2="False", architecture="stable-diffusion-xl-v1-base/lora", prediction="epsilon",
+                 unet_key="lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"),
+}
+
+
+def _text_encoder(width: int, act: str, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, hidden_act=act, projection_dim=width,
+                            bos_token_id=0, eos_token_id=2, pad_token_id=1)  # the published CLIP configs' ids
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def build_pipeline(family: str):
+    """A small random-init model of the family's architecture: SD1 (CLIP, conv projections), SD2-v (OpenCLIP-style
+    gelu text encoder, linear projections, v-prediction DDIM), SDXL (two text encoders of different widths, pooled
+    text + time conditioning, two layers per block). The tokenizers are the shipped real CLIP ones."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64)
+    if family == "sdxl":
+        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                    transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                                    addition_embed_type="text_time", addition_time_embed_dim=8,
+                                    projection_class_embeddings_input_dim=48 + 6 * 8, cross_attention_dim=32 + 48,
+                                    norm_num_groups=8)
+        return StableDiffusionXLPipeline(
+            vae=vae, unet=unet, text_encoder=_text_encoder(32, "quick_gelu"),
+            text_encoder_2=_text_encoder(48, "gelu", with_projection=True),
+            tokenizer=CLIPTokenizer.from_pretrained(str(CONFIGS_DIR / "sdxl" / "tokenizer")),
+            tokenizer_2=CLIPTokenizer.from_pretrained(str(CONFIGS_DIR / "sdxl" / "tokenizer_2")),
+            scheduler=EulerDiscreteScheduler(**SCHEDULER, timestep_spacing="leading"))
+    sd2 = family == "sd2-v"
+    width = 48 if sd2 else 32
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                attention_head_dim=(2, 4) if sd2 else 4, use_linear_projection=sd2,
+                                cross_attention_dim=width, norm_num_groups=8)
+    scheduler = (DDIMScheduler(**SCHEDULER, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction")
+                 if sd2 else PNDMScheduler(**SCHEDULER, skip_prk_steps=True, set_alpha_to_one=False))
+    return StableDiffusionPipeline(
+        vae=vae, unet=unet, text_encoder=_text_encoder(width, "gelu" if sd2 else "quick_gelu"), scheduler=scheduler,
+        tokenizer=CLIPTokenizer.from_pretrained(str(CONFIGS_DIR / ("sd2" if sd2 else "sd1") / "tokenizer")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """family -> (diffusers folder, single .safetensors file in the original layout), made once."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for family in CASES:
+        pipe = build_pipeline(family)
+        folder = root / family
+        pipe.save_pretrained(str(folder))
+        single = root / f"{family}.safetensors"
+        save_file(pipeline_to_original(pipe), str(single))
+        out[family] = (folder, single)
+    return out
+
+
+@pytest.fixture(scope="session")
+def family_runs(models, tmp_path_factory):
+    """family -> run folder: a few steps through the CLI on the single file, text-encoder LoRA on."""
+    from sdlora.cli import main
+
+    data = draw_dataset(tmp_path_factory.mktemp("famdata") / "shapes", n=4, size=80)
+    runs = {}
+    for family, (folder, single) in models.items():
+        run = tmp_path_factory.mktemp("famruns") / family
+        code = main(["train", str(data), "--base", str(single), "--base-config", str(folder), "--out", str(run),
+                     "--resolution", "64", "--steps", "4", "--batch-size", "2", "--rank", "4", "--alpha", "2",
+                     "--trigger", "zxq", "--sample-every", "4", "--save-every", "4", "--sample-steps", "3",
+                     "--unet-lr", "5e-2", "--text-encoder-lr", "1e-2", "--lr-scheduler", "constant",
+                     "--warmup-fraction", "0", "--min-snr-gamma", "0", "--export-diffusers", "--quiet"])
+        assert code == 0
+        runs[family] = run
+    return runs
+
+
+def _module_names(keys) -> set[str]:
+    return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_single_file_and_folder_load_the_same_model(models, family, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    folder, single = models[family]
+    from_file = load_base(str(single), base_config=str(folder))
+    from_folder = load_base(str(folder))
+    assert from_file.family == from_folder.family == family
+    assert type(from_file.pipe).__name__ == CASES[family]["pipeline"]
+    assert from_file.prediction_type == ("v_prediction" if family == "sd2-v" else "epsilon")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(from_folder.pipe, name, None) is None:
+            continue
+        a, b = getattr(from_file.pipe, name).state_dict(), getattr(from_folder.pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _render(pipe, event):
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, event["scheduler"]).from_config(pipe.scheduler.config)
+    return np.asarray(pipe(event["prompt"], negative_prompt=event["negative_prompt"] or None,
+                           num_inference_steps=event["steps"], guidance_scale=event["guidance_scale"],
+                           width=event["width"], height=event["height"],
+                           generator=torch.Generator("cpu").manual_seed(event["seed"])).images[0], dtype=np.float32)
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_trained_lora_loads_in_plain_diffusers_and_reproduces_the_samples(models, family_runs, family):
+    import diffusers
+    from PIL import Image
+
+    case, run = CASES[family], family_runs[family]
+    events = read_events(run)
+    start = next(e for e in events if e["type"] == "start")
+    assert start["family"] == family and start["batch_per_gpu"] == 2  # on CPU the settings stay as given
+    assert not any("memory defaults" in e.get("message", "") for e in events)
+    verify = next(e for e in events if e["type"] == "verify")
+    assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"]
+
+    with safe_open(str(run / "lora.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    names = _module_names(keys)
+    te = {p: {n for n in names if n.startswith(p)} for p in case["te_prefixes"]}
+    unet = {n for n in names if n.startswith("lora_unet_")}
+    assert all(te.values()) and unet | set().union(*te.values()) == names  # every encoder adapted, nothing else
+    assert any(n.startswith(case["unet_key"]) for n in unet)
+    if family == "sdxl":  # the SGM names kohya writes, never mixed with diffusers names
+        assert not any("down_blocks" in n or "up_blocks" in n or "mid_block_" in n for n in unet)
+        assert any(n.startswith("lora_unet_middle_block_1_") for n in unet)
+        assert any(n.startswith("lora_unet_output_blocks_0_1_") for n in unet)
+    else:
+        assert not any("input_blocks" in n or "output_blocks" in n for n in unet)
+    assert all(n.startswith(tuple(p + "text_model_encoder_layers_" for p in case["te_prefixes"])) for n in names - unet)
+    assert meta["ss_base_model_version"] == case["version"] and meta["ss_v2"] == case["v2"]
+    assert meta["modelspec.architecture"] == case["architecture"]
+    assert meta["modelspec.prediction_type"] == case["prediction"]
+
+    folder, _ = models[family]
+    cls = getattr(diffusers, case["pipeline"])
+    base = cls.from_pretrained(str(folder))
+    base.set_progress_bar_config(disable=True)
+    pipe = cls.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(run / "lora.safetensors"))
+    samples = [e for e in events if e["type"] == "sample" and e["step"] == 4]
+    assert samples
+    for event in samples:
+        sample = np.asarray(Image.open(event["path"]), dtype=np.float32)
+        assert np.abs(_render(pipe, event) - sample).mean() < 1.0  # < 1/255 of the range
+        assert np.abs(_render(base, event) - sample).mean() > 1.0  # the LoRA changed the image
+    # the diffusers/peft-layout copy loads through the same pipeline class and gives the same image
+    peft_layout = cls.from_pretrained(str(folder))
+    peft_layout.set_progress_bar_config(disable=True)
+    peft_layout.load_lora_weights(str(run / "lora-diffusers.safetensors"))
+    sample = np.asarray(Image.open(samples[0]["path"]), dtype=np.float32)
+    assert np.abs(_render(peft_layout, samples[0]) - sample).mean() < 1.0
+
+
+def test_a_lora_for_another_family_is_refused_by_name(models, family_runs, tmp_path):
+    from sdlora.export import verify
+    from sdlora.generate import Previewer
+
+    sdxl_lora = family_runs["sdxl"] / "lora.safetensors"
+    prev = Previewer(str(models["sd1"][0]), device="cpu")
+    with pytest.raises(UserError, match=r"is a LoRA for SDXL, and the base model is SD1\.x") as err:
+        prev.set_loras([(str(sdxl_lora), 1.0)])
+    assert "\n" not in str(err.value) and err.value.hint
+    with pytest.raises(UserError, match=r"LoRA for SD2\.x, and the base model is SDXL"):
+        verify(family_runs["sd2-v"] / "lora.safetensors", str(models["sdxl"][0]))
+
+    # without metadata, the shapes tell: the UNet's cross-attention width, then the text encoders'
+    state = {}
+    with safe_open(str(sdxl_lora), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(tmp_path / "bare-sdxl.safetensors"))
+    with pytest.raises(UserError, match=r"made for a model with 80-wide cross-attention, and the base model is SD1\.x "
+                                        r"\(32-wide\)"):
+        prev.set_loras([(str(tmp_path / "bare-sdxl.safetensors"), 1.0)])
+    te2_only = {k: v for k, v in state.items() if k.startswith("lora_te2_")}
+    save_file(te2_only, str(tmp_path / "te2.safetensors"))
+    with pytest.raises(UserError, match="second text encoder"):
+        prev.set_loras([(str(tmp_path / "te2.safetensors"), 1.0)])
+    sd2_state = {}
+    with safe_open(str(family_runs["sd2-v"] / "lora.safetensors"), "pt") as f:
+        sd2_state = {k: f.get_tensor(k) for k in f.keys() if k.startswith("lora_te_")}
+    save_file(sd2_state, str(tmp_path / "te.safetensors"))
+    with pytest.raises(UserError, match="made for a 48-wide text encoder, and the base model's is 32 wide"):
+        prev.set_loras([(str(tmp_path / "te.safetensors"), 1.0)])
+
+
+def test_prediction_type_override_and_ckpt_files(models, tmp_path):
+    folder, single = models["sd2-v"]
+    base = load_base(str(single), base_config=str(folder), prediction_type="epsilon")
+    assert base.family == "sd2" and base.pipe.scheduler.config.prediction_type == "epsilon"
+
+    # a .ckpt goes through torch.load(weights_only=True); one with other pickled objects is refused
+    with safe_open(str(models["sd1"][1]), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    torch.save({"state_dict": state, "global_step": 10}, str(tmp_path / "model.ckpt"))
+    base = load_base(str(tmp_path / "model.ckpt"), base_config=str(models["sd1"][0]))
+    assert base.family == "sd1"
+    torch.save({"state_dict": state, "args": random.Random(0)}, str(tmp_path / "unsafe.ckpt"))
+    with pytest.raises(UserError, match="weights_only=True"):
+        load_base(str(tmp_path / "unsafe.ckpt"))
+
+
+def _fake_checkpoint(path, keys: dict, metadata=None):
+    save_file({k: v if isinstance(v, torch.Tensor) else torch.zeros(v) for k, v in keys.items()}, str(path),
+              metadata=metadata)
+    return path
+
+
+def test_checkpoint_inspection_tells_families_and_v_prediction(tmp_path):
+    unet = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
+    sd1 = {**unet, "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+           "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768)}
+    sd2 = {**unet, "cond_stage_model.model.token_embedding.weight": (8, 1024)}
+    sdxl = {**unet, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+            "conditioner.embedders.1.model.ln_final.weight": (1280,)}
+    bias = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+    def inspect(keys, metadata=None):
+        info = inspect_checkpoint(_fake_checkpoint(tmp_path / "m.safetensors", keys, metadata))
+        return info.arch, info.prediction_type
+
+    assert inspect(sd1) == ("sd1", None)
+    assert inspect(sdxl) == ("sdxl", None)
+    assert inspect({**sdxl, "v_pred": (0,)}) == ("sdxl", "v_prediction")  # ComfyUI's marker
+    assert inspect(sd1, {"modelspec.prediction_type": "v"}) == ("sd1", "v_prediction")
+    assert inspect(sd2) == ("sd2", None)
+    assert inspect({**sd2, bias: torch.linspace(-0.3, 0.3, 320)}) == ("sd2", "v_prediction")  # trained 768-v weights
+    assert inspect({**sd2, bias: torch.linspace(-0.01, 0.01, 320)}) == ("sd2", "epsilon")
+    for keys, message in (({"first_stage_model.encoder.conv_in.weight": (1,)}, "not a Stable Diffusion checkpoint"),
+                          ({**unet, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "inpainting"),
+                          ({**unet, "conditioner.embedders.0.model.ln_final.weight": (1280,)}, "refiner")):
+        with pytest.raises(UserError, match=message) as err:
+            inspect(keys)
+        assert "\n" not in str(err.value)
+
+
+def test_latent_cache_keeps_each_images_size_and_crop_and_refuses_nan_latents(models):
+    from sdlora import dataset as ds
+    from sdlora.train import _cache_latents
+
+    from PIL import Image
+
+    vae = load_base(str(models["sdxl"][0])).pipe.vae
+    records = [ds.Record("wide.png", Image.new("RGB", (96, 80), "red"), "a", 1, True),
+               ds.Record("sq.png", Image.new("RGB", (64, 64), "blue"), "b", 1, True)]
+    cache = _cache_latents(vae, records, [(64, 64), (64, 64)], flip=True, device=torch.device("cpu"))
+    # original (height, width), crop (top, left) in the resized image, target (height, width): SDXL's time ids
+    assert cache[(0, False)][2].tolist() == [80.0, 96.0, 0.0, 6.0, 64.0, 64.0]
+    assert cache[(1, True)][2].tolist() == [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.fill_(float("inf"))
+    with pytest.raises(UserError, match="NaN/inf latents for wide.png"):
+        _cache_latents(vae, records, [(64, 64), (64, 64)], flip=False, device=torch.device("cpu"))
+
+
+def test_shipped_configs_are_the_published_architectures_with_kohyas_key_names():
+    """The configs in sdlora/configs build SD1.5, SD2.1 and SDXL at their published sizes, and our kohya names for
+    them equal, name for name, kohya's at the default targets (SD1.5: 128 UNet + 48 text-encoder modules)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def params(model):
+        return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+
+    expected = {"sd1": (859.52, 123.06, None), "sd2": (865.91, 340.39, None), "sdxl": (2567.46, 123.06, 694.66)}
+    counts = {"sd1": (128, 48, 0), "sdxl": (560, 48, 128)}
+    for arch, (unet_m, te_m, te2_m) in expected.items():
+        folder = str(CONFIGS_DIR / arch)
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
+            te = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2")) \
+                if te2_m else None
+        assert (params(unet), params(vae), params(te)) == (unet_m, 83.65, te_m), arch
+        assert te2 is None or params(te2) == te2_m
+        assert CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer").pad_token == ("!" if arch == "sd2" else "<|endoftext|>")
+        if te2 is not None:
+            assert CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2").pad_token == "!"
+        if arch not in counts:
+            continue
+        sgm = FAMILIES[arch]["sgm_unet"]
+        ours = {kohya_name("lora_unet_", sgm_unet_path(p, unet.config.layers_per_block) if sgm else p)
+                for p, m in unet.named_modules() if p.endswith(tuple(UNET_TARGETS["attn"])) and "attn" in p}
+        te_names = [{kohya_name(text_encoder_prefix(p, prefix), p) for p, _ in model.named_modules()
+                     if p.endswith(tuple(TEXT_TARGETS["attn"]))}
+                    for prefix, model in zip(("lora_te1_", "lora_te2_") if sgm else ("lora_te_",), (te, te2))]
+        assert (len(ours), len(te_names[0]), len(te_names[1]) if sgm else 0) == counts[arch]
+        if sgm:  # the reference: kohya's names read off the SGM checkpoint's own keys
+            original = {**unet_to_original(unet.state_dict(), unet.config), **text_encoders_to_original(te, te2)}
+            assert ours | te_names[0] | te_names[1] == kohya_reference(original, "attn")
+            assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in ours
+            assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_out_0" in ours
+            assert "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q" in ours
+            assert "lora_te2_text_model_encoder_layers_31_self_attn_out_proj" in te_names[1]
+        else:
+            assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in ours
+            assert "lora_te_text_model_encoder_layers_11_self_attn_q_proj" in te_names[0]
+
+
+def test_memory_defaults_follow_family_and_free_memory():
+    assert memory_defaults("sd1", 80) == (4, False)
+    assert memory_defaults("sd1", 8) == (4, True)
+    assert memory_defaults("sd1", 4) == (1, True)
+    assert memory_defaults("sdxl", 79) == (4, False)
+    assert memory_defaults("sdxl", 24) == (4, True)
+    assert memory_defaults("sdxl", 12) == (1, True)
+    for family in FAMILIES:  # every family has a row for any amount of memory
+        assert memory_defaults(family, 0)[0] == 1
+
+
+def test_a_cached_hub_id_loads_offline_and_an_uncached_one_says_what_to_do(models, tmp_path):
+    """A hub id found in the local cache loads with the hub switched off (in a fresh process: huggingface_hub reads
+    its cache location at import); one that is not cached is one line naming the way out."""
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-xl" / "snapshots" / ("0" * 40)
+    shutil.copytree(models["sdxl"][0], snapshot)
+    (cache / "models--someone--tiny-xl" / "refs").mkdir()
+    (cache / "models--someone--tiny-xl" / "refs" / "main").write_text("0" * 40)
+    code = ("from sdlora.models import load_base\n"
+            "print(load_base('someone/tiny-xl').family)\n"
+            "try:\n    load_base('someone/not-cached')\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "sdxl", out.stderr[-2000:]
+    assert lines[1].startswith("UserError someone/not-cached is not in the local model cache")
+    assert "point --base at a local .safetensors file or diffusers folder" in lines[1] and len(lines) == 2
