@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="a config.json to start from")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--gpus", type=int, default=1,
+                   help="train one run data-parallel over this many GPUs (through accelerate launch)")
     _add_config_flags(t)
 
     g = sub.add_parser("generate", help="make an image with a base model and LoRAs at chosen strengths")
@@ -119,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
+    if args.gpus > 1 and "LOCAL_RANK" not in os.environ:  # relaunch this very command under accelerate
+        from sdlora.runs import launch_args
+
+        argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--gpus" and not a.startswith("--gpus=")
+                and sys.argv[i] != "--gpus"]
+        os.execvp(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", *launch_args(args.gpus),
+                                   "-m", "sdlora", *argv])
     from sdlora.train import train
 
     _quiet_loading()

@@ -84,6 +84,12 @@ def take_request(run_dir: str | Path, what: str) -> bool:
     return True
 
 
+def launch_args(processes: int) -> list[str]:
+    """`accelerate launch` arguments for one data-parallel run over `processes` GPUs of this host (on a machine
+    without GPUs accelerate runs the processes on the CPU, over gloo)."""
+    return ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--dynamo_backend", "no"]
+
+
 def start(run_dir: str | Path, gpus: int = 1) -> subprocess.Popen:
     """Start `python -m sdlora train --run-dir DIR` (config.json already written) as its own process.
 
@@ -94,7 +100,7 @@ def start(run_dir: str | Path, gpus: int = 1) -> subprocess.Popen:
         raise FileNotFoundError(run_dir / "config.json")
     (run_dir / "STOP").unlink(missing_ok=True)
     if gpus > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus), "-m", "sdlora"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args(gpus), "-m", "sdlora"]
     else:
         cmd = [sys.executable, "-m", "sdlora"]
     cmd += ["train", "--run-dir", str(run_dir), "--resume"]

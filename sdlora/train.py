@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import shutil
@@ -33,8 +34,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     config.validate()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # cpu=True when there is no GPU: it is what makes accelerate join several CPU processes over gloo
     accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision),
-                              gradient_accumulation_steps=config.grad_accum)
+                              gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
     events = EventLog(run_dir, enabled=accelerator.is_main_process, echo=progress_bar)
     if accelerator.is_main_process:
         write_atomic(run_dir / "config.json", config.to_json())
@@ -115,13 +117,13 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     # 4. Caches: latents once per image (and per flip), with SDXL's size/crop conditioning; text embeddings once when
     #    the text encoder is frozen and captions don't change between steps (kohya refuses caching with shuffle for
     #    the same reason).
-    latent_cache = _cache_latents(vae, records, bucket_of, config.flip, device) \
+    #    With several processes each encodes its share and they swap results, so every cache is computed once.
+    latent_cache = _shared(accelerator, lambda share: _cache_latents(vae, records, bucket_of, config.flip, device, share)) \
         if config.cache_latents and not config.random_crop else None
     text_cache = None
     if not config.train_text_encoder and not config.shuffle_tags:
         texts = sorted({r.caption for r in records} | {""})
-        hidden, pooled = _encode_text(tokenizers, text_encoders, texts, device)
-        text_cache = {text: (hidden[i], None if pooled is None else pooled[i]) for i, text in enumerate(texts)}
+        text_cache = _shared(accelerator, lambda share: _cache_text(tokenizers, text_encoders, texts, device, share))
 
     # 5. Optimizer and schedule.
     groups = [{"params": unet_params, "lr": config.unet_lr}]
@@ -138,6 +140,9 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     trained = [unet, *text_encoders] if te_params else [unet]
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
     trained, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
+    unet = trained[0]  # the step calls the prepared models (DistributedDataParallel on several GPUs)
+    if te_params:
+        text_encoders = trained[1:]
     _register_adapter_checkpointing(accelerator)
 
     # 6. Resume: weights, optimizer, schedule; data order and noise are functions of (seed, step), so they follow.
@@ -146,7 +151,13 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     if resume and (last := _last_checkpoint(checkpoints)) is not None:
         accelerator.load_state(str(last))
         step = int(last.name.split("-")[1])
-        events.emit("warning", message=f"resumed from {last.name}")
+        saved_with = json.loads((last / "sdlora.json").read_text()).get("processes", 1) \
+            if (last / "sdlora.json").exists() else 1
+        changed = "" if saved_with == accelerator.num_processes else \
+            f"; it was saved with {saved_with} process(es), now {accelerator.num_processes}: the global batch is " \
+            f"{config.batch_size * config.grad_accum * accelerator.num_processes} images instead of " \
+            f"{config.batch_size * config.grad_accum * saved_with}"
+        events.emit("warning", message=f"resumed from {last.name}{changed}")
     sample_every = config.sample_every or max(1, config.steps // 4)
     save_every = config.save_every or max(1, config.steps // 4)
     prompts = config.sample_prompts or [r.caption for r in records[:2]]
@@ -175,6 +186,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
             events.emit("save", step=step, path=str(path))
         accelerator.save_state(str(checkpoints / f"step-{step:06d}"))
         if accelerator.is_main_process:
+            write_atomic(checkpoints / f"step-{step:06d}" / "sdlora.json",
+                         json.dumps({"step": step, "processes": accelerator.num_processes}))
             for old in sorted(checkpoints.glob("step-*"))[:-config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         return path
@@ -203,35 +216,37 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     while True:
         # Once in a while: samples (a step-0 baseline first), saves, and requests from the run folder.
         done = step >= config.steps
-        if step % sample_every == 0 or done or take_request(run_dir, "SAMPLE"):
+        stop_now, sample_now, save_now = _requests(accelerator, run_dir, stop.requested)
+        if step % sample_every == 0 or done or sample_now:
             _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events)
-        if stop.requested or take_request(run_dir, "STOP"):
+        if stop_now:
             return finish(step, "stopped")
         if done:
             return finish(step, "done")
-        if step > 0 and (step % save_every == 0 or take_request(run_dir, "SAVE")):
+        if step > 0 and (step % save_every == 0 or save_now):
             last_good = save(step, final=False)
 
         # The step: encode, add noise, predict, loss, backward, update.
         for micro in range(config.grad_accum):
             k = step * config.grad_accum + micro  # micro-batch index: the data position
-            idx, captions, rng = batch_at(k, config, records, samples, bucket_of)
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + k)
+            global_batch = batch_at(k, config, records, samples, bucket_of, accelerator.num_processes)
+            mine = slice(accelerator.process_index * config.batch_size, (accelerator.process_index + 1) * config.batch_size)
+            idx, captions, rngs, gens = (list(x) for x in zip(*global_batch[mine]))
             with accelerator.accumulate(*trained):
                 if latent_cache is not None:
-                    flips = [config.flip and rng.random() < 0.5 for _ in idx]
+                    flips = [config.flip and rng.random() < 0.5 for rng in rngs]
                     cached = [latent_cache[(i, f)] for i, f in zip(idx, flips)]
                     mean, std, time_ids = (torch.stack(t) for t in zip(*cached))
-                    latents = mean + std * torch.randn(mean.shape, generator=gen).to(device)
+                    latents = mean + std * _randn(mean.shape[1:], gens).to(device)
                 else:
                     images = [ds.prepare_image(records[i].image, bucket_of[i], random_crop=config.random_crop,
-                                               flip=config.flip, rng=rng) for i in idx]
+                                               flip=config.flip, rng=rng) for i, rng in zip(idx, rngs)]
                     pixels = torch.stack([im[0] for im in images]).to(device)
                     time_ids = torch.stack([_time_ids(im[2], im[1], bucket_of[i]) for im, i in zip(images, idx)])
                     with torch.no_grad():
                         dist = vae.encode(pixels).latent_dist
                     _check_finite(dist.mean, ", ".join(records[i].name for i in idx))
-                    latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
+                    latents = dist.mean + dist.std * _randn(dist.mean.shape[1:], gens).to(device)
                 latents = (latents * vae.config.scaling_factor).to(weight_dtype)
                 if text_cache is not None:
                     encoder_hidden_states = torch.stack([text_cache[c][0] for c in captions])
@@ -241,11 +256,11 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
                 # SDXL also conditions on the pooled text embedding and each image's size, crop and target size
                 added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids.to(device)} if sdxl else None
 
-                noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
+                noise = _randn(latents.shape[1:], gens).to(device, latents.dtype)
                 if config.noise_offset:  # https://www.crosslabs.org/blog/diffusion-with-offset-noise
-                    noise += config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(noise)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-                timesteps = timesteps.to(device)
+                    noise += config.noise_offset * _randn(latents.shape[1:2] + (1, 1), gens).to(noise)
+                timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g)
+                                       for g in gens]).to(device)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 if noise_scheduler.config.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -282,21 +297,60 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
             t_last, step_last = now, step
 
 
-def batch_at(k: int, config: TrainConfig, records, samples: list[int], bucket_of) -> tuple[list[int], list[str], random.Random]:
-    """Record indices and captions of micro-batch `k`, and the RNG for its crops and flips.
+def batch_at(k: int, config: TrainConfig, records, samples: list[int], bucket_of, processes: int = 1) -> list[tuple]:
+    """The global micro-batch `k` (batch_size x processes images): per image its record index, its caption, and the
+    random.Random and torch.Generator for its crop, flip, noise and timestep. Process p trains slice p.
 
-    A pure function of (seed, k): epochs are shuffled per (seed, epoch), so a resumed run sees the data a run
-    without a break would have seen.
+    A pure function of (seed, k, processes): epochs are shuffled per (seed, epoch) and every image draws from its own
+    seeded generators, so a resumed run sees what a run without a break would have, and N processes with batch B
+    see what one process with batch N x B would.
     """
+    size = config.batch_size * processes
     buckets = [bucket_of[i] for i in samples]
-    per_epoch = len(ds.epoch_batches(buckets, config.batch_size, random.Random(0)))
+    per_epoch = len(ds.epoch_batches(buckets, size, random.Random(0)))
     epoch, position = divmod(k, per_epoch)
-    batch = ds.epoch_batches(buckets, config.batch_size, random.Random(config.seed * 100_003 + epoch))[position]
-    idx = [samples[i] for i in batch]
-    rng = random.Random(config.seed * 1_000_003 + k)
-    captions = [ds.build_caption(records[i].caption, shuffle=config.shuffle_tags, keep_tags=config.keep_tags,
-                                 dropout=config.caption_dropout, rng=rng) for i in idx]
-    return idx, captions, rng
+    batch = ds.epoch_batches(buckets, size, random.Random(config.seed * 100_003 + epoch))[position]
+    if processes > 1:  # a bucket's last batch, topped up so that no process is left without images
+        batch = (batch * size)[:size]
+    out = []
+    for j, i in enumerate(batch):
+        seed = (config.seed * 1_000_003 + k) * 4099 + j
+        rng = random.Random(seed)
+        caption = ds.build_caption(records[samples[i]].caption, shuffle=config.shuffle_tags,
+                                   keep_tags=config.keep_tags, dropout=config.caption_dropout, rng=rng)
+        out.append((samples[i], caption, rng, torch.Generator().manual_seed(seed)))
+    return out
+
+
+def _randn(shape, generators) -> torch.Tensor:
+    """One standard-normal tensor of `shape` per image, each from that image's own generator."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def _requests(accelerator, run_dir: Path, signalled: bool) -> tuple[bool, bool, bool]:
+    """(stop, sample, save) as asked by a signal or a file in the run folder; all processes act on the same answer."""
+    main = accelerator.is_main_process
+    flags = [signalled or (main and take_request(run_dir, "STOP")), main and take_request(run_dir, "SAMPLE"),
+             main and take_request(run_dir, "SAVE")]
+    if accelerator.num_processes > 1:
+        agreed = accelerator.gather(torch.tensor([flags], device=accelerator.device)).any(dim=0)
+        flags = [bool(f) for f in agreed.tolist()]
+    return tuple(flags)
+
+
+def _shared(accelerator, compute):
+    """Run `compute(share)` with share = (process index, process count) on every process and merge the dicts, so
+    each entry is computed once; tensors come back on this process's device."""
+    n = accelerator.num_processes
+    part = compute((accelerator.process_index, n))
+    if n == 1:
+        return part
+    from accelerate.utils import gather_object
+
+    merged = {}
+    for piece in gather_object([{k: tuple(None if t is None else t.cpu() for t in v) for k, v in part.items()}]):
+        merged.update(piece)
+    return {k: tuple(None if t is None else t.to(accelerator.device) for t in v) for k, v in merged.items()}
 
 
 def _precision(choice: str) -> str:
@@ -355,6 +409,16 @@ def _token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
                      return_tensors="pt").input_ids.to(device)
 
 
+@torch.no_grad()
+def _cache_text(tokenizers, text_encoders, texts: list[str], device, share=(0, 1)) -> dict:
+    """caption -> (encoder_hidden_states, pooled or None) for this process's share of the captions."""
+    texts = texts[share[0]::share[1]]
+    if not texts:
+        return {}
+    hidden, pooled = _encode_text(tokenizers, text_encoders, texts, device)
+    return {text: (hidden[i], None if pooled is None else pooled[i]) for i, text in enumerate(texts)}
+
+
 def _time_ids(original_size, crop_top_left, bucket) -> torch.Tensor:
     """SDXL's size conditioning for one image: original (height, width), crop (top, left), target (height, width),
     in the order of diffusers' StableDiffusionXLPipeline._get_add_time_ids."""
@@ -371,12 +435,14 @@ def _check_finite(latents: torch.Tensor, images: str) -> None:
 
 
 @torch.no_grad()
-def _cache_latents(vae, records, bucket_of, flip: bool, device) -> dict:
+def _cache_latents(vae, records, bucket_of, flip: bool, device, share=(0, 1)) -> dict:
     """(record index, flipped) -> (mean, std, time_ids): the VAE's latent distribution of the image centre-cropped to
     its bucket, and its SDXL size/crop conditioning. The VAE runs in fp32."""
     cache = {}
     rng = random.Random(0)
     for i, (record, bucket) in enumerate(zip(records, bucket_of)):
+        if i % share[1] != share[0]:
+            continue
         pixels, crop_top_left, original_size = ds.prepare_image(record.image, bucket, random_crop=False, flip=False,
                                                                 rng=rng)
         time_ids = _time_ids(original_size, crop_top_left, bucket)

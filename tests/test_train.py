@@ -285,9 +285,9 @@ def test_captions_reach_the_batches(tmp_path):
     config = small_config(folder, batch_size=2, shuffle_tags=True, keep_tags=1, caption_dropout=0.0)
     per_epoch = 7
     for k in range(per_epoch):
-        idx, caps, _ = batch_at(k, config, data.records, samples, bucket_of)
-        seen += idx
-        captions += caps
+        batch = batch_at(k, config, data.records, samples, bucket_of)
+        seen += [b[0] for b in batch]
+        captions += [b[1] for b in batch]
     assert sorted(seen) == sorted(samples)  # one epoch = every image x its repeats
     assert all(c.startswith("zxq, ") for c in captions if c)  # trigger prepended, kept first by the shuffle
     assert sum(c.count("zxq") for c in captions) == len(captions)  # never doubled
@@ -299,7 +299,17 @@ def test_captions_reach_the_batches(tmp_path):
     dropped = 0
     config = small_config(folder, batch_size=2, caption_dropout=0.5)
     for k in range(400):
-        dropped += sum(c == "" for c in batch_at(k, config, data.records, samples, bucket_of)[1])
+        dropped += sum(b[1] == "" for b in batch_at(k, config, data.records, samples, bucket_of))
     assert 0.4 < dropped / 800 < 0.6
     # same seed, same batches: what makes resume exact
-    assert batch_at(123, config, data.records, samples, bucket_of)[:2] == batch_at(123, config, data.records, samples, bucket_of)[:2]
+    def plan(k, processes=1):
+        return [b[:2] for b in batch_at(k, config, data.records, samples, bucket_of, processes)]
+
+    assert plan(123) == plan(123)
+    # two processes with batch 2 share out exactly what one process with batch 4 would train on
+    config = small_config(folder, batch_size=4, caption_dropout=0.5)
+    one = {k: plan(k) for k in range(8)}
+    config = small_config(folder, batch_size=2, caption_dropout=0.5)
+    for k, batch in one.items():
+        two = plan(k, processes=2)
+        assert two == batch if len(batch) == 4 else two[:len(batch)] == batch  # a short last batch is topped up

@@ -1,0 +1,39 @@
+"""Data-parallel training: two processes through `accelerate launch` (gloo on the CPU) equal one process with
+the same global batch."""
+
+import subprocess
+import sys
+
+from conftest import small_config
+from sdlora.lora import read_lora
+from sdlora.runs import launch_args, read_events
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, dataset_dir):
+    from sdlora.train import train
+
+    settings = dict(steps=6, sample_every=1000, save_every=3, rank=4, alpha=2.0, caption_dropout=0.2, flip=True)
+    train(small_config(dataset_dir, batch_size=4, **settings), tmp_path / "one", progress_bar=False)
+
+    two = tmp_path / "two"
+    flags = ["--steps", "6", "--sample-every", "1000", "--save-every", "3", "--rank", "4", "--alpha", "2",
+             "--caption-dropout", "0.2", "--flip", "--batch-size", "2", "--trigger", "zxq", "--lr-scheduler", "constant",
+             "--warmup-fraction", "0", "--unet-lr", "1e-3", "--text-encoder-lr", "5e-4", "--sample-steps", "6"]
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launch_args(2), "-m", "sdlora", "train",
+                          str(dataset_dir), "--base", "tiny", "--out", str(two), "--quiet", *flags],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+    events = read_events(two)
+    starts = [e for e in events if e["type"] == "start"]
+    assert len(starts) == 1 and starts[0]["batch_per_gpu"] == 2 and starts[0]["global_batch"] == 4
+    assert [e["type"] for e in events].count("done") == 1
+    assert sorted(p.name for p in two.glob("lora*.safetensors")) == ["lora-step-000003.safetensors", "lora.safetensors"]
+    a, _ = read_lora(tmp_path / "one" / "lora.safetensors")
+    b, _ = read_lora(two / "lora.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() / (a[k].abs().max().item() + 1e-12) for k in a)
+    assert worst < 1e-3, worst  # the same updates; only the order of float sums differs
+    loss_one = [e for e in read_events(tmp_path / "one") if e["type"] == "progress"][-1]["loss"]
+    loss_two = [e for e in events if e["type"] == "progress"][-1]["loss"]
+    assert abs(loss_one - loss_two) < 1e-4 * abs(loss_one)
