@@ -26,7 +26,7 @@ import pandas as pd
 
 from sdlora import card, runs
 from sdlora import workspace as ws
-from sdlora.config import PRESETS, TrainConfig, build_config
+from sdlora.config import TrainConfig, build_config
 from sdlora.errors import UserError
 
 EXAMPLES = Path(__file__).resolve().parent / "datasets"
@@ -43,17 +43,28 @@ MAIN = {
     "steps": ("Training steps", "more steps learn more; too many copy the pictures"),
     "batch_size": ("Pictures per step", "lower it if you run out of memory"),
     "resolution": ("Resolution", "0 = the base model's own (tiny 64, SD1 512, SDXL 1024)"),
-    "rank": ("Rank", "size of the LoRA: 8-32 is plenty for most styles and characters"),
-    "alpha": ("Alpha", "strength scale; half the rank is usual"),
-    "unet_lr": ("Learning rate", "how fast the image model learns"),
-    "text_encoder_lr": ("Text learning rate", "how fast the text model learns; smaller than the other"),
     "train_text_encoder": ("Also teach the text model", "helps characters; usually off for styles"),
+    "rank": ("Rank", "size of the LoRA: 8-32 is plenty for most styles and characters"),
+    "alpha": ("Alpha", "scales the LoRA's effect; half the rank is usual"),
+    "unet_lr": ("Learning rate", "how fast the image model learns"),
+    "text_encoder_lr": ("Text learning rate", "how fast the text model learns; 1/2 to 1/5 of the other"),
 }
 HIDDEN = {"dataset", "base"}
+# Labels for the rest (the field's help is shown under each); unnamed fields get their name in words.
+LABELS = {
+    "caption_template": "Caption for pictures without one", "keep_tags": "Tags kept in front",
+    "flip": "Mirror pictures", "lora_dropout": "LoRA dropout", "targets": "Layers to train",
+    "grad_accum": "Gradient accumulation", "lr_scheduler": "Learning rate schedule", "lr_cycles": "Schedule restarts",
+    "warmup_fraction": "Warmup", "min_snr_gamma": "Min-SNR gamma", "mixed_precision": "Precision",
+    "gradient_checkpointing": "Save memory (slower)", "cache_latents": "Cache encoded pictures",
+    "sample_negative": "Sample negative prompt", "sample_guidance": "Sample guidance", "sample_scheduler": "Sampler",
+    "keep_checkpoints": "Checkpoints kept", "export_diffusers": "Also write the diffusers version",
+}
 
 CSS = """
 .sdl-progress progress { width: 100%; height: 18px; }
 .sdl-progress p { margin: 4px 0 0 0; }
+#picture img, #grid img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 footer { display: none !important; }
 """
 
@@ -76,14 +87,16 @@ def _default(f: dataclasses.Field):
 def _form_values(preset: str | None) -> dict:
     """Every form field's value under a preset (defaults first, then the preset)."""
     config = dataclasses.asdict(build_config(preset or None))
-    config["sample_prompts"] = "\n".join(config["sample_prompts"])
-    return config
+    return {name: _form_text(name, value) for name, value in config.items()}
+
+
+def _form_text(name: str, value):
+    """A TrainConfig value as its form field holds it (the list of sample prompts is one prompt a line)."""
+    return "\n".join(value) if name == "sample_prompts" else value
 
 
 def _field_input(f: dataclasses.Field, value):
-    label, info = MAIN.get(f.name, (f.name.replace("_", " ").capitalize(), f.metadata["help"]))
-    if f.name in MAIN:
-        info = f"{info}. {f.metadata['help']}" if f.name not in ("trigger", "steps") else info
+    label, info = MAIN.get(f.name, (LABELS.get(f.name, f.name.replace("_", " ").capitalize()), f.metadata["help"]))
     default = _default(f)
     if isinstance(default, bool):
         return gr.Checkbox(value=value, label=label, info=info)
@@ -116,6 +129,8 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
     def gallery_of(name: str):
         if not name:
             return [], "Pick a dataset, or type a name and add pictures."
+        if name not in ws.dataset_names(root):
+            return [], f"**{ws.slug(name)}** is a new dataset: add pictures to it."
         items = ws.captions(root, name)
         images, captioned, per_epoch = ws.dataset_counts(root, name)
         note = f"**{name}**: {images} pictures, {captioned} with captions"
@@ -235,7 +250,8 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
             if live:
                 raise UserError(f"run {live} is still training; only one run trains at a time",
                                 "wait for it to finish or press Stop, then start again")
-            run_dir = ws.new_run_dir(root, values[run_name] or f"{values[train_dataset]}-{time.strftime('%m%d-%H%M')}")
+            name = values[run_name] or f"{values[train_dataset]}-{time.strftime('%m%d-%H%M')}"
+            run_dir = ws.new_run_dir(root, name)
             runs.write_atomic(run_dir / "config.json", config.to_json())
             process = runs.start(run_dir)
             threading.Thread(target=process.wait, daemon=True).start()  # reap it, so its pid dies with it
@@ -263,9 +279,8 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         else:
             bar = "<div class='sdl-progress'><p>Getting ready: loading the model and the pictures…</p></div>" \
                 if state == "running" else "<div class='sdl-progress'><p></p></div>"
-        loss = pd.DataFrame([{"step": e["step"], "loss": e[k], "curve": label} for e in progress
-                             for k, label in (("loss", "loss"), ("loss_ema", "smoothed"))],
-                            columns=["step", "loss", "curve"])
+        loss = _loss_frame([(e["step"], e[k], label) for e in progress
+                            for k, label in (("loss", "loss"), ("loss_ema", "smoothed"))])
         samples = sorted((e for e in events if e["type"] == "sample"), key=lambda e: (e["step"], e["path"]))
         gallery = [(e["path"], f"step {e['step']}: {e['prompt']}") for e in samples if Path(e["path"]).is_file()]
         return bar, _status_text(run, run_dir, state, events), loss, gallery
@@ -276,37 +291,53 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         if live and live != followed:  # a run started here or in another tab: follow it once
             run, followed = live, live
             update_choices = gr.update(choices=ws.run_names(root), value=live)
-        if not run:
+        try:
+            events_file = ws.run_dir(root, run) / "events.jsonl" if run else None
+        except UserError:  # a name typed into the list, or a run folder deleted meanwhile
+            events_file = None
+        if events_file is None or not events_file.parent.is_dir():
             return update_choices, gr.skip(), gr.skip(), gr.skip(), gr.skip(), followed, seen
-        events_file = ws.run_dir(root, run) / "events.jsonl"
-        signature = f"{run}:{events_file.stat().st_size if events_file.exists() else 0}:{runs.status(events_file.parent)}"
+        size = events_file.stat().st_size if events_file.exists() else 0
+        signature = f"{run}:{size}:{runs.status(events_file.parent)}"
         if signature == seen:
             return update_choices, gr.skip(), gr.skip(), gr.skip(), gr.skip(), followed, seen
         return (update_choices, *view(run), followed, signature)
 
     @_user_errors
     def show_run(run):
-        if not run:
-            return "", "No run yet.", pd.DataFrame(columns=["step", "loss", "curve"]), [], ""
+        if not run or not ws.run_dir(root, run).is_dir():
+            return "", "No run yet.", _loss_frame([]), [], ""
         return (*view(run), f"{run}:shown")
 
     def on_load():
+        """A new page (or a reload) shows what is on disk: the datasets, the running or newest run, and the form
+        filled with that run's settings."""
         names = ws.run_names(root)
         live = ws.running(root)
         datasets = ws.dataset_names(root)
         current = live or (names[0] if names else None)
-        bases = ws.base_models(models)
-        return (gr.update(choices=datasets, value=datasets[0] if datasets else None),
-                gr.update(choices=datasets, value=datasets[0] if datasets else None),
-                gr.update(choices=examples()),
-                gr.update(choices=bases),
-                gr.update(choices=names, value=current), live)
+        config = ws.run_config(root, current) if current else {}
+        used = Path(config.get("dataset", "")).name
+        used = used if used in datasets and Path(config["dataset"]) == ws.dataset_dir(root, used) else None
+        base = config.get("base", "tiny")
+        if models in Path(base).parents:
+            base = Path(base).relative_to(models).as_posix()
+        settings = [gr.update(value=_form_text(name, config[name])) if name in config else gr.skip()
+                    for name in form.values()]
+        return (gr.update(choices=datasets, value=used or (datasets[0] if datasets else None)),
+                gr.update(choices=datasets, value=used or (datasets[0] if datasets else None)),
+                gr.update(choices=examples(), value=(examples() or [None])[0]),
+                gr.update(choices=ws.base_models(models), value=base),
+                gr.update(choices=names, value=current), live, *settings)
 
     # ---- preview ----------------------------------------------------------------------------------------------
     def previewer(base: str):
         from sdlora.generate import Previewer
 
         if base not in previewers:
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.disable_progress_bar()
             while len(previewers) >= 2:  # a base model is large; keep the two used last
                 previewers.pop(next(iter(previewers)))
             previewers[base] = Previewer(base)
@@ -354,7 +385,7 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         files = ws.lora_files(root, run)
         if not files:
             raise UserError(f"run {run} has no saved LoRA yet", "wait for its first save, or press Save now")
-        saves = [(f"step {ws.step_of(f)}" if ws.step_of(f) is not None else "final", str(ws.lora_file(root, run, f)))
+        saves = [("final" if ws.step_of(f) is None else f"step {ws.step_of(f)}", str(ws.lora_file(root, run, f)))
                  for f in files]
         with preview_lock:
             return make(previewer(runs_base(run)), saves, prompt, SAVES_STRENGTHS, int(seed),
@@ -375,51 +406,27 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
                 gr.update(choices=files, value=newest), config.get("title") or run, config.get("trigger", ""),
                 config.get("description", ""))
 
-    def refresh_runs(current):
+    def refresh_tab(run, file):
+        """On opening Try it or Download: the run lists and the run's files as they are now on disk."""
         names = ws.run_names(root)
-        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+        run = run if run in names else (names[0] if names else None)
+        files = ws.lora_files(root, run) if run else []
+        file = file if file in files else (files[-1] if files else None)
+        return gr.update(choices=names, value=run), gr.update(choices=files, value=file)
 
     # ---- export -----------------------------------------------------------------------------------------------
     @_user_errors
     def export(run, file, title, trigger, description, with_diffusers, with_sample, with_card):
         if not run or not file:
             raise UserError("no LoRA picked", "pick a run and one of its files")
-        src = ws.lora_file(root, run, file)
-        title = title.strip() or run
-        step = ws.step_of(file)
-        stem = ws.slug(title, run) + (f"-step{step}" if step is not None else "")
         out = ws.inside(root, "exports", run)
-        if out.exists():
-            shutil.rmtree(out)  # one export per run at a time: what the page lists is what is there
-        out.mkdir(parents=True)
-        made = [out / f"{stem}.safetensors"]
-        card.retitle(src, made[0], title=title, trigger=trigger.strip(), description=description.strip())
-        run_dir = ws.run_dir(root, run)
-        if with_diffusers:
-            diffusers_file = run_dir / "lora-diffusers.safetensors"
-            if step is not None or not diffusers_file.is_file():
-                gr.Warning("This run has no diffusers version of that file: tick 'Export diffusers' under Advanced "
-                           "before training (only the final file gets one).")
-            else:
-                made.append(out / f"{stem}-diffusers.safetensors")
-                shutil.copyfile(diffusers_file, made[-1])
-        events = runs.read_events(run_dir)
-        saved_step = step if step is not None else next((e["step"] for e in reversed(events)
-                                                         if e["type"] in ("done", "stopped")), None)
-        samples = [e for e in events if e["type"] == "sample" and e["step"] == saved_step] or \
-            [e for e in events if e["type"] == "sample"][-2:]
-        sample_name = None
-        if with_sample and samples and Path(samples[0]["path"]).is_file():
-            sample_name = f"{stem}-sample.png"
-            made.append(out / sample_name)
-            shutil.copyfile(samples[0]["path"], made[-1])
-        text = card.model_card(title=title, trigger=trigger.strip(), description=description.strip(),
-                               config=ws.run_config(root, run), file_name=made[0].name, step=saved_step,
-                               samples=samples, sample_file=sample_name)
-        if with_card:
-            made.append(out / f"{stem}-README.md")
-            made[-1].write_text(text, encoding="utf-8")
-        return [str(p) for p in made], text
+        shutil.rmtree(out, ignore_errors=True)  # what the page lists is what is there
+        made = card.share(ws.run_dir(root, run), ws.lora_file(root, run, file).name, out, title=title.strip() or run,
+                          trigger=trigger.strip(), description=description.strip(), diffusers=with_diffusers,
+                          sample=with_sample, readme=with_card)
+        for note in made.notes:
+            gr.Warning(note)
+        return [str(p) for p in made.files], made.card
 
     # ---- layout -----------------------------------------------------------------------------------------------
     first = _form_values(FIRST_PRESET)
@@ -434,7 +441,8 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
             with gr.Row():
                 dataset = gr.Dropdown([], label="Dataset", allow_custom_value=True, scale=2,
                                       info="pick one, or type a new name and add pictures")
-                example = gr.Dropdown([], label="Example datasets", scale=1, allow_custom_value=True, info="ready-made pictures to try")
+                example = gr.Dropdown([], label="Example datasets", scale=1, allow_custom_value=True,
+                                      info="ready-made pictures to try")
                 use_example_btn = gr.Button("Use this example", scale=0, min_width=140)
             with gr.Row():
                 uploads = gr.File(label="Drop pictures, caption .txt files (same name as the picture) or a .zip",
@@ -463,15 +471,16 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         with gr.Tab("2 · Train", id="train"):
             form: dict = {}
             with gr.Row():
-                train_dataset = gr.Dropdown([], label="Dataset", info="from the Pictures tab", allow_custom_value=True)
+                train_dataset = gr.Dropdown([], label="Dataset", info="from the Pictures tab", allow_custom_value=True,
+                                            elem_id="train-dataset")
                 base_box = gr.Dropdown([("tiny (built in, for trying things out)", "tiny")], value="tiny",
                                        label="Base model", allow_custom_value=True,
-                                       info=f"tiny, a model in {models}, or a hub id like org/name")
+                                       info="tiny, a model from your models folder, or a hub id like org/name")
                 preset = gr.Radio(PRESET_CHOICES, value=FIRST_PRESET, label="Preset",
                                   info="fills in sensible values below")
                 run_name = gr.Textbox(label="Run name", placeholder="made from the dataset and time")
             fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in HIDDEN]
-            main_fields = [f for f in fields if f.name in MAIN]
+            main_fields = sorted((f for f in fields if f.name in MAIN), key=lambda f: list(MAIN).index(f.name))
             with gr.Row():
                 for f in main_fields[:5]:
                     form[_field_input(f, first[f.name])] = f.name
@@ -497,10 +506,10 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
                     progress = gr.HTML("<div class='sdl-progress'><p></p></div>")
                     run_status = gr.Markdown("No run yet.")
             with gr.Row():
-                loss_plot = gr.LinePlot(pd.DataFrame(columns=["step", "loss", "curve"]), x="step", y="loss",
-                                        color="curve", label="Loss (lower is better; it is noisy, watch the smoothed "
-                                        "line)", height=260, scale=2)
-                samples = gr.Gallery(label="Samples as it trains (step 0 = before training)", columns=2, height=300,
+                loss_plot = gr.LinePlot(None, x="step", y="loss", color="curve", height=260, scale=2,
+                                        color_map={"loss": "#9ca3af", "smoothed": "#f97316"},
+                                        label="Loss: grey each step, orange smoothed (lower is better)")
+                samples = gr.Gallery(label="Samples as it trains (step 0 = before training)", columns=4, height=300,
                                      scale=3, object_fit="contain")
 
         with gr.Tab("3 · Try it", id="preview") as preview_tab:
@@ -524,13 +533,15 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
             with gr.Row():
                 with gr.Column(scale=1):
                     make_btn = gr.Button("Make picture", variant="primary")
-                    picture = gr.Image(label="Picture", format="png", type="pil", height=320, interactive=False)
+                    picture = gr.Image(label="Picture", format="png", type="pil", height=320, interactive=False,
+                                       elem_id="picture")
                 with gr.Column(scale=2):
                     with gr.Row():
                         grid_seeds = gr.Slider(1, 4, value=2, step=1, label="Seeds in the grid")
                         grid_btn = gr.Button("Strength × seed grid")
                         saves_btn = gr.Button("Saves × strength grid")
-                    grid_image = gr.Image(label="Grid", format="png", type="pil", height=420, interactive=False)
+                    grid_image = gr.Image(label="Grid", format="png", type="pil", height=420, interactive=False,
+                                          elem_id="grid")
 
         with gr.Tab("4 · Download", id="export") as export_tab:
             with gr.Row():
@@ -547,15 +558,18 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
                 with_card = gr.Checkbox(True, label="A model card")
             export_btn = gr.Button("Make files", variant="primary")
             with gr.Row():
-                downloads = gr.File(label="Download", file_count="multiple", interactive=False, scale=1)
+                downloads = gr.File(label="Download", file_count="multiple", interactive=False, scale=1,
+                                    elem_id="downloads")
                 card_text = gr.Textbox(label="Model card (paste it on a model-sharing site)", lines=14, scale=2,
-                                       buttons=["copy"])
+                                       buttons=["copy"], elem_id="card")
 
         # ---- wiring -----------------------------------------------------------------------------------------
         dataset.change(show_dataset, dataset, [gallery, dataset_note, picked, caption], api_name="show_dataset")
+        # a new dataset may keep the name typed before it existed (no change event): tell the Train tab too
         add_btn.click(add_pictures, [dataset, uploads], [dataset, gallery, dataset_note, uploads],
-                      api_name="add_pictures")
-        use_example_btn.click(use_example, example, [dataset, gallery, dataset_note], api_name="use_example")
+                      api_name="add_pictures").then(follow_dataset, dataset, train_dataset, api_name=False)
+        use_example_btn.click(use_example, example, [dataset, gallery, dataset_note], api_name="use_example").then(
+            follow_dataset, dataset, train_dataset, api_name=False)
         gallery.select(pick_picture, dataset, [picked, caption], api_name=False)
         save_caption_btn.click(save_caption, [dataset, picked, caption], [gallery, dataset_note],
                                api_name="save_caption")
@@ -567,8 +581,9 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         form_set = {train_dataset, base_box, run_name, *form}
         preset.change(lambda p: [gr.update(value=_form_values(p)[name]) for name in form.values()], preset,
                       list(form), api_name=False)
-        for c in (train_dataset, base_box, form_inv["steps"], form_inv["batch_size"], form_inv["grad_accum"]):
-            c.change(plan_text, form_set, plan, show_progress="hidden", api_name=False)
+        for i, c in enumerate((train_dataset, base_box, form_inv["steps"], form_inv["batch_size"],
+                               form_inv["grad_accum"])):
+            c.change(plan_text, form_set, plan, show_progress="hidden", api_name="plan" if i == 0 else False)
         # the Pictures tab's dataset list changes: keep the Train tab's in step
         dataset.change(follow_dataset, dataset, train_dataset, api_name=False)
         start_btn.click(start, form_set, [run_pick, followed], api_name="start")
@@ -580,8 +595,9 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         timer.tick(tick, [run_pick, followed, seen], [run_pick, progress, run_status, loss_plot, samples, followed,
                                                        seen], show_progress="hidden", api_name="poll")
 
-        preview_tab.select(refresh_runs, prev_run, prev_run, api_name=False)
-        export_tab.select(refresh_runs, exp_run, exp_run, api_name=False)
+        preview_tab.select(refresh_tab, [prev_run, prev_file], [prev_run, prev_file], api_name=False)
+        export_tab.select(refresh_tab, [exp_run, exp_file], [exp_run, exp_file], api_name=False)
+        run_pick.change(lambda r: (r, r), run_pick, [prev_run, exp_run], api_name=False)  # the run in view
         run_outputs = [prev_file, prompt, negative, exp_file, title, trigger_words, description]
         prev_run.change(pick_run, prev_run, run_outputs, api_name=False)
         exp_run.change(lambda r: pick_run(r)[3:], exp_run, run_outputs[3:], api_name=False)
@@ -594,9 +610,19 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         export_btn.click(export, [exp_run, exp_file, title, trigger_words, description, with_diffusers, with_sample,
                                   with_card], [downloads, card_text], api_name="export")
 
-        demo.load(on_load, None, [dataset, train_dataset, example, base_box, run_pick, followed], api_name=False)
+        demo.load(on_load, None, [dataset, train_dataset, example, base_box, run_pick, followed, *form],
+                  api_name=False)
         demo.load(lambda: gr.update(choices=ws.base_models(models)), None, prev_base, api_name=False)
     return demo
+
+
+def _loss_frame(rows: list[tuple]) -> pd.DataFrame | None:
+    """Loss points for the plot. None while there are none: a plot that once got an empty frame takes its axes
+    for categories and draws no lines afterwards (Gradio 6.31)."""
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows, columns=["step", "loss", "curve"])
+    return frame.astype({"step": "int64", "loss": "float64", "curve": "str"})
 
 
 def _status_text(run: str, run_dir: Path, state: str, events: list[dict]) -> str:
@@ -614,12 +640,14 @@ def _status_text(run: str, run_dir: Path, state: str, events: list[dict]) -> str
     elif state == "error":
         error = next((e for e in reversed(events) if e["type"] == "error"), None)
         if error:
-            text = f"**{run}** failed: {error['message']}" + (f". What to do: {error['hint']}" if error.get("hint") else "")
+            text = f"**{run}** failed: {error['message']}"
+            text += f". What to do: {error['hint']}" if error.get("hint") else ""
         else:
             text = f"**{run}** stopped unexpectedly. The end of its log:\n```\n{_log_tail(run_dir)}\n```"
-    else:
+    else:  # no start event: still loading, or the process died before it could say anything
         log = _log_tail(run_dir)
-        text = f"**{run}** has not started." + (f" Its log:\n```\n{log}\n```" if log else "")
+        text = f"**{run}** could not start. The end of its log:\n```\n{log}\n```" if log \
+            else f"**{run}** has not started."
     if warnings:
         text += "\n\nNotes from the run:\n" + "\n".join(f"- {w}" for w in warnings[-5:])
     return text
@@ -655,7 +683,7 @@ def serve(workspace: str | Path = "workspace", models: str | Path | None = None,
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="sdlora app", description="Open the sdlora browser app.")
-    p.add_argument("--listen", action="store_true", help="serve on every network interface (0.0.0.0), not only this computer")
+    p.add_argument("--listen", action="store_true", help="serve on every network interface (0.0.0.0), not only here")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", default=os.environ.get("SDLORA_AUTH"),
                    help="USER:PASS that the page asks for (or set SDLORA_AUTH)")

@@ -1,13 +1,65 @@
-"""What an artist shares: a copy of the LoRA with their title, trigger words and description, and a model card."""
+"""What an artist shares: a copy of the LoRA with their title, trigger words and description, a sample picture and
+a model card, made from a run directory."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from sdlora.runs import read_events
+
+
+@dataclass
+class Shared:
+    files: list[Path]  # the LoRA file first
+    card: str  # the model card's markdown
+    notes: list[str] = field(default_factory=list)  # what was asked for but could not be made
+
+
+def share(run_dir: str | Path, file: str, out: str | Path, *, title: str, trigger: str, description: str,
+          diffusers: bool = False, sample: bool = True, readme: bool = True) -> Shared:
+    """Write into `out` the run's LoRA `file` (lora.safetensors or lora-step-N.safetensors) under `title`, with the
+    metadata rewritten; optionally its diffusers-layout twin, a sample picture and the model card as README."""
+    run_dir, out = Path(run_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    match = re.match(r"lora-step-(\d+)\.safetensors$", file)
+    step = int(match.group(1)) if match else None
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", title).strip(".-") or run_dir.name
+    stem += f"-step{step}" if step is not None else ""
+    made = Shared([out / f"{stem}.safetensors"], "")
+    retitle(run_dir / file, made.files[0], title=title, trigger=trigger, description=description)
+    if diffusers:
+        twin = run_dir / "lora-diffusers.safetensors"
+        if step is None and twin.is_file():
+            made.files.append(out / f"{stem}-diffusers.safetensors")
+            shutil.copyfile(twin, made.files[-1])
+        else:
+            made.notes.append("This run has no diffusers version of that file: tick 'Also write the diffusers "
+                              "version' under Train, Advanced before training (only the final file gets one).")
+    events = read_events(run_dir)
+    if step is None:  # the final file: the step it was written at
+        step = next((e["step"] for e in reversed(events) if e["type"] in ("done", "stopped")), None)
+    samples = [e for e in events if e["type"] == "sample" and e["step"] == step] or \
+        [e for e in events if e["type"] == "sample"][-2:]
+    sample_name = None
+    if sample and samples and Path(samples[0]["path"]).is_file():
+        sample_name = f"{stem}-sample.png"
+        made.files.append(out / sample_name)
+        shutil.copyfile(samples[0]["path"], made.files[-1])
+    config = json.loads((run_dir / "config.json").read_text())
+    made.card = model_card(title=title, trigger=trigger, description=description, config=config,
+                           file_name=made.files[0].name, step=step, samples=samples, sample_file=sample_name)
+    if readme:
+        made.files.append(out / f"{stem}-README.md")
+        made.files[-1].write_text(made.card, encoding="utf-8")
+    return made
 
 
 def retitle(src: str | Path, dst: str | Path, *, title: str, trigger: str, description: str) -> dict[str, str]:

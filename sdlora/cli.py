@@ -97,21 +97,25 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--base", help="also check that every key maps onto this base model")
     i.add_argument("--json", action="store_true", help="print everything as JSON")
 
-    a = sub.add_parser("app", help="open the browser app")
-    a.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("app", help="open the browser app (`sdlora app --help` for its options)")
     return p
 
 
 def _quiet_loading() -> None:
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["app"]:  # everything after `app` belongs to app.py
+        return _app(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "generate": _generate, "runs": _runs, "app": _app, "merge": _merge, "resize": _resize,
+        return {"train": _train, "generate": _generate, "runs": _runs, "merge": _merge, "resize": _resize,
                 "info": _info}[args.command](args)
     except UserError as e:
         print(f"sdlora: error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
@@ -221,8 +225,8 @@ def _info(args) -> int:
     return 0
 
 
-def _app(args) -> int:
-    os.execvp(sys.executable, [sys.executable, str(Path(__file__).resolve().parent.parent / "app.py"), *args.rest])
+def _app(rest: list[str]) -> int:
+    os.execvp(sys.executable, [sys.executable, str(Path(__file__).resolve().parent.parent / "app.py"), *rest])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Side-by-side grids for picking a LoRA: strengths x seeds, and a run's saves x strengths, rows and columns labelled."""
+"""Side-by-side grids for picking a LoRA: strengths x seeds, and a run's saves x strengths, with labels."""
 
 from __future__ import annotations
 

@@ -132,6 +132,10 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 need(False, f.name, f"must be one of {', '.join(choices)}")
+        import diffusers
+
+        if not self.sample_scheduler.endswith("Scheduler") or not hasattr(diffusers, self.sample_scheduler):
+            need(False, "sample_scheduler", "not a diffusers scheduler class (e.g. EulerDiscreteScheduler)")
         if self.optimizer == "adamw8bit":
             try:
                 import bitsandbytes  # noqa: F401

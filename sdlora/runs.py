@@ -119,11 +119,21 @@ def status(run_dir: str | Path) -> str:
     pid_file = Path(run_dir) / "pid"
     if pid_file.exists():
         try:
-            os.kill(int(pid_file.read_text()), 0)
+            pid = int(pid_file.read_text())
+            os.kill(pid, 0)
+            if _zombie(pid):  # exited, not yet collected by its parent
+                raise OSError
             return "running"
         except (OSError, ValueError):
             return "error" if last == "start" else "new"
     return "running" if last == "start" else "new"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def list_runs(root: str | Path) -> list[Path]:

@@ -31,9 +31,13 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     """
     from accelerate import Accelerator
 
-    config.validate()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.validate()
+    except UserError as e:  # the app and other readers learn of it from the run folder too
+        EventLog(run_dir).emit("error", message=e.message, hint=e.hint)
+        raise
     # cpu=True when there is no GPU: it is what makes accelerate join several CPU processes over gloo
     accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision),
                               gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
@@ -289,7 +293,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
             bar.update(1)
             bar.set_postfix(loss=f"{loss_ema:.4f}")
         now = time.perf_counter()
-        if now - t_last >= 1.0 or step == config.steps:
+        # at least once a second, and at least ~100 times a run so that a short run still draws a loss curve
+        if now - t_last >= 1.0 or step % max(1, config.steps // 100) == 0 or step == config.steps:
             rate = (step - step_last) / (now - t_last)
             events.emit("progress", step=step, total=config.steps, loss=loss_value, loss_ema=loss_ema,
                         lr=lr_scheduler.get_last_lr()[0], images_per_s=rate * images_per_step,

@@ -13,6 +13,7 @@ field can make the app read or write somewhere else.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import stat
@@ -26,6 +27,7 @@ from sdlora import runs as runs_
 from sdlora.errors import UserError
 
 MAX_UNPACKED = 2 * 1024**3  # what an uploaded .zip may hold once unpacked
+_BATCH = 16  # uploaded pictures checked at a time
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's "10_name": as sdlora.dataset reads it
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MODEL_FILES = (".safetensors", ".ckpt")
@@ -75,28 +77,51 @@ class Added:
 
 def add_files(root: str | Path, name: str, files: list[str], *, max_unpacked: int = MAX_UNPACKED) -> Added:
     """Check uploaded images, captions and .zip archives with `sdlora.dataset.ingest` and save what it accepted
-    (images as PNG, captions as .txt) into dataset `name`. Nothing is unpacked: only accepted records are written."""
+    (images as PNG, captions as .txt) into dataset `name`. Nothing is unpacked: only accepted records are written.
+    Every archive is checked before anything is written, so a refused upload leaves the dataset as it was."""
     dest = dataset_dir(root, name)
+    paths = [Path(f) for f in files]
+    archives = [f for f in paths if f.suffix.lower() == ".zip"]
+    for archive in archives:
+        check_zip(archive, max_unpacked)
     added = Added()
-    loose = [Path(f) for f in files if not str(f).lower().endswith(".zip")]
-    archives = [Path(f) for f in files if str(f).lower().endswith(".zip")]
-    found = []
-    with tempfile.TemporaryDirectory() as staging:
-        for f in loose:
-            if f.is_symlink() or not f.is_file():
-                added.rejected.append((f.name, "not a regular file"))
-                continue
-            shutil.copyfile(f, Path(staging) / (slug(f.stem, "file") + f.suffix.lower()))
-        if loose and any(Path(staging).iterdir()):
-            found.append(_ingest(staging, added))
-        for archive in archives:
-            check_zip(archive, max_unpacked)
-            found.append(_ingest(archive, added))
-        dest.mkdir(parents=True, exist_ok=True)
-        for data in found:
-            for record in data.records:
-                added.saved.append(_write_record(dest, record))
+    loose: dict[str, list[Path]] = {}  # stem -> the picture and its caption, as ingest pairs them
+    for f in paths:
+        if f.suffix.lower() == ".zip":
+            continue
+        if f.is_symlink() or not f.is_file():
+            added.rejected.append((f.name, "not a regular file"))
+        else:
+            loose.setdefault(slug(f.stem, "file"), []).append(f)
+    pictures = [stem for stem, group in loose.items() if any(f.suffix.lower() in ds.IMAGE_EXTS for f in group)]
+    for stem, group in loose.items():
+        if stem not in pictures:
+            added.rejected += [(f.name, "no picture with the same name in this upload") for f in group]
+    for i in range(0, len(pictures), _BATCH):  # a few at a time: ingest holds every decoded picture in memory
+        _add_loose(dest, [loose[stem] for stem in pictures[i:i + _BATCH]], added)
+    for archive in archives:
+        data = _ingest(archive, added)
+        added.saved += [_write_record(dest, record) for record in data.records]
     return added
+
+
+def _add_loose(dest: Path, groups: list[list[Path]], added: Added) -> None:
+    """Check and save some pictures, each with its caption; when all of them fail, go one by one for the reasons."""
+    with tempfile.TemporaryDirectory() as staging:
+        for group in groups:
+            for f in group:
+                shutil.copyfile(f, Path(staging) / (slug(f.stem, "file") + f.suffix.lower()))
+        try:
+            data = _ingest(staging, added)
+        except UserError as e:
+            if len(groups) > 1:
+                for group in groups:
+                    _add_loose(dest, [group], added)
+            else:  # ingest names the one picture and the reason in the hint: "a.png: not an image"
+                picture = next(f.name for f in groups[0] if f.suffix.lower() in ds.IMAGE_EXTS)
+                added.rejected.append((picture, e.hint.partition(": ")[2] or e.message))
+            return
+        added.saved += [_write_record(dest, record) for record in data.records]
 
 
 def _ingest(source, added: Added) -> ds.Ingested:
@@ -127,7 +152,8 @@ def check_zip(path: str | Path, max_unpacked: int = MAX_UNPACKED) -> None:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
     except (zipfile.BadZipFile, OSError):
-        raise UserError(f"{name} is not a readable .zip archive", "make the archive again, or upload the images") from None
+        raise UserError(f"{name} is not a readable .zip archive",
+                        "make the archive again, or upload the images themselves") from None
     links = [i.filename for i in infos if stat.S_ISLNK(i.external_attr >> 16)]
     if links:
         raise UserError(f"{name} contains links ({', '.join(links[:3])}), which are not allowed",
@@ -253,7 +279,20 @@ def run_names(root: str | Path) -> list[str]:
 
 def running(root: str | Path) -> str | None:
     """The name of the run that is training now, if any."""
-    return next((n for n in run_names(root) if runs_.status(Path(root) / "runs" / n) == "running"), None)
+    for name in run_names(root):
+        folder = Path(root) / "runs" / name
+        if _alive(folder / "pid") and runs_.status(folder) == "running":
+            return name
+    return None
+
+
+def _alive(pid_file: Path) -> bool:
+    """Cheap first test: only a run whose process exists can be running."""
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def lora_files(root: str | Path, name: str) -> list[str]:
@@ -302,18 +341,23 @@ def measured_speed(root: str | Path, base: str) -> tuple[float, float] | None:
 
 def base_models(models_dir: str | Path | None) -> list[tuple[str, str]]:
     """(label, value) of the bases on offer: the embedded tiny model, diffusers folders and checkpoint files under
-    `models_dir`, and diffusers models already in the Hugging Face cache."""
+    `models_dir` (links followed, so a folder of models kept elsewhere can be linked in), and diffusers models
+    already in the Hugging Face cache."""
     found = [("tiny (built in, for trying things out)", "tiny")]
     if models_dir and Path(models_dir).is_dir():
-        root = Path(models_dir).resolve()
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root).as_posix()
-            if any(p.startswith(".") for p in path.relative_to(root).parts):
+        root = Path(models_dir)
+        for folder, subfolders, names in os.walk(root, followlinks=True):
+            here = Path(folder)
+            rel = here.relative_to(root)
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if len(rel.parts) < 3 else []
+            if "model_index.json" in names and rel.parts:
+                found.append((f"{rel.as_posix()} (folder)", rel.as_posix()))
+                subfolders[:] = []  # its unet/vae weights are parts, not checkpoints
                 continue
-            if path.is_dir() and (path / "model_index.json").is_file():
-                found.append((f"{rel} (folder)", rel))
-            elif path.is_file() and path.suffix in _MODEL_FILES and not _is_lora(path):
-                found.append((rel, rel))
+            for name in sorted(names):
+                path = here / name
+                if path.suffix in _MODEL_FILES and not name.startswith(".") and not _is_lora(path):
+                    found.append(((rel / name).as_posix(), (rel / name).as_posix()))
     for repo in _cached_hub_models():
         found.append((f"{repo} (downloaded)", repo))
     return found
@@ -340,20 +384,20 @@ def _cached_hub_models() -> list[str]:
         return []
     out = []
     for repo in info.repos:
-        if repo.repo_type == "model" and any(f.file_name == "model_index.json" for r in repo.revisions for f in r.files):
+        files = {f.file_name for revision in repo.revisions for f in revision.files}
+        if repo.repo_type == "model" and "model_index.json" in files:
             out.append(repo.repo_id)
     return sorted(out)
 
 
 def resolve_base(models_dir: str | Path | None, value: str) -> str:
-    """The `base` a run gets for what the form holds: 'tiny', a file or folder under `models_dir`, or a hub id."""
+    """The `base` a run gets for what the form holds: 'tiny', one of the models listed under `models_dir`, or a hub
+    id; never any other path."""
     value = (value or "").strip()
     if value == "tiny":
         return value
-    if models_dir:
-        candidate = Path(models_dir).resolve() / value
-        if ".." not in PurePosixPath(value).parts and not value.startswith("/") and candidate.exists():
-            return str(inside(models_dir, value))
+    if models_dir and (Path(models_dir) / value).exists() and value in {v for _, v in base_models(models_dir)}:
+        return str(Path(models_dir) / value)
     if _HUB_ID.match(value) and ".." not in value and not Path(value).exists():
         return value
     raise UserError(f"base model {value!r} not found",

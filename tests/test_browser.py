@@ -1,0 +1,137 @@
+"""The app in a real browser (Playwright driving Debian's chromium): pictures, a caption edit, a short tiny run,
+a preview and a download, clicked through as an artist would; a screenshot of each tab goes to docs/screenshots/."""
+
+import json
+import re
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py sits at the repo root
+from conftest import draw_dataset  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+
+import app  # noqa: E402
+
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+TRAINING = 420_000  # ms; the tiny run takes ~30 s on two free cores, much longer on a busy machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def page(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    demo = app.serve(tmp_path / "workspace", port=port, block=False)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(f"http://127.0.0.1:{port}/")
+        try:
+            yield page
+        finally:
+            page.screenshot(path=str(tmp_path / "last.png"), full_page=True)  # look here when the test fails
+            browser.close()
+    for run in (tmp_path / "workspace" / "runs").glob("*"):
+        (run / "STOP").touch()  # never leave a run behind if the test failed midway
+    demo.close()
+
+
+def test_click_through_every_tab(page, tmp_path):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pictures = draw_dataset(tmp_path / "pictures", n=6, size=64)
+
+    # 1. Pictures: name a dataset, drop pictures with captions, fix one caption.
+    if any(app.EXAMPLES.glob("*/*.png")):  # the page has filled its lists (typing before that is overwritten)
+        expect(page.get_by_label("Example datasets")).not_to_have_value("")
+    else:
+        page.wait_for_timeout(3000)
+    name = page.get_by_label("Dataset", exact=True).first
+    name.fill("shapes")
+    name.press("Enter")
+    page.locator("input[type=file]").first.set_input_files([str(f) for f in sorted(pictures.iterdir())])
+    expect(page.locator('a.download-link[download="img05.txt"]')).to_have_attribute(  # uploaded to the server
+        "href", re.compile("gradio_api/file="))
+    page.get_by_role("button", name="Add to dataset").click()
+    expect(page.get_by_text("Added 6 pictures to shapes")).to_be_visible()
+    page.locator("button.thumbnail-item").first.click()
+    caption = page.get_by_label("Caption", exact=True)
+    expect(caption).not_to_have_value("")
+    caption.fill("zxq, a bright shape on a plain background")
+    page.get_by_role("button", name="Save caption").click()
+    expect(page.get_by_text("Saved the caption of img00.png")).to_be_visible()
+    assert (tmp_path / "workspace/datasets/shapes/img00.txt").read_text().strip() == \
+        "zxq, a bright shape on a plain background"
+    page.screenshot(path=str(SHOTS / "1-pictures.png"), full_page=True)
+
+    # 2. Train: a short run; the page shows the plan, then progress, loss and samples.
+    page.get_by_role("tab", name="2 · Train").click()
+    expect(page.locator("#train-dataset input")).to_have_value("shapes")
+    page.get_by_label("Trigger word").fill("zxq")
+    page.get_by_label("Training steps").fill("20")
+    page.get_by_label("Pictures per step").fill("2")
+    page.get_by_text("Advanced").click()
+    for label, number in (("Sample every", "10"), ("Save every", "10"), ("Sample steps", "8")):
+        field = page.get_by_label(label)
+        expect(field).to_be_editable()
+        field.fill(number)
+        field.press("Tab")
+        expect(field).to_have_value(number)
+    page.get_by_text("Advanced").click()
+    page.get_by_label("Training steps").press("Tab")
+    expect(page.get_by_text("20 steps × 2 pictures = 40 pictures")).to_be_visible()
+    page.get_by_role("button", name="Start training").click()
+    expect(page.get_by_text("is training")).to_be_visible()
+    (config,) = (tmp_path / "workspace" / "runs").glob("*/config.json")  # the form, field by field
+    settings = json.loads(config.read_text())
+    assert (settings["trigger"], settings["steps"], settings["batch_size"], settings["sample_every"],
+            settings["save_every"], settings["sample_steps"]) == ("zxq", 20, 2, 10, 10, 8)
+    page.reload()  # the page finds the run again from the run folder
+    page.get_by_role("tab", name="2 · Train").click()
+    expect(page.get_by_label("Showing run")).to_have_value(re.compile("^shapes-"))
+    expect(page.get_by_label("Training steps")).to_have_value("20")  # the form shows the run's settings again
+    expect(page.get_by_label("Trigger word")).to_have_value("zxq")
+    expect(page.get_by_text("is done")).to_be_visible(timeout=TRAINING)
+    expect(page.get_by_text("Step 20 / 20")).to_be_visible()
+    expect(page.locator("button.thumbnail-item").filter(has=page.locator("img[alt^='step 20']")).first).to_be_visible()
+    page.screenshot(path=str(SHOTS / "2-train.png"), full_page=True)
+
+    # 3. Try it: the run's final file is picked; make a picture and a strength grid.
+    page.get_by_role("tab", name="3 · Try it").click()
+    expect(page.get_by_label("LoRA file", exact=True).first).to_have_value("lora.safetensors")
+    page.get_by_label("Steps", exact=True).fill("8")
+    page.get_by_role("button", name="Make picture").click()
+    expect(page.locator("#picture img")).to_be_visible(timeout=120_000)
+    page.get_by_role("button", name="Strength × seed grid").click()
+    expect(page.locator("#grid img")).to_be_visible(timeout=180_000)
+    page.screenshot(path=str(SHOTS / "3-try-it.png"), full_page=True)
+
+    # 4. Download: title and trigger come from the run; the files appear for download.
+    page.get_by_role("tab", name="4 · Download").click()
+    expect(page.get_by_role("textbox", name="Trigger words", exact=True)).to_have_value("zxq")
+    title = page.get_by_role("textbox", name="Title", exact=True)
+    expect(title).to_have_value(re.compile("^shapes-"))  # filled from the run; now change it
+    title.fill("Bright Shapes")
+    page.get_by_role("button", name="Make files").click()
+    expect(page.locator('#downloads td.filename[aria-label="Bright-Shapes.safetensors"]')).to_be_visible()
+    expect(page.locator("#card textarea")).to_have_value(re.compile("# Bright Shapes"))
+    page.screenshot(path=str(SHOTS / "4-download.png"), full_page=True)
