@@ -30,6 +30,19 @@ def draw_dataset(folder, n=8, seed=0, size=96, captions=True):
     return folder
 
 
+def render_sample(pipe, event):
+    """Redraw a `sample` event with a plain diffusers pipeline: the reproducibility contract's other side."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    pipe.scheduler = getattr(diffusers, event["scheduler"]).from_config(pipe.scheduler.config)
+    return np.asarray(pipe(event["prompt"], negative_prompt=event["negative_prompt"] or None,
+                           num_inference_steps=event["steps"], guidance_scale=event["guidance_scale"],
+                           width=event["width"], height=event["height"],
+                           generator=torch.Generator("cpu").manual_seed(event["seed"])).images[0], dtype=np.float32)
+
+
 def small_config(dataset, **kw):
     from sdlora.config import TrainConfig
 

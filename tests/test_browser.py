@@ -90,6 +90,9 @@ def test_click_through_every_tab(page, tmp_path):
     page.get_by_label("Training steps").fill("20")
     page.get_by_label("Pictures per step").fill("2")
     page.get_by_text("Advanced").click()
+    # the page fills the form from the preset when it loads; on a busy machine that can land late, so wait for it
+    # (the Quick test preset samples every 50 steps) before typing over it
+    expect(page.get_by_label("Sample every")).to_have_value("50")
     for label, number in (("Sample every", "10"), ("Save every", "10"), ("Sample steps", "8")):
         field = page.get_by_label(label)
         expect(field).to_be_editable()

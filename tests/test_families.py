@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import draw_dataset
+from conftest import render_sample, draw_dataset
 from original_layout import kohya_reference, pipeline_to_original, text_encoders_to_original, unet_to_original
 from sdlora.errors import UserError
 from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, kohya_name, sgm_unet_path, text_encoder_prefix
@@ -140,16 +140,6 @@ def test_single_file_and_folder_load_the_same_model(models, family, monkeypatch)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def _render(pipe, event):
-    import diffusers
-
-    pipe.scheduler = getattr(diffusers, event["scheduler"]).from_config(pipe.scheduler.config)
-    return np.asarray(pipe(event["prompt"], negative_prompt=event["negative_prompt"] or None,
-                           num_inference_steps=event["steps"], guidance_scale=event["guidance_scale"],
-                           width=event["width"], height=event["height"],
-                           generator=torch.Generator("cpu").manual_seed(event["seed"])).images[0], dtype=np.float32)
-
-
 @pytest.mark.parametrize("family", list(CASES))
 def test_trained_lora_loads_in_plain_diffusers_and_reproduces_the_samples(models, family_runs, family):
     import diffusers
@@ -192,14 +182,14 @@ def test_trained_lora_loads_in_plain_diffusers_and_reproduces_the_samples(models
     assert samples
     for event in samples:
         sample = np.asarray(Image.open(event["path"]), dtype=np.float32)
-        assert np.abs(_render(pipe, event) - sample).mean() < 1.0  # < 1/255 of the range
-        assert np.abs(_render(base, event) - sample).mean() > 1.0  # the LoRA changed the image
+        assert np.abs(render_sample(pipe, event) - sample).mean() < 1.0  # < 1/255 of the range
+        assert np.abs(render_sample(base, event) - sample).mean() > 1.0  # the LoRA changed the image
     # the diffusers/peft-layout copy loads through the same pipeline class and gives the same image
     peft_layout = cls.from_pretrained(str(folder))
     peft_layout.set_progress_bar_config(disable=True)
     peft_layout.load_lora_weights(str(run / "lora-diffusers.safetensors"))
     sample = np.asarray(Image.open(samples[0]["path"]), dtype=np.float32)
-    assert np.abs(_render(peft_layout, samples[0]) - sample).mean() < 1.0
+    assert np.abs(render_sample(peft_layout, samples[0]) - sample).mean() < 1.0
 
 
 def test_a_lora_for_another_family_is_refused_by_name(models, family_runs, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import draw_dataset, small_config
+from conftest import render_sample, draw_dataset, small_config
 from sdlora import dataset as ds
 from sdlora.runs import read_events
 from sdlora.tiny import MODEL_DIR
@@ -23,16 +23,6 @@ def _plain_pipeline():
     pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _render(pipe, event):
-    import diffusers
-
-    pipe.scheduler = getattr(diffusers, event["scheduler"]).from_config(pipe.scheduler.config)
-    return np.asarray(pipe(event["prompt"], negative_prompt=event["negative_prompt"] or None,
-                           num_inference_steps=event["steps"], guidance_scale=event["guidance_scale"],
-                           width=event["width"], height=event["height"],
-                           generator=torch.Generator("cpu").manual_seed(event["seed"])).images[0], dtype=np.float32)
 
 
 def test_samples_reproduce_in_plain_diffusers(trained_run):
@@ -49,9 +39,9 @@ def test_samples_reproduce_in_plain_diffusers(trained_run):
         pipe.load_lora_weights(str(lora))
         for event in (e for e in samples if e["step"] == step):
             sample = np.asarray(__import__("PIL.Image").Image.open(event["path"]), dtype=np.float32)
-            redone = _render(pipe, event)
+            redone = render_sample(pipe, event)
             assert np.abs(redone - sample).mean() < 1.0, (event, np.abs(redone - sample).mean())  # < 1/255 of range
-            assert np.abs(_render(base, event) - sample).mean() > 1.0  # the LoRA really changed the image
+            assert np.abs(render_sample(base, event) - sample).mean() > 1.0  # the LoRA really changed the image
 
 
 def test_export_layout_alpha_and_metadata(trained_run):
