@@ -143,7 +143,10 @@ def _train(args) -> int:
     else:
         if not args.dataset or not args.out:
             raise UserError("give a dataset and --out", "sdlora train DATASET --base tiny --out runs/NAME")
-        config = build_config(args.preset, args.config, dataset=args.dataset, **overrides)
+        saved = Path(args.out) / "config.json"
+        # --resume continues the run as it was configured; flags given now still win
+        config_file = args.config or (str(saved) if args.resume and saved.exists() else None)
+        config = build_config(args.preset, config_file, dataset=args.dataset, **overrides)
         run_dir = args.out
         if (Path(run_dir) / "events.jsonl").exists() and not args.resume:
             raise UserError(f"{run_dir} already holds a run", "add --resume to continue it, or pick another --out")

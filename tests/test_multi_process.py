@@ -37,3 +37,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, dataset_di
     loss_one = [e for e in read_events(tmp_path / "one") if e["type"] == "progress"][-1]["loss"]
     loss_two = [e for e in events if e["type"] == "progress"][-1]["loss"]
     assert abs(loss_one - loss_two) < 1e-4 * abs(loss_one)
+
+
+def test_resume_on_more_processes_says_what_changed(tmp_path, dataset_dir):
+    from sdlora.train import train
+
+    run = tmp_path / "grow"
+    flags = ["--batch-size", "2", "--sample-every", "1000", "--save-every", "2", "--sample-steps", "4", "--quiet"]
+    train(small_config(dataset_dir, steps=2, sample_every=1000, save_every=2, sample_steps=4), run, progress_bar=False)
+    out = subprocess.run([sys.executable, "-m", "sdlora", "train", str(dataset_dir), "--base", "tiny", "--out", str(run),
+                          "--steps", "4", "--resume", "--gpus", "2", "--trigger", "zxq", *flags],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    events = read_events(run)
+    assert any("saved with 1 process(es), now 2: the global batch is 4 images instead of 2" in e.get("message", "")
+               for e in events)
+    assert events[-1]["type"] == "done" and events[-1]["step"] == 4
