@@ -220,7 +220,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     while True:
         # Once in a while: samples (a step-0 baseline first), saves, and requests from the run folder.
         done = step >= config.steps
-        stop_now, sample_now, save_now = _requests(accelerator, run_dir, stop.requested)
+        stop_now, sample_now, save_now = _requests(accelerator, run_dir, stop.requested, step)
         if step % sample_every == 0 or done or sample_now:
             _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events)
         if stop_now:
@@ -332,8 +332,12 @@ def _randn(shape, generators) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
-def _requests(accelerator, run_dir: Path, signalled: bool) -> tuple[bool, bool, bool]:
-    """(stop, sample, save) as asked by a signal or a file in the run folder; all processes act on the same answer."""
+def _requests(accelerator, run_dir: Path, signalled: bool, step: int, every: int = 10) -> tuple[bool, bool, bool]:
+    """(stop, sample, save) as asked by a signal or a file in the run folder; all processes act on the same answer.
+    With several processes they agree only every `every` steps: the exchange is a collective, and each one costs
+    step time (a signal or file waits until then)."""
+    if accelerator.num_processes > 1 and step % every:
+        return False, False, False
     main = accelerator.is_main_process
     flags = [signalled or (main and take_request(run_dir, "STOP")), main and take_request(run_dir, "SAMPLE"),
              main and take_request(run_dir, "SAVE")]
