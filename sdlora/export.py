@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from sdlora.config import TrainConfig
-from sdlora.lora import (ADAPTER, TEXT_TARGETS, UNET_TARGETS, check_lora_fits, kohya_name, read_lora,
+from sdlora.lora import (ADAPTER, TEXT_TARGETS, UNET_TARGETS, adapter_layers, check_lora_fits, kohya_name, read_lora,
                          text_encoder_prefix, unet_module_name)
 from sdlora.models import FAMILIES, load_base
 
@@ -128,9 +128,10 @@ def verify(path: str | Path, base_spec: str, *, base_config: str = "", predictio
     pipe.load_lora_weights(str(path), adapter_name=VERIFY_ADAPTER)
     sgm = FAMILIES[base.family]["sgm_unet"]
     loaded = {kohya_name("lora_unet_", unet_module_name(p, pipe.unet, sgm)): m
-              for p, m in adapter_layers_named(pipe.unet).items()}
+              for p, m in adapter_layers(pipe.unet, VERIFY_ADAPTER).items()}
     for prefix, te in base.text_encoders().items():
-        loaded.update({kohya_name(text_encoder_prefix(p, prefix), p): m for p, m in adapter_layers_named(te).items()})
+        loaded.update({kohya_name(text_encoder_prefix(p, prefix), p): m
+                       for p, m in adapter_layers(te, VERIFY_ADAPTER).items()})
     names = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state})
     consumed = 0
     for name in names:
@@ -142,7 +143,8 @@ def verify(path: str | Path, base_spec: str, *, base_config: str = "", predictio
         same = (torch.equal(layer.lora_A[VERIFY_ADAPTER].weight.float(), down)
                 and torch.equal(layer.lora_B[VERIFY_ADAPTER].weight.float(), up)
                 and abs(layer.scaling[VERIFY_ADAPTER] - alpha / down.shape[0]) < 1e-6)
-        consumed += 3 * same if f"{name}.alpha" in state else 2 * same
+        if same:  # all of this module's keys landed: its down, its up and (when written) its alpha
+            consumed += sum(k in state for k in (f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"))
     pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[0.0])
     strength0 = (forward() - before).abs().max().item()
     pipe.set_adapters([VERIFY_ADAPTER], adapter_weights=[1.0])
@@ -150,7 +152,3 @@ def verify(path: str | Path, base_spec: str, *, base_config: str = "", predictio
     ok = consumed == len(state) and strength0 == 0.0
     return {"path": str(path), "keys_written": len(state), "keys_consumed": consumed,
             "strength0_max_diff": strength0, "strength1_mean_diff": strength1, "ok": ok}
-
-
-def adapter_layers_named(model) -> dict:
-    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and VERIFY_ADAPTER in m.lora_A}

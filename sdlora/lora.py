@@ -37,9 +37,9 @@ def add_adapters(model: torch.nn.Module, targets: list[str], rank: int, alpha: f
     return params
 
 
-def adapter_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Module path -> peft LoRA layer, for every layer carrying our adapter."""
-    return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and ADAPTER in m.lora_A}
+def adapter_layers(model: torch.nn.Module, adapter: str = ADAPTER) -> dict[str, torch.nn.Module]:
+    """Module path -> peft LoRA layer, for every layer carrying `adapter` (ours by default)."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and adapter in m.lora_A}
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
