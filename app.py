@@ -34,6 +34,7 @@ PRESET_CHOICES = [("Style", "style"), ("Character", "character"), ("Quick test",
 FIRST_PRESET = "quick"
 GRID_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SAVES_STRENGTHS = (0.0, 0.5, 0.75, 1.0)
+STACK_SLOTS = 3  # LoRAs that can be added to the first one on the Try it tab (the handlers name each)
 # A tiny-model step on a laptop CPU, measured: ~0.1 s at 4 pictures a step, plus ~15 s to start and sample.
 TINY_CPU_SPEED = (40.0, 15.0)
 
@@ -112,13 +113,23 @@ def _field_input(f: dataclasses.Field, value):
     return gr.Textbox(value=value, label=label, info=info)
 
 
+def visible_gpus() -> int:
+    """How many CUDA GPUs this process sees (`CUDA_VISIBLE_DEVICES` applies)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def build(workspace: str | Path = "workspace", models: str | Path | None = None,
-          max_unpacked: int = ws.MAX_UNPACKED) -> gr.Blocks:
-    """The page, for a workspace folder (datasets, runs, exports) and a folder of base models."""
+          max_unpacked: int = ws.MAX_UNPACKED, gpus: int | None = None) -> gr.Blocks:
+    """The page, for a workspace folder (datasets, runs, exports) and a folder of base models. `gpus`: how many GPUs
+    to offer (default: those visible); with more than one the Train tab asks how many a run uses."""
+    gpus = visible_gpus() if gpus is None else int(gpus)
     root = Path(workspace).resolve()
     models = Path(models).resolve() if models else root / "models"
     start_lock = threading.Lock()
     previewers: dict = {}
+    load_seconds: dict = {}  # base -> seconds its last load took
     preview_lock = threading.Lock()
 
     def examples() -> list[str]:
@@ -216,6 +227,17 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         config.validate()
         return config
 
+    def gpu_count(values: dict) -> int:
+        """The GPUs a run is to use: 1 unless several are visible and the form asks for more."""
+        try:
+            n = int(values[gpu_box] or 1)
+        except (TypeError, ValueError):
+            n = 0
+        if not 1 <= n <= max(gpus, 1):
+            raise UserError(f"{values[gpu_box]} GPUs asked for, and {gpus} are visible",
+                            f"pick 1 to {max(gpus, 1)}")
+        return n
+
     def plan_text(values: dict) -> str:
         name = values[train_dataset]
         if not name:
@@ -225,26 +247,33 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
             steps, batch = int(values[form_inv["steps"]] or 0), int(values[form_inv["batch_size"]] or 0)
             accum = int(values[form_inv["grad_accum"]] or 1)
             base = ws.resolve_base(models, values[base_box])
+            n_gpus = gpu_count(values)
         except (UserError, ValueError, TypeError):
             return "Fill in the form to see what the run will do."
         if not images or steps < 1 or batch < 1:
             return "Fill in the form to see what the run will do."
-        shown = steps * batch * accum
+        per_step = batch * accum * n_gpus
+        shown = steps * per_step
         epochs = shown / per_epoch
-        speed = ws.measured_speed(root, base)
-        source = "measured on your last run"
-        if speed is None and base == "tiny":
+        measured = ws.measured_speed(root, base, n_gpus)
+        speed, source = (measured[:2], "measured on your last run") if measured else (None, "")
+        if measured and measured[2] != n_gpus:  # a guess: GPUs rarely add up to quite that much
+            speed = (measured[0] * n_gpus / measured[2], measured[1])
+            source = f"your last run on {measured[2]} GPU{'s' if measured[2] > 1 else ''}, scaled to {n_gpus}"
+        if speed is None and base == "tiny" and n_gpus == 1:
             speed, source = TINY_CPU_SPEED, "a rough guess for a laptop CPU"
         eta = f"about {_duration(speed[1] + shown / speed[0])} ({source}: {speed[0]:.1f} pictures/s)" \
             if speed else "shown once the run has started (no earlier run on this base to measure)"
         repeats = f" ({per_epoch} with repeats)" if per_epoch != images else ""
-        return (f"**What this run will do:** {steps} steps × {batch * accum} pictures = {shown:,} pictures shown "
+        split = f" ({batch * accum} on each of {n_gpus} GPUs)" if n_gpus > 1 else ""
+        return (f"**What this run will do:** {steps} steps × {per_step} pictures{split} = {shown:,} pictures shown "
                 f"to the model. Your dataset has {images} pictures{repeats}, so each one is seen about "
                 f"**{epochs:.0f} times** ({epochs:.1f} epochs). Time: {eta}.")
 
     @_user_errors
     def start(values: dict):
         config = form_config(values)
+        n_gpus = gpu_count(values)
         with start_lock:  # check and start together, so two tabs can't both start a run
             live = ws.running(root)
             if live:
@@ -253,7 +282,7 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
             name = values[run_name] or f"{values[train_dataset]}-{time.strftime('%m%d-%H%M')}"
             run_dir = ws.new_run_dir(root, name)
             runs.write_atomic(run_dir / "config.json", config.to_json())
-            process = runs.start(run_dir)
+            process = runs.start(run_dir, gpus=n_gpus)
             threading.Thread(target=process.wait, daemon=True).start()  # reap it, so its pid dies with it
         return gr.update(choices=ws.run_names(root), value=run_dir.name), run_dir.name
 
@@ -332,26 +361,49 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
 
     # ---- preview ----------------------------------------------------------------------------------------------
     def previewer(base: str):
+        """The loaded base model (kept per base; LoRAs are swapped on it) and the seconds it took to load now (None
+        when it was loaded already)."""
         from sdlora.generate import Previewer
 
+        loaded_now = None
         if base not in previewers:
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()
             while len(previewers) >= 2:  # a base model is large; keep the two used last
                 previewers.pop(next(iter(previewers)))
+            began = time.perf_counter()
             previewers[base] = Previewer(base)
+            loaded_now = time.perf_counter() - began
+            load_seconds[base] = loaded_now
         previewers[base] = previewers.pop(base)  # most recently used last
-        return previewers[base]
+        return previewers[base], loaded_now
 
     def lora_and_base(run, file, upload, base):
+        """(path, label, base) of the LoRA in the first slot."""
         if upload:
             if not str(upload).endswith(".safetensors"):
                 raise UserError("the uploaded file is not a .safetensors LoRA", "upload a .safetensors file")
-            return str(upload), ws.resolve_base(models, base)
+            return str(upload), Path(upload).name, ws.resolve_base(models, base)
         if not run or not file:
             raise UserError("no LoRA picked", "pick a run and one of its files, or upload a .safetensors")
-        return str(ws.lora_file(root, run, file)), runs_base(run)
+        return str(ws.lora_file(root, run, file)), f"{run} · {file}", runs_base(run)
+
+    def stacked(first: str | None, extras: tuple) -> list[tuple[str, str, float]]:
+        """(path, label, strength) of the LoRAs picked under "Add another LoRA" (slot value, strength pairs); an
+        empty slot is skipped, a file picked twice is refused."""
+        out, seen = [], {first} if first else set()
+        for value, strength in zip(extras[::2], extras[1::2]):
+            if not value:
+                continue
+            value = str(value)
+            path = str(ws.stack_file(root, value))
+            label = " · ".join(value.split("/")[1:]) if value.startswith("runs/") else f"uploaded · {value[6:]}"
+            if path in seen:
+                raise UserError(f"{label} is picked twice", "pick each LoRA once and set its strength instead")
+            seen.add(path)
+            out.append((path, label, float(1.0 if strength is None else strength)))
+        return out
 
     def runs_base(run):
         return ws.run_config(root, run)["base"]
@@ -359,27 +411,69 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
     def gen_kw(negative, steps, guidance):
         return dict(negative_prompt=negative or "", steps=int(steps), guidance_scale=float(guidance))
 
-    @_user_errors
-    def preview(run, file, upload, base, prompt, negative, seed, steps, guidance, strength):
-        lora, base = lora_and_base(run, file, upload, base)
-        with preview_lock:
-            p = previewer(base)
-            p.set_loras([(lora, float(strength))])
-            return p.image(prompt, seed=int(seed), **gen_kw(negative, steps, guidance))
+    def timing_note(base: str, loaded_now, swap_s: float | None, total_s: float, what: str) -> str:
+        """How long it took, and whether the base model was loaded for it or stayed loaded."""
+        short = "tiny" if base == "tiny" else Path(base).name
+        if loaded_now is not None:
+            return (f"{what} in {total_s:.1f} s, of which {loaded_now:.1f} s loading the base model *{short}* (once: "
+                    f"it stays loaded while you change LoRAs and strengths).")
+        swap = f"; setting the LoRAs took {swap_s:.2f} s" if swap_s is not None else ""
+        return (f"{what} in {total_s:.1f} s. The base model *{short}* stayed loaded (loading it took "
+                f"{load_seconds.get(base, 0):.1f} s){swap}.")
 
     @_user_errors
-    def strength_grid(run, file, upload, base, prompt, negative, seed, steps, guidance, seeds):
+    def preview(run, file, upload, base, prompt, negative, seed, steps, guidance, strength,
+                lora2=None, strength2=1.0, lora3=None, strength3=1.0, lora4=None, strength4=1.0):
+        began = time.perf_counter()
+        lora, label, base = lora_and_base(run, file, upload, base)
+        loras = [(lora, label, float(strength))] + stacked(lora, (lora2, strength2, lora3, strength3, lora4, strength4))
+        with preview_lock:
+            p, loaded_now = previewer(base)
+            swap = time.perf_counter()
+            p.set_loras([(path, s) for path, _, s in loras])
+            swap = time.perf_counter() - swap
+            image = p.image(prompt, seed=int(seed), **gen_kw(negative, steps, guidance))
+        used = " + ".join(f"{name} at {s:g}" for _, name, s in loras)
+        return image, timing_note(base, loaded_now, swap, time.perf_counter() - began, f"Made with {used}")
+
+    class _WithOthers:
+        """A previewer whose every set_loras also sets the stacked LoRAs, so a grid varies the first one only."""
+
+        def __init__(self, previewer, others):
+            self.previewer, self.others = previewer, [(path, s) for path, _, s in others]
+
+        def set_loras(self, loras):
+            self.previewer.set_loras(list(loras) + self.others)
+
+        def image(self, *args, **kw):
+            return self.previewer.image(*args, **kw)
+
+    def grid_note(base, loaded_now, began, others, what):
+        note = timing_note(base, loaded_now, None, time.perf_counter() - began, what)
+        if others:
+            note += " Every picture also has " + " + ".join(f"{name} at {s:g}" for _, name, s in others) + "."
+        return note
+
+    @_user_errors
+    def strength_grid(run, file, upload, base, prompt, negative, seed, steps, guidance, seeds,
+                      lora2=None, strength2=1.0, lora3=None, strength3=1.0, lora4=None, strength4=1.0):
         from sdlora.compare import strength_seed_grid
 
-        lora, base = lora_and_base(run, file, upload, base)
+        began = time.perf_counter()
+        lora, _, base = lora_and_base(run, file, upload, base)
+        others = stacked(lora, (lora2, strength2, lora3, strength3, lora4, strength4))
         with preview_lock:
-            return strength_seed_grid(previewer(base), lora, prompt, GRID_STRENGTHS,
-                                      range(int(seed), int(seed) + int(seeds)), **gen_kw(negative, steps, guidance))
+            p, loaded_now = previewer(base)
+            image = strength_seed_grid(_WithOthers(p, others), lora, prompt, GRID_STRENGTHS,
+                                       range(int(seed), int(seed) + int(seeds)), **gen_kw(negative, steps, guidance))
+        return image, grid_note(base, loaded_now, began, others, "Grid made")
 
     @_user_errors
-    def saves_grid(run, prompt, negative, seed, steps, guidance):
+    def saves_grid(run, prompt, negative, seed, steps, guidance,
+                   lora2=None, strength2=1.0, lora3=None, strength3=1.0, lora4=None, strength4=1.0):
         from sdlora.compare import saves_grid as make
 
+        began = time.perf_counter()
         if not run:
             raise UserError("no run picked", "pick a run with saved steps")
         files = ws.lora_files(root, run)
@@ -387,9 +481,37 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
             raise UserError(f"run {run} has no saved LoRA yet", "wait for its first save, or press Save now")
         saves = [("final" if ws.step_of(f) is None else f"step {ws.step_of(f)}", str(ws.lora_file(root, run, f)))
                  for f in files]
+        others = stacked(None, (lora2, strength2, lora3, strength3, lora4, strength4))
+        if {path for path, _, _ in others} & {path for _, path in saves}:
+            raise UserError(f"a file of run {run} is also stacked", "stack only LoRAs from other runs for this grid")
+        base = runs_base(run)
         with preview_lock:
-            return make(previewer(runs_base(run)), saves, prompt, SAVES_STRENGTHS, int(seed),
-                        **gen_kw(negative, steps, guidance))
+            p, loaded_now = previewer(base)
+            image = make(_WithOthers(p, others), saves, prompt, SAVES_STRENGTHS, int(seed),
+                         **gen_kw(negative, steps, guidance))
+        return image, grid_note(base, loaded_now, began, others, "Grid made")
+
+    @_user_errors
+    def add_stack_lora(upload, lora2=None, lora3=None, lora4=None):
+        """An uploaded LoRA is kept in the workspace and put into the first empty slot."""
+        values = (lora2, lora3, lora4)
+        if not upload:
+            return (gr.skip(),) * (len(values) + 1)
+        name = ws.add_lora(root, upload, Path(upload).name)
+        value, placed = f"loras/{name}", False
+        updates = []
+        for current in values:
+            if not placed and (not current or current == value):
+                current, placed = value, True
+            updates.append(gr.update(choices=ws.stack_choices(root), value=current))
+        if not placed:
+            gr.Info(f"Kept {name}; all slots are taken, pick it in one of them.")
+        return None, *updates
+
+    def refresh_stack(*values):
+        choices = ws.stack_choices(root)
+        known = {v for _, v in choices}
+        return [gr.update(choices=choices, value=v if v in known else None) for v in values]
 
     @_user_errors
     def pick_run(run):
@@ -479,6 +601,9 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
                 preset = gr.Radio(PRESET_CHOICES, value=FIRST_PRESET, label="Preset",
                                   info="fills in sensible values below")
                 run_name = gr.Textbox(label="Run name", placeholder="made from the dataset and time")
+                gpu_box = gr.Radio(list(range(1, max(gpus, 1) + 1)), value=max(gpus, 1), label="GPUs",
+                                   visible=gpus > 1, elem_id="gpus",
+                                   info="train on this many at once; each takes 'Pictures per step'")
             fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in HIDDEN]
             main_fields = sorted((f for f in fields if f.name in MAIN), key=lambda f: list(MAIN).index(f.name))
             with gr.Row():
@@ -521,6 +646,17 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
                     prev_upload = gr.File(label=".safetensors LoRA", file_types=[".safetensors"], height=100)
                     prev_base = gr.Dropdown([("tiny (built in, for trying things out)", "tiny")], value="tiny",
                                             label="Its base model", allow_custom_value=True)
+            with gr.Accordion("Add another LoRA (stack up to 3 more)", open=False, elem_id="stack"):
+                gr.Markdown("Each one adds its effect at its own strength, together with the LoRA above. Changing "
+                            "them or their strengths keeps the base model loaded.")
+                stack = []
+                for i in range(STACK_SLOTS):
+                    with gr.Row():
+                        stack.append(gr.Dropdown([], label=f"LoRA {i + 2}", scale=3, allow_custom_value=True,
+                                                 info="a file of a run, or one uploaded below" if i == 0 else None))
+                        stack.append(gr.Slider(-1, 2, value=1.0, step=0.05, label=f"LoRA {i + 2} strength", scale=2))
+                stack_upload = gr.File(label="Upload a .safetensors LoRA to stack (kept in the workspace)",
+                                       file_types=[".safetensors"], height=100)
             with gr.Row():
                 prompt = gr.Textbox(label="Prompt", scale=3)
                 negative = gr.Textbox(label="Negative prompt", scale=2)
@@ -535,6 +671,7 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
                     make_btn = gr.Button("Make picture", variant="primary")
                     picture = gr.Image(label="Picture", format="png", type="pil", height=320, interactive=False,
                                        elem_id="picture")
+                    preview_note = gr.Markdown(elem_id="preview-note")
                 with gr.Column(scale=2):
                     with gr.Row():
                         grid_seeds = gr.Slider(1, 4, value=2, step=1, label="Seeds in the grid")
@@ -578,11 +715,11 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         bulk_btn.click(change_all, [dataset, bulk_trigger, bulk_prefix, bulk_suffix, bulk_find, bulk_replace],
                        [gallery, dataset_note, form_inv["trigger"]], api_name="change_all")
 
-        form_set = {train_dataset, base_box, run_name, *form}
+        form_set = {train_dataset, base_box, run_name, gpu_box, *form}
         preset.change(lambda p: [gr.update(value=_form_values(p)[name]) for name in form.values()], preset,
                       list(form), api_name=False)
         for i, c in enumerate((train_dataset, base_box, form_inv["steps"], form_inv["batch_size"],
-                               form_inv["grad_accum"])):
+                               form_inv["grad_accum"], gpu_box)):
             c.change(plan_text, form_set, plan, show_progress="hidden", api_name="plan" if i == 0 else False)
         # the Pictures tab's dataset list changes: keep the Train tab's in step
         dataset.change(follow_dataset, dataset, train_dataset, api_name=False)
@@ -602,17 +739,23 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         prev_run.change(pick_run, prev_run, run_outputs, api_name=False)
         exp_run.change(lambda r: pick_run(r)[3:], exp_run, run_outputs[3:], api_name=False)
         gen_inputs = [prompt, negative, seed, gen_steps, guidance]
-        make_btn.click(preview, [prev_run, prev_file, prev_upload, prev_base, *gen_inputs, strength], picture,
-                       api_name="preview")
-        grid_btn.click(strength_grid, [prev_run, prev_file, prev_upload, prev_base, *gen_inputs, grid_seeds],
-                       grid_image, api_name="strength_grid")
-        saves_btn.click(saves_grid, [prev_run, *gen_inputs], grid_image, api_name="saves_grid")
+        make_btn.click(preview, [prev_run, prev_file, prev_upload, prev_base, *gen_inputs, strength, *stack],
+                       [picture, preview_note], api_name="preview")
+        grid_btn.click(strength_grid, [prev_run, prev_file, prev_upload, prev_base, *gen_inputs, grid_seeds, *stack],
+                       [grid_image, preview_note], api_name="strength_grid")
+        saves_btn.click(saves_grid, [prev_run, *gen_inputs, *stack], [grid_image, preview_note],
+                        api_name="saves_grid")
+        stack_slots = stack[::2]
+        stack_upload.upload(add_stack_lora, [stack_upload, *stack_slots], [stack_upload, *stack_slots],
+                            api_name="stack_upload")
+        preview_tab.select(refresh_stack, stack_slots, stack_slots, api_name=False)
         export_btn.click(export, [exp_run, exp_file, title, trigger_words, description, with_diffusers, with_sample,
                                   with_card], [downloads, card_text], api_name="export")
 
         demo.load(on_load, None, [dataset, train_dataset, example, base_box, run_pick, followed, *form],
                   api_name=False)
         demo.load(lambda: gr.update(choices=ws.base_models(models)), None, prev_base, api_name=False)
+        demo.load(refresh_stack, stack_slots, stack_slots, api_name=False)
     return demo
 
 
@@ -669,11 +812,11 @@ def _duration(seconds: float) -> str:
 
 def serve(workspace: str | Path = "workspace", models: str | Path | None = None, *, host: str = "127.0.0.1",
           port: int = 7860, auth: tuple[str, str] | None = None, max_upload_mb: int = 1024,
-          max_unpacked: int = ws.MAX_UNPACKED, block: bool = True) -> gr.Blocks:
+          max_unpacked: int = ws.MAX_UNPACKED, gpus: int | None = None, block: bool = True) -> gr.Blocks:
     """Build the page and serve it; files are served only from the workspace and Gradio's own temp folder."""
     root = Path(workspace).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    demo = build(root, models, max_unpacked=max_unpacked)
+    demo = build(root, models, max_unpacked=max_unpacked, gpus=gpus)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[str(root)],
                 max_file_size=f"{max_upload_mb}mb", prevent_thread_lock=not block, css=CSS, quiet=not block,

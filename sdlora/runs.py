@@ -90,8 +90,17 @@ def launch_args(processes: int) -> list[str]:
     return ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--dynamo_backend", "no"]
 
 
+def train_command(run_dir: str | Path, gpus: int = 1) -> list[str]:
+    """The command that trains the run in `run_dir` (config.json written): `python -m sdlora train --run-dir DIR
+    --resume`, under `accelerate launch` with `launch_args` for several GPUs, as `sdlora train --gpus N` relaunches
+    itself."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", *launch_args(gpus)] if gpus > 1 \
+        else [sys.executable]
+    return [*launcher, "-m", "sdlora", "train", "--run-dir", str(run_dir), "--resume"]
+
+
 def start(run_dir: str | Path, gpus: int = 1) -> subprocess.Popen:
-    """Start `python -m sdlora train --run-dir DIR` (config.json already written) as its own process.
+    """Start `train_command(run_dir, gpus)` as its own process.
 
     Its stdout and stderr go to `log.txt`; the caller follows it through `events.jsonl`.
     """
@@ -99,13 +108,9 @@ def start(run_dir: str | Path, gpus: int = 1) -> subprocess.Popen:
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(run_dir / "config.json")
     (run_dir / "STOP").unlink(missing_ok=True)
-    if gpus > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args(gpus), "-m", "sdlora"]
-    else:
-        cmd = [sys.executable, "-m", "sdlora"]
-    cmd += ["train", "--run-dir", str(run_dir), "--resume"]
-    log = open(run_dir / "log.txt", "ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(run_dir / "log.txt", "ab") as log:  # the child keeps its own copy of the file
+        proc = subprocess.Popen(train_command(run_dir, gpus), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     write_atomic(run_dir / "pid", str(proc.pid))
     return proc
 

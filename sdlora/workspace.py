@@ -5,6 +5,7 @@ WORKSPACE/
   datasets/<name>/   images (PNG, as ingest normalised them) with same-name .txt captions; "N_name" folders repeat
   runs/<name>/       run directories (design.md)
   exports/<run>/     files made for download
+  loras/<name>.safetensors   LoRA files uploaded to stack with others in previews
 ```
 Every name that arrives from a form is reduced to a slug and every path is resolved under the workspace, so no
 field can make the app read or write somewhere else.
@@ -320,8 +321,10 @@ def run_config(root: str | Path, name: str) -> dict:
     return json.loads((run_dir(root, name) / "config.json").read_text())
 
 
-def measured_speed(root: str | Path, base: str) -> tuple[float, float] | None:
-    """(images per second, seconds of setup) of the newest run on `base` that got going, from its events."""
+def measured_speed(root: str | Path, base: str, processes: int = 1) -> tuple[float, float, int] | None:
+    """(images per second, seconds of setup, GPUs it ran on) of the newest run on `base` that got going, from its
+    events; a run on `processes` GPUs is preferred to one on another number."""
+    found = []
     for name in run_names(root):
         events = runs_.read_events(Path(root) / "runs" / name)
         start = next((e for e in events if e["type"] == "start"), None)
@@ -333,8 +336,66 @@ def measured_speed(root: str | Path, base: str) -> tuple[float, float] | None:
         if seconds > 0 and images > 0:
             pid = Path(root) / "runs" / name / "pid"  # written when the process started: setup includes imports
             began = pid.stat().st_mtime if pid.exists() else start["time"]
-            return images / seconds, max(0.0, progress[0]["time"] - began)
-    return None
+            per_process = start.get("batch_per_gpu", 0) * start["config"].get("grad_accum", 1)
+            ran_on = max(1, start["global_batch"] // per_process) if per_process else 1
+            found.append((images / seconds, max(0.0, progress[0]["time"] - began), ran_on))
+            if ran_on == processes:
+                return found[-1]
+    return found[0] if found else None
+
+
+# ---- LoRAs to stack in previews -------------------------------------------------------------------------------
+
+def add_lora(root: str | Path, path: str | Path, name: str | None = None) -> str:
+    """Keep an uploaded LoRA file as `loras/<name>.safetensors` (a file of that name is replaced); its name."""
+    path = Path(path)
+    shown = name or path.name
+    if path.suffix != ".safetensors":
+        raise UserError(f"{shown} is not a .safetensors file", "upload a LoRA .safetensors file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        raise UserError(f"{shown} is not a readable .safetensors file", "upload a LoRA .safetensors file") from None
+    if not any("lora" in k for k in keys):
+        raise UserError(f"{shown} holds no LoRA weights", "upload a LoRA file, not a base model")
+    folder = inside(root, "loras")
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = slug(Path(shown).stem, "lora")
+    tmp = folder / f".{stem}.upload"
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, folder / f"{stem}.safetensors")
+    return f"{stem}.safetensors"
+
+
+def uploaded_loras(root: str | Path) -> list[str]:
+    """LoRA files kept under `loras/`, by name."""
+    folder = Path(root) / "loras"
+    return sorted(p.name for p in folder.glob("*.safetensors") if slug(p.name) == p.name) if folder.is_dir() else []
+
+
+def stack_choices(root: str | Path) -> list[tuple[str, str]]:
+    """(label, value) of every LoRA in the workspace that can be stacked: each run's files (newest run first, its
+    final file first), then uploaded files. The value is the file's place in the workspace, `runs/RUN/FILE` or
+    `loras/FILE`, which `stack_file` turns back into a path."""
+    out = []
+    for run in run_names(root):
+        for file in reversed(lora_files(root, run)):
+            out.append((f"{run} · {file}", f"runs/{run}/{file}"))
+    out += [(f"uploaded · {name}", f"loras/{name}") for name in uploaded_loras(root)]
+    return out
+
+
+def stack_file(root: str | Path, value: str) -> Path:
+    """The path of a `stack_choices` value, refusing anything else."""
+    parts = str(value).split("/")
+    if len(parts) == 3 and parts[0] == "runs":
+        return lora_file(root, parts[1], parts[2])
+    if len(parts) == 2 and parts[0] == "loras" and parts[1] in uploaded_loras(root):
+        return inside(root, "loras", parts[1])
+    raise UserError(f"{value!r} is not a LoRA in the workspace", "pick one from the list")
 
 
 # ---- base models ---------------------------------------------------------------------------------------------

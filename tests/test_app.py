@@ -181,9 +181,11 @@ def test_train_preview_export(served, pictures):
     # Preview: strength 0 is the base model exactly; strength 1 is not.
     kw = dict(negative="", seed=0, steps=8, guidance=7.0)
     strength0 = np.asarray(Image.open(client.predict(run, "lora.safetensors", None, "tiny", PROMPT, *kw.values(),
-                                                     0.0, api_name="/preview")))
-    strength1 = np.asarray(Image.open(client.predict(run, "lora.safetensors", None, "tiny", PROMPT, *kw.values(),
-                                                     1.0, api_name="/preview")))
+                                                     0.0, api_name="/preview")[0]))
+    picture, note = client.predict(run, "lora.safetensors", None, "tiny", PROMPT, *kw.values(), 1.0,
+                                   api_name="/preview")
+    strength1 = np.asarray(Image.open(picture))
+    assert note.startswith(f"Made with {run} · lora.safetensors at 1 in ") and "stayed loaded" in note
     from sdlora.generate import Previewer
 
     base = np.asarray(Previewer("tiny").image(PROMPT, seed=0, steps=8, guidance_scale=7.0))
@@ -191,8 +193,8 @@ def test_train_preview_export(served, pictures):
     assert np.abs(strength0.astype(int) - base.astype(int)).max() == 0
     assert np.abs(strength1.astype(int) - base.astype(int)).max() > 0
     grid = Image.open(client.predict(run, "lora.safetensors", None, "tiny", PROMPT, *kw.values(), 2,
-                                     api_name="/strength_grid"))
-    saves = Image.open(client.predict(run, PROMPT, *kw.values(), api_name="/saves_grid"))
+                                     api_name="/strength_grid")[0])
+    saves = Image.open(client.predict(run, PROMPT, *kw.values(), api_name="/saves_grid")[0])
     assert grid.height > 2 * 64 and grid.width > 5 * 64  # 2 seeds x 5 strengths
     assert saves.height > 2 * 64  # rows: step 10 and final
 
@@ -218,6 +220,110 @@ def test_train_preview_export(served, pictures):
     # the download links work through the server
     download = httpx.get(f"{url}gradio_api/file={lora}")
     assert download.status_code == 200 and len(download.content) == Path(lora).stat().st_size
+
+
+def test_stack_loras(served, pictures, tmp_path):
+    """Several LoRAs at once, each at its own strength, on the base model that stays loaded: a run's file and an
+    uploaded one."""
+    client, _, workspace, _ = served
+    run = "first-try"
+    if "lora.safetensors" not in ws.lora_files(workspace, run):
+        pytest.skip("needs the run of test_train_preview_export")
+    step10 = tmp_path / "Step 10.safetensors"
+    step10.write_bytes((ws.run_dir(workspace, run) / "lora-step-000010.safetensors").read_bytes())
+    _, *slots = client.predict(handle_file(str(step10)), None, None, None, api_name="/stack_upload")
+    assert [value(s) for s in slots] == ["loras/Step-10.safetensors", None, None]  # into the first empty slot
+    choices = [c[1] for c in slots[0]["choices"]]
+    assert choices[:2] == [f"runs/{run}/lora.safetensors", f"runs/{run}/lora-step-000010.safetensors"]
+    assert "loras/Step-10.safetensors" in choices
+    upload = "loras/Step-10.safetensors"
+
+    def make(first, strength, *stack):
+        picture, note = client.predict(run, first, None, "tiny", PROMPT, "", 0, 8, 7.0, strength, *stack,
+                                       api_name="/preview")
+        return np.asarray(Image.open(picture)).astype(int), note
+
+    alone, _ = make("lora-step-000010.safetensors", 1.0)
+    final, _ = make("lora.safetensors", 1.0)
+    # the final file at 0 with the uploaded copy of step 10 at 1 is step 10 alone
+    swapped, note = make("lora.safetensors", 0.0, upload, 1.0)
+    assert np.abs(swapped - alone).max() <= 1
+    assert f"Made with {run} · lora.safetensors at 0 + uploaded · Step-10.safetensors at 1 in" in note
+    assert "stayed loaded" in note and "setting the LoRAs took" in note
+    both, note = make("lora.safetensors", 1.0, None, 1.0, upload, 0.5)  # an empty slot is skipped
+    assert np.abs(both - final).max() > 0 and np.abs(both - alone).max() > 0
+    assert "at 1 + uploaded · Step-10.safetensors at 0.5" in note and "stayed loaded" in note
+    grid, note = client.predict(run, "lora.safetensors", None, "tiny", PROMPT, "", 0, 4, 7.0, 1, upload, 0.5,
+                                api_name="/strength_grid")
+    assert Image.open(grid).width > 5 * 64 and "Every picture also has uploaded · Step-10.safetensors at 0.5" in note
+    with pytest.raises(Exception, match="picked twice"):
+        make("lora.safetensors", 1.0, f"runs/{run}/lora.safetensors", 0.5)
+    for bad in ["runs/../lora.safetensors", f"runs/{run}/../../secret.txt", "loras/../runs/first-try/config.json",
+                "/etc/passwd", f"{run}/lora.safetensors"]:
+        with pytest.raises(Exception, match="not a LoRA in the workspace|not a valid|has no file"):
+            make("lora.safetensors", 1.0, bad, 0.5)
+    # an upload that is not a LoRA is refused, by name
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "notes.txt").write_text("hello")
+    for path, why in [(tmp_path / "model.safetensors", "model.safetensors holds no LoRA weights"),
+                      (tmp_path / "notes.txt", "Invalid file type")]:  # Gradio's own check
+        with pytest.raises(Exception, match=why):
+            client.predict(handle_file(str(path)), upload, None, None, api_name="/stack_upload")
+    assert ws.uploaded_loras(workspace) == ["Step-10.safetensors"]
+
+
+def test_gpu_count(tmp_path, monkeypatch):
+    """With several GPUs visible the Train tab asks how many; a run on N starts as `sdlora train --gpus N` does
+    (accelerate launch). The count is passed in, so no GPU is needed; nothing is launched."""
+    import sys as _sys
+
+    from sdlora import runs
+
+    for count in (0, 1):
+        (gpus,) = [b for b in app.build(tmp_path / "w", gpus=count).blocks.values() if b.elem_id == "gpus"]
+        assert not gpus.visible
+    launched = []
+
+    class Process:
+        pid = 2**30  # no such process: the run never counts as running
+
+        def __init__(self, cmd, **kw):
+            launched.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runs, "subprocess", type("Subprocess", (), {"Popen": Process, "STDOUT": -2}))
+    workspace = tmp_path / "workspace"
+    draw_dataset(workspace / "datasets" / "shapes", n=2, size=16)
+    port = free_port()
+    demo = app.serve(workspace, port=port, gpus=4, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start"]["parameters"]
+        (gpus,) = [p for p in params if p["label"] == "GPUs"]
+        assert gpus["parameter_default"] == 4 and gpus["type"]["enum"] == [1, 2, 3, 4]
+        (gpus,) = [b for b in demo.blocks.values() if b.elem_id == "gpus"]
+        assert gpus.visible
+        text = form(client, "/plan", **{"Dataset": "shapes", "Training steps": 10, "Pictures per step": 2, "GPUs": 2})
+        assert "10 steps × 4 pictures (2 on each of 2 GPUs) = 40 pictures" in text
+        run = start(client, **{"Dataset": "shapes", "Training steps": 10, "GPUs": 2, "Run name": "two"})
+        run_dir = ws.run_dir(workspace, run)
+        accelerate = [_sys.executable, "-m", "accelerate.commands.launch", *runs.launch_args(2)]  # as cli.py relaunches
+        assert launched[-1] == runs.train_command(run_dir, 2) == \
+            [*accelerate, "-m", "sdlora", "train", "--run-dir", str(run_dir), "--resume"]
+        assert launched[-1][3:9] == ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend"]
+        run = start(client, **{"Dataset": "shapes", "Training steps": 10, "GPUs": 1, "Run name": "one"})
+        assert launched[-1] == [_sys.executable, "-m", "sdlora", "train", "--run-dir",
+                                str(ws.run_dir(workspace, run)), "--resume"]
+        with pytest.raises(Exception, match="5 GPUs asked for, and 4 are visible|not in the list of choices"):
+            start(client, **{"Dataset": "shapes", "GPUs": 5})
+        assert len(launched) == 2
+    finally:
+        demo.close()
 
 
 def test_stop_and_a_failing_run(served, pictures):

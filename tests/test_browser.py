@@ -1,5 +1,6 @@
 """The app in a real browser (Playwright driving Debian's chromium): pictures, a caption edit, a short tiny run,
-a preview and a download, clicked through as an artist would; a screenshot of each tab goes to docs/screenshots/."""
+a preview (then with a second LoRA stacked) and a download, clicked through as an artist would; a screenshot of
+each tab goes to docs/screenshots/."""
 
 import json
 import re
@@ -127,6 +128,18 @@ def test_click_through_every_tab(page, tmp_path):
     page.get_by_role("button", name="Strength × seed grid").click()
     expect(page.locator("#grid img")).to_be_visible(timeout=180_000)
     page.screenshot(path=str(SHOTS / "3-try-it.png"), full_page=True)
+    # Stack a second LoRA (the run's save at step 10) at its own strength; the base model stays loaded.
+    page.get_by_text("Add another LoRA").click()
+    page.get_by_label("LoRA 2", exact=True).click()
+    page.get_by_role("option", name=re.compile(r"· lora-step-000010\.safetensors$")).click()
+    strength = page.get_by_label("number input for LoRA 2 strength")
+    strength.fill("0.5")
+    strength.press("Enter")
+    page.get_by_role("button", name="Make picture").click()
+    expect(page.locator("#preview-note")).to_contain_text(
+        re.compile(r"lora\.safetensors at 1 \+ shapes-.* · lora-step-000010\.safetensors at 0\.5 in .* stayed loaded"),
+        timeout=120_000)
+    page.screenshot(path=str(SHOTS / "3-try-it-stacked.png"), full_page=True)
 
     # 4. Download: title and trigger come from the run; the files appear for download.
     page.get_by_role("tab", name="4 · Download").click()
