@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import logging
 import sys
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def _quiet_loading() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about optional CPU kernels
     if argv[:1] == ["app"]:  # everything after `app` belongs to app.py
         return _app(argv[1:])
     args = _parser().parse_args(argv)

@@ -64,10 +64,17 @@ class TrainConfig:
     noise_offset: float = _knob(0.0, "noise offset; helps very dark/bright images (0.05 SD1, 0.0357 SDXL)")
     mixed_precision: str = _knob("auto", "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU",
                                  choices=("auto", "no", "fp16", "bf16"))
+    base_precision: str = _knob("auto", "how the frozen base (UNet, text encoders) is stored while the LoRA trains in "
+                                        "fp32: auto = in the training precision, unquantized; fp8 = float8 (torch); "
+                                        "int8, nf4 = bitsandbytes 8-bit / 4-bit layers; use with "
+                                        "gradient_checkpointing (docs/tools.md)",
+                                choices=("auto", "fp8", "int8", "nf4"))
     gradient_checkpointing: bool = _knob(False, "trade compute for memory")
     auto_memory: bool = _knob(True, "on a GPU, pick batch_size and gradient_checkpointing left at their defaults from "
                                     "the model family and the free GPU memory (the run says what it picked)")
     cache_latents: bool = _knob(True, "encode every image once instead of every step")
+    cuda_graphs: bool = _knob(True, "on a GPU, replay the training step as CUDA graphs (one per bucket shape): much faster, "
+                                    "most of all at small batches; turn off to debug")
     seed: int = _knob(0, "seed for data order, noise and samples: the same seed gives the same run")
 
     # What the run leaves behind
@@ -136,6 +143,12 @@ class TrainConfig:
 
         if not self.sample_scheduler.endswith("Scheduler") or not hasattr(diffusers, self.sample_scheduler):
             need(False, "sample_scheduler", "not a diffusers scheduler class (e.g. EulerDiscreteScheduler)")
+        if self.base_precision != "auto":  # a mode this machine cannot run (no bitsandbytes, no CPU kernel) stops here
+            import torch
+
+            from sdlora.quantize import check_precision
+
+            check_precision(self.base_precision, cuda=torch.cuda.is_available())
         if self.optimizer == "adamw8bit":
             try:
                 import bitsandbytes  # noqa: F401

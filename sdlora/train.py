@@ -18,6 +18,8 @@ from sdlora import dataset as ds
 from sdlora.config import TrainConfig
 from sdlora.errors import UserError
 from sdlora.export import kohya_metadata, verify, write_diffusers_layout
+from sdlora.graphs import Graphed
+from sdlora.quantize import quantize_base
 from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, add_adapters, kohya_state_dict, save_lora
 from sdlora.models import FAMILIES, load_base, memory_defaults
 from sdlora.runs import CONTROL_FILES, EventLog, take_request, write_atomic
@@ -39,8 +41,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         EventLog(run_dir).emit("error", message=e.message, hint=e.hint)
         raise
     # cpu=True when there is no GPU: it is what makes accelerate join several CPU processes over gloo
-    accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision),
-                              gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
+    # gradient accumulation and the all-reduce are done by hand in Step (so the step can be a CUDA graph)
+    accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision), cpu=not torch.cuda.is_available())
     events = EventLog(run_dir, enabled=accelerator.is_main_process, echo=progress_bar)
     if accelerator.is_main_process:
         write_atomic(run_dir / "config.json", config.to_json())
@@ -95,30 +97,12 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         events.emit("warning", message=f"{len(long)} captions are longer than {tokenizer.model_max_length - 2} tokens "
                                        f"and will be cut (e.g. {long[0]})")
 
-    # 2. Models: frozen base in the compute dtype; the VAE stays fp32 (fp16 VAEs overflow into NaNs).
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    noise_scheduler = _ddpm(pipe.scheduler.config)
-    vae.requires_grad_(False).to(device, torch.float32)
-    for text_encoder in text_encoders:
-        text_encoder.requires_grad_(False).to(device, weight_dtype)
-    unet.requires_grad_(False).to(device, weight_dtype)
+    # 2. Models, adapters, optimizer, schedule and the step (bench/train_speed.py times this same step).
+    step_fn = build_step(accelerator, pipe, config, on_fail=lambda e: events.emit(
+        "warning", message=f"CUDA graphs off, the step runs eagerly: {type(e).__name__}: {str(e)[:200]}"))
+    trained, lr_scheduler, noise_scheduler = step_fn.trained, step_fn.lr_scheduler, step_fn.noise_scheduler
 
-    # 3. Adapters: fp32 LoRA parameters on top of the frozen base (updates would vanish in fp16), their initial
-    #    values drawn from the run's seed.
-    torch.manual_seed(config.seed)
-    unet_params = add_adapters(unet, UNET_TARGETS[config.targets], config.rank, config.alpha, config.lora_dropout)
-    te_params = []
-    if config.train_text_encoder:
-        for text_encoder in text_encoders:
-            te_params += add_adapters(text_encoder, TEXT_TARGETS[config.targets], config.rank, config.alpha,
-                                      config.lora_dropout)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            for text_encoder in text_encoders:
-                text_encoder.gradient_checkpointing_enable()
-
-    # 4. Caches: latents once per image (and per flip), with SDXL's size/crop conditioning; text embeddings once when
+    # 3. Caches: latents once per image (and per flip), with SDXL's size/crop conditioning; text embeddings once when
     #    the text encoder is frozen and captions don't change between steps (kohya refuses caching with shuffle for
     #    the same reason).
     #    With several processes each encodes its share and they swap results, so every cache is computed once.
@@ -129,31 +113,12 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         texts = sorted({r.caption for r in records} | {""})
         text_cache = _shared(accelerator, lambda share: _cache_text(tokenizers, text_encoders, texts, device, share))
 
-    # 5. Optimizer and schedule.
-    groups = [{"params": unet_params, "lr": config.unet_lr}]
-    if te_params:
-        groups.append({"params": te_params, "lr": config.text_encoder_lr})
-    optimizer = _optimizer(config, groups)
-    from diffusers.optimization import get_scheduler
-
-    # accelerate steps a prepared schedule once per process each optimizer step, hence the factor
-    n = accelerator.num_processes
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
-                                 num_warmup_steps=round(config.warmup_fraction * config.steps) * n,
-                                 num_training_steps=config.steps * n, num_cycles=config.lr_cycles)
-    trained = [unet, *text_encoders] if te_params else [unet]
-    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    trained, optimizer, lr_scheduler = list(prepared[:-2]), prepared[-2], prepared[-1]
-    unet = trained[0]  # the step calls the prepared models (DistributedDataParallel on several GPUs)
-    if te_params:
-        text_encoders = trained[1:]
-    _register_adapter_checkpointing(accelerator)
-
-    # 6. Resume: weights, optimizer, schedule; data order and noise are functions of (seed, step), so they follow.
+    # 4. Resume: weights, optimizer, schedule; data order and noise are functions of (seed, step), so they follow.
     step = 0
     checkpoints = run_dir / "checkpoints"
     if resume and (last := _last_checkpoint(checkpoints)) is not None:
         accelerator.load_state(str(last))
+        _load_adapters(trained, last / "adapters.safetensors")
         step = int(last.name.split("-")[1])
         saved_with = json.loads((last / "sdlora.json").read_text()).get("processes", 1) \
             if (last / "sdlora.json").exists() else 1
@@ -169,15 +134,15 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     events.emit("start", config=config.__dict__, family=base.family, resolution=resolution, buckets=len(buckets),
                 images=len(records), rejected=len(data.rejected), samples_per_epoch=len(samples),
                 total_steps=config.steps, start_step=step, device=str(device), precision=accelerator.mixed_precision,
-                batch_per_gpu=config.batch_size, global_batch=images_per_step,
+                batch_per_gpu=config.batch_size, global_batch=images_per_step, base_storage=step_fn.base_storage,
                 epochs=round(config.steps * images_per_step / len(samples), 2))
 
     def save(step: int, final: bool) -> Path:
         name = "lora.safetensors" if final else f"lora-step-{step:06d}.safetensors"
         path = run_dir / name
+        read_losses()  # never save weights that a NaN has already reached
         if accelerator.is_main_process:
-            net_unet = accelerator.unwrap_model(unet)
-            net_tes = [accelerator.unwrap_model(m) for m in trained[1:]]
+            net_unet, net_tes = unet, trained[1:]
             meta = kohya_metadata(config, family=base.family, resolution=resolution, step=step,
                                   epoch=math.ceil(step * images_per_step / len(samples)), num_images=len(records),
                                   tag_frequency=ds.tag_frequency(records), started_at=started_at,
@@ -190,6 +155,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
             events.emit("save", step=step, path=str(path))
         accelerator.save_state(str(checkpoints / f"step-{step:06d}"))
         if accelerator.is_main_process:
+            _save_adapters(trained, checkpoints / f"step-{step:06d}" / "adapters.safetensors")
             write_atomic(checkpoints / f"step-{step:06d}" / "sdlora.json",
                          json.dumps({"step": step, "processes": accelerator.num_processes}))
             for old in sorted(checkpoints.glob("step-*"))[:-config.keep_checkpoints]:
@@ -213,10 +179,24 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    loss_ema, t_last, step_last, last_good = None, time.perf_counter(), step, None
+    # Losses stay on the device until they are shown: reading one each step would make the GPU wait for the host.
+    pending, history = [], []  # (step, loss tensor) not yet read; (step, loss) read
+    t_last, step_last, last_good = time.perf_counter(), step, None
+
+    def read_losses() -> None:
+        if not pending:
+            return
+        values = torch.stack([loss for _, loss in pending]).tolist()
+        for (at, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                keep = f"; the last good save is {last_good.name}" if last_good else ""
+                raise UserError(f"the loss became {value} at step {at}{keep}",
+                                "lower unet_lr/text_encoder_lr, or use bf16/fp32 instead of fp16")
+            history.append((at, value))
+        pending.clear()
+
     for m in trained:
         m.train()
-
     while True:
         # Once in a while: samples (a step-0 baseline first), saves, and requests from the run folder.
         done = step >= config.steps
@@ -230,76 +210,182 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         if step > 0 and (step % save_every == 0 or save_now):
             last_good = save(step, final=False)
 
-        # The step: encode, add noise, predict, loss, backward, update.
+        # The step: this process's share of each micro-batch, as tensors on the device, then one update.
+        micro_batches = []
         for micro in range(config.grad_accum):
             k = step * config.grad_accum + micro  # micro-batch index: the data position
             global_batch = batch_at(k, config, records, samples, bucket_of, accelerator.num_processes)
             mine = slice(accelerator.process_index * config.batch_size, (accelerator.process_index + 1) * config.batch_size)
             idx, captions, rngs, gens = (list(x) for x in zip(*global_batch[mine]))
-            with accelerator.accumulate(*trained):
-                if latent_cache is not None:
-                    flips = [config.flip and rng.random() < 0.5 for rng in rngs]
-                    cached = [latent_cache[(i, f)] for i, f in zip(idx, flips)]
-                    mean, std, time_ids = (torch.stack(t) for t in zip(*cached))
-                    latents = mean + std * _randn(mean.shape[1:], gens).to(device)
-                else:
-                    images = [ds.prepare_image(records[i].image, bucket_of[i], random_crop=config.random_crop,
-                                               flip=config.flip, rng=rng) for i, rng in zip(idx, rngs)]
-                    pixels = torch.stack([im[0] for im in images]).to(device)
-                    time_ids = torch.stack([_time_ids(im[2], im[1], bucket_of[i]) for im, i in zip(images, idx)])
-                    with torch.no_grad():
-                        dist = vae.encode(pixels).latent_dist
-                    _check_finite(dist.mean, ", ".join(records[i].name for i in idx))
-                    latents = dist.mean + dist.std * _randn(dist.mean.shape[1:], gens).to(device)
-                latents = (latents * vae.config.scaling_factor).to(weight_dtype)
-                if text_cache is not None:
-                    encoder_hidden_states = torch.stack([text_cache[c][0] for c in captions])
-                    pooled = torch.stack([text_cache[c][1] for c in captions]) if sdxl else None
-                else:
-                    encoder_hidden_states, pooled = _encode_text(tokenizers, text_encoders, captions, device)
-                # SDXL also conditions on the pooled text embedding and each image's size, crop and target size
-                added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids.to(device)} if sdxl else None
-
-                noise = _randn(latents.shape[1:], gens).to(device, latents.dtype)
-                if config.noise_offset:  # https://www.crosslabs.org/blog/diffusion-with-offset-noise
-                    noise += config.noise_offset * _randn(latents.shape[1:2] + (1, 1), gens).to(noise)
-                timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g)
-                                       for g in gens]).to(device)
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    target = noise
-                with accelerator.autocast():
-                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states,
-                                      added_cond_kwargs=added_cond_kwargs).sample
-                loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                loss = (loss * _min_snr_weights(noise_scheduler, timesteps, config.min_snr_gamma)).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet_params + te_params, 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        loss_value = accelerator.gather(loss.detach()).mean().item()
-        if not math.isfinite(loss_value):
-            keep = f"; the last good save is {last_good.name}" if last_good else ""
-            raise UserError(f"the loss became {loss_value} at step {step + 1}{keep}",
-                            "lower unet_lr/text_encoder_lr, or use bf16/fp32 instead of fp16")
+            if latent_cache is not None:
+                flips = [config.flip and rng.random() < 0.5 for rng in rngs]
+                mean, std, time_ids = (torch.stack(t) for t in zip(*(latent_cache[(i, f)] for i, f in zip(idx, flips))))
+            else:
+                images = [ds.prepare_image(records[i].image, bucket_of[i], random_crop=config.random_crop,
+                                           flip=config.flip, rng=rng) for i, rng in zip(idx, rngs)]
+                pixels = torch.stack([im[0] for im in images]).to(device)
+                time_ids = torch.stack([_time_ids(im[2], im[1], bucket_of[i]) for im, i in zip(images, idx)]).to(device)
+                with torch.no_grad():
+                    dist = vae.encode(pixels).latent_dist
+                _check_finite(dist.mean, ", ".join(records[i].name for i in idx))
+                mean, std = dist.mean, dist.std
+            inputs = {"mean": mean, "std": std, **_noise(mean.shape, gens, config.noise_offset,
+                                                         noise_scheduler.config.num_train_timesteps, device)}
+            if sdxl:  # SDXL also conditions on each image's size, crop and target size
+                inputs["time_ids"] = time_ids
+            if text_cache is not None:
+                inputs["hidden"] = torch.stack([text_cache[c][0] for c in captions])
+                if sdxl:
+                    inputs["pooled"] = torch.stack([text_cache[c][1] for c in captions])
+            else:
+                for j, tokenizer in enumerate(tokenizers):
+                    inputs[f"ids_{j}"] = _token_ids(tokenizer, captions, device)
+            micro_batches.append(inputs)
+        pending.append((step + 1, step_fn(micro_batches)))
         step += 1
-        loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
+
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_ema:.4f}")
         now = time.perf_counter()
         # at least once a second, and at least ~100 times a run so that a short run still draws a loss curve
         if now - t_last >= 1.0 or step % max(1, config.steps // 100) == 0 or step == config.steps:
+            read_losses()
             rate = (step - step_last) / (now - t_last)
+            loss_value = history[-1][1]
+            loss_ema = _ema([v for _, v in history[-50:]])
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_ema:.4f}")
             events.emit("progress", step=step, total=config.steps, loss=loss_value, loss_ema=loss_ema,
                         lr=lr_scheduler.get_last_lr()[0], images_per_s=rate * images_per_step,
-                        eta_s=(config.steps - step) / max(rate, 1e-9), memory_gb=_memory_gb(device))
+                        eta_s=(config.steps - step) / max(rate, 1e-9), memory_gb=_memory_gb(device),
+                        graphs=step_fn.run.captured)
             t_last, step_last = now, step
+
+
+def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
+    """Put the base model on the device (frozen, in the compute dtype; the VAE in fp32, since fp16 VAEs overflow into
+    NaNs), add the LoRA adapters (fp32 parameters: updates would vanish in fp16; initial values from the run's seed),
+    and make the optimizer, the schedule and the `Step` that trains them."""
+    device = accelerator.device
+    unet, vae = pipe.unet, pipe.vae
+    text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.requires_grad_(False).to(device, torch.float32)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False).to(device, weight_dtype)
+    unet.requires_grad_(False).to(device, weight_dtype)
+    # --base-precision: the frozen weights stored in fp8/int8/nf4 (sdlora.quantize); the adapters stay fp32
+    base_storage = quantize_base(unet, text_encoders, config.base_precision)
+
+    torch.manual_seed(config.seed)
+    unet_params = add_adapters(unet, UNET_TARGETS[config.targets], config.rank, config.alpha, config.lora_dropout)
+    te_params = []
+    if config.train_text_encoder:
+        for text_encoder in text_encoders:
+            te_params += add_adapters(text_encoder, TEXT_TARGETS[config.targets], config.rank, config.alpha,
+                                      config.lora_dropout)
+    # a quantized base saves memory only with checkpointing: autograd would keep every dequantized weight otherwise
+    if config.gradient_checkpointing or config.base_precision != "auto":
+        # no RNG to replay (no dropout in the base), and saving CUDA's RNG state cannot be captured in a CUDA graph
+        unet.enable_gradient_checkpointing(_checkpoint)
+        if config.train_text_encoder:
+            for text_encoder in text_encoders:
+                text_encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
+
+    # fused AdamW on a GPU: one kernel for all LoRA tensors
+    groups = [{"params": unet_params, "lr": config.unet_lr}]
+    if te_params:
+        groups.append({"params": te_params, "lr": config.text_encoder_lr})
+    optimizer = _optimizer(config, groups, fused=device.type == "cuda")
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared schedule once per process each optimizer step, hence the factor
+    n = accelerator.num_processes
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                 num_warmup_steps=round(config.warmup_fraction * config.steps) * n,
+                                 num_training_steps=config.steps * n, num_cycles=config.lr_cycles)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    step = Step(accelerator, unet, text_encoders if te_params else [], unet_params, te_params, optimizer,
+                lr_scheduler, _ddpm(pipe.scheduler.config), config, vae.config.scaling_factor, weight_dtype,
+                len(text_encoders) > 1, cuda_graphs=device.type == "cuda" and config.cuda_graphs, on_fail=on_fail)
+    step.base_storage = base_storage
+    return step
+
+
+class Step:
+    """One optimizer update: the loss and LoRA gradients of each micro-batch, averaged over micro-batches and
+    processes, clipped, applied. Nothing in it waits for the host, so on a GPU `loss_and_grads` replays as a CUDA
+    graph per bucket shape (sdlora.graphs): no Python and no kernel launches per layer, which is what an
+    overhead-bound LoRA step spends most of its time on."""
+
+    def __init__(self, accelerator, unet, text_encoders, unet_params, te_params, optimizer, lr_scheduler,
+                 noise_scheduler, config, scaling_factor: float, weight_dtype, sdxl: bool, cuda_graphs: bool,
+                 on_fail=None):
+        from accelerate.utils import AutocastKwargs
+
+        self.accelerator, self.unet, self.text_encoders = accelerator, unet, text_encoders
+        self.trained = [unet, *text_encoders]  # the models whose adapters train, in checkpoint order
+        self.unet_params, self.te_params, self.params = unet_params, te_params, unet_params + te_params
+        self.optimizer, self.lr_scheduler, self.noise_scheduler = optimizer, lr_scheduler, noise_scheduler
+        self.config, self.scaling_factor, self.weight_dtype, self.sdxl = config, scaling_factor, weight_dtype, sdxl
+        # no autocast weight cache: a CUDA graph cannot hold tensors cached outside it
+        self.autocast = AutocastKwargs(cache_enabled=False)
+        # keep the noise schedule on the device (diffusers moves it on first use, which a capture cannot do)
+        noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
+        self.run = Graphed(self.loss_and_grads, enabled=cuda_graphs, on_fail=on_fail)
+
+    def loss_and_grads(self, mean, std, eps, noise, timesteps, time_ids=None, hidden=None, pooled=None, **ids):
+        """Sample the latents from their cached distribution, noise them, predict, Min-SNR-weighted MSE against
+        the noise (or the velocity for v-prediction models); return (loss, gradients of the LoRA parameters)."""
+        latents = ((mean + std * eps) * self.scaling_factor).to(self.weight_dtype)
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        with self.accelerator.autocast(self.autocast):
+            if ids:  # the text encoders train: encode the captions' token ids here
+                hidden, pooled = _encode_ids(self.text_encoders, [ids[f"ids_{j}"] for j in range(len(ids))])
+            added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids} if self.sdxl else None
+            model_pred = self.unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added_cond_kwargs).sample
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = (loss * _min_snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma)).mean()
+        scaler = self.accelerator.scaler  # fp16 only: scale the loss so small gradients do not underflow
+        grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, self.params)
+        return loss.detach(), grads
+
+    def __call__(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Update the LoRA parameters from `micro_batches` (dicts of input tensors); return the mean loss as a
+        tensor on the device."""
+        loss, grads = None, None
+        for inputs in micro_batches:
+            # cuDNN picks each convolution's fastest algorithm once per shape; only here, since timing fp32 VAE
+            # convolutions at full resolution tries algorithms that ask for tens of GB of workspace
+            benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+            try:
+                micro_loss, micro_grads = self.run(**inputs)  # the graph's outputs: overwritten by the next replay
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
+            if grads is None:
+                loss = micro_loss.clone()
+                grads = [g.clone() for g in micro_grads] if len(micro_batches) > 1 else list(micro_grads)
+            else:
+                loss += micro_loss
+                torch._foreach_add_(grads, micro_grads)
+        if len(micro_batches) > 1:
+            loss /= len(micro_batches)
+            torch._foreach_div_(grads, len(micro_batches))
+        if self.accelerator.num_processes > 1:  # data parallel: one all-reduce of every LoRA gradient at once
+            flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+            grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
+            loss = self.accelerator.reduce(loss, reduction="mean")
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.accelerator.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        return loss
 
 
 def batch_at(k: int, config: TrainConfig, records, samples: list[int], bucket_of, processes: int = 1) -> list[tuple]:
@@ -330,6 +416,32 @@ def batch_at(k: int, config: TrainConfig, records, samples: list[int], bucket_of
 def _randn(shape, generators) -> torch.Tensor:
     """One standard-normal tensor of `shape` per image, each from that image's own generator."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def _noise(shape, generators, noise_offset: float, num_timesteps: int, device) -> dict:
+    """Each image's randomness from its own generator: `eps` samples its latent from the cached distribution,
+    `noise` is what the model learns to predict (with offset noise, https://www.crosslabs.org/blog/diffusion-with-offset-noise),
+    `timesteps` its noise level. Drawn on the host, copied without blocking."""
+    eps = _randn(shape[1:], generators)
+    noise = _randn(shape[1:], generators)
+    if noise_offset:
+        noise += noise_offset * _randn(shape[1:2] + (1, 1), generators)
+    timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=g) for g in generators])
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in
+                (("eps", eps), ("noise", noise), ("timesteps", timesteps))}
+    return {"eps": eps, "noise": noise, "timesteps": timesteps}
+
+
+def _ema(values: list[float], decay: float = 0.9) -> float:
+    ema = values[0]
+    for v in values[1:]:
+        ema = decay * ema + (1 - decay) * v
+    return ema
+
+
+def _checkpoint(function, *args):
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 def _requests(accelerator, run_dir: Path, signalled: bool, step: int, every: int = 10) -> tuple[bool, bool, bool]:
@@ -376,12 +488,12 @@ def _ddpm(scheduler_config):
     return DDPMScheduler.from_config(scheduler_config)
 
 
-def _optimizer(config: TrainConfig, groups):
+def _optimizer(config: TrainConfig, groups, fused: bool = False):
     if config.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def _min_snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
@@ -398,24 +510,28 @@ def _min_snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
 
 
 def _encode_text(tokenizers, text_encoders, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(encoder_hidden_states, pooled) for `captions`, see `_encode_ids`."""
+    return _encode_ids(text_encoders, [_token_ids(tokenizer, captions, device) for tokenizer in tokenizers])
+
+
+def _encode_ids(text_encoders, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(encoder_hidden_states, pooled) as the pipelines make them: SD1/SD2 the text encoder's last hidden state
     (pooled None); SDXL both encoders' penultimate hidden states side by side, and the second encoder's pooled
     projection (diffusers' StableDiffusionXLPipeline.encode_prompt)."""
-    grad = torch.is_grad_enabled() and any(p.requires_grad for te in text_encoders for p in te.parameters())
-    with torch.set_grad_enabled(grad):
-        if len(text_encoders) == 1:
-            return text_encoders[0](_token_ids(tokenizers[0], captions, device))[0], None
-        hidden, pooled = [], None
-        for tokenizer, text_encoder in zip(tokenizers, text_encoders):
-            out = text_encoder(_token_ids(tokenizer, captions, device), output_hidden_states=True)
-            pooled = out[0]  # the last encoder's is the one used: CLIPTextModelWithProjection's text_embeds
-            hidden.append(out.hidden_states[-2])
-        return torch.cat(hidden, dim=-1), pooled
+    if len(text_encoders) == 1:
+        return text_encoders[0](ids[0])[0], None
+    hidden, pooled = [], None
+    for token_ids, text_encoder in zip(ids, text_encoders):
+        out = text_encoder(token_ids, output_hidden_states=True)
+        pooled = out[0]  # the last encoder's is the one used: CLIPTextModelWithProjection's text_embeds
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
 
 
 def _token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids
 
 
 @torch.no_grad()
@@ -463,12 +579,21 @@ def _cache_latents(vae, records, bucket_of, flip: bool, device, share=(0, 1)) ->
     return cache
 
 
+def _free_gib(device) -> float:
+    """GPU memory this process may still use: what the card has free, or less where the process is capped
+    (torch.cuda.set_per_process_memory_fraction, as a shared or a smaller card behaves)."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # torch >= 2.9
+    cap = fraction * total - torch.cuda.memory_reserved(device)
+    return min(free, cap) / 2**30
+
+
 def _memory_defaults(config: TrainConfig, family: str, accelerator, events, run_dir: Path) -> TrainConfig:
     """On a GPU, batch_size and gradient_checkpointing left at their defaults follow the family and the free memory
     (the least any process has, so all pick alike). The resolved values replace config.json, so a resume repeats
     them."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    free = torch.tensor([torch.cuda.mem_get_info(accelerator.device)[0] / 2**30], device=accelerator.device)
+    free = torch.tensor([_free_gib(accelerator.device)], device=accelerator.device)
     free_gib = accelerator.gather(free).min().item()
     batch_size, checkpointing = memory_defaults(family, free_gib)
     picked = {}
@@ -530,27 +655,27 @@ def _decode(pipe, latents: torch.Tensor):
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
-def _register_adapter_checkpointing(accelerator) -> None:
-    """Make accelerate's save_state/load_state keep only the LoRA weights (not the frozen base) with the
-    optimizer, schedule and RNG state, as diffusers' LoRA examples do."""
-    from safetensors.torch import load_file, save_file
+def _adapter_tensors(models) -> dict:
+    """The trainable (LoRA) parameters of the trained models by a stable name: what a checkpoint keeps of them."""
+    return {f"{i}.{name}": p for i, m in enumerate(models) for name, p in m.named_parameters() if p.requires_grad}
 
-    def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            lora = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
-            if accelerator.is_main_process:
-                save_file(lora, str(Path(output_dir) / f"adapter_{i}.safetensors"))
-        weights.clear()
 
-    def load_hook(models, input_dir):
-        for i, model in enumerate(models):
-            state = load_file(str(Path(input_dir) / f"adapter_{i}.safetensors"))
-            result = model.load_state_dict(state, strict=False)
-            assert not result.unexpected_keys, result.unexpected_keys
-        models.clear()
+def _save_adapters(models, path: Path) -> None:
+    from safetensors.torch import save_file
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    save_file({k: p.detach().cpu().contiguous() for k, p in _adapter_tensors(models).items()}, str(path))
+
+
+@torch.no_grad()
+def _load_adapters(models, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved, params = load_file(str(path)), _adapter_tensors(models)
+    if saved.keys() != params.keys():
+        raise UserError(f"{path.parent.name} holds another adapter (rank, targets or text encoder differ)",
+                        "resume with the settings the run was started with, or start a new run")
+    for name, p in params.items():
+        p.copy_(saved[name])
 
 
 def _last_checkpoint(checkpoints: Path) -> Path | None:
