@@ -352,7 +352,9 @@ class Step:
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         loss = (loss * _min_snr_weights(self.noise_scheduler, timesteps, self.config.min_snr_gamma)).mean()
         scaler = self.accelerator.scaler  # fp16 only: scale the loss so small gradients do not underflow
-        grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, self.params)
+        # zeros for adapters the loss does not reach (SDXL conditions on the penultimate layer of CLIP-L)
+        grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, self.params,
+                                    allow_unused=True, materialize_grads=True)
         return loss.detach(), grads
 
     def __call__(self, micro_batches: list[dict]) -> torch.Tensor:
@@ -582,6 +584,7 @@ def _cache_latents(vae, records, bucket_of, flip: bool, device, share=(0, 1)) ->
 def _free_gib(device) -> float:
     """GPU memory this process may still use: what the card has free, or less where the process is capped
     (torch.cuda.set_per_process_memory_fraction, as a shared or a smaller card behaves)."""
+    device = device.index if device.index is not None else torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(device)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # torch >= 2.9
     cap = fraction * total - torch.cuda.memory_reserved(device)
