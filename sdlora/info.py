@@ -13,14 +13,12 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import UserError
-from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, kohya_name, read_lora, text_encoder_prefix
+from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, kohya_name, read_lora, stated_family, text_encoder_prefix
 from sdlora.models import FAMILIES
 
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 # LyCORIS networks store other factorisations; W' = W + s*(alpha/r)*up@down does not apply to them.
 _OTHER_NETWORKS = ("hada_w1_a", "lokr_w1", "lokr_w1_a", ".diff", "oft_blocks", "lora_mid.weight")
-# sd2 and sd2-v share every weight shape; A1111/Forge also only tell v1, v2 and XL apart (ss_v2, the SDXL version).
-_ARCHITECTURE = {"sd1": "sd1", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl"}
 # Cross-attention width of the UNet (attn2 to_k input) per family; the tiny model's 128 tells nothing.
 _CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _SETTINGS = [  # (metadata key, label) shown by `sdlora info`, in this order
@@ -117,46 +115,12 @@ def _read_peft(path: Path, state: dict, metadata: dict) -> Adapter:
     return Adapter(modules, metadata, "diffusers", sorted(stray))
 
 
-def stated_family(metadata: dict[str, str]) -> str | None:
-    """The family the file says it was made for (kohya's `ss_base_model_version`, else `modelspec.architecture`)."""
-    version = metadata.get("ss_base_model_version", "")
-    for fam, spec in FAMILIES.items():
-        if version == spec["base_model_version"]:
-            return fam
-    if version.startswith("sdxl"):
-        return "sdxl"
-    if version.startswith("sd_v2"):
-        return "sd2-v" if version.endswith("_v") else "sd2"
-    if version.startswith("sd_v1"):
-        return "sd1"
-    arch = metadata.get("modelspec.architecture", "")
-    for fam, spec in FAMILIES.items():
-        if arch == spec["architecture"]:
-            return fam
-    for start, fam in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2-768-v", "sd2-v"),
-                       ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1")):
-        if arch.startswith(start):
-            return fam
-    if metadata.get("ss_v2") == "True":
-        return "sd2"
-    return None
-
-
 def guessed_family(adapter: Adapter) -> str | None:
     """The family the key names and shapes point to, for files without metadata."""
     if any(n.startswith("lora_te2_") or "_input_blocks_" in n for n in adapter.modules):
         return "sdxl"
     widths = {down.shape[1] for n, (down, _, _) in adapter.modules.items() if n.endswith("attn2_to_k")}
     return next((_CONTEXT_WIDTH[w] for w in widths if w in _CONTEXT_WIDTH), None)
-
-
-def check_family(adapter: Adapter, family: str, name: str) -> None:
-    """UserError if the file says it was made for a family other than the base's."""
-    made_for = stated_family(adapter.metadata)
-    if made_for and _ARCHITECTURE[made_for] != _ARCHITECTURE[family]:
-        said = adapter.metadata.get("ss_base_model_version") or adapter.metadata.get("modelspec.architecture")
-        raise UserError(f"{name} was made for {made_for} (its metadata says {said}) but the base model is {family}",
-                        f"use a {made_for} base model, or a LoRA trained for {family}")
 
 
 def base_modules(pipe, family: str) -> dict[str, torch.nn.Module]:
@@ -251,7 +215,7 @@ def describe(path: str | Path, base=None) -> dict:
         result = fit(adapter, base_modules(base.pipe, base.family))
         info["base"] = {"name": base.name, "family": base.family, "mapped": len(result["mapped"]),
                         "missing": result["missing"], "wrong_shape": result["wrong_shape"],
-                        "family_ok": not stated or _ARCHITECTURE[stated] == _ARCHITECTURE[base.family],
+                        "family_ok": not stated or FAMILIES[stated]["arch"] == FAMILIES[base.family]["arch"],
                         "ok": not result["missing"] and not result["wrong_shape"] and not adapter.stray}
     return info
 

@@ -115,7 +115,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return load_file(str(path)), metadata
 
 
-def check_lora_fits(name: str, state: dict[str, torch.Tensor], metadata: dict[str, str], base) -> None:
+def check_lora_fits(name: str, state: dict[str, torch.Tensor] | None, metadata: dict[str, str], base) -> None:
     """Raise a one-line UserError when the LoRA file `name` was made for another model family than `base`.
 
     The metadata says so first (`ss_base_model_version`, `modelspec.architecture`); files without it are judged by
@@ -128,13 +128,15 @@ def check_lora_fits(name: str, state: dict[str, torch.Tensor], metadata: dict[st
 
     fam = FAMILIES[base.family]
     hint = f"use it with a base model of its own family, or pick a LoRA made for {fam['label']}"
-    made_for = _family_from_metadata(metadata)
-    if made_for is not None and made_for not in FAMILIES:
-        raise UserError(f"{name} is a LoRA for {made_for}, and the base model is {fam['label']}", hint)
+    made_for = stated_family(metadata)
+    foreign = metadata.get("modelspec.architecture", "").split("/")[0]
+    if made_for is None and foreign and not foreign.startswith("stable-diffusion"):  # flux, sd3, ...
+        raise UserError(f"{name} is a LoRA for {foreign}, and the base model is {fam['label']}", hint)
     if made_for is not None and FAMILIES[made_for]["arch"] != fam["arch"]:
         raise UserError(f"{name} is a LoRA for {FAMILIES[made_for]['label']}, and the base model is {fam['label']}",
                         hint)
 
+    state = state or {}  # None: the caller maps every shape onto the base itself
     base_width = base.pipe.unet.config.cross_attention_dim
     for key, tensor in state.items():
         if key.endswith(("attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight", "attn2_to_v.lora_down.weight")):
@@ -161,14 +163,28 @@ def check_lora_fits(name: str, state: dict[str, torch.Tensor], metadata: dict[st
                             f"{te.config.hidden_size} wide ({fam['label']})", hint)
 
 
-def _family_from_metadata(metadata: dict[str, str]) -> str | None:
-    """The family a file's metadata names (sd1, sd2, sdxl), another architecture's name as written, or None."""
+def stated_family(metadata: dict[str, str]) -> str | None:
+    """The family the file says it was made for (kohya's `ss_base_model_version`, else `modelspec.architecture`)."""
+    from sdlora.models import FAMILIES
+
     version = metadata.get("ss_base_model_version", "")
-    arch = metadata.get("modelspec.architecture", "")
-    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+    for fam, spec in FAMILIES.items():
+        if version == spec["base_model_version"]:
+            return fam
+    if version.startswith("sdxl"):
         return "sdxl"
-    if version.startswith("sd_v2") or arch.startswith("stable-diffusion-v2"):
-        return "sd2"
-    if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
+    if version.startswith("sd_v2"):
+        return "sd2-v" if version.endswith("_v") else "sd2"
+    if version.startswith("sd_v1"):
         return "sd1"
-    return arch.split("/")[0] or None
+    arch = metadata.get("modelspec.architecture", "")
+    for fam, spec in FAMILIES.items():
+        if arch == spec["architecture"]:
+            return fam
+    for start, fam in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2-768-v", "sd2-v"),
+                       ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1")):
+        if arch.startswith(start):
+            return fam
+    if metadata.get("ss_v2") == "True":
+        return "sd2"
+    return None

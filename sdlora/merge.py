@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import UserError
-from sdlora.info import base_modules, check_family, fit, read_adapter
+from sdlora.info import base_modules, fit, read_adapter
+from sdlora.lora import check_lora_fits
 from sdlora.lora import save_lora
 from sdlora.models import FAMILIES, Base, load_base
 
@@ -52,7 +53,7 @@ def merge(base: str | Base, loras: list[tuple[str, float]], out: str | Path, fmt
     pipe = base.pipe
     table = base_modules(pipe, base.family)
     for name, adapter, _ in adapters:
-        check_family(adapter, base.family, name)
+        check_lora_fits(name, None, adapter.metadata, base)  # shapes: fit() below
         result = fit(adapter, table)
         bad = adapter.stray + result["missing"] + [n for n, _, _ in result["wrong_shape"]]
         if bad:

@@ -154,7 +154,7 @@ def test_merge_refuses_another_family_and_foreign_keys(loras, tmp_path, capsys):
                                         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
     assert main(["merge", "tiny", f"{a}:1", f"{xl}:0.5", "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "xl.safetensors was made for sdxl" in err and "base model is sd1" in err and "hint:" in err
+    assert err.count("\n") == 0 and "xl.safetensors is a LoRA for SDXL" in err and "base model is SD1" in err and "hint:" in err
     assert not (tmp_path / "x.safetensors").exists()
 
     wrong = load_file(b)
