@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -89,15 +90,30 @@ def _folder_files(root: Path) -> dict[str, Callable[[], bytes]]:
     return files
 
 
+def check_zip(name: str, infos: list[zipfile.ZipInfo], max_bytes: int | None = None,
+              too_big_hint: str = "unpack it yourself and give the folder") -> None:
+    """Refuse an archive that holds too many files, links, or more than `max_bytes` once unpacked (a zip bomb).
+    Members with absolute or '..' paths are not refused here: reading skips them and says so."""
+    max_bytes = _ZIP_MAX_BYTES if max_bytes is None else max_bytes
+    if len(infos) > _ZIP_MAX_MEMBERS:
+        raise UserError(f"{name} has {len(infos)} files, more than the {_ZIP_MAX_MEMBERS} allowed",
+                        "split the dataset or use a folder instead of a .zip")
+    links = [i.filename for i in infos if stat.S_ISLNK(i.external_attr >> 16)]
+    if links:
+        raise UserError(f"{name} contains links ({', '.join(links[:3])}), which are not allowed",
+                        "zip the files themselves, not links to them")
+    total = sum(info.file_size for info in infos)
+    if total > max_bytes:
+        raise UserError(f"{name} unpacks to {_size(total)}, more than the {_size(max_bytes)} allowed", too_big_hint)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _zip_files(path: Path, archive: zipfile.ZipFile, rejected) -> dict[str, Callable[[], bytes]]:
     infos = archive.infolist()
-    if len(infos) > _ZIP_MAX_MEMBERS:
-        raise UserError(f"{path} has {len(infos)} files, more than the {_ZIP_MAX_MEMBERS} allowed",
-                        "split the dataset or use a folder instead of a .zip")
-    total = sum(info.file_size for info in infos)
-    if total > _ZIP_MAX_BYTES:
-        raise UserError(f"{path} unpacks to {total / 1024**3:.1f} GiB, more than the "
-                        f"{_ZIP_MAX_BYTES / 1024**3:.0f} GiB allowed", "unpack it yourself and give the folder")
+    check_zip(str(path), infos)
     members = {}
     for info in infos:
         name = info.filename.replace("\\", "/")

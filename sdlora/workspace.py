@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -146,8 +145,8 @@ def _write_record(dest: Path, record: ds.Record) -> str:
 
 
 def check_zip(path: str | Path, max_unpacked: int = MAX_UNPACKED) -> None:
-    """Refuse an archive that holds links or would unpack past `max_unpacked` bytes (ingest rejects the members
-    with absolute or `..` paths itself)."""
+    """Refuse an upload that is not a readable archive, or one `sdlora.dataset.check_zip` refuses (links, too many
+    files, more than `max_unpacked` bytes once unpacked)."""
     name = Path(path).name
     try:
         with zipfile.ZipFile(path) as archive:
@@ -155,14 +154,7 @@ def check_zip(path: str | Path, max_unpacked: int = MAX_UNPACKED) -> None:
     except (zipfile.BadZipFile, OSError):
         raise UserError(f"{name} is not a readable .zip archive",
                         "make the archive again, or upload the images themselves") from None
-    links = [i.filename for i in infos if stat.S_ISLNK(i.external_attr >> 16)]
-    if links:
-        raise UserError(f"{name} contains links ({', '.join(links[:3])}), which are not allowed",
-                        "zip the files themselves, not links to them")
-    total = sum(i.file_size for i in infos)
-    if total > max_unpacked:
-        raise UserError(f"{name} would unpack to {total / 2**20:,.0f} MiB, more than the "
-                        f"{max_unpacked / 2**20:,.0f} MiB allowed", "upload fewer or smaller images at a time")
+    ds.check_zip(name, infos, max_unpacked, too_big_hint="upload fewer or smaller images at a time")
 
 
 def copy_example(root: str | Path, example: str | Path) -> str:
