@@ -65,7 +65,7 @@ class TrainConfig:
     mixed_precision: str = _knob("auto", "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU",
                                  choices=("auto", "no", "fp16", "bf16"))
     base_precision: str = _knob("auto", "how the frozen base (UNet, text encoders) is stored while the LoRA trains in "
-                                        "fp32: auto = in the training precision, unquantized; fp8 = float8 (torch); "
+                                        "fp32: auto = unquantized, or fp8 where auto_memory finds the GPU short; fp8 = float8 (torch); "
                                         "int8, nf4 = bitsandbytes 8-bit / 4-bit layers; use with "
                                         "gradient_checkpointing (docs/tools.md)",
                                 choices=("auto", "fp8", "int8", "nf4"))

@@ -592,23 +592,27 @@ def _free_gib(device) -> float:
 
 
 def _memory_defaults(config: TrainConfig, family: str, accelerator, events, run_dir: Path) -> TrainConfig:
-    """On a GPU, batch_size and gradient_checkpointing left at their defaults follow the family and the free memory
-    (the least any process has, so all pick alike). The resolved values replace config.json, so a resume repeats
+    """On a GPU, batch_size, gradient_checkpointing and base_precision left at their defaults follow the family and
+    the free memory (the least any process has, so all pick alike). The resolved values replace config.json, so a resume repeats
     them."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     free = torch.tensor([_free_gib(accelerator.device)], device=accelerator.device)
     free_gib = accelerator.gather(free).min().item()
-    batch_size, checkpointing = memory_defaults(family, free_gib)
+    batch_size, checkpointing, base_precision = memory_defaults(family, free_gib)
     picked = {}
     if config.batch_size == defaults["batch_size"]:
         picked["batch_size"] = batch_size
     if config.gradient_checkpointing == defaults["gradient_checkpointing"]:
         picked["gradient_checkpointing"] = checkpointing
+    if config.base_precision == defaults["base_precision"]:
+        picked["base_precision"] = base_precision
     resolved = dataclasses.replace(config, auto_memory=False, **picked)
     events.emit("warning", message=f"memory defaults for {FAMILIES[family]['label']} with {free_gib:.0f} GiB free: "
                                    f"batch_size {resolved.batch_size}, gradient_checkpointing "
                                    f"{'on' if resolved.gradient_checkpointing else 'off'}, precision "
-                                   f"{accelerator.mixed_precision} (set them, or --no-auto-memory, to choose)")
+                                   f"{accelerator.mixed_precision}"
+                                   + (f", base stored in {resolved.base_precision}" if resolved.base_precision != "auto" else "")
+                                   + " (set them, or --no-auto-memory, to choose)")
     if accelerator.is_main_process:
         write_atomic(run_dir / "config.json", resolved.to_json())
     return resolved

@@ -340,14 +340,16 @@ def test_shipped_configs_are_the_published_architectures_with_kohyas_key_names()
 
 
 def test_memory_defaults_follow_family_and_free_memory():
-    assert memory_defaults("sd1", 80) == (4, False)
-    assert memory_defaults("sd1", 8) == (4, True)
-    assert memory_defaults("sd1", 4) == (1, True)
-    assert memory_defaults("sdxl", 79) == (4, False)
-    assert memory_defaults("sdxl", 24) == (4, True)
-    assert memory_defaults("sdxl", 12) == (1, True)
+    assert memory_defaults("sd1", 80) == (4, False, "auto")
+    assert memory_defaults("sd1", 8) == (4, True, "auto")
+    assert memory_defaults("sd1", 5) == (1, True, "auto")
+    assert memory_defaults("sd1", 4) == (1, True, "fp8")  # a 4 GB card: the frozen base stored in fp8
+    assert memory_defaults("sdxl", 79) == (4, False, "auto")
+    assert memory_defaults("sdxl", 24) == (4, True, "auto")
+    assert memory_defaults("sdxl", 12) == (1, True, "auto")
+    assert memory_defaults("sdxl", 8) == (1, True, "fp8")
     for family in FAMILIES:  # every family has a row for any amount of memory
-        assert memory_defaults(family, 0)[0] == 1
+        assert memory_defaults(family, 0)[:2] == (1, True)
 
 
 def test_a_cached_hub_id_loads_offline_and_an_uncached_one_says_what_to_do(models, tmp_path):
