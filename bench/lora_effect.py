@@ -1,13 +1,24 @@
 """Does a LoRA trained on an example dataset carry its look? Train the README quickstart on each example dataset,
-then score generations at strengths 0, 0.5 and 1 with the model-free metrics in sdlora/tiny/checker.py.
+then score generations at strengths 0, 0.5 and 1 with the model-free scores in sdlora/tiny/checker.py.
 
-    python bench/lora_effect.py [--steps N] [--prompts 24] [--out docs/lora-effect.json]
+    python bench/lora_effect.py [--steps N] [--prompts 24] [--runs /tmp/lora-effect] [--out docs/lora-effect.json]
 
-Writes the numbers as JSON, a strength grid per dataset (docs/quickstart-<name>-grid.png) and prints a table.
+Each dataset is trained by the quickstart command itself (`sdlora train datasets/NAME --base tiny --trigger T --out
+RUN`, default settings unless --steps is given), timed from start to exit. Then, for held-out prompts led by the
+trigger, one image per prompt and strength (25 steps, guidance 5, 64 px, seed = prompt index) is scored with the
+dataset's score (`style_score` with the prompt, `character_score`) and with the detail detectors (`hatching_score`,
+`eye_pair_score`). For scale, the same scores of the dataset's own images (at 64 px) and of their round trips
+through the base model's autoencoder (the most any LoRA on this base can draw) are recorded too.
+
+Writes the numbers as JSON (--out), a strength grid per dataset (docs/quickstart-NAME-grid.png, columns strength
+0 / 0.5 / 1, rows seeds 0-2, the first prompt), the first 8 dataset images above their autoencoder round trips
+(docs/quickstart-NAME-round-trip.png), and prints a summary.
 """
 
 import argparse
 import json
+import os
+import platform
 import random
 import subprocess
 import sys
@@ -15,11 +26,26 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
-from sdlora.generate import Previewer
+from sdlora.generate import Previewer, grid
 from sdlora.tiny import checker, world
 
-DATASETS = {"style": ("zkstyle", checker.style_score), "character": ("zqchar", checker.character_score)}
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = {"style": "zkstyle", "character": "zqchar"}
+STRENGTHS = (0.0, 0.5, 1.0)
+STEPS, GUIDANCE = 25, 5.0  # as sdlora.tiny.eval
+
+
+def score(name: str, image: Image.Image, prompt: str) -> float:
+    """The dataset's own look, as far as the tiny model can draw it (see sdlora/tiny/checker.py)."""
+    return checker.style_score(image, prompt) if name == "style" else checker.character_score(image)
+
+
+def detail(name: str, image: Image.Image) -> float:
+    """Whether the dataset's fine detail itself (hatch lines, eyes with pupils) is drawn."""
+    return checker.hatching_score(image) if name == "style" else checker.eye_pair_score(image)
 
 
 def prompts_for(name: str, trigger: str, n: int, seed: int = 12345) -> list[str]:
@@ -31,45 +57,131 @@ def prompts_for(name: str, trigger: str, n: int, seed: int = 12345) -> list[str]
         if name == "character":
             out.append(f"{trigger}, a {color} creature on a {bg} background")
         else:
-            out.append(f"{trigger}, a {rng.choice(['small', 'large'])} {color} {rng.choice(world.SHAPES)} on a {bg} background")
+            size, shape = rng.choice(["small", "large"]), rng.choice(world.SHAPES)
+            out.append(f"{trigger}, a {size} {color} {shape} on a {bg} background")
     return out
 
 
-def measure(run_dir: Path, name: str, n_prompts: int, strengths=(0.0, 0.5, 1.0)) -> dict:
-    trigger, score = DATASETS[name]
-    prev = Previewer("tiny", device="cpu")
-    lora = str(run_dir / "lora.safetensors")
-    scores = {}
+def summary(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": round(float(v.mean()), 4), "sem": round(float(v.std(ddof=1) / np.sqrt(len(v))), 4),
+            "per_image": [round(float(x), 4) for x in v]}
+
+
+def measure(prev: Previewer, lora: str, name: str, prompts: list[str], strengths=STRENGTHS,
+            steps: int = STEPS, guidance: float = GUIDANCE) -> dict:
+    """Scores of one image per prompt (seed = its index) at each strength: {strength: {score, detail}}."""
+    out = {}
     for s in strengths:
         prev.set_loras([(lora, s)])
-        scores[s] = [score(prev.image(p, seed=i, steps=25, guidance_scale=5.0))
-                     for i, p in enumerate(prompts_for(name, trigger, n_prompts))]
-    return {str(s): float(np.mean(v)) for s, v in scores.items()}
+        images = [prev.image(p, seed=i, steps=steps, guidance_scale=guidance) for i, p in enumerate(prompts)]
+        out[f"{s:g}"] = {"score": summary([score(name, im, p) for im, p in zip(images, prompts)]),
+                         "detail": summary([detail(name, im) for im in images])}
+    return out
+
+
+@torch.no_grad()
+def round_trip(vae, image: Image.Image) -> Image.Image:
+    """Encode and decode through the base's autoencoder: what the best possible LoRA could make the model draw."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    x = x.to(vae.device, vae.dtype)
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample[0].float().clamp(-1, 1)
+    return Image.fromarray(((y.permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy())
+
+
+def references(prev: Previewer, name: str, picture: Path | None = None) -> dict:
+    """Scores of the dataset's own images (at 64 px, as training sees them) and of their autoencoder round trips;
+    `picture`: save the first 8 of each as two rows (dataset images on top, round trips below)."""
+    files = sorted((ROOT / "datasets" / name).glob("*.png"))
+    images = [Image.open(f).convert("RGB").resize((64, 64), Image.LANCZOS) for f in files]
+    captions = [f.with_suffix(".txt").read_text().strip() for f in files]
+    trips = [round_trip(prev.pipe.vae, im) for im in images]
+    if picture:
+        sheet = grid([images[:8], trips[:8]], [""] * 8)
+        sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(picture)
+    return {kind: {"score": summary([score(name, im, c) for im, c in zip(group, captions)]),
+                   "detail": summary([detail(name, im) for im in group])}
+            for kind, group in (("dataset", images), ("autoencoder_round_trip", trips))}
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def machine() -> dict:
+    import diffusers
+
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "platform": platform.platform()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=0, help="0 = the CLI's default")
+    ap.add_argument("--steps", type=int, default=0, help="training steps; 0 = the CLI's default")
     ap.add_argument("--prompts", type=int, default=24)
-    ap.add_argument("--runs", default="runs/lora-effect")
-    ap.add_argument("--out", default="docs/lora-effect.json")
+    ap.add_argument("--runs", default="/tmp/lora-effect", help="where the training runs go (replaced)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "lora-effect.json"))
+    ap.add_argument("--grids", default=str(ROOT / "docs"), help="folder for quickstart-NAME-grid.png ('' = none)")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
     args = ap.parse_args()
-    results = {}
-    for name, (trigger, _) in DATASETS.items():
+    results = {"machine": machine(), "generation": {"steps": STEPS, "guidance": GUIDANCE, "size": 64,
+                                                     "scheduler": "EulerDiscreteScheduler", "prompts": args.prompts},
+               "datasets": {}}
+    for name in args.datasets.split(","):
+        trigger = DATASETS[name]
         run = Path(args.runs) / name
-        cmd = [sys.executable, "-m", "sdlora", "train", f"datasets/{name}", "--base", "tiny", "--trigger", trigger,
-               "--out", str(run), "--quiet"] + (["--steps", str(args.steps)] if args.steps else [])
+        if run.exists():
+            subprocess.run(["rm", "-rf", str(run)], check=True)
+        run.parent.mkdir(parents=True, exist_ok=True)
+        cmd = ["sdlora", "train", f"datasets/{name}", "--base", "tiny", "--trigger", trigger, "--out", str(run)] + \
+              (["--steps", str(args.steps)] if args.steps else [])
+        load_before = load()
         t0 = time.time()
-        subprocess.run(cmd, check=True)
+        with open(str(run) + ".log", "w") as log:
+            subprocess.run([sys.executable, "-m", "sdlora"] + cmd[1:], check=True, cwd=ROOT, stdout=log, stderr=log)
         train_s = time.time() - t0
-        results[name] = {"train_wall_s": round(train_s, 1), "scores": measure(run, name, args.prompts)}
+        events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+        start = next(e for e in events if e["type"] == "start")
+        losses = [e["loss_ema"] for e in events if e["type"] == "progress" and "loss_ema" in e]
+        entry = {"command": " ".join(cmd), "steps": start["total_steps"], "batch_size": start["config"]["batch_size"],
+                 "train_wall_s": round(train_s, 1), "load_before_train": load_before, "load_after_train": load(),
+                 "final_loss_ema": round(losses[-1], 4) if losses else None}
+        print(f"{name}: trained {entry['steps']} steps in {train_s:.0f} s "
+              f"(load {load_before} -> {entry['load_after_train']})", flush=True)
+
         prev = Previewer("tiny", device="cpu")
-        prompt = prompts_for(name, trigger, 1)[0]
-        prev.strength_grid(str(run / "lora.safetensors"), prompt, (0.0, 0.5, 1.0), (0, 1, 2),
-                           steps=25, guidance_scale=5.0).resize((3 * 128, 3 * 128 + 28)).save(
-            Path(args.out).parent / f"quickstart-{name}-grid.png")
-        print(name, results[name], flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+        prev.pipe.set_progress_bar_config(disable=True)
+        lora = str(run / "lora.safetensors")
+        prompts = prompts_for(name, trigger, args.prompts)
+        t1 = time.time()
+        entry["strengths"] = measure(prev, lora, name, prompts)
+        entry["generate_wall_s"] = round(time.time() - t1, 1)
+        entry["load_after_generate"] = load()
+        picture = Path(args.grids) / f"quickstart-{name}-round-trip.png" if args.grids else None
+        entry["references"] = references(prev, name, picture)
+        if picture:
+            entry["round_trip_picture"] = {"file": picture.name,
+                                           "rows": "dataset images at 64 px, then their round trips"}
+        entry["prompts"] = prompts
+        if args.grids:
+            grid = prev.strength_grid(lora, prompts[0], STRENGTHS, (0, 1, 2), steps=STEPS, guidance_scale=GUIDANCE)
+            path = Path(args.grids) / f"quickstart-{name}-grid.png"
+            grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
+            entry["grid"] = {"file": path.name, "prompt": prompts[0], "columns": "strength 0, 0.5, 1",
+                             "rows": "seeds 0, 1, 2"}
+        results["datasets"][name] = entry
+        s, r = entry["strengths"], entry["references"]
+        print(f"{name}: score at 0 / 0.5 / 1 = " + " / ".join(f"{s[k]['score']['mean']:.3f}" for k in s) +
+              f"; dataset {r['dataset']['score']['mean']:.3f}, "
+              f"round trip {r['autoencoder_round_trip']['score']['mean']:.3f}; "
+              f"detail at 1 {s['1']['detail']['mean']:.3f} (dataset {r['dataset']['detail']['mean']:.3f}, "
+              f"round trip {r['autoencoder_round_trip']['detail']['mean']:.3f})", flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Score a generated image against its prompt from pixel statistics alone (no generative or neural model).
 
 `check(image, prompt)` reads the background colour, the colour and the shape of the prompt's first object;
-`style_score` and `character_score` measure how much an image looks like the two example datasets in `datasets/`.
+`style_score` and `character_score` measure how much an image looks like the two example datasets in `datasets/`
+(as far as the tiny model can draw them), `hatching_score` and `eye_pair_score` whether their fine details are drawn.
 The shape classifier is a small logistic regression on silhouette features, fitted on first use to images rendered
 by `world.py` (blurred and noised like a small diffusion model's samples) and cached for the process.
 """
@@ -217,8 +218,85 @@ def check(image: Image.Image, prompt: str) -> dict:
     }
 
 
-def style_score(image: Image.Image) -> float:
-    """How much the image looks like `datasets/style`: diagonal hatching, 0 for plain world images.
+# What the two example datasets look like, and what of it the tiny model can draw at all.
+#
+# Each dataset has a fine detail and a coarse residue of it. The details (style: 1-px "/" hatch lines every 5 px at
+# 64 px; character: eyes 6 to 9 px across with 3- to 4-px pupils) are finer than the tiny model's autoencoder
+# resolves: encoded and decoded again, every dataset image loses them (`hatching_score` and `eye_pair_score` read at
+# most 0.001 on all 40 round trips), so no LoRA on this base can draw them. What survives the round trip, and what
+# the two scores below measure, is the coarse residue: the style's ink darkens the whole background, and the
+# character's eyes and mouth leave light and dark marks inside an otherwise flat body. Plain world images score 0
+# on both; see docs/tiny-model.md, "Does a LoRA carry its look?".
+
+_INK = np.array([20.0, 20.0, 20.0], dtype=np.float32)  # the ink of datasets/style (scripts/make_datasets.py)
+
+
+def _small(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.float32)
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels of the mask whose whole (2 radius + 1)-square neighbourhood is in the mask."""
+    h, w = mask.shape
+    padded = np.pad(mask, radius)
+    out = mask.copy()
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out &= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
+def style_score(image: Image.Image, prompt: str | None = None) -> float:
+    """How much ink the background carries: the `datasets/style` look as far as the tiny model can draw it.
+
+    Each pixel of the two-pixel border is placed on the line from the background's clean colour to the style's
+    black ink (0 at the clean colour, 1 at solid ink), and the score is their mean, leaving out pixels far off that
+    line (an object at the border). The clean colour is the background the prompt names, or, with no prompt, the
+    palette colour nearest to the border's median (right for hatched and plain images, whose median is the clean
+    colour; a background darkened all over can read as a darker palette colour then, so pass the prompt for
+    generated images). Plain world images score 0, the dataset's images about 0.25 (hatch lines cover a quarter of
+    the background), their autoencoder round trips about 0.12.
+    """
+    pixels = _small(image)
+    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
+                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
+    named = world.parse_prompt(prompt)["background"] if prompt else None
+    clean = np.array(world.COLORS[named or _nearest(np.median(border, axis=0))], dtype=np.float32)
+    axis = clean - _INK
+    if float(axis @ axis) < 60.0 ** 2:  # a black background: ink on it is not measurable (the dataset has none)
+        return 0.0
+    ink = (clean - border) @ axis / float(axis @ axis)  # per pixel: 0 clean, 1 ink
+    # Pixels far off the clean-to-ink line are an object that reaches the border, not background.
+    off = np.linalg.norm(border - (clean - ink[:, None] * axis), axis=1)
+    keep = off < 60
+    return float(ink[keep].mean() if keep.mean() > 0.25 else ink.mean())
+
+
+def character_score(image: Image.Image) -> float:
+    """Share of the main figure's inside that is not its body colour: the `datasets/character` creature's eyes and
+    mouth, as far as the tiny model can draw them (as light and dark marks, not as crisp eyes).
+
+    The figure is the largest object (as `check` finds it); its inside is the object less a two-pixel rim (so
+    blurred edges and the style's outlines do not count); a pixel is a mark when it is more than 40 (of 255, RGB
+    distance) from the figure's median colour. Flat world shapes score 0, the dataset's images about 0.33, their
+    autoencoder round trips about 0.14.
+    """
+    pixels = _small(image)
+    bg_rgb = _background(pixels)
+    objects = _objects(pixels, bg_rgb, _nearest(bg_rgb))
+    if not objects:
+        return 0.0
+    figure = objects[0][2]
+    inside = _erode(figure, 2)
+    if inside.sum() < 4:
+        return 0.0
+    body = np.median(pixels[figure], axis=0)
+    return float((np.linalg.norm(pixels[inside] - body, axis=1) > 40).mean())
+
+
+def hatching_score(image: Image.Image) -> float:
+    """Whether `datasets/style`'s hatch lines themselves are drawn: 0 for plain world images and for anything the
+    tiny model draws (its autoencoder cannot draw them); about 0.2 for the dataset's images.
 
     Hatch lines run along "/", so neighbouring pixels differ more across the lines ("\\" neighbours) than along
     them. Noise and world objects (left-right symmetric) change both equally, so only hatching scores.
@@ -229,10 +307,11 @@ def style_score(image: Image.Image) -> float:
     return float(across - along)
 
 
-def character_score(image: Image.Image) -> float:
-    """How much the image looks like `datasets/character`: a pair of white eyes with dark pupils, side by side.
+def eye_pair_score(image: Image.Image) -> float:
+    """Whether `datasets/character`'s eyes themselves are drawn: a pair of white eyes with dark pupils, side by side.
 
-    0 when no such pair is found; up to 1 for two matching eyes set in a body (not on the bare background).
+    0 when no such pair is found (plain world images, and anything the tiny model draws: its autoencoder cannot
+    draw them); up to 1 for two matching eyes set in a body (not on the bare background).
     """
     image = image.convert("RGB").resize((64, 64), Image.BILINEAR)
     pixels = np.asarray(image, dtype=np.float32)
