@@ -201,7 +201,7 @@ def test_a_lora_for_another_family_is_refused_by_name(models, family_runs, tmp_p
     with pytest.raises(UserError, match=r"is a LoRA for SDXL, and the base model is SD1\.x") as err:
         prev.set_loras([(str(sdxl_lora), 1.0)])
     assert "\n" not in str(err.value) and err.value.hint
-    with pytest.raises(UserError, match=r"LoRA for SD2\.x, and the base model is SDXL"):
+    with pytest.raises(UserError, match=r"LoRA for SD2\.x v-prediction, and the base model is SDXL"):
         verify(family_runs["sd2-v"] / "lora.safetensors", str(models["sdxl"][0]))
 
     # without metadata, the shapes tell: the UNet's cross-attention width, then the text encoders'
