@@ -418,7 +418,10 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
                   peak_gb=progress[-1]["memory_gb"], steady_ms_per_step=1e3 / rate,
                   images_per_s=rate * start["global_batch"], final_loss=progress[-1]["loss"],
                   start_event_s=start["time"] - (time.time() - wall),
-                  sampling_s=_span(events, "sample"), graphs=progress[-1].get("graphs"))
+                  sampling_s=_span(events, "sample"), graphs=progress[-1].get("graphs"),
+                  # host time per step spent assembling batches, against the step time: the GPU waits on data
+                  # only if it were larger
+                  data_ms_per_step=sum(e.get("data_ms", 0) for e in steady) / len(steady))
     return result
 
 

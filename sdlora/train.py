@@ -182,6 +182,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     # Losses stay on the device until they are shown: reading one each step would make the GPU wait for the host.
     pending, history = [], []  # (step, loss tensor) not yet read; (step, loss) read
     t_last, step_last, last_good = time.perf_counter(), step, None
+    data_s = 0.0  # host time spent assembling batches since the last progress event
 
     def read_losses() -> None:
         if not pending:
@@ -211,6 +212,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
             last_good = save(step, final=False)
 
         # The step: this process's share of each micro-batch, as tensors on the device, then one update.
+        t_data = time.perf_counter()
         micro_batches = []
         for micro in range(config.grad_accum):
             k = step * config.grad_accum + micro  # micro-batch index: the data position
@@ -241,6 +243,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
                 for j, tokenizer in enumerate(tokenizers):
                     inputs[f"ids_{j}"] = _token_ids(tokenizer, captions, device)
             micro_batches.append(inputs)
+        data_s += time.perf_counter() - t_data
         pending.append((step + 1, step_fn(micro_batches)))
         step += 1
 
@@ -258,8 +261,11 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
             events.emit("progress", step=step, total=config.steps, loss=loss_value, loss_ema=loss_ema,
                         lr=lr_scheduler.get_last_lr()[0], images_per_s=rate * images_per_step,
                         eta_s=(config.steps - step) / max(rate, 1e-9), memory_gb=_memory_gb(device),
-                        graphs=step_fn.run.captured)
-            t_last, step_last = now, step
+                        graphs=step_fn.run.captured,
+                        # host ms per step assembling batches (noise, token ids, cache lookups): while it stays under
+                        # the step time, the GPU, which runs the previous step meanwhile, never waits on data
+                        data_ms=1e3 * data_s / max(step - step_last, 1))
+            t_last, step_last, data_s = now, step, 0.0
 
 
 def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
