@@ -312,11 +312,10 @@ def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
                                  num_warmup_steps=round(config.warmup_fraction * config.steps) * n,
                                  num_training_steps=config.steps * n, num_cycles=config.lr_cycles)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    step = Step(accelerator, unet, text_encoders if te_params else [], unet_params, te_params, optimizer,
+    return Step(accelerator, unet, text_encoders if te_params else [], unet_params, te_params, optimizer,
                 lr_scheduler, _ddpm(pipe.scheduler.config), config, vae.config.scaling_factor, weight_dtype,
-                len(text_encoders) > 1, cuda_graphs=device.type == "cuda" and config.cuda_graphs, on_fail=on_fail)
-    step.base_storage = base_storage
-    return step
+                len(text_encoders) > 1, cuda_graphs=device.type == "cuda" and config.cuda_graphs, on_fail=on_fail,
+                base_storage=base_storage)
 
 
 class Step:
@@ -327,7 +326,7 @@ class Step:
 
     def __init__(self, accelerator, unet, text_encoders, unet_params, te_params, optimizer, lr_scheduler,
                  noise_scheduler, config, scaling_factor: float, weight_dtype, sdxl: bool, cuda_graphs: bool,
-                 on_fail=None):
+                 on_fail=None, base_storage: str = ""):
         from accelerate.utils import AutocastKwargs
 
         self.accelerator, self.unet, self.text_encoders = accelerator, unet, text_encoders
@@ -335,6 +334,7 @@ class Step:
         self.unet_params, self.te_params, self.params = unet_params, te_params, unet_params + te_params
         self.optimizer, self.lr_scheduler, self.noise_scheduler = optimizer, lr_scheduler, noise_scheduler
         self.config, self.scaling_factor, self.weight_dtype, self.sdxl = config, scaling_factor, weight_dtype, sdxl
+        self.base_storage = base_storage  # what the frozen base takes, as sdlora.quantize reports it
         # no autocast weight cache: a CUDA graph cannot hold tensors cached outside it
         self.autocast = AutocastKwargs(cache_enabled=False)
         # keep the noise schedule on the device (diffusers moves it on first use, which a capture cannot do)
