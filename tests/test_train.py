@@ -303,3 +303,33 @@ def test_captions_reach_the_batches(tmp_path):
     for k, batch in one.items():
         two = plan(k, processes=2)
         assert two == batch if len(batch) == 4 else two[:len(batch)] == batch  # a short last batch is topped up
+
+
+def test_gradient_accumulation_equals_the_whole_batch_at_once():
+    """Two micro-batches of 2 images make the same update as one batch of the same 4 images (the step averages the
+    micro-batches' gradients, as one batch averages its images')."""
+    from accelerate import Accelerator
+
+    from sdlora.config import TrainConfig
+    from sdlora.models import load_base
+    from sdlora.train import _token_ids, build_step
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"mean": torch.randn(4, 4, 8, 8, generator=g), "std": torch.rand(4, 4, 8, 8, generator=g) * 0.1,
+             "eps": torch.randn(4, 4, 8, 8, generator=g), "noise": torch.randn(4, 4, 8, 8, generator=g),
+             "timesteps": torch.randint(0, 1000, (4,), generator=g)}
+    config = TrainConfig(dataset="-", rank=4, alpha=4.0, steps=10, lr_scheduler="constant", warmup_fraction=0.0)
+    adapters = []
+    for micro in (4, 2):
+        pipe = load_base("tiny").pipe
+        step = build_step(Accelerator(cpu=True), pipe, config)
+        with torch.no_grad():  # a non-zero B, so that every LoRA parameter has a gradient
+            for p in step.params:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        ids = _token_ids(pipe.tokenizer, ["a red circle", "a blue square", "zxq", ""], torch.device("cpu"))
+        parts = [{**{k: v[i:i + micro] for k, v in batch.items()}, "ids_0": ids[i:i + micro]} for i in range(0, 4, micro)]
+        loss = step(parts)
+        adapters.append((loss.item(), torch.cat([p.grad.flatten() for p in step.params])))  # the averaged gradient
+    (loss_one, one), (loss_two, two) = adapters
+    assert loss_one == pytest.approx(loss_two, rel=1e-5)
+    assert one.norm() > 0 and (one - two).norm() / one.norm() < 1e-5
