@@ -1,25 +1,30 @@
 """Quantized-base LoRA training on a GPU: peak memory and speed per --base-precision, and the loss next to bf16's.
 
+Everything here runs the step `sdlora train` runs, through sdlora's own code: `sdlora.train.build_step` with a
+TrainConfig(base_precision=..., gradient_checkpointing=True, batch_size=1, train_text_encoder=True, sdlora's other
+defaults) under an accelerate Accelerator (bf16 on the GPU). build_step puts the VAE (fp32) and the base (bf16) on the
+GPU, stores the base in the precision asked for (`sdlora.quantize.quantize_base`; gradient checkpointing is forced for a
+quantized base), adds fp32 LoRAs on the UNet and text encoder(s) (rank 16 on attention, initialised from the config's
+seed), makes fused AdamW and the cosine schedule, and on a GPU replays the forward+backward as a CUDA graph
+(sdlora.graphs) where that captures; the result says whether it did. Each step gets what the training loop feeds it:
+a cached latent distribution (mean, std), noise and timestep from `sdlora.train._noise`, and the captions' token ids.
+
 1. Memory and speed. For SD1.5 at 512 and SDXL at 1024 (the published architectures with random weights, built from
    the configs in sdlora/configs: nothing is downloaded) and each base precision (bf16 = `auto`, fp8, and int8/nf4
-   where bitsandbytes is installed): set up as sdlora's training loop does (VAE fp32 and the base in bf16 on the
-   GPU, then `sdlora.quantize.quantize_base`, then fp32 LoRAs on the UNet and text encoder(s) at the defaults, rank 16
-   on attention), then train `--steps` steps at batch 1 with gradient checkpointing, random latents, under a memory
-   cap (torch.cuda.set_per_process_memory_fraction: 4 GiB for SD1.5, 8 GiB for SDXL). Reported: whether it fits,
-   the peak (torch.cuda.max_memory_allocated, loading included), the median ms/step (CUDA-synchronised) and what
-   the base weights take. The step is replayed as a CUDA graph as sdlora's loop does (sdlora.graphs) where that
-   captures; the result says whether it did.
+   where bitsandbytes is installed): `--steps` steps under a memory cap (torch.cuda.set_per_process_memory_fraction:
+   4 GiB for SD1.5, 8 GiB for SDXL). Reported: whether it fits, the peak (torch.cuda.max_memory_allocated, loading
+   included), the median ms/step (CUDA-synchronised) and what the base weights take (sdlora.quantize.stored_bytes,
+   LoRA parameters not counted).
 2. Loss. SD1.5 trains `--loss-steps` steps with the bf16 base and with each quantized one: the same LoRA init, data
-   (8 random latents, 8 captions), noise and timesteps at every step; the curves go to the JSON and a summary of how
-   far apart they are to stdout.
+   (8 random latents, 8 captions), noise and timesteps at every step; the loss is sdlora's (Min-SNR-5 weighted MSE
+   against the noise); the curves go to the JSON and a summary of how far apart they are to stdout.
 
-    python bench/quant_memory.py --out quant.json                 # on the GPU: about 4 minutes
+    python bench/quant_memory.py --out quant.json                 # on the GPU: a few minutes
     python bench/quant_memory.py --smoke --out /tmp/smoke.json    # the same code on a CPU with the tiny model
     python bench/quant_memory.py --plot quant.json --png docs/quant-loss.png   # the loss plot (needs matplotlib)
 
 The cap counts PyTorch's allocations only; a real card also holds the CUDA context (~0.5 GB).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -39,7 +44,6 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 RESOLUTION = {"sd1": 512, "sdxl": 1024}
 CAP_GIB = {"sd1": 4, "sdxl": 8}
@@ -62,168 +66,114 @@ def bitsandbytes_version() -> str | None:
 
 # --- models -----------------------------------------------------------------------------------------------------
 
-def build(arch: str, device: str) -> dict:
-    """The published architecture from sdlora's shipped configs, random weights, as a dict of bf16 CPU modules
-    (built on `device` in fp32, the way from_config initialises it, then moved)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def build(arch: str, device: str):
+    """The published architecture from sdlora's shipped configs, random weights, as a pipeline on the CPU: UNet and
+    text encoders in bf16, the VAE in fp32 (built on `device` in fp32, the way from_config initialises it, then
+    moved). Each run trains a deep copy of it."""
+    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from sdlora.models import shipped_config
 
     folder = shipped_config(arch)
     torch.manual_seed(0)
-    parts = {}
     with torch.device(device):
-        parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
-        parts["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
-        parts["text_encoders"] = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))]
+        parts = dict(
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet")),
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae")),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder")))
         if arch == "sdxl":
-            parts["text_encoders"].append(CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2")))
-    parts["tokenizers"] = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")]
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2"))
+    for name, module in parts.items():
+        parts[name] = module.to("cpu", torch.float32 if name == "vae" else torch.bfloat16)
+    parts["tokenizer"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    parts["scheduler"] = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")  # build_step trains with DDPM
     if arch == "sdxl":
-        parts["tokenizers"].append(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
-    parts["scheduler_config"] = DDPMScheduler.load_config(folder, subfolder="scheduler")
-    for name in ("unet", "vae"):
-        parts[name] = parts[name].to("cpu", torch.bfloat16 if name == "unet" else torch.float32)
-    parts["text_encoders"] = [te.to("cpu", torch.bfloat16) for te in parts["text_encoders"]]
-    parts["sdxl"] = arch == "sdxl"
-    return parts
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+        return StableDiffusionXLPipeline(**parts)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def tiny() -> dict:
+def tiny():
     from sdlora.models import load_base
 
-    pipe = load_base("tiny").pipe
-    return dict(unet=pipe.unet, vae=pipe.vae, text_encoders=[pipe.text_encoder], tokenizers=[pipe.tokenizer],
-                scheduler_config=pipe.scheduler.config, sdxl=False)
+    return load_base("tiny").pipe
 
 
-# --- one training setup, as sdlora/train.py does it ---------------------------------------------------------------
-
-class Setup:
-    """Fresh copies of the master models on the device, the base stored in `precision`, LoRAs, optimizer, and a
-    step function with static tensor inputs (so it can be replayed as a CUDA graph)."""
-
-    def __init__(self, master: dict, precision: str, device: torch.device, dtype: torch.dtype, checkpointing: bool,
-                 rank: int = 16, alpha: float = 8.0, seed: int = 0):
-        from diffusers import DDPMScheduler
-
-        from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, add_adapters
-        from sdlora.quantize import quantize_base, stored_bytes
-
-        self.device, self.dtype, self.sdxl = device, dtype, master["sdxl"]
-        # as sdlora's loop: the VAE resident in fp32, the text encoders and the UNet in the compute dtype
-        self.vae = copy.deepcopy(master["vae"]).requires_grad_(False).to(device, torch.float32)
-        self.text_encoders = [copy.deepcopy(te).requires_grad_(False).to(device, dtype)
-                              for te in master["text_encoders"]]
-        self.unet = copy.deepcopy(master["unet"]).requires_grad_(False).to(device, dtype)
-        self.note = quantize_base(self.unet, self.text_encoders, "auto" if precision == "bf16" else precision)
-        self.stored_gb = {"unet": round(stored_bytes(self.unet) / 1e9, 3),
-                          "text_encoders": round(sum(stored_bytes(te) for te in self.text_encoders) / 1e9, 3)}
-        torch.manual_seed(seed)
-        self.unet_params = add_adapters(self.unet, UNET_TARGETS["attn"], rank, alpha)
-        self.te_params = [p for te in self.text_encoders for p in add_adapters(te, TEXT_TARGETS["attn"], rank, alpha)]
-        self.params = self.unet_params + self.te_params
-        if checkpointing:
-            def checkpoint(function, *args):  # sdlora/train.py's: no RNG state, which a CUDA graph cannot save
-                return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
-
-            self.unet.enable_gradient_checkpointing(checkpoint)
-            for te in self.text_encoders:
-                te.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
-        for m in (self.unet, *self.text_encoders):
-            m.train()
-        fused = {"fused": True} if device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW([{"params": self.unet_params, "lr": 5e-4},
-                                            {"params": self.te_params, "lr": 1e-4}], weight_decay=1e-2, **fused)
-        self.noise_scheduler = DDPMScheduler.from_config(master["scheduler_config"])
-        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
-        self.graphed = None
-
-    def loss_and_grads(self, latents, noise, timesteps, time_ids, *ids):
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
-                            cache_enabled=False):
-            hidden, pooled = encode(self.text_encoders, ids)
-            added = {"text_embeds": pooled, "time_ids": time_ids} if self.sdxl else None
-            model_pred = self.unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added).sample
-        loss = F.mse_loss(model_pred.float(), noise.float())
-        return loss.detach(), torch.autograd.grad(loss, self.params)
-
-    def step(self, inputs: dict, graphs: bool) -> torch.Tensor:
-        if self.graphed is None:
-            self.graphed = _graphed(self, graphs)
-        loss, grads = self.graphed(**inputs)
-        for p, g in zip(self.params, grads):
-            p.grad = g
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        return loss.clone()
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
 
 
-def _graphed(setup: Setup, graphs: bool):
-    """sdlora's CUDA-graph replay (sdlora/graphs.py) around the step where it exists and `graphs` is on."""
-    def fn(latents, noise, timesteps, time_ids, **ids):
-        return setup.loss_and_grads(latents, noise, timesteps, time_ids, *[ids[k] for k in sorted(ids)])
+# --- one training setup: sdlora's own step ------------------------------------------------------------------------
 
-    if not graphs:
-        return fn
-    try:
-        from sdlora.graphs import Graphed
-    except ImportError:
-        setup.graph_failure = "no sdlora.graphs"
-        return fn
+class Run:
+    """A fresh copy of the master pipeline trained by `sdlora.train.build_step`, as `sdlora train` sets it up."""
 
-    def failed(e):
-        setup.graph_failure = f"{type(e).__name__}: {str(e)[:160]}"
+    def __init__(self, master, precision: str, resolution: int, steps: int, cuda: bool, graphs: bool):
+        from accelerate import Accelerator
 
-    return Graphed(fn, enabled=True, on_fail=failed)
+        from sdlora.config import TrainConfig
+        from sdlora.quantize import stored_bytes
+        from sdlora.train import build_step
+
+        self.config = TrainConfig(dataset="-", base_precision="auto" if precision == "bf16" else precision,
+                                  gradient_checkpointing=True, batch_size=1, resolution=resolution, steps=steps,
+                                  train_text_encoder=True, cuda_graphs=graphs)
+        self.config.validate()  # as `sdlora train` does first: a mode this machine cannot run stops here
+        self.accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+        self.pipe = copy.deepcopy(master)  # build_step moves, quantizes and adapts the models in place
+        self.fails = []
+        self.step_fn = build_step(self.accelerator, self.pipe, self.config, on_fail=self.fails.append)
+        self.note = self.step_fn.base_storage
+
+        def base_gb(models, lora) -> float:  # the frozen base as stored, without the LoRA parameters
+            return round((sum(stored_bytes(m) for m in models) - sum(p.numel() * p.element_size() for p in lora))
+                         / 1e9, 3)
+
+        text_encoders = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
+        self.stored_gb = {"unet": base_gb([self.pipe.unet], self.step_fn.unet_params),
+                          "text_encoders": base_gb(text_encoders, self.step_fn.te_params)}
+
+    def step(self, inputs: dict) -> torch.Tensor:
+        """One optimizer update; the loss as a tensor on the device (not read: that would wait for the GPU)."""
+        return self.step_fn([inputs])
+
+    def graph_status(self) -> str:
+        if self.fails:
+            e = self.fails[0]
+            return f"eager ({type(e).__name__}: {str(e)[:160]})"
+        return "captured" if self.step_fn.run.captured else "eager"
+
+    def lora(self) -> torch.Tensor:
+        return torch.cat([p.detach().float().flatten().cpu() for p in self.step_fn.params])
 
 
-def graph_status(setup: Setup) -> str:
-    if getattr(setup, "graph_failure", None):
-        return f"eager ({setup.graph_failure})"
-    return "captured" if getattr(setup.graphed, "captured", 0) else "eager"
+def make_inputs(master, resolution: int, steps: int, device, seed: int = 0) -> list[dict]:
+    """Per step, the dict `Step.loss_and_grads` takes, as sdlora's training loop builds it: one of 8 fixed random
+    latents (a cached latent distribution: mean = latent / scaling factor, std 0) with its caption's token ids, and
+    that step's eps, noise and timestep from `sdlora.train._noise`, drawn from a generator seeded by (seed, step);
+    a function of (seed, step) only, so every precision sees the same."""
+    from sdlora.train import _noise, _token_ids
 
-
-def encode(text_encoders, ids):
-    """As the pipelines encode prompts: SD1 the last hidden state; SDXL both encoders' penultimate hidden states side
-    by side and the second encoder's pooled projection."""
-    if len(text_encoders) == 1:
-        return text_encoders[0](ids[0])[0], None
-    hidden, pooled = [], None
-    for token_ids, te in zip(ids, text_encoders):
-        out = te(token_ids, output_hidden_states=True)
-        pooled = out[0]
-        hidden.append(out.hidden_states[-2])
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def make_inputs(master: dict, resolution: int, steps: int, device, seed: int = 0) -> list[dict]:
-    """Per step: one of 8 fixed random latents with its caption, and that step's noise and timestep; a function of
-    (seed, step) only, so every precision sees the same."""
     gen = torch.Generator().manual_seed(seed)
     side = resolution // 8
-    latents = torch.randn(8, 4, side, side, generator=gen)
-    ids = [[tok(c, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids for c in CAPTIONS] for tok in master["tokenizers"]]
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+    mean = (torch.randn(8, 1, 4, side, side, generator=gen) / master.vae.config.scaling_factor).to(device)
+    std = torch.zeros(1, 4, side, side, device=device)
+    tokenizers = [master.tokenizer] + ([master.tokenizer_2] if is_sdxl(master) else [])
+    ids = [[_token_ids(tok, [c], device) for c in CAPTIONS] for tok in tokenizers]
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32,
+                            device=device)
     out = []
     for k in range(steps):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         i = k % 8
-        item = dict(latents=latents[i:i + 1], noise=torch.randn(1, 4, side, side, generator=g),
-                    timesteps=torch.randint(0, 1000, (1,), generator=g), time_ids=time_ids)
+        item = {"mean": mean[i], "std": std,
+                **_noise(mean[i].shape, [torch.Generator().manual_seed(seed * 1_000_003 + k)], 0.0, 1000, device)}
+        if is_sdxl(master):
+            item["time_ids"] = time_ids
         item.update({f"ids_{j}": enc[i] for j, enc in enumerate(ids)})
         out.append(item)
-    return out
-
-
-def to_device(item: dict, device, dtype) -> dict:
-    out = {k: v.to(device) for k, v in item.items()}
-    out["latents"], out["noise"] = out["latents"].to(dtype), out["noise"].to(dtype)
     return out
 
 
@@ -235,37 +185,38 @@ def free(device) -> None:
 
 # --- the two measurements ---------------------------------------------------------------------------------------
 
-def memory_and_speed(master: dict, arch: str, precision: str, args, device, dtype) -> dict:
+def memory_and_speed(master, arch: str, precision: str, args, device) -> dict:
+    cuda = device.type == "cuda"
     resolution = args.resolution or RESOLUTION[arch]
     cap = CAP_GIB[arch] * 2**30
     result = {"family": arch, "resolution": resolution, "precision": precision, "batch_size": 1,
-              "gradient_checkpointing": True, "cap_gib": CAP_GIB[arch] if device.type == "cuda" else None}
-    setup = None
-    inputs = [to_device(item, device, dtype) for item in make_inputs(master, resolution, args.steps, device)]
+              "gradient_checkpointing": True, "cap_gib": CAP_GIB[arch] if cuda else None}
+    run = None
+    inputs = make_inputs(master, resolution, args.steps, device)
     free(device)
-    if device.type == "cuda":
+    if cuda:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
         torch.cuda.reset_peak_memory_stats(device)
     t0, stage = time.perf_counter(), "setup"
     try:
-        setup = Setup(master, precision, device, dtype, checkpointing=True)
+        run = Run(master, precision, resolution, args.steps, cuda, args.graphs)
         stage = "training"
-        result.update(note=setup.note, stored_gb=setup.stored_gb, setup_s=round(time.perf_counter() - t0, 1))
-        if device.type == "cuda":  # the base loaded in bf16, then quantized: the peak before training
+        result.update(note=run.note, stored_gb=run.stored_gb, setup_s=round(time.perf_counter() - t0, 1))
+        if cuda:  # the base loaded in bf16, then quantized, the LoRAs and optimizer made: the peak before training
             result["peak_setup_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             torch.cuda.reset_peak_memory_stats(device)
         times, losses = [], []
         for item in inputs:
             sync(device)
             t = time.perf_counter()
-            losses.append(setup.step(item, graphs=args.graphs))
+            losses.append(run.step(item))
             sync(device)
             times.append(time.perf_counter() - t)
-        losses = [float(v) for v in losses]
+        losses = torch.stack(losses).tolist()  # read once, after the timed steps
         measured = times[args.warmup:] or times
         result.update(fits=True, ms_per_step=round(1000 * statistics.median(measured), 1),
-                      steps=len(times), cuda_graph=graph_status(setup),
+                      steps=len(times), cuda_graph=run.graph_status(),
                       loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
                       finite=all(math.isfinite(v) for v in losses))
     except torch.cuda.OutOfMemoryError as e:
@@ -274,47 +225,53 @@ def memory_and_speed(master: dict, arch: str, precision: str, args, device, dtyp
     except Exception as e:  # a mode that fails here is a result too; the other modes go on
         result.update(fits=False, failed_in=stage, error=f"{type(e).__name__}: {str(e)[:300]}")
     finally:
-        if device.type == "cuda":
+        if cuda:
             peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if "peak_setup_gb" in result:
                 result["peak_train_gb"] = peak
             result["peak_gb"] = max(peak, result.get("peak_setup_gb", 0))
             # what the caching allocator held from the driver at most (since setup): what the cap limits
             result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
-        del setup
+        del run, inputs
         free(device)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
     return result
 
 
-def loss_curves(master: dict, precisions: list[str], args, device, dtype) -> dict:
+def loss_curves(master, precisions: list[str], args, device) -> dict:
+    from sdlora.config import TrainConfig
+
+    defaults = TrainConfig()
     resolution = args.resolution or RESOLUTION["sd1"]
     items = make_inputs(master, resolution, args.loss_steps, device, seed=1)
     out = {"family": "sd1", "model": "tiny" if args.smoke else "SD1.5 (random weights)", "resolution": resolution,
-           "steps": args.loss_steps, "batch_size": 1,
-           "lr": {"unet": 5e-4, "text_encoder": 1e-4}, "loss": "plain MSE against the noise", "curves": {},
+           "steps": args.loss_steps, "batch_size": 1, "gradient_checkpointing": True,
+           "lr": {"unet": defaults.unet_lr, "text_encoder": defaults.text_encoder_lr,
+                  "schedule": f"{defaults.lr_scheduler}, warmup {defaults.warmup_fraction:g} of the steps"},
+           "loss": f"sdlora's: MSE against the noise, Min-SNR-{defaults.min_snr_gamma:g} weighted", "curves": {},
            "ms_per_step": {}, "errors": {}}
     loras = {}
     for precision in precisions:
         free(device)
-        setup = None
+        run = None
         try:
-            setup = Setup(master, precision, device, dtype, checkpointing=False)
+            run = Run(master, precision, resolution, args.loss_steps, device.type == "cuda", args.graphs)
             losses, t0 = [], time.perf_counter()
             for item in items:
-                losses.append(setup.step(to_device(item, device, dtype), graphs=args.graphs))
-            sync(device)
+                losses.append(run.step(item))
+            losses = torch.stack(losses).tolist()  # waits for the last step
             out["ms_per_step"][precision] = round(1000 * (time.perf_counter() - t0) / len(items), 1)
-            out["curves"][precision] = [round(float(v), 5) for v in losses]
-            out.setdefault("cuda_graph", {})[precision] = graph_status(setup)
-            loras[precision] = torch.cat([p.detach().float().flatten().cpu() for p in setup.params])
-            log(f"  loss {precision}: first {losses[0].item():.4f}, last {losses[-1].item():.4f}")
+            out["curves"][precision] = [round(v, 5) for v in losses]
+            out.setdefault("cuda_graph", {})[precision] = run.graph_status()
+            loras[precision] = run.lora()
+            log(f"  loss {precision}: first {losses[0]:.4f}, last {losses[-1]:.4f}")
         except Exception as e:
             out["errors"][precision] = f"{type(e).__name__}: {str(e)[:300]}"
             log(f"  loss {precision} failed: {out['errors'][precision]}")
         finally:
-            del setup
+            del run
+    del items
     ref = out["curves"].get("bf16")
     out["summary"] = {}
     for precision, curve in out["curves"].items():
@@ -407,7 +364,7 @@ def main() -> None:
     ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                     help="replay the step as a CUDA graph, as sdlora's loop does (GPU only)")
     ap.add_argument("--budget-s", type=float, default=400,
-                    help="skip what is left after this many seconds (a safety net: a whole run takes about 4 min)")
+                    help="skip what is left after this many seconds (a safety net)")
     ap.add_argument("--plot", metavar="RESULTS_JSON", help="instead: draw the loss curves of a results file")
     ap.add_argument("--png", default="docs/quant-loss.png")
     args = ap.parse_args()
@@ -418,13 +375,10 @@ def main() -> None:
     started = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
     if args.smoke:
         args.families, args.resolution = ["sd1"], 64
         args.steps, args.warmup, args.loss_steps = min(args.steps, 4), 1, min(args.loss_steps, 10)
     args.graphs = args.graphs and cuda
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # as sdlora's loop sets it
     bnb = bitsandbytes_version()
     precisions = [p for p in args.precisions if bnb or p not in ("int8", "nf4")]
     loss_precisions = [p for p in args.loss_precisions if bnb or p not in ("int8", "nf4")]
@@ -450,7 +404,7 @@ def main() -> None:
             if time.perf_counter() - started > args.budget_s:
                 results["skipped"].append(f"{arch} {precision}: time budget")
                 continue
-            r = memory_and_speed(masters[arch], arch, precision, args, device, dtype)
+            r = memory_and_speed(masters[arch], arch, precision, args, device)
             results["memory"].append(r)
             log(json.dumps(r))
             save()
@@ -459,7 +413,7 @@ def main() -> None:
                 results["skipped"].append("loss curves: time budget")
             else:
                 log(f"loss curves, {args.loss_steps} steps: {', '.join(loss_precisions)}")
-                results["loss"] = loss_curves(masters["sd1"], loss_precisions, args, device, dtype)
+                results["loss"] = loss_curves(masters["sd1"], loss_precisions, args, device)
                 log(json.dumps(results["loss"]["summary"], indent=2))
                 save()
         del masters[arch]
