@@ -16,6 +16,8 @@ from sdlora.models import Base, load_base
 class Previewer:
     """A loaded base model that LoRAs can be added to and re-weighted without reloading the base."""
 
+    keep_loaded = 8  # LoRAs kept loaded for quick switching; beyond that the least recently used is dropped
+
     def __init__(self, base: str | Base, device: str | None = None, *, base_config: str = "",
                  prediction_type: str = "auto"):
         """`base` as `--base` takes it (or a loaded Base); `base_config` and `prediction_type` as in `load_base`."""
@@ -32,6 +34,7 @@ class Previewer:
         for path, strength in loras:
             names.append(self._load(path))
             weights.append(float(strength))
+        self._drop_unused(keep=set(names))
         if names:
             self.pipe.set_adapters(names, adapter_weights=weights)
         elif self._loaded:
@@ -57,7 +60,17 @@ class Previewer:
                 raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
                                 "check that the LoRA was made for this model family (SD1, SD2 or SDXL)") from None
             self._loaded[key] = name
+        self._loaded[key] = self._loaded.pop(key)  # most recently used last
         return self._loaded[key]
+
+    def _drop_unused(self, keep: set[str]) -> None:
+        """Unload the least recently used LoRAs not in `keep` while more than `keep_loaded` are loaded: each one holds
+        its weights in memory, and an app session may try many."""
+        for key in list(self._loaded):
+            if len(self._loaded) <= self.keep_loaded:
+                break
+            if self._loaded[key] not in keep:
+                self.pipe.delete_adapters(self._loaded.pop(key))
 
     @torch.no_grad()
     def image(self, prompt: str, *, negative_prompt: str = "", seed: int = 0, steps: int = 25,

@@ -343,3 +343,25 @@ def test_original_layout_round_trips_through_diffusers_converters():
     back = convert_open_clip_checkpoint(bigg, {prefix + k: v for k, v in _openclip_original(bigg.state_dict()).items()}, prefix)
     state = bigg.state_dict()
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_previews_keep_only_the_recently_used_loras_loaded(loras, trained_run, tmp_path):
+    """Switching through many LoRA files does not keep them all in memory; one dropped and used again reloads."""
+    import shutil
+
+    from sdlora.generate import Previewer
+
+    ours, other = loras
+    third = tmp_path / "third.safetensors"
+    shutil.copy(ours, third)  # another file: another adapter
+    prev = Previewer("tiny", device="cpu")
+    prev.keep_loaded = 2
+    prev.set_loras([(ours, 1.0)])
+    before = np.asarray(prev.image("zxq, a red circle", seed=3, steps=4), dtype=np.float32)
+    prev.set_loras([(other, 1.0)])
+    prev.set_loras([(str(third), 0.5), (other, 0.5)])
+    assert len(prev.pipe.get_list_adapters()["unet"]) == 2  # `ours` was the least recently used: dropped
+    prev.set_loras([(ours, 1.0)])  # loaded again, and gives the same image
+    after = np.asarray(prev.image("zxq, a red circle", seed=3, steps=4), dtype=np.float32)
+    assert np.abs(before - after).max() < 1.0
+    assert len(prev.pipe.get_list_adapters()["unet"]) == 2
