@@ -641,21 +641,25 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
         m.eval()
     out_dir = run_dir / "samples"
     out_dir.mkdir(exist_ok=True)
-    for n, prompt in enumerate(prompts):
-        seed = config.sample_seed + n
+    # two prompts per pipeline call (a batch costs about what one image does while the UNet is overhead-bound);
+    # one generator per image, so each image is what a call with its prompt and seed alone draws
+    for first in range(0, len(prompts), 2):
+        chunk = prompts[first:first + 2]
+        seeds = [config.sample_seed + first + i for i in range(len(chunk))]
         with accelerator.autocast():
-            latents = sampler(prompt, negative_prompt=config.sample_negative or None,
+            latents = sampler(chunk, negative_prompt=[config.sample_negative] * len(chunk) if config.sample_negative else None,
                               num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
                               width=resolution, height=resolution, output_type="latent",
-                              generator=torch.Generator("cpu").manual_seed(seed)).images
-        image = _decode(sampler, latents)
-        path = out_dir / f"step-{step:06d}-{n}.png"
-        tmp = path.with_name(path.stem + ".tmp.png")
-        image.save(tmp)
-        tmp.replace(path)
-        events.emit("sample", step=step, path=str(path), prompt=prompt, negative_prompt=config.sample_negative,
-                    seed=seed, steps=config.sample_steps, guidance_scale=config.sample_guidance,
-                    scheduler=config.sample_scheduler, width=resolution, height=resolution, strength=1.0)
+                              generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
+        for i, (prompt, seed) in enumerate(zip(chunk, seeds)):
+            image = _decode(sampler, latents[i:i + 1])
+            path = out_dir / f"step-{step:06d}-{first + i}.png"
+            tmp = path.with_name(path.stem + ".tmp.png")
+            image.save(tmp)
+            tmp.replace(path)
+            events.emit("sample", step=step, path=str(path), prompt=prompt, negative_prompt=config.sample_negative,
+                        seed=seed, steps=config.sample_steps, guidance_scale=config.sample_guidance,
+                        scheduler=config.sample_scheduler, width=resolution, height=resolution, strength=1.0)
     for m in trained:
         m.train()
 
