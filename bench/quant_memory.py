@@ -41,7 +41,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # full_size_check needs tests/
 
 import torch  # noqa: E402
 
@@ -67,33 +68,17 @@ def bitsandbytes_version() -> str | None:
 # --- models -----------------------------------------------------------------------------------------------------
 
 def build(arch: str, device: str):
-    """The published architecture from sdlora's shipped configs, random weights, as a pipeline on the CPU: UNet and
-    text encoders in bf16, the VAE in fp32 (built on `device` in fp32, the way from_config initialises it, then
-    moved). Each run trains a deep copy of it."""
-    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    """The published architecture with random weights (bench/full_size_check.py builds it on `device`), as a pipeline
+    on the CPU: UNet and text encoders in bf16, the VAE in fp32. Each run trains a deep copy of it. build_step
+    trains with DDPM whatever scheduler the pipeline carries."""
+    from full_size_check import build as build_full
 
-    from sdlora.models import shipped_config
-
-    folder = shipped_config(arch)
-    torch.manual_seed(0)
-    with torch.device(device):
-        parts = dict(
-            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet")),
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae")),
-            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder")))
-        if arch == "sdxl":
-            parts["text_encoder_2"] = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2"))
-    for name, module in parts.items():
-        parts[name] = module.to("cpu", torch.float32 if name == "vae" else torch.bfloat16)
-    parts["tokenizer"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    parts["scheduler"] = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")  # build_step trains with DDPM
-    if arch == "sdxl":
-        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
-        return StableDiffusionXLPipeline(**parts)
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = build_full(arch, device)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to("cpu", torch.float32 if name == "vae" else torch.bfloat16)
+    return pipe
 
 
 def tiny():
