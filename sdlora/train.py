@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -180,7 +181,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
 
         bar = tqdm(total=config.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
     # Losses stay on the device until they are shown: reading one each step would make the GPU wait for the host.
-    pending, history = [], []  # (step, loss tensor) not yet read; (step, loss) read
+    pending, recent = [], deque(maxlen=50)  # (step, loss tensor) not yet read; the last losses read
     t_last, step_last, last_good = time.perf_counter(), step, None
     data_s = 0.0  # host time spent assembling batches since the last progress event
 
@@ -193,7 +194,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
                 keep = f"; the last good save is {last_good.name}" if last_good else ""
                 raise UserError(f"the loss became {value} at step {at}{keep}",
                                 "lower unet_lr/text_encoder_lr, or use bf16/fp32 instead of fp16")
-            history.append((at, value))
+            recent.append(value)
         pending.clear()
 
     for m in trained:
@@ -254,8 +255,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         if now - t_last >= 1.0 or step % max(1, config.steps // 100) == 0 or step == config.steps:
             read_losses()
             rate = (step - step_last) / (now - t_last)
-            loss_value = history[-1][1]
-            loss_ema = _ema([v for _, v in history[-50:]])
+            loss_value, loss_ema = recent[-1], _ema(list(recent))
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_ema:.4f}")
             events.emit("progress", step=step, total=config.steps, loss=loss_value, loss_ema=loss_ema,
