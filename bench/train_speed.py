@@ -84,8 +84,9 @@ def matmul_ceiling(device: str) -> float:
 def token_ids(pipe, batch: int, device: str) -> list[torch.Tensor]:
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
     captions = [f"a photo of zxq number {i}, a red circle on a blue background" for i in range(batch)]
-    return [t(captions, padding="max_length", max_length=t.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(device) for t in tokenizers]
+    from sdlora.train import _token_ids
+
+    return [_token_ids(t, captions, torch.device(device)) for t in tokenizers]
 
 
 def time_ids(batch: int, resolution: int, device: str) -> torch.Tensor:
