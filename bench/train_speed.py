@@ -292,13 +292,16 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
             hidden, pooled = _encode_ids(ours.step_fn.text_encoders or _tes(ours.pipe), ids)
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
     ours_inputs = lambda: ours.inputs(c_mean, c_std, ids, tids, hidden, pooled, gens)  # noqa: E731
-    for _ in range(warmup):
+    t = time.perf_counter()
+    for _ in range(warmup):  # the first calls of a shape: eager (cuDNN autotuning), then the capture
         ours.step(ours_inputs())
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - t
     ms = timed(lambda: ours.step(ours_inputs()), steps, device)
     result["sdlora"] = {"ms_per_step": statistics.median(ms), "ms_windows": ms, "peak_gb": _peak_gb(device),
+                        "warmup_s": warmup_s, "warmup_steps": warmup,
                         "graphs": ours.step_fn.run.captured, "graph_failures": [repr(e)[:300] for e in ours.fails]}
     ours.step_fn.run.enabled = False  # count FLOPs on the eager path (a graph replay hides its kernels)
     result["sdlora"]["flops"] = flops_of(lambda: ours.step(ours_inputs()))
@@ -411,6 +414,7 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
         result["stderr"] = proc.stderr[-3000:]
         return result
     events = read_events(run)
+    shutil.copy(run / "events.jsonl", out / f"events-{run.name}.jsonl")
     start = next(e for e in events if e["type"] == "start")
     progress = [e for e in events if e["type"] == "progress"]
     steady = [e for e in progress if e["step"] >= min(50, steps // 4)]
@@ -420,10 +424,23 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
                   images_per_s=rate * start["global_batch"], final_loss=progress[-1]["loss"],
                   start_event_s=start["time"] - (time.time() - wall),
                   sampling_s=_span(events, "sample"), graphs=progress[-1].get("graphs"),
+                  phases_s=_phases(events, t0=time.time() - wall, wall=wall), setup_s=start.get("setup_s"),
+                  time_to_file_s=(run / "lora.safetensors").stat().st_mtime - (time.time() - wall),
                   # host time per step spent assembling batches, against the step time: the GPU waits on data
                   # only if it were larger
                   data_ms_per_step=sum(e.get("data_ms", 0) for e in steady) / len(steady))
     return result
+
+
+def _phases(events, t0: float, wall: float) -> dict:
+    """Where a run's wall time went: until the start event (imports, loading, caches), then each gap between events
+    counted to the later event's type (progress: training steps; sample; save; verify; done), then the exit."""
+    start = next(i for i, e in enumerate(events) if e["type"] == "start")
+    out = {"to_start": events[start]["time"] - t0}
+    for prev, e in zip(events[start:], events[start + 1:]):
+        out[e["type"]] = out.get(e["type"], 0.0) + e["time"] - prev["time"]
+    out["exit"] = t0 + wall - events[-1]["time"]
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def _span(events, kind) -> float:
@@ -439,7 +456,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--whole-run", type=int, default=1000, help="steps of the whole `sdlora train` run (0 = skip)")
     ap.add_argument("--whole-batch", type=int, default=8)
-    ap.add_argument("--memory", action="store_true", help="also: SD1.5 in 6 GB and SDXL in 12 GB")
+    ap.add_argument("--memory", action="store_true", help="also: whole runs under the memory caps of --caps")
+    ap.add_argument("--caps", nargs="+", default=["sd1:6", "sdxl:12"], metavar="FAMILY:GB",
+                    help="memory caps for --memory (default: SD1.5 in 6 GB and SDXL in 12 GB)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tests' small model")
     args = ap.parse_args()
     out = Path(args.out)
@@ -473,8 +492,8 @@ def main() -> None:
         print(json.dumps(results["whole_run"][-1])[:3000], flush=True)
         save()
     if args.memory and device == "cuda":
-        for family, limit in (("sd1", 6.0), ("sdxl", 12.0)):
-            results["memory"].append(whole_run(out, 60, 0, False, family, limit))
+        for family, limit in (cap.split(":") for cap in args.caps):
+            results["memory"].append(whole_run(out, 60, 0, False, family, float(limit)))
             print(json.dumps(results["memory"][-1])[:3000], flush=True)
             save()
     print(table(results))

@@ -11,7 +11,7 @@ import torch
 from sdlora.config import TrainConfig
 from sdlora.lora import (ADAPTER, TEXT_TARGETS, UNET_TARGETS, adapter_layers, check_lora_fits, kohya_name, read_lora,
                          text_encoder_prefix, unet_module_name)
-from sdlora.models import FAMILIES, load_base
+from sdlora.models import FAMILIES, Base, load_base
 
 VERIFY_ADAPTER = "sdlora_verify"
 
@@ -100,14 +100,17 @@ def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: 
 
 
 @torch.no_grad()
-def verify(path: str | Path, base_spec: str, *, base_config: str = "", prediction_type: str = "auto") -> dict:
+def verify(path: str | Path, base_spec: str, *, base_config: str = "", prediction_type: str = "auto",
+           base: Base | None = None) -> dict:
     """Reload `path` through diffusers' `load_lora_weights` into a fresh copy of the base and check that every key
     landed (same weights, same alpha/rank scale) and that strength 0 gives back the base model's output exactly.
 
-    A file made for another model family is refused with a UserError naming both.
+    A file made for another model family is refused with a UserError naming both. `base`: a fresh copy of the base
+    already loaded from `base_spec` (it gets the adapter added), instead of loading one here.
     """
     state, metadata = read_lora(path)
-    base = load_base(base_spec, base_config=base_config, prediction_type=prediction_type)
+    if base is None:
+        base = load_base(base_spec, base_config=base_config, prediction_type=prediction_type)
     check_lora_fits(Path(path).name, state, metadata, base)
     pipe = base.pipe
     sdxl = base.family == "sdxl"

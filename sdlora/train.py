@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 
 from sdlora import dataset as ds
 from sdlora.config import TrainConfig
@@ -68,9 +69,16 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
 def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> Path:
     started_at = time.time()
     device = accelerator.device
+    setup_s, t_setup = {}, time.perf_counter()  # seconds per setup stage, reported in the start event
+
+    def lap(stage: str) -> None:
+        nonlocal t_setup
+        now = time.perf_counter()
+        setup_s[stage], t_setup = round(now - t_setup, 2), now
 
     # 1. Data: every image opened and checked once; captions fixed; buckets from the base's resolution.
     data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template)
+    lap("data")
     base = load_base(config.base, base_config=config.base_config, prediction_type=config.prediction_type)
     pipe = base.pipe
     vae, unet = pipe.vae, pipe.unet
@@ -98,10 +106,15 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         events.emit("warning", message=f"{len(long)} captions are longer than {tokenizer.model_max_length - 2} tokens "
                                        f"and will be cut (e.g. {long[0]})")
 
+    lap("load")
+
     # 2. Models, adapters, optimizer, schedule and the step (bench/train_speed.py times this same step).
     step_fn = build_step(accelerator, pipe, config, on_fail=lambda e: events.emit(
         "warning", message=f"CUDA graphs off, the step runs eagerly: {type(e).__name__}: {str(e)[:200]}"))
     trained, lr_scheduler, noise_scheduler = step_fn.trained, step_fn.lr_scheduler, step_fn.noise_scheduler
+    # the final check reloads the base from disk; on a GPU that load runs on the idle CPU while training goes on
+    fresh_base = _preload_base(config, pipe) if device.type == "cuda" and accelerator.is_main_process else None
+    lap("models")
 
     # 3. Caches: latents once per image (and per flip), with SDXL's size/crop conditioning; text embeddings once when
     #    the text encoder is frozen and captions don't change between steps (kohya refuses caching with shuffle for
@@ -113,6 +126,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     if not config.train_text_encoder and not config.shuffle_tags:
         texts = sorted({r.caption for r in records} | {""})
         text_cache = _shared(accelerator, lambda share: _cache_text(tokenizers, text_encoders, texts, device, share))
+    lap("caches")
 
     # 4. Resume: weights, optimizer, schedule; data order and noise are functions of (seed, step), so they follow.
     step = 0
@@ -136,7 +150,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
                 images=len(records), rejected=len(data.rejected), samples_per_epoch=len(samples),
                 total_steps=config.steps, start_step=step, device=str(device), precision=accelerator.mixed_precision,
                 batch_per_gpu=config.batch_size, global_batch=images_per_step, base_storage=step_fn.base_storage,
-                epochs=round(config.steps * images_per_step / len(samples), 2))
+                epochs=round(config.steps * images_per_step / len(samples), 2), setup_s=setup_s)
 
     def save(step: int, final: bool) -> Path:
         name = "lora.safetensors" if final else f"lora-step-{step:06d}.safetensors"
@@ -167,7 +181,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         path = save(step, final=True)
         if accelerator.is_main_process:
             result = verify(path, config.base, base_config=config.base_config,
-                            prediction_type=config.prediction_type)
+                            prediction_type=config.prediction_type,
+                            base=fresh_base.result() if fresh_base is not None else None)
             events.emit("verify", **result)
             if not result["ok"]:
                 raise RuntimeError(f"export check failed for {path.name}: {result}")
@@ -290,6 +305,13 @@ def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
         for text_encoder in text_encoders:
             te_params += add_adapters(text_encoder, TEXT_TARGETS[config.targets], config.rank, config.alpha,
                                       config.lora_dropout)
+    if weight_dtype != torch.float32:
+        # peft casts each LoRA layer's input to its fp32 weights, then autocast casts it back to bf16/fp16 for the
+        # matmul: two extra passes over every activation for the same result. Keep the input in the compute dtype.
+        for model in (unet, *text_encoders):
+            for layer in model.modules():
+                if isinstance(layer, LoraLayer):
+                    layer.cast_input_dtype_enabled = False
     # a quantized base saves memory only with checkpointing: autograd would keep every dequantized weight otherwise
     if config.gradient_checkpointing or config.base_precision != "auto":
         # no RNG to replay (no dropout in the base), and saving CUDA's RNG state cannot be captured in a CUDA graph
@@ -585,6 +607,27 @@ def _cache_latents(vae, records, bucket_of, flip: bool, device, share=(0, 1)) ->
             _check_finite(dist.mean, record.name)
             cache[(i, flipped)] = (dist.mean[0], dist.std[0], time_ids.to(device))
     return cache
+
+
+def _preload_base(config: TrainConfig, pipe):
+    """Load a fresh copy of the base for the final check in a background thread, when the host has the memory for it
+    (twice the model's fp32 size free); None otherwise, and the check loads it then."""
+    import concurrent.futures
+    import os
+
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux
+        return None
+    need = 4 * sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                   for p in m.parameters())
+    if available < 2 * need:
+        return None
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdlora-verify-base")
+    future = pool.submit(load_base, config.base, base_config=config.base_config,
+                         prediction_type=config.prediction_type)
+    pool.shutdown(wait=False)
+    return future
 
 
 def _free_gib(device) -> float:
