@@ -359,7 +359,8 @@ def main() -> None:
         ap.error("--out is required")
     started = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda" if cuda else "cpu")
+    # an explicit index: torch.cuda.set_per_process_memory_fraction refuses a bare "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if args.smoke:
         args.families, args.resolution = ["sd1"], 64
         args.steps, args.warmup, args.loss_steps = min(args.steps, 4), 1, min(args.loss_steps, 10)

@@ -235,7 +235,8 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
-def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, tiny: bool) -> dict:
+def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, tiny: bool,
+               autotune_too: bool = False) -> dict:
     family, resolution, batch, train_te = CONFIGS[name]
     if tiny:
         family, resolution = "tiny", 64
@@ -303,6 +304,20 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
     result["sdlora"] = {"ms_per_step": statistics.median(ms), "ms_windows": ms, "peak_gb": _peak_gb(device),
                         "warmup_s": warmup_s, "warmup_steps": warmup,
                         "graphs": ours.step_fn.run.captured, "graph_failures": [repr(e)[:300] for e in ours.fails]}
+    if autotune_too:  # the same step with cuDNN timing every convolution algorithm on first use of a shape
+        variant = Sdlora(build(family, device), train_te, batch, resolution, device)
+        variant.step_fn.cudnn_benchmark = True
+        t = time.perf_counter()
+        for _ in range(warmup):
+            variant.step(ours_inputs())
+        if device == "cuda":
+            torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - t
+        ms = timed(lambda: variant.step(ours_inputs()), steps, device)
+        result["sdlora_cudnn_benchmark"] = {"ms_per_step": statistics.median(ms), "ms_windows": ms,
+                                            "warmup_s": warmup_s}
+        variant = None
+        _free(device)
     ours.step_fn.run.enabled = False  # count FLOPs on the eager path (a graph replay hides its kernels)
     result["sdlora"]["flops"] = flops_of(lambda: ours.step(ours_inputs()))
 
@@ -410,11 +425,12 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
     proc = subprocess.run([sys.executable, "-c", code, "train", *args], capture_output=True, text=True)
     wall = time.perf_counter() - t
     result = {"steps": steps, "family": family, "limit_gb": limit_gb, "wall_s": wall, "returncode": proc.returncode}
+    if (run / "events.jsonl").exists():
+        shutil.copy(run / "events.jsonl", out / f"events-{run.name}.jsonl")
     if proc.returncode:
         result["stderr"] = proc.stderr[-3000:]
         return result
     events = read_events(run)
-    shutil.copy(run / "events.jsonl", out / f"events-{run.name}.jsonl")
     start = next(e for e in events if e["type"] == "start")
     progress = [e for e in events if e["type"] == "progress"]
     steady = [e for e in progress if e["step"] >= min(50, steps // 4)]
@@ -460,6 +476,8 @@ def main() -> None:
     ap.add_argument("--caps", nargs="+", default=["sd1:6", "sdxl:12"], metavar="FAMILY:GB",
                     help="memory caps for --memory (default: SD1.5 in 6 GB and SDXL in 12 GB)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tests' small model")
+    ap.add_argument("--cudnn-benchmark-too", action="store_true",
+                    help="also time sdlora's step with cuDNN autotuning (torch.backends.cudnn.benchmark) on")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -480,7 +498,7 @@ def main() -> None:
     for name in names:
         try:
             results["configs"].append(run_config(name, args.steps, args.warmup, results["bf16_matmul_tflops"], device,
-                                                 args.tiny))
+                                                 args.tiny, autotune_too=args.cudnn_benchmark_too))
         except Exception:
             import traceback
 

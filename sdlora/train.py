@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -51,14 +52,18 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         for name in CONTROL_FILES:  # requests left over from an earlier process are stale
             (run_dir / name).unlink(missing_ok=True)
     stop = _StopSignals()
+    where = {"stage": "loading the base model"}  # what the run is doing, for an out-of-memory message
     try:
-        return _train(config, run_dir, accelerator, events, stop, resume, progress_bar)
+        return _train(config, run_dir, accelerator, events, stop, resume, progress_bar, where)
     except UserError as e:
         events.emit("error", message=e.message, hint=e.hint)
         raise
     except torch.OutOfMemoryError:
-        events.emit("error", message="out of memory", hint="lower batch_size or resolution, or turn on gradient_checkpointing")
-        raise UserError("out of memory", "lower batch_size or resolution, or turn on gradient_checkpointing") from None
+        message = f"out of memory while {where['stage']}"
+        hint = ("lower resolution, or draw fewer samples (sample_prompts, sample_every)" if "sampl" in where["stage"]
+                else "lower batch_size or resolution, turn on gradient_checkpointing, or set base_precision fp8")
+        events.emit("error", message=message, hint=hint)
+        raise UserError(message, hint) from None
     except Exception as e:
         events.emit("error", message=f"{type(e).__name__}: {e}", hint="see log.txt in the run folder")
         raise
@@ -66,10 +71,11 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         stop.restore()
 
 
-def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> Path:
+def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, where: dict) -> Path:
     started_at = time.time()
     device = accelerator.device
-    setup_s, t_setup = {}, time.perf_counter()  # seconds per setup stage, reported in the start event
+    # seconds per setup stage, reported in the start event; "process": from the process's start to here (imports)
+    setup_s, t_setup = {"process": round(_process_age(), 2)}, time.perf_counter()
 
     def lap(stage: str) -> None:
         nonlocal t_setup
@@ -109,6 +115,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     lap("load")
 
     # 2. Models, adapters, optimizer, schedule and the step (bench/train_speed.py times this same step).
+    where["stage"] = f"putting the model on the {device.type.upper()}"
     step_fn = build_step(accelerator, pipe, config, on_fail=lambda e: events.emit(
         "warning", message=f"CUDA graphs off, the step runs eagerly: {type(e).__name__}: {str(e)[:200]}"))
     trained, lr_scheduler, noise_scheduler = step_fn.trained, step_fn.lr_scheduler, step_fn.noise_scheduler
@@ -120,6 +127,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
     #    the text encoder is frozen and captions don't change between steps (kohya refuses caching with shuffle for
     #    the same reason).
     #    With several processes each encodes its share and they swap results, so every cache is computed once.
+    where["stage"] = "caching latents and text embeddings"
     latent_cache = _shared(accelerator, lambda share: _cache_latents(vae, records, bucket_of, config.flip, device, share)) \
         if config.cache_latents and not config.random_crop else None
     text_cache = None
@@ -178,6 +186,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         return path
 
     def finish(step: int, kind: str) -> Path:
+        where["stage"] = "saving the final file"
         path = save(step, final=True)
         if accelerator.is_main_process:
             result = verify(path, config.base, base_config=config.base_config,
@@ -219,13 +228,16 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar) -> 
         done = step >= config.steps
         stop_now, sample_now, save_now = _requests(accelerator, run_dir, stop.requested, step)
         if step % sample_every == 0 or done or sample_now:
+            where["stage"] = f"drawing samples at step {step}"
             _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events)
         if stop_now:
             return finish(step, "stopped")
         if done:
             return finish(step, "done")
         if step > 0 and (step % save_every == 0 or save_now):
+            where["stage"] = f"saving at step {step}"
             last_good = save(step, final=False)
+        where["stage"] = f"training (step {step + 1})"
 
         # The step: this process's share of each micro-batch, as tensors on the device, then one update.
         t_data = time.perf_counter()
@@ -362,6 +374,7 @@ class Step:
         # keep the noise schedule on the device (diffusers moves it on first use, which a capture cannot do)
         noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
         self.run = Graphed(self.loss_and_grads, enabled=cuda_graphs, on_fail=on_fail)
+        self.cudnn_benchmark = False  # bench/train_speed.py measures both
 
     def loss_and_grads(self, mean, std, eps, noise, timesteps, time_ids=None, hidden=None, pooled=None, **ids):
         """Sample the latents from their cached distribution, noise them, predict, Min-SNR-weighted MSE against
@@ -390,9 +403,9 @@ class Step:
         tensor on the device."""
         loss, grads = None, None
         for inputs in micro_batches:
-            # cuDNN picks each convolution's fastest algorithm once per shape; only here, since timing fp32 VAE
-            # convolutions at full resolution tries algorithms that ask for tens of GB of workspace
-            benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+            # cuDNN's own choice of convolution algorithms: timing them all (cudnn.benchmark) took ~5 s per new
+            # bucket shape on an H200 (docs/benchmarks.md), more than it saved in a 1,000-step run
+            benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, self.cudnn_benchmark
             try:
                 micro_loss, micro_grads = self.run(**inputs)  # the graph's outputs: overwritten by the next replay
             finally:
@@ -609,11 +622,19 @@ def _cache_latents(vae, records, bucket_of, flip: bool, device, share=(0, 1)) ->
     return cache
 
 
+def _process_age() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
 def _preload_base(config: TrainConfig, pipe):
     """Load a fresh copy of the base for the final check in a background thread, when the host has the memory for it
     (twice the model's fp32 size free); None otherwise, and the check loads it then."""
     import concurrent.futures
-    import os
 
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

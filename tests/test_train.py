@@ -350,10 +350,11 @@ def test_lora_layers_take_bf16_inputs_with_the_same_result():
               "eps": torch.randn(2, 4, 8, 8, generator=g), "noise": torch.randn(2, 4, 8, 8, generator=g),
               "timesteps": torch.randint(0, 1000, (2,), generator=g)}
     pipe = load_base("tiny").pipe
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one process-wide state
     step = build_step(Accelerator(cpu=True, mixed_precision="bf16"), pipe, TrainConfig(dataset="-", rank=4))
     try:
         _compare_with_peft_casts(step, pipe, inputs)
-    finally:  # accelerate keeps one process-wide state: let later tests pick their own precision
+    finally:  # let later tests pick their own precision
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
