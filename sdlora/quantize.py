@@ -47,11 +47,12 @@ def check_precision(precision: str, *, cuda: bool) -> None:
 def quantize_base(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], precision: str) -> str:
     """Store the frozen base's weights in `precision`, in place; return a one-line note of what is stored and its size.
 
-    Call it once the models are frozen and sit on their device in the compute dtype (the training loop's
-    weight_dtype), and before `lora.add_adapters`: each layer keeps computing in the dtype its weight has now, and peft
+    Call it once the models are frozen and in the compute dtype (the training loop's weight_dtype), on the CPU or
+    their device, and before `lora.add_adapters`: each layer keeps computing in the dtype its weight has now, and peft
     then wraps the quantized layers with fp32 LoRA weights initialised exactly as on an unquantized base (for int8/nf4
     with its own bitsandbytes LoRA layers). The VAE is not touched. Afterwards move the models by device only: a
-    `.to(dtype)` would turn the fp8 storage back into full precision.
+    `.to(dtype)` would turn the fp8 storage back into full precision. bitsandbytes quantizes int8/nf4 weights as they
+    move to the GPU, one at a time.
 
     - fp8: every Linear and Conv2d weight (UNet and text encoders) is stored as torch.float8_e4m3fn and upcast to the
       compute dtype at each use, through a torch.nn.utils.parametrize parametrization. Autograd keeps each upcast

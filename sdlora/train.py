@@ -151,6 +151,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
             f"{config.batch_size * config.grad_accum * saved_with}"
         events.emit("warning", message=f"resumed from {last.name}{changed}")
     sample_every = config.sample_every or max(1, config.steps // 4)
+    low_memory = {"on": False}  # samples drawn one at a time with a tiled decode, after an out-of-memory
     save_every = config.save_every or max(1, config.steps // 4)
     prompts = config.sample_prompts or [r.caption for r in records[:2]]
     images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
@@ -189,10 +190,11 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         where["stage"] = "saving the final file"
         path = save(step, final=True)
         if accelerator.is_main_process:
+            t = time.perf_counter()
             result = verify(path, config.base, base_config=config.base_config,
                             prediction_type=config.prediction_type,
                             base=fresh_base.result() if fresh_base is not None else None)
-            events.emit("verify", **result)
+            events.emit("verify", **result, seconds=round(time.perf_counter() - t, 2), preloaded=fresh_base is not None)
             if not result["ok"]:
                 raise RuntimeError(f"export check failed for {path.name}: {result}")
             events.emit(kind, step=step, path=str(path))
@@ -229,7 +231,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         stop_now, sample_now, save_now = _requests(accelerator, run_dir, stop.requested, step)
         if step % sample_every == 0 or done or sample_now:
             where["stage"] = f"drawing samples at step {step}"
-            _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events)
+            _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, low_memory)
         if stop_now:
             return finish(step, "stopped")
         if done:
@@ -304,11 +306,13 @@ def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
     text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.requires_grad_(False).to(device, torch.float32)
-    for text_encoder in text_encoders:
-        text_encoder.requires_grad_(False).to(device, weight_dtype)
-    unet.requires_grad_(False).to(device, weight_dtype)
-    # --base-precision: the frozen weights stored in fp8/int8/nf4 (sdlora.quantize); the adapters stay fp32
+    # --base-precision: the frozen weights stored in fp8/int8/nf4 (sdlora.quantize); the adapters stay fp32. Quantized
+    # where they are (the CPU, after loading), then moved: the full-precision base never has to fit on the GPU.
+    for model in (unet, *text_encoders):
+        model.requires_grad_(False).to(weight_dtype)
     base_storage = quantize_base(unet, text_encoders, config.base_precision)
+    for model in (unet, *text_encoders):
+        model.to(device)  # by device only: a dtype would undo the fp8 storage
 
     torch.manual_seed(config.seed)
     unet_params = add_adapters(unet, UNET_TARGETS[config.targets], config.rank, config.alpha, config.lora_dropout)
@@ -689,8 +693,9 @@ def _memory_defaults(config: TrainConfig, family: str, accelerator, events, run_
 
 
 @torch.no_grad()
-def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events) -> None:
-    """Sample images with the adapter as trained (strength 1), each recorded so plain diffusers can redo it."""
+def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, low_memory: dict) -> None:
+    """Sample images with the adapter as trained (strength 1), each recorded so plain diffusers can redo it.
+    `low_memory["on"]`: one prompt per call and a tiled decode (set here after running out of memory)."""
     import diffusers
 
     if not accelerator.is_main_process:
@@ -705,18 +710,37 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
         m.eval()
     out_dir = run_dir / "samples"
     out_dir.mkdir(exist_ok=True)
-    # two prompts per pipeline call (a batch costs about what one image does while the UNet is overhead-bound);
-    # one generator per image, so each image is what a call with its prompt and seed alone draws
-    for first in range(0, len(prompts), 2):
-        chunk = prompts[first:first + 2]
-        seeds = [config.sample_seed + first + i for i in range(len(chunk))]
+
+    def draw(chunk: list[str], seeds: list[int]) -> list:
         with accelerator.autocast():
             latents = sampler(chunk, negative_prompt=[config.sample_negative] * len(chunk) if config.sample_negative else None,
                               num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
                               width=resolution, height=resolution, output_type="latent",
                               generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
-        for i, (prompt, seed) in enumerate(zip(chunk, seeds)):
-            image = _decode(sampler, latents[i:i + 1])
+        return [_decode(sampler, latents[i:i + 1], tiled=low_memory["on"]) for i in range(len(chunk))]
+
+    # two prompts per pipeline call (a batch costs about what one image does while the UNet is overhead-bound);
+    # one generator per image, so each image is what a call with its prompt and seed alone draws. Out of memory (the
+    # training step's CUDA graphs keep theirs): one prompt per call and a tiled VAE decode from then on, as ComfyUI
+    # falls back; if even that does not fit, this round's samples are skipped and training goes on.
+    first = 0
+    while first < len(prompts):
+        chunk = prompts[first:first + (1 if low_memory["on"] else 2)]
+        seeds = [config.sample_seed + first + i for i in range(len(chunk))]
+        try:
+            images = draw(chunk, seeds)
+        except torch.OutOfMemoryError:
+            images = None
+        if images is None:  # out of the except block, so the failed call's tensors are freed
+            torch.cuda.empty_cache()
+            if not low_memory["on"]:
+                low_memory["on"] = True
+                events.emit("warning", message="out of memory while drawing samples: drawing them one at a time "
+                                               "with a tiled VAE decode from now on")
+                continue
+            events.emit("warning", message=f"samples at step {step} skipped: out of memory")
+            break
+        for i, (prompt, seed, image) in enumerate(zip(chunk, seeds, images)):
             path = out_dir / f"step-{step:06d}-{first + i}.png"
             tmp = path.with_name(path.stem + ".tmp.png")
             image.save(tmp)
@@ -724,15 +748,26 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
             events.emit("sample", step=step, path=str(path), prompt=prompt, negative_prompt=config.sample_negative,
                         seed=seed, steps=config.sample_steps, guidance_scale=config.sample_guidance,
                         scheduler=config.sample_scheduler, width=resolution, height=resolution, strength=1.0)
+        first += len(chunk)
     for m in trained:
         m.train()
 
 
-def _decode(pipe, latents: torch.Tensor):
+def _decode(pipe, latents: torch.Tensor, tiled: bool = False):
     """The pipelines' own VAE decode, but in fp32 outside autocast: under fp16 autocast a VAE (SDXL's especially)
-    overflows into black samples."""
-    with torch.autocast(latents.device.type, enabled=False):
-        image = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    overflows into black samples. `tiled`: in overlapping 512 px tiles (diffusers' tiled decode), for low memory."""
+    vae = pipe.vae
+    if tiled:
+        kept = vae.tile_sample_min_size, vae.tile_latent_min_size
+        vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 512 // pipe.vae_scale_factor
+        vae.enable_tiling()
+    try:
+        with torch.autocast(latents.device.type, enabled=False):
+            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    finally:
+        if tiled:
+            vae.disable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size = kept
     return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 

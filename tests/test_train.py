@@ -386,3 +386,32 @@ def test_the_final_check_takes_a_preloaded_base(trained_run):
 
     path = trained_run / "lora.safetensors"
     assert verify(path, "tiny", base=load_base("tiny")) == verify(path, "tiny")
+
+
+def test_samples_that_run_out_of_memory_fall_back_then_skip(tmp_path, dataset_dir, monkeypatch):
+    """Out of memory while sampling (on a GPU the step's CUDA graphs keep their memory): the prompts are drawn one at a
+    time with a tiled decode from then on; a round that still does not fit is skipped; training finishes either way."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora.train import train
+
+    real = StableDiffusionPipeline.__call__
+    calls = []
+
+    def tight(self, prompt, *args, **kwargs):  # two prompts never fit; after five calls nothing does
+        calls.append(len(prompt))
+        if len(prompt) > 1 or len(calls) > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", tight)
+    run = tmp_path / "tight"
+    train(small_config(dataset_dir, steps=20, sample_prompts=["a red circle", "a blue square"]), run, progress_bar=False)
+    events = read_events(run)
+    warnings = [e["message"] for e in events if e["type"] == "warning"]
+    assert calls[:3] == [2, 1, 1]  # the batched call failed once; every later call draws one prompt
+    assert set(calls[1:]) == {1}
+    assert sum("drawing them one at a time with a tiled VAE decode" in w for w in warnings) == 1
+    assert {e["step"] for e in events if e["type"] == "sample"} == {0, 10}  # 2 + 2 images fit, then 2 more calls
+    assert "samples at step 20 skipped: out of memory" in warnings
+    assert next(e for e in events if e["type"] == "done")["step"] == 20 and (run / "lora.safetensors").exists()
