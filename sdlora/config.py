@@ -66,8 +66,8 @@ class TrainConfig:
                                  choices=("auto", "no", "fp16", "bf16"))
     base_precision: str = _knob("auto", "how the frozen base (UNet, text encoders) is stored while the LoRA trains in "
                                         "fp32: auto = unquantized, or fp8 where auto_memory finds the GPU short; fp8 = float8 (torch); "
-                                        "int8, nf4 = bitsandbytes 8-bit / 4-bit layers; use with "
-                                        "gradient_checkpointing (docs/tools.md)",
+                                        "int8, nf4 = bitsandbytes 8-bit / 4-bit layers; fp8 and nf4 turn "
+                                        "gradient_checkpointing on (docs/tools.md)",
                                 choices=("auto", "fp8", "int8", "nf4"))
     gradient_checkpointing: bool = _knob(False, "trade compute for memory")
     auto_memory: bool = _knob(True, "on a GPU, pick batch_size and gradient_checkpointing left at their defaults from "
@@ -149,6 +149,10 @@ class TrainConfig:
             from sdlora.quantize import check_precision
 
             check_precision(self.base_precision, cuda=torch.cuda.is_available())
+            if self.base_precision == "int8" and self.gradient_checkpointing and torch.cuda.is_available():
+                raise UserError("base_precision int8 does not train with gradient_checkpointing on a GPU (bitsandbytes' "
+                                "int8 layers break torch.utils.checkpoint)",
+                                "use --base-precision nf4 or fp8, or turn gradient_checkpointing off")
         if self.optimizer == "adamw8bit":
             try:
                 import bitsandbytes  # noqa: F401

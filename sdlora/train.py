@@ -328,8 +328,9 @@ def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
             for layer in model.modules():
                 if isinstance(layer, LoraLayer):
                     layer.cast_input_dtype_enabled = False
-    # a quantized base saves memory only with checkpointing: autograd would keep every dequantized weight otherwise
-    if config.gradient_checkpointing or config.base_precision != "auto":
+    # fp8 and nf4 save memory only with checkpointing: autograd would keep every dequantized weight otherwise. Not
+    # int8: bitsandbytes' int8 layers fail under checkpointing on CUDA (TrainConfig.validate says so).
+    if config.gradient_checkpointing or config.base_precision in ("fp8", "nf4"):
         # no RNG to replay (no dropout in the base), and saving CUDA's RNG state cannot be captured in a CUDA graph
         unet.enable_gradient_checkpointing(_checkpoint)
         if config.train_text_encoder:
@@ -676,7 +677,7 @@ def _memory_defaults(config: TrainConfig, family: str, accelerator, events, run_
     picked = {}
     if config.batch_size == defaults["batch_size"]:
         picked["batch_size"] = batch_size
-    if config.gradient_checkpointing == defaults["gradient_checkpointing"]:
+    if config.gradient_checkpointing == defaults["gradient_checkpointing"] and config.base_precision != "int8":
         picked["gradient_checkpointing"] = checkpointing
     if config.base_precision == defaults["base_precision"]:
         picked["base_precision"] = base_precision

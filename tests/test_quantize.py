@@ -170,3 +170,14 @@ def test_base_precision_is_checked_before_anything_loads(tmp_path, monkeypatch, 
             f"sdlora: error: base_precision nf4 cannot run on this CPU with bitsandbytes {bnb.__version__} "
             "(no CPU kernel) (hint: use --base-precision fp8"), lines
         assert not (tmp_path / "no-kernel" / "samples").exists()  # stopped before training began
+
+
+def test_int8_with_checkpointing_is_refused_on_a_gpu(monkeypatch):
+    """bitsandbytes' int8 layers break torch.utils.checkpoint on CUDA (measured, docs/benchmarks.md): said up front."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match="int8 does not train with gradient_checkpointing on a GPU") as e:
+        TrainConfig(dataset="d", base_precision="int8", gradient_checkpointing=True).validate()
+    assert e.value.hint == "use --base-precision nf4 or fp8, or turn gradient_checkpointing off"
+    TrainConfig(dataset="d", base_precision="int8").validate()
+    TrainConfig(dataset="d", base_precision="nf4", gradient_checkpointing=True).validate()
