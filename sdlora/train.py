@@ -164,7 +164,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
     def save(step: int, final: bool) -> Path:
         name = "lora.safetensors" if final else f"lora-step-{step:06d}.safetensors"
         path = run_dir / name
-        read_losses()  # never save weights that a NaN has already reached
+        read_losses(wait=True)  # never save weights that a NaN has already reached
         if accelerator.is_main_process:
             net_unet, net_tes = unet, trained[1:]
             meta = kohya_metadata(config, family=base.family, resolution=resolution, step=step,
@@ -206,29 +206,51 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    # Losses stay on the device until they are shown: reading one each step would make the GPU wait for the host.
-    pending, recent = [], deque(maxlen=50)  # (step, loss tensor) not yet read; the last losses read
+    # The loop never waits for the GPU to show a loss: each step's loss is copied to pinned host memory behind the
+    # step and read once a CUDA event says the copy landed (a `.item()` per step, or even once a second, would stall
+    # the queue of steps the host runs ahead). Only a save waits for them all: it must not keep weights a NaN reached.
+    pending, recent = deque(), deque(maxlen=50)  # (step, loss, copy event or None) not yet read; the last losses read
+    bad = []  # a non-finite loss seen; with several processes all of them stop at the next point they agree on
     t_last, step_last, last_good = time.perf_counter(), step, None
     data_s = 0.0  # host time spent assembling batches since the last progress event
 
-    def read_losses() -> None:
-        if not pending:
+    def keep_loss(at: int, loss: torch.Tensor) -> None:
+        if loss.device.type != "cuda":
+            pending.append((at, loss, None))
             return
-        values = torch.stack([loss for _, loss in pending]).tolist()
-        for (at, _), value in zip(pending, values):
-            if not math.isfinite(value):
-                keep = f"; the last good save is {last_good.name}" if last_good else ""
-                raise UserError(f"the loss became {value} at step {at}{keep}",
-                                "lower unet_lr/text_encoder_lr, or use bf16/fp32 instead of fp16")
+        host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
+        host.copy_(loss, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        pending.append((at, host, copied))
+
+    def read_losses(wait: bool = False) -> list[tuple[int, float]]:
+        """(step, loss) of the steps finished since the last read, oldest first; with `wait`, of every step run."""
+        out = []
+        while pending and (wait or pending[0][2] is None or pending[0][2].query()):
+            at, loss, copied = pending.popleft()
+            if copied is not None:
+                copied.synchronize()
+            value = loss.item()
+            if not math.isfinite(value) and not bad:
+                bad.append((at, value))
             recent.append(value)
-        pending.clear()
+            out.append((at, value))
+        if bad and (wait or accelerator.num_processes == 1):
+            at, value = bad[0]
+            keep = f"; the last good save is {last_good.name}" if last_good else ""
+            raise UserError(f"the loss became {value} at step {at}{keep}",
+                            "lower unet_lr/text_encoder_lr, or use bf16/fp32 instead of fp16")
+        return out
 
     for m in trained:
         m.train()
     while True:
         # Once in a while: samples (a step-0 baseline first), saves, and requests from the run folder.
         done = step >= config.steps
-        stop_now, sample_now, save_now = _requests(accelerator, run_dir, stop.requested, step)
+        stop_now, sample_now, save_now, bad_now = _requests(accelerator, run_dir, stop.requested, step, bool(bad))
+        if bad_now:  # a process saw a non-finite loss: every process reads them all and stops here
+            read_losses(wait=True)
         if step % sample_every == 0 or done or sample_now:
             where["stage"] = f"drawing samples at step {step}"
             _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, low_memory)
@@ -274,27 +296,30 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
                     inputs[f"ids_{j}"] = _token_ids(tokenizer, captions, device)
             micro_batches.append(inputs)
         data_s += time.perf_counter() - t_data
-        pending.append((step + 1, step_fn(micro_batches)))
+        keep_loss(step + 1, step_fn(micro_batches))
         step += 1
 
         if bar is not None:
             bar.update(1)
+        # A progress event for the newest finished step: at least once a second, and at least ~100 times a run so
+        # that a short run still draws a loss curve. Its step is the one its loss belongs to (the GPU may be behind).
+        ready = read_losses(wait=step == config.steps)
         now = time.perf_counter()
-        # at least once a second, and at least ~100 times a run so that a short run still draws a loss curve
-        if now - t_last >= 1.0 or step % max(1, config.steps // 100) == 0 or step == config.steps:
-            read_losses()
-            rate = (step - step_last) / (now - t_last)
-            loss_value, loss_ema = recent[-1], _ema(list(recent))
+        every = max(1, config.steps // 100)
+        if ready and (now - t_last >= 1.0 or any(at % every == 0 for at, _ in ready) or ready[-1][0] == config.steps):
+            at, loss_value = ready[-1]
+            rate = (at - step_last) / (now - t_last)
+            loss_ema = _ema(list(recent))
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_ema:.4f}")
-            events.emit("progress", step=step, total=config.steps, loss=loss_value, loss_ema=loss_ema,
+            events.emit("progress", step=at, total=config.steps, loss=loss_value, loss_ema=loss_ema,
                         lr=lr_scheduler.get_last_lr()[0], images_per_s=rate * images_per_step,
-                        eta_s=(config.steps - step) / max(rate, 1e-9), memory_gb=_memory_gb(device),
+                        eta_s=(config.steps - at) / max(rate, 1e-9), memory_gb=_memory_gb(device),
                         graphs=step_fn.run.captured,
                         # host ms per step assembling batches (noise, token ids, cache lookups): while it stays under
                         # the step time, the GPU, which runs the previous step meanwhile, never waits on data
-                        data_ms=1e3 * data_s / max(step - step_last, 1))
-            t_last, step_last, data_s = now, step, 0.0
+                        data_ms=1e3 * data_s / max(at - step_last, 1))
+            t_last, step_last, data_s = now, at, 0.0
 
 
 def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
@@ -492,15 +517,16 @@ def _checkpoint(function, *args):
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
 
 
-def _requests(accelerator, run_dir: Path, signalled: bool, step: int, every: int = 10) -> tuple[bool, bool, bool]:
-    """(stop, sample, save) as asked by a signal or a file in the run folder; all processes act on the same answer.
-    With several processes they agree only every `every` steps: the exchange is a collective, and each one costs
-    step time (a signal or file waits until then)."""
+def _requests(accelerator, run_dir: Path, signalled: bool, step: int, bad: bool = False,
+              every: int = 10) -> tuple[bool, bool, bool, bool]:
+    """(stop, sample, save, bad loss) as asked by a signal or a file in the run folder, or as seen by a process that
+    read a non-finite loss; all processes act on the same answer. With several processes they agree only every
+    `every` steps: the exchange is a collective, and each one costs step time (a signal or file waits until then)."""
     if accelerator.num_processes > 1 and step % every:
-        return False, False, False
+        return False, False, False, False
     main = accelerator.is_main_process
     flags = [signalled or (main and take_request(run_dir, "STOP")), main and take_request(run_dir, "SAMPLE"),
-             main and take_request(run_dir, "SAVE")]
+             main and take_request(run_dir, "SAVE"), bad]
     if accelerator.num_processes > 1:
         agreed = accelerator.gather(torch.tensor([flags], device=accelerator.device)).any(dim=0)
         flags = [bool(f) for f in agreed.tolist()]

@@ -48,9 +48,14 @@ def grid(images, cols=8, scale=2) -> Image.Image:
 
 
 def evaluate(model: str, n: int = 300, steps: int = 25, guidance: float = 5.0, size: int = 64, seed: int = 0,
-             batch: int = 100, device: str = "cpu"):
-    """Generate for `n` held-out prompts and score them; returns (summary dict, per-prompt results, images)."""
+             batch: int = 100, device: str = "cpu", scheduler: str = ""):
+    """Generate for `n` held-out prompts and score them; returns (summary dict, per-prompt results, images).
+    `scheduler`: a diffusers scheduler class to sample with instead of the model's own (its config kept)."""
     pipe = StableDiffusionPipeline.from_pretrained(model).to(device)
+    if scheduler:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     prompts = heldout_prompts(n, seed)
     t = time.time()
@@ -65,7 +70,7 @@ def evaluate(model: str, n: int = 300, steps: int = 25, guidance: float = 5.0, s
         passed={key: summary[key] >= target for key, target in TARGETS.items()}, targets=TARGETS,
         shape_by_shape={s: round(sum(v) / len(v), 3) for s, v in sorted(per_shape.items())},
         n=n, steps=steps, guidance=guidance, size=size, seed=seed, model=str(model), device=str(device),
-        dtype=str(pipe.unet.dtype), generate_s=round(gen_s, 1),
+        dtype=str(pipe.unet.dtype), generate_s=round(gen_s, 1), scheduler=type(pipe.scheduler).__name__,
     )
     return summary, results, images
 
@@ -80,15 +85,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="picks the held-out prompts and the generation noise")
     ap.add_argument("--batch", type=int, default=100, help="prompts per pipeline call")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--scheduler", default="", help="sample with this diffusers scheduler class (default: the model's)")
     ap.add_argument("--json", help="write the summary and per-prompt results here")
     ap.add_argument("--grid", help="write the first 64 samples as an 8x8 PNG grid here (prompts in the JSON)")
     args = ap.parse_args()
     summary, results, images = evaluate(args.model, args.n, args.steps, args.guidance, args.size, args.seed,
-                                        args.batch, args.device)
+                                        args.batch, args.device, args.scheduler)
     for key, target in TARGETS.items():
         print(f"{key:13s} {summary[key]:6.1%}  (target {target:.0%})  {'ok' if summary['passed'][key] else 'SHORT'}")
     print("shape by shape: " + ", ".join(f"{s} {v:.0%}" for s, v in summary["shape_by_shape"].items()))
-    print(f"{args.n} prompts, {args.steps} steps, guidance {args.guidance}, {args.size} px, {summary['dtype']} on "
+    print(f"{args.n} prompts, {args.steps} steps, guidance {args.guidance}, {args.size} px, {summary['scheduler']}, {summary['dtype']} on "
           f"{summary['device']}, generation {summary['generate_s']} s")
     if args.json:
         with open(args.json, "w") as f:
