@@ -19,7 +19,7 @@ PROMPT = "zxq, a red circle"
 
 
 def _image(pipe, seed=0):
-    """One 64x64 image in float 0-255, PNDM 6 steps, as every comparison here renders it."""
+    """One 64x64 image in float 0-255, the model's own sampler, 6 steps, as every comparison here renders it."""
     return np.asarray(pipe(PROMPT, num_inference_steps=6, guidance_scale=7.0, height=64, width=64,
                            generator=torch.Generator("cpu").manual_seed(seed)).images[0], dtype=np.float32)
 
