@@ -70,8 +70,8 @@ class TrainConfig:
                                         "gradient_checkpointing on (docs/tools.md)",
                                 choices=("auto", "fp8", "int8", "nf4"))
     gradient_checkpointing: bool = _knob(False, "trade compute for memory")
-    auto_memory: bool = _knob(True, "on a GPU, pick batch_size and gradient_checkpointing left at their defaults from "
-                                    "the model family and the free GPU memory (the run says what it picked)")
+    auto_memory: bool = _knob(True, "on a GPU, pick batch_size, gradient_checkpointing and base_precision left at their "
+                                    "defaults from the model family and the free GPU memory (the run says what it picked)")
     cache_latents: bool = _knob(True, "encode every image once instead of every step")
     cuda_graphs: bool = _knob(True, "on a GPU, replay the training step as CUDA graphs (one per bucket shape): much faster, "
                                     "most of all at small batches; turn off to debug")

@@ -11,8 +11,7 @@ import torch
 
 from sdlora.errors import UserError
 from sdlora.info import base_modules, fit, read_adapter
-from sdlora.lora import check_lora_fits
-from sdlora.lora import save_lora
+from sdlora.lora import check_lora_fits, save_lora
 from sdlora.models import FAMILIES, Base, load_base
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

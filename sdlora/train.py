@@ -166,16 +166,15 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         path = run_dir / name
         read_losses(wait=True)  # never save weights that a NaN has already reached
         if accelerator.is_main_process:
-            net_unet, net_tes = unet, trained[1:]
             meta = kohya_metadata(config, family=base.family, resolution=resolution, step=step,
                                   epoch=math.ceil(step * images_per_step / len(samples)), num_images=len(records),
                                   tag_frequency=ds.tag_frequency(records), started_at=started_at,
                                   title=config.title or run_dir.name, prediction_type=base.prediction_type)
-            state = kohya_state_dict(net_unet, dict(zip(base.text_encoders(), net_tes)),
+            state = kohya_state_dict(unet, dict(zip(base.text_encoders(), trained[1:])),
                                      sgm_unet=FAMILIES[base.family]["sgm_unet"])
             save_lora(path, state, meta)
             if final and config.export_diffusers:
-                write_diffusers_layout(run_dir / "lora-diffusers.safetensors", net_unet, net_tes, config)
+                write_diffusers_layout(run_dir / "lora-diffusers.safetensors", unet, trained[1:], config)
             events.emit("save", step=step, path=str(path))
         accelerator.save_state(str(checkpoints / f"step-{step:06d}"))
         if accelerator.is_main_process:
@@ -213,6 +212,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
     bad = []  # a non-finite loss seen; with several processes all of them stop at the next point they agree on
     t_last, step_last, last_good = time.perf_counter(), step, None
     data_s = 0.0  # host time spent assembling batches since the last progress event
+    progress_every = max(1, config.steps // 100)  # steps; and at least once a second
 
     def keep_loss(at: int, loss: torch.Tensor) -> None:
         if loss.device.type != "cuda":
@@ -305,8 +305,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         # that a short run still draws a loss curve. Its step is the one its loss belongs to (the GPU may be behind).
         ready = read_losses(wait=step == config.steps)
         now = time.perf_counter()
-        every = max(1, config.steps // 100)
-        if ready and (now - t_last >= 1.0 or any(at % every == 0 for at, _ in ready) or ready[-1][0] == config.steps):
+        if ready and (now - t_last >= 1.0 or any(at % progress_every == 0 for at, _ in ready)
+                      or ready[-1][0] == config.steps):
             at, loss_value = ready[-1]
             rate = (at - step_last) / (now - t_last)
             loss_ema = _ema(list(recent))
@@ -727,11 +727,9 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
 
     if not accelerator.is_main_process:
         return
+    # the trained models are the pipeline's own (adapters added in place): only the scheduler differs
     scheduler = getattr(diffusers, config.sample_scheduler).from_config(pipe.scheduler.config)
-    modules = {"unet": accelerator.unwrap_model(trained[0]), "scheduler": scheduler}
-    for name, model in zip(("text_encoder", "text_encoder_2"), trained[1:]):
-        modules[name] = accelerator.unwrap_model(model)
-    sampler = type(pipe)(**{**pipe.components, **modules})
+    sampler = type(pipe)(**{**pipe.components, "scheduler": scheduler})
     sampler.set_progress_bar_config(disable=True)
     for m in trained:
         m.eval()

@@ -340,42 +340,35 @@ def test_lora_layers_take_bf16_inputs_with_the_same_result():
     fp32 adapter weights, and autocast back), and the loss and gradients are exactly those of peft's default."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from peft.tuners.lora import LoraLayer
 
     from sdlora.config import TrainConfig
     from sdlora.models import load_base
-    from sdlora.train import build_step
+    from sdlora.train import _token_ids, build_step
 
     g = torch.Generator().manual_seed(0)
     inputs = {"mean": torch.randn(2, 4, 8, 8, generator=g), "std": torch.rand(2, 4, 8, 8, generator=g) * 0.1,
               "eps": torch.randn(2, 4, 8, 8, generator=g), "noise": torch.randn(2, 4, 8, 8, generator=g),
               "timesteps": torch.randint(0, 1000, (2,), generator=g)}
     pipe = load_base("tiny").pipe
+    inputs["ids_0"] = _token_ids(pipe.tokenizer, ["a red circle", "zxq"], torch.device("cpu"))
     AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one process-wide state
-    step = build_step(Accelerator(cpu=True, mixed_precision="bf16"), pipe, TrainConfig(dataset="-", rank=4))
     try:
-        _compare_with_peft_casts(step, pipe, inputs)
+        step = build_step(Accelerator(cpu=True, mixed_precision="bf16"), pipe, TrainConfig(dataset="-", rank=4))
+        with torch.no_grad():  # a non-zero B, so that every LoRA parameter has a gradient
+            for p in step.params:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        layers = [m for model in step.trained for m in model.modules() if isinstance(m, LoraLayer)]
+        seen = []
+        hook = layers[0].lora_A["default"].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+        loss, grads = step.loss_and_grads(**inputs)
+        hook.remove()
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True  # peft's default
+        loss_peft, grads_peft = step.loss_and_grads(**inputs)
     finally:  # let later tests pick their own precision
         AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _compare_with_peft_casts(step, pipe, inputs):
-    from peft.tuners.lora import LoraLayer
-
-    from sdlora.train import _token_ids
-
-    with torch.no_grad():
-        for p in step.params:
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    inputs["ids_0"] = _token_ids(pipe.tokenizer, ["a red circle", "zxq"], torch.device("cpu"))
-    layers = [m for model in step.trained for m in model.modules() if isinstance(m, LoraLayer)]
-    seen = []
-    hook = layers[0].lora_A["default"].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
-    loss, grads = step.loss_and_grads(**inputs)
-    hook.remove()
     assert seen == [torch.bfloat16]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = True  # peft's default
-    loss_peft, grads_peft = step.loss_and_grads(**inputs)
     assert torch.equal(loss, loss_peft)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_peft))
 
