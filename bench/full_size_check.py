@@ -66,16 +66,18 @@ def build(arch: str, device: str):
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def draw_dataset(folder: Path, resolution: int, n: int = 8) -> Path:
+def draw_dataset(folder: Path, resolution: int, n: int = 8, square: bool = False) -> Path:
     """n captioned images of shapes in a few aspect ratios around the training resolution (so buckets and SDXL's
-    size/crop conditioning vary)."""
+    size/crop conditioning vary); with `square`, all resolution x resolution (one bucket: every batch full but an
+    epoch's last)."""
     import random
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     colors = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 30), "yellow": (230, 220, 40)}
     for i in range(n):
-        w, h = [(resolution, resolution), (resolution * 5 // 4, resolution), (resolution, resolution * 4 // 3)][i % 3]
+        w, h = [(resolution, resolution), (resolution * 5 // 4, resolution), (resolution, resolution * 4 // 3)][
+            0 if square else i % 3]
         color, bg = rng.sample(sorted(colors), 2)
         im = Image.new("RGB", (w, h), colors[bg])
         box = [w // 4, h // 4, 3 * w // 4, 3 * h // 4]

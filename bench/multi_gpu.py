@@ -1,7 +1,7 @@
 """Data-parallel scaling of `sdlora train` on the GPUs of one host: 1 GPU x batch 8, 2 GPUs x batch 8, and
 1 GPU x batch 16 (the same global batch as 2 x 8, for the loss curves), same code, same data, one call.
 
-    python bench/multi_gpu.py --out DIR [--steps 150]      # on a 2-GPU machine: SD1.5 architecture at 512
+    python bench/multi_gpu.py --out DIR [--steps 300]      # on a 2-GPU machine: SD1.5 architecture at 512
     python bench/multi_gpu.py --out DIR --tiny             # CPU smoke test (2 processes over gloo, tiny model)
 
 Writes DIR/results.json, DIR/loss.png (loss per step of 2 x B8 against 1 x B16) and prints a markdown table.
@@ -56,7 +56,7 @@ def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -69,7 +69,9 @@ def main() -> None:
         base, resolution, batch = str(out / "sd15"), 512, 8
         if not (out / "sd15" / "model_index.json").exists():
             build("sd1", "cpu").save_pretrained(base)
-    data = draw_dataset(out / "data", resolution, n=32)
+    # one bucket and 32 images: every batch of 8 or 16 is full, so each step of each run trains the same images per
+    # GPU (with mixed aspect ratios one GPU trains short batches at each bucket's end that two GPUs top up)
+    data = draw_dataset(out / "data-square", resolution, n=32, square=True)
     results = {"device": None, "runs": {}}
     for gpus, b in ((1, batch), (2, batch), (1, 2 * batch)):
         name = f"{gpus}x{b}"

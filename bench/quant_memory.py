@@ -1,7 +1,8 @@
 """Quantized-base LoRA training on a GPU: peak memory and speed per --base-precision, and the loss next to bf16's.
 
 Everything here runs the step `sdlora train` runs, through sdlora's own code: `sdlora.train.build_step` with a
-TrainConfig(base_precision=..., gradient_checkpointing=True, batch_size=1, train_text_encoder=True, sdlora's other
+TrainConfig(base_precision=..., gradient_checkpointing=True (False for int8, whose bitsandbytes layers break
+torch.utils.checkpoint on CUDA: sdlora refuses that pair), batch_size=1, train_text_encoder=True, sdlora's other
 defaults) under an accelerate Accelerator (bf16 on the GPU). build_step puts the VAE (fp32) and the base (bf16) on the
 GPU, stores the base in the precision asked for (`sdlora.quantize.quantize_base`; gradient checkpointing is forced for a
 quantized base), adds fp32 LoRAs on the UNet and text encoder(s) (rank 16 on attention, initialised from the config's
@@ -50,6 +51,11 @@ RESOLUTION = {"sd1": 512, "sdxl": 1024}
 CAP_GIB = {"sd1": 4, "sdxl": 8}
 CAPTIONS = ["a red circle on a blue background", "a green square", "a photo of a cat", "zxq, a yellow star",
             "a watercolor landscape", "a portrait of a woman", "a city street at night", "a bowl of fruit"]
+
+
+def checkpointing(precision: str) -> bool:
+    """What sdlora trains each base precision with here: checkpointing on, except int8 (TrainConfig.validate refuses it)."""
+    return precision != "int8"
 
 
 def log(*args):
@@ -104,7 +110,8 @@ class Run:
         from sdlora.train import build_step
 
         self.config = TrainConfig(dataset="-", base_precision="auto" if precision == "bf16" else precision,
-                                  gradient_checkpointing=True, batch_size=1, resolution=resolution, steps=steps,
+                                  gradient_checkpointing=checkpointing(precision), batch_size=1,
+                                  resolution=resolution, steps=steps,
                                   train_text_encoder=True, cuda_graphs=graphs)
         self.config.validate()  # as `sdlora train` does first: a mode this machine cannot run stops here
         self.accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
@@ -175,7 +182,7 @@ def memory_and_speed(master, arch: str, precision: str, args, device) -> dict:
     resolution = args.resolution or RESOLUTION[arch]
     cap = CAP_GIB[arch] * 2**30
     result = {"family": arch, "resolution": resolution, "precision": precision, "batch_size": 1,
-              "gradient_checkpointing": True, "cap_gib": CAP_GIB[arch] if cuda else None}
+              "gradient_checkpointing": checkpointing(precision), "cap_gib": CAP_GIB[arch] if cuda else None}
     run = None
     inputs = make_inputs(master, resolution, args.steps, device)
     free(device)
@@ -231,7 +238,8 @@ def loss_curves(master, precisions: list[str], args, device) -> dict:
     resolution = args.resolution or RESOLUTION["sd1"]
     items = make_inputs(master, resolution, args.loss_steps, device, seed=1)
     out = {"family": "sd1", "model": "tiny" if args.smoke else "SD1.5 (random weights)", "resolution": resolution,
-           "steps": args.loss_steps, "batch_size": 1, "gradient_checkpointing": True,
+           "steps": args.loss_steps, "batch_size": 1,
+           "gradient_checkpointing": {p: checkpointing(p) for p in precisions},
            "lr": {"unet": defaults.unet_lr, "text_encoder": defaults.text_encoder_lr,
                   "schedule": f"{defaults.lr_scheduler}, warmup {defaults.warmup_fraction:g} of the steps"},
            "loss": f"sdlora's: MSE against the noise, Min-SNR-{defaults.min_snr_gamma:g} weighted", "curves": {},

@@ -236,7 +236,7 @@ def flops_of(fn) -> int:
 
 
 def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, tiny: bool,
-               autotune_too: bool = False) -> dict:
+               autotune_too: bool = False, channels_last_too: bool = False) -> dict:
     family, resolution, batch, train_te = CONFIGS[name]
     if tiny:
         family, resolution = "tiny", 64
@@ -249,11 +249,11 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
     ref = Reference(build(family, device), train_te, device)
     ids = token_ids(ref.pipe, batch, device)
     tids = time_ids(batch, resolution, device)
-    for _ in range(warmup):
-        ref.step(pixels, ids, tids)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        ref.step(pixels, ids, tids)
     ms = timed(lambda: ref.step(pixels, ids, tids), steps, device)
     result["reference"] = {"ms_per_step": statistics.median(ms), "ms_windows": ms,
                            "peak_gb": _peak_gb(device), "flops": flops_of(lambda: ref.step(pixels, ids, tids))}
@@ -293,20 +293,31 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
             hidden, pooled = _encode_ids(ours.step_fn.text_encoders or _tes(ours.pipe), ids)
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
     ours_inputs = lambda: ours.inputs(c_mean, c_std, ids, tids, hidden, pooled, gens)  # noqa: E731
+    if device == "cuda":  # the peak from here: a CUDA graph takes its memory at the capture, in the warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    for _ in range(warmup):  # the first calls of a shape: eager (cuDNN autotuning), then the capture
+    for _ in range(warmup):  # the first calls of a shape: eager, then the capture
         ours.step(ours_inputs())
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     warmup_s = time.perf_counter() - t
     ms = timed(lambda: ours.step(ours_inputs()), steps, device)
     result["sdlora"] = {"ms_per_step": statistics.median(ms), "ms_windows": ms, "peak_gb": _peak_gb(device),
                         "warmup_s": warmup_s, "warmup_steps": warmup,
                         "graphs": ours.step_fn.run.captured, "graph_failures": [repr(e)[:300] for e in ours.fails]}
-    if autotune_too:  # the same step with cuDNN timing every convolution algorithm on first use of a shape
+    # variants of the same step: cuDNN timing every convolution algorithm on first use of a shape; the UNet in
+    # channels-last memory format (not sdlora's default: docs/benchmarks.md)
+    for label, wanted in (("sdlora_cudnn_benchmark", autotune_too), ("sdlora_channels_last", channels_last_too)):
+        if not wanted:
+            continue
         variant = Sdlora(build(family, device), train_te, batch, resolution, device)
-        variant.step_fn.cudnn_benchmark = True
+        variant.step_fn.cudnn_benchmark = label == "sdlora_cudnn_benchmark"
+        if label == "sdlora_channels_last":  # the base's weights: the adapters keep their layout
+            variant.pipe.unet.to(memory_format=torch.channels_last)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         for _ in range(warmup):
             variant.step(ours_inputs())
@@ -314,8 +325,8 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
             torch.cuda.synchronize()
         warmup_s = time.perf_counter() - t
         ms = timed(lambda: variant.step(ours_inputs()), steps, device)
-        result["sdlora_cudnn_benchmark"] = {"ms_per_step": statistics.median(ms), "ms_windows": ms,
-                                            "warmup_s": warmup_s}
+        result[label] = {"ms_per_step": statistics.median(ms), "ms_windows": ms, "warmup_s": warmup_s,
+                         "peak_gb": _peak_gb(device)}
         variant = None
         _free(device)
     ours.step_fn.run.enabled = False  # count FLOPs on the eager path (a graph replay hides its kernels)
@@ -393,7 +404,7 @@ def _free(device) -> None:
 # --- a whole run and the memory limits, through the CLI as a user runs it
 
 def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1", limit_gb: float = 0.0,
-              extra: tuple = ()) -> dict:
+              extra: tuple = (), square: bool = False) -> dict:
     """`sdlora train` from the command line on 30 images: wall time from command to file, the run's own step rate,
     its picks and peak memory. With `limit_gb`, the process may use only that much GPU memory
     (torch.cuda.set_per_process_memory_fraction) and picks batch and checkpointing itself."""
@@ -410,10 +421,10 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
         pipe.save_pretrained(base)
         del pipe
         _free("cuda" if torch.cuda.is_available() else "cpu")
-    data = out / f"data-{resolution}"
+    data = out / f"data-{resolution}{'-square' if square else ''}"
     if not data.exists():
-        draw_dataset(data, resolution, n=30)
-    run = out / f"run-{family}-{steps}-{batch}-{limit_gb}"
+        draw_dataset(data, resolution, n=30, square=square)
+    run = out / f"run-{family}-{steps}-{batch}-{limit_gb}{'-square' if square else ''}"
     shutil.rmtree(run, ignore_errors=True)
     args = [str(data), "--base", str(base), "--out", str(run), "--steps", str(steps), "--trigger", "zxq", "--quiet",
             *(["--batch-size", str(batch)] if batch else []), *extra]
@@ -437,7 +448,10 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
     rate = (steady[-1]["step"] - steady[0]["step"]) / (steady[-1]["time"] - steady[0]["time"])
     result.update(batch=start["batch_per_gpu"], picks=[e["message"] for e in events if e["type"] == "warning"],
                   peak_gb=progress[-1]["memory_gb"], steady_ms_per_step=1e3 / rate,
-                  images_per_s=rate * start["global_batch"], final_loss=progress[-1]["loss"],
+                  # counted by the run: a bucket's short last batch counts the images it holds
+                  images_per_s=statistics.median(e["images_per_s"] for e in steady),
+                  images_per_step=statistics.median(e["images_per_s"] for e in steady) / rate,
+                  final_loss=progress[-1]["loss"],
                   start_event_s=start["time"] - (time.time() - wall),
                   sampling_s=_span(events, "sample"), graphs=progress[-1].get("graphs"),
                   phases_s=_phases(events, t0=time.time() - wall, wall=wall), setup_s=start.get("setup_s"),
@@ -476,6 +490,11 @@ def main() -> None:
     ap.add_argument("--caps", nargs="+", default=["sd1:6", "sdxl:12"], metavar="FAMILY:GB",
                     help="memory caps for --memory (default: SD1.5 in 6 GB and SDXL in 12 GB)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tests' small model")
+    ap.add_argument("--channels-last-too", action="store_true",
+                    help="also time sdlora's step with the UNet in channels-last memory format")
+    ap.add_argument("--whole-square", action="store_true",
+                    help="the whole run's 30 images all square (one bucket: full batches but an epoch's last)")
+    ap.add_argument("--whole-extra", default="", help="more `sdlora train` flags for the whole run (one string)")
     ap.add_argument("--cudnn-benchmark-too", action="store_true",
                     help="also time sdlora's step with cuDNN autotuning (torch.backends.cudnn.benchmark) on")
     args = ap.parse_args()
@@ -498,7 +517,8 @@ def main() -> None:
     for name in names:
         try:
             results["configs"].append(run_config(name, args.steps, args.warmup, results["bf16_matmul_tflops"], device,
-                                                 args.tiny, autotune_too=args.cudnn_benchmark_too))
+                                                 args.tiny, autotune_too=args.cudnn_benchmark_too,
+                                                 channels_last_too=args.channels_last_too))
         except Exception:
             import traceback
 
@@ -506,7 +526,8 @@ def main() -> None:
         print(json.dumps(results["configs"][-1], default=str)[:3000], flush=True)
         save()
     if args.whole_run:
-        results["whole_run"].append(whole_run(out, args.whole_run, args.whole_batch, args.tiny))
+        results["whole_run"].append(whole_run(out, args.whole_run, args.whole_batch, args.tiny,
+                                              extra=tuple(args.whole_extra.split()), square=args.whole_square))
         print(json.dumps(results["whole_run"][-1])[:3000], flush=True)
         save()
     if args.memory and device == "cuda":

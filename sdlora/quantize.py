@@ -44,15 +44,18 @@ def check_precision(precision: str, *, cuda: bool) -> None:
                         f"{bnb.__version__} ({why})", hint) from None
 
 
-def quantize_base(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], precision: str) -> str:
+def quantize_base(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], precision: str,
+                  device: torch.device | str | None = None) -> str:
     """Store the frozen base's weights in `precision`, in place; return a one-line note of what is stored and its size.
 
     Call it once the models are frozen and in the compute dtype (the training loop's weight_dtype), on the CPU or
     their device, and before `lora.add_adapters`: each layer keeps computing in the dtype its weight has now, and peft
     then wraps the quantized layers with fp32 LoRA weights initialised exactly as on an unquantized base (for int8/nf4
-    with its own bitsandbytes LoRA layers). The VAE is not touched. Afterwards move the models by device only: a
-    `.to(dtype)` would turn the fp8 storage back into full precision. bitsandbytes quantizes int8/nf4 weights as they
-    move to the GPU, one at a time.
+    with its own bitsandbytes LoRA layers). The VAE is not touched. Afterwards move the models to `device` by device
+    only: a `.to(dtype)` would turn the fp8 storage back into full precision. fp8 and nf4 are quantized where the
+    models are; int8 layers are quantized as each moves to `device` (default: where it is), one at a time, because
+    bitsandbytes' int8 scales do not follow a quantized layer that a module's `.to()` moves later (they stay on the
+    CPU: "Expected a cuda device, but got: cpu" at the first step; seen with bitsandbytes 0.50.2).
 
     - fp8: every Linear and Conv2d weight (UNet and text encoders) is stored as torch.float8_e4m3fn and upcast to the
       compute dtype at each use, through a torch.nn.utils.parametrize parametrization. Autograd keeps each upcast
@@ -73,7 +76,7 @@ def quantize_base(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], p
     elif precision in ("int8", "nf4"):
         bnb = _bitsandbytes(precision)
         for model in models:
-            _to_bnb(bnb, model, precision)
+            _to_bnb(bnb, model, precision, device if precision == "int8" else None)
             # peft reads these flags (set by diffusers' and transformers' own bitsandbytes loaders) to wrap the layers
             # with its bitsandbytes LoRA layers (peft/tuners/lora/model.py, _create_and_replace)
             setattr(model, "is_loaded_in_4bit" if precision == "nf4" else "is_loaded_in_8bit", True)
@@ -131,17 +134,17 @@ def _to_fp8(model: torch.nn.Module) -> None:
             module.requires_grad_(False)
 
 
-def _to_bnb(bnb, model: torch.nn.Module, precision: str) -> None:
+def _to_bnb(bnb, model: torch.nn.Module, precision: str, device=None) -> None:
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             path = f"{parent_name}.{name}" if parent_name else name
             if type(child) is torch.nn.Linear and path not in KEEP:
-                setattr(parent, name, _bnb_linear(bnb, child, precision))
+                setattr(parent, name, _bnb_linear(bnb, child, precision, device))
 
 
-def _bnb_linear(bnb, linear: torch.nn.Linear, precision: str) -> torch.nn.Module:
-    """A bitsandbytes layer holding `linear`'s weights: bitsandbytes quantizes them when the layer moves to their
-    device (Params4bit/Int8Params.to)."""
+def _bnb_linear(bnb, linear: torch.nn.Linear, precision: str, device=None) -> torch.nn.Module:
+    """A bitsandbytes layer holding `linear`'s weights, on `device` (default: theirs): bitsandbytes quantizes them as
+    the layer moves there (Params4bit/Int8Params.to)."""
     weight = linear.weight.data
     shape = (linear.in_features, linear.out_features, linear.bias is not None)
     if precision == "nf4":
@@ -154,7 +157,7 @@ def _bnb_linear(bnb, linear: torch.nn.Linear, precision: str) -> torch.nn.Module
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-    return layer.to(weight.device).requires_grad_(False)
+    return layer.to(device or weight.device).requires_grad_(False)
 
 
 def _bitsandbytes(precision: str):

@@ -119,8 +119,6 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
     step_fn = build_step(accelerator, pipe, config, on_fail=lambda e: events.emit(
         "warning", message=f"CUDA graphs off, the step runs eagerly: {type(e).__name__}: {str(e)[:200]}"))
     trained, lr_scheduler, noise_scheduler = step_fn.trained, step_fn.lr_scheduler, step_fn.noise_scheduler
-    # the final check reloads the base from disk; on a GPU that load runs on the idle CPU while training goes on
-    fresh_base = _preload_base(config, pipe) if device.type == "cuda" and accelerator.is_main_process else None
     lap("models")
 
     # 3. Caches: latents once per image (and per flip), with SDXL's size/crop conditioning; text embeddings once when
@@ -150,16 +148,24 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
             f"{config.batch_size * config.grad_accum * accelerator.num_processes} images instead of " \
             f"{config.batch_size * config.grad_accum * saved_with}"
         events.emit("warning", message=f"resumed from {last.name}{changed}")
+    # The final check reloads the base from disk. On a GPU that load runs in a thread on the idle CPU while training
+    # goes on, from a quarter of the way (at most 100 steps in): the first steps (eager calls, a CUDA graph capture
+    # per bucket shape), the caches and the first samples need the host, and the load would hold Python's lock.
+    fresh_base, preload_at = None, step + min(100, (config.steps - step) // 4)
+    preload = device.type == "cuda" and accelerator.is_main_process
     sample_every = config.sample_every or max(1, config.steps // 4)
     low_memory = {"on": False}  # samples drawn one at a time with a tiled decode, after an out-of-memory
     save_every = config.save_every or max(1, config.steps // 4)
     prompts = config.sample_prompts or [r.caption for r in records[:2]]
     images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
+    # a bucket's last batch of an epoch may be short (one process), so an epoch is counted in batches, as kohya does
+    batches_per_epoch = len(ds.epoch_batches([bucket_of[i] for i in samples], config.batch_size * accelerator.num_processes,
+                                             random.Random(0)))
     events.emit("start", config=config.__dict__, family=base.family, resolution=resolution, buckets=len(buckets),
                 images=len(records), rejected=len(data.rejected), samples_per_epoch=len(samples),
                 total_steps=config.steps, start_step=step, device=str(device), precision=accelerator.mixed_precision,
                 batch_per_gpu=config.batch_size, global_batch=images_per_step, base_storage=step_fn.base_storage,
-                epochs=round(config.steps * images_per_step / len(samples), 2), setup_s=setup_s)
+                epochs=round(config.steps * config.grad_accum / batches_per_epoch, 2), setup_s=setup_s)
 
     def save(step: int, final: bool) -> Path:
         name = "lora.safetensors" if final else f"lora-step-{step:06d}.safetensors"
@@ -167,7 +173,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         read_losses(wait=True)  # never save weights that a NaN has already reached
         if accelerator.is_main_process:
             meta = kohya_metadata(config, family=base.family, resolution=resolution, step=step,
-                                  epoch=math.ceil(step * images_per_step / len(samples)), num_images=len(records),
+                                  epoch=math.ceil(step * config.grad_accum / batches_per_epoch), num_images=len(records),
                                   tag_frequency=ds.tag_frequency(records), started_at=started_at,
                                   title=config.title or run_dir.name, prediction_type=base.prediction_type)
             state = kohya_state_dict(unet, dict(zip(base.text_encoders(), trained[1:])),
@@ -208,9 +214,11 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
     # The loop never waits for the GPU to show a loss: each step's loss is copied to pinned host memory behind the
     # step and read once a CUDA event says the copy landed (a `.item()` per step, or even once a second, would stall
     # the queue of steps the host runs ahead). Only a save waits for them all: it must not keep weights a NaN reached.
+    requests = _Requests(accelerator, run_dir)
     pending, recent = deque(), deque(maxlen=50)  # (step, loss, copy event or None) not yet read; the last losses read
     bad = []  # a non-finite loss seen; with several processes all of them stop at the next point they agree on
     t_last, step_last, last_good = time.perf_counter(), step, None
+    images_to = {step: 0}  # step -> images trained up to it, all processes (short batches count what they hold)
     data_s = 0.0  # host time spent assembling batches since the last progress event
     progress_every = max(1, config.steps // 100)  # steps; and at least once a second
 
@@ -248,7 +256,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
     while True:
         # Once in a while: samples (a step-0 baseline first), saves, and requests from the run folder.
         done = step >= config.steps
-        stop_now, sample_now, save_now, bad_now = _requests(accelerator, run_dir, stop.requested, step, bool(bad))
+        stop_now, sample_now, save_now, bad_now = requests(stop.requested, step, bool(bad))
         if bad_now:  # a process saw a non-finite loss: every process reads them all and stops here
             read_losses(wait=True)
         if step % sample_every == 0 or done or sample_now:
@@ -261,14 +269,17 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         if step > 0 and (step % save_every == 0 or save_now):
             where["stage"] = f"saving at step {step}"
             last_good = save(step, final=False)
+        if preload and step >= preload_at:
+            fresh_base, preload = _preload_base(config, pipe), False
         where["stage"] = f"training (step {step + 1})"
 
         # The step: this process's share of each micro-batch, as tensors on the device, then one update.
         t_data = time.perf_counter()
-        micro_batches = []
+        micro_batches, images = [], images_to[step]
         for micro in range(config.grad_accum):
             k = step * config.grad_accum + micro  # micro-batch index: the data position
             global_batch = batch_at(k, config, records, samples, bucket_of, accelerator.num_processes)
+            images += len(global_batch)
             mine = slice(accelerator.process_index * config.batch_size, (accelerator.process_index + 1) * config.batch_size)
             idx, captions, rngs, gens = (list(x) for x in zip(*global_batch[mine]))
             if latent_cache is not None:
@@ -298,6 +309,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         data_s += time.perf_counter() - t_data
         keep_loss(step + 1, step_fn(micro_batches))
         step += 1
+        images_to[step] = images
 
         if bar is not None:
             bar.update(1)
@@ -309,11 +321,14 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
                       or ready[-1][0] == config.steps):
             at, loss_value = ready[-1]
             rate = (at - step_last) / (now - t_last)
+            image_rate = (images_to[at] - images_to[step_last]) / (now - t_last)
+            for earlier in [k for k in images_to if k < at]:
+                del images_to[earlier]
             loss_ema = _ema(list(recent))
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_ema:.4f}")
             events.emit("progress", step=at, total=config.steps, loss=loss_value, loss_ema=loss_ema,
-                        lr=lr_scheduler.get_last_lr()[0], images_per_s=rate * images_per_step,
+                        lr=lr_scheduler.get_last_lr()[0], images_per_s=image_rate,
                         eta_s=(config.steps - at) / max(rate, 1e-9), memory_gb=_memory_gb(device),
                         graphs=step_fn.run.captured,
                         # host ms per step assembling batches (noise, token ids, cache lookups): while it stays under
@@ -332,10 +347,11 @@ def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.requires_grad_(False).to(device, torch.float32)
     # --base-precision: the frozen weights stored in fp8/int8/nf4 (sdlora.quantize); the adapters stay fp32. Quantized
-    # where they are (the CPU, after loading), then moved: the full-precision base never has to fit on the GPU.
+    # on the CPU after loading (int8: layer by layer as each moves), then moved: the full-precision base never has to
+    # fit on the GPU.
     for model in (unet, *text_encoders):
         model.requires_grad_(False).to(weight_dtype)
-    base_storage = quantize_base(unet, text_encoders, config.base_precision)
+    base_storage = quantize_base(unet, text_encoders, config.base_precision, device=device)
     for model in (unet, *text_encoders):
         model.to(device)  # by device only: a dtype would undo the fp8 storage
 
@@ -517,20 +533,44 @@ def _checkpoint(function, *args):
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
 
 
-def _requests(accelerator, run_dir: Path, signalled: bool, step: int, bad: bool = False,
-              every: int = 10) -> tuple[bool, bool, bool, bool]:
+class _Requests:
     """(stop, sample, save, bad loss) as asked by a signal or a file in the run folder, or as seen by a process that
-    read a non-finite loss; all processes act on the same answer. With several processes they agree only every
-    `every` steps: the exchange is a collective, and each one costs step time (a signal or file waits until then)."""
-    if accelerator.num_processes > 1 and step % every:
-        return False, False, False, False
-    main = accelerator.is_main_process
-    flags = [signalled or (main and take_request(run_dir, "STOP")), main and take_request(run_dir, "SAMPLE"),
-             main and take_request(run_dir, "SAVE"), bad]
-    if accelerator.num_processes > 1:
-        agreed = accelerator.gather(torch.tensor([flags], device=accelerator.device)).any(dim=0)
-        flags = [bool(f) for f in agreed.tolist()]
-    return tuple(flags)
+    read a non-finite loss; all processes act on the same answer at the same step.
+
+    One process answers at once. Several agree through a collective every `every` steps; on GPUs they act on it one
+    exchange later: the merged flags are copied to pinned memory behind the steps already queued and have long landed when
+    read, so the host never waits for that queue to drain (reading them at once would, every exchange). A signal or a
+    file therefore takes effect within 2 x `every` steps."""
+
+    def __init__(self, accelerator, run_dir: Path, every: int = 10):
+        self.accelerator, self.run_dir, self.every = accelerator, run_dir, every
+        self.posted = None  # the last exchange's merged flags: (host tensor, copy event or None)
+
+    def __call__(self, signalled: bool, step: int, bad: bool = False) -> tuple[bool, bool, bool, bool]:
+        accelerator, n = self.accelerator, self.accelerator.num_processes
+        if n > 1 and step % self.every:
+            return False, False, False, False
+        main = accelerator.is_main_process
+        flags = [signalled or (main and take_request(self.run_dir, "STOP")),
+                 main and take_request(self.run_dir, "SAMPLE"), main and take_request(self.run_dir, "SAVE"), bad]
+        if n == 1:
+            return tuple(flags)
+        mine = torch.tensor([flags])
+        if accelerator.device.type != "cuda":  # gloo on the host: no queue of steps to wait for, answer at once
+            return tuple(bool(f) for f in accelerator.gather(mine).any(dim=0).tolist())
+        answer = (False, False, False, False)
+        if self.posted is not None:
+            host, copied = self.posted
+            copied.synchronize()
+            answer = tuple(bool(f) for f in host.tolist())
+        # pinned and non-blocking both ways: a plain copy would wait for the queued steps too
+        agreed = accelerator.gather(mine.pin_memory().to(accelerator.device, non_blocking=True)).any(dim=0)
+        host = torch.empty(agreed.shape, dtype=agreed.dtype, pin_memory=True)
+        host.copy_(agreed, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self.posted = (host, copied)
+        return answer
 
 
 def _shared(accelerator, compute):
