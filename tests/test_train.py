@@ -408,3 +408,38 @@ def test_samples_that_run_out_of_memory_fall_back_then_skip(tmp_path, dataset_di
     assert {e["step"] for e in events if e["type"] == "sample"} == {0, 10}  # 2 + 2 images fit, then 2 more calls
     assert "samples at step 20 skipped: out of memory" in warnings
     assert next(e for e in events if e["type"] == "done")["step"] == 20 and (run / "lora.safetensors").exists()
+
+
+def test_samples_through_the_unet_replay_path_are_the_same(tmp_path):
+    """On a GPU samples are drawn with the UNet's forward replayed as CUDA graphs (train._SampleGraphs). Its routing
+    runs here eagerly: the same images as a plain draw, and the UNet's own forward is back afterwards."""
+    from accelerate import Accelerator
+
+    from sdlora.config import TrainConfig
+    from sdlora.models import load_base
+    from sdlora.runs import EventLog
+    from sdlora.train import _SampleGraphs, _sample, build_step
+
+    pipe = load_base("tiny").pipe
+    config = TrainConfig(dataset="-", steps=10, resolution=64, sample_steps=4)
+    step = build_step(Accelerator(cpu=True), pipe, config)
+    with torch.no_grad():  # a LoRA that changes the output
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    graphs = _SampleGraphs(pipe.unet, torch.float32, enabled=False)
+    calls = []
+    real = graphs._forward
+    graphs.run.fn = lambda **kw: calls.append(sorted(kw)) or real(**kw)
+    images = {}
+    for name, state in (("plain", None), ("replay", graphs)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        _sample(Accelerator(cpu=True), pipe, step.trained, config, ["a red circle", "a blue square"], 64, 3, run_dir,
+                EventLog(run_dir), {"on": False, "graphs": state})
+        images[name] = [np.asarray(__import__("PIL.Image").Image.open(run_dir / "samples" / f"step-000003-{i}.png"),
+                                   dtype=np.float32) for i in range(2)]
+    assert len(calls) == 4 and calls[0] == ["encoder_hidden_states", "sample", "timestep"]  # every UNet call
+    for a, b in zip(images["plain"], images["replay"]):
+        assert np.abs(a - b).max() == 0
+    assert "forward" not in pipe.unet.__dict__
