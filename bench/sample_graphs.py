@@ -55,7 +55,8 @@ def main() -> None:
               "torch": torch.__version__}
     images = {}
     for mode in ("eager", "graphs"):
-        state = {"on": False, "graphs": _SampleGraphs(pipe.unet, torch.bfloat16) if mode == "graphs" else None}
+        state = {"low_memory": False,
+                 "graphs": _SampleGraphs(pipe.unet, torch.bfloat16) if mode == "graphs" else None}
         run_dir = Path(tempfile.mkdtemp(prefix=f"samples-{mode}-"))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -70,7 +71,7 @@ def main() -> None:
         result[mode] = {"first_round_s": round(times[0], 3), "round_s": round(statistics.median(times[1:]), 3),
                         "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                         "captured": state["graphs"].run.captured if state["graphs"] else 0,
-                        "low_memory": state["on"]}
+                        "low_memory": state["low_memory"]}
         print(mode, result[mode], flush=True)
     diffs = [np.abs(a - b) for a, b in zip(images["eager"], images["graphs"])]
     result["mean_abs_diff_0_255"] = round(float(np.mean([d.mean() for d in diffs])), 4)

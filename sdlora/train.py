@@ -155,10 +155,10 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
     fresh_base, preload_at = None, step + min(100, (config.steps - step) // 4)
     preload = device.type == "cuda" and accelerator.is_main_process
     sample_every = config.sample_every or max(1, config.steps // 4)
-    # how samples are drawn: on a GPU the UNet's forward replays as CUDA graphs; after an out-of-memory, one prompt at
-    # a time with a tiled decode and no graphs
-    low_memory = {"on": False, "graphs": _SampleGraphs(unet, step_fn.weight_dtype) if device.type == "cuda"
-                  and config.cuda_graphs and config.base_precision in ("auto", "fp8", "nf4") else None}
+    # how samples are drawn: on a GPU the UNet's forward replays as CUDA graphs (int8 layers cannot be captured); after
+    # an out-of-memory, one prompt at a time with a tiled decode and no graphs
+    sampling = {"low_memory": False, "graphs": _SampleGraphs(unet, step_fn.weight_dtype) if device.type == "cuda"
+                and config.cuda_graphs and config.base_precision in ("auto", "fp8", "nf4") else None}
     save_every = config.save_every or max(1, config.steps // 4)
     prompts = config.sample_prompts or [r.caption for r in records[:2]]
     images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
@@ -200,7 +200,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         path = save(step, final=True)
         if draw:
             where["stage"] = f"drawing samples at step {step}"
-            _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, low_memory)
+            _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, sampling)
         if accelerator.is_main_process:
             t = time.perf_counter()
             result = verify(path, config.base, base_config=config.base_config,
@@ -271,7 +271,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
             return finish(step, "stopped" if stop_now else "done", draw)
         if draw:
             where["stage"] = f"drawing samples at step {step}"
-            _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, low_memory)
+            _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, sampling)
         if step > 0 and (step % save_every == 0 or save_now):
             where["stage"] = f"saving at step {step}"
             last_good = save(step, final=False)
@@ -766,9 +766,10 @@ def _memory_defaults(config: TrainConfig, family: str, accelerator, events, run_
 
 
 @torch.no_grad()
-def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, low_memory: dict) -> None:
+def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, sampling: dict) -> None:
     """Sample images with the adapter as trained (strength 1), each recorded so plain diffusers can redo it.
-    `low_memory["on"]`: one prompt per call and a tiled decode (set here after running out of memory)."""
+    `sampling["graphs"]`: a _SampleGraphs to draw through, or None; `sampling["low_memory"]`: one prompt per call, a
+    tiled decode and no graphs (set here after running out of memory)."""
     import diffusers
 
     if not accelerator.is_main_process:
@@ -782,7 +783,7 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
     out_dir = run_dir / "samples"
     out_dir.mkdir(exist_ok=True)
 
-    graphs = low_memory["graphs"] if not low_memory["on"] else None
+    graphs = sampling["graphs"] if not sampling["low_memory"] else None
 
     def draw(chunk: list[str], seeds: list[int]) -> list:
         with accelerator.autocast(), graphs.replaying() if graphs is not None else contextlib.nullcontext():
@@ -790,7 +791,7 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
                               num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
                               width=resolution, height=resolution, output_type="latent",
                               generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
-        return [_decode(sampler, latents[i:i + 1], tiled=low_memory["on"]) for i in range(len(chunk))]
+        return [_decode(sampler, latents[i:i + 1], tiled=sampling["low_memory"]) for i in range(len(chunk))]
 
     # two prompts per pipeline call (a batch costs about what one image does while the UNet is overhead-bound);
     # one generator per image, so each image is what a call with its prompt and seed alone draws. Out of memory (the
@@ -798,7 +799,7 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
     # falls back; if even that does not fit, this round's samples are skipped and training goes on.
     first = 0
     while first < len(prompts):
-        chunk = prompts[first:first + (1 if low_memory["on"] else 2)]
+        chunk = prompts[first:first + (1 if sampling["low_memory"] else 2)]
         seeds = [config.sample_seed + first + i for i in range(len(chunk))]
         try:
             images = draw(chunk, seeds)
@@ -806,8 +807,8 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
             images = None
         if images is None:  # out of the except block, so the failed call's tensors are freed
             torch.cuda.empty_cache()
-            if not low_memory["on"]:
-                low_memory["on"], low_memory["graphs"], graphs = True, None, None  # the graphs' memory goes too
+            if not sampling["low_memory"]:
+                sampling["low_memory"], sampling["graphs"], graphs = True, None, None  # the graphs' memory goes too
                 torch.cuda.empty_cache()
                 events.emit("warning", message="out of memory while drawing samples: drawing them one at a time "
                                                "with a tiled VAE decode from now on")

@@ -436,7 +436,7 @@ def test_samples_through_the_unet_replay_path_are_the_same(tmp_path):
         run_dir = tmp_path / name
         run_dir.mkdir()
         _sample(Accelerator(cpu=True), pipe, step.trained, config, ["a red circle", "a blue square"], 64, 3, run_dir,
-                EventLog(run_dir), {"on": False, "graphs": state})
+                EventLog(run_dir), {"low_memory": False, "graphs": state})
         images[name] = [np.asarray(__import__("PIL.Image").Image.open(run_dir / "samples" / f"step-000003-{i}.png"),
                                    dtype=np.float32) for i in range(2)]
     assert len(calls) == 4 and calls[0] == ["encoder_hidden_states", "sample", "timestep"]  # every UNet call
