@@ -291,8 +291,9 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         if not run or runs.status(ws.run_dir(root, run)) != "running":
             raise UserError("no run is training", "start one first")
         runs.request(ws.run_dir(root, run), what)
-        gr.Info({"STOP": "Stopping after this step; the LoRA so far is saved.", "SAMPLE": "Making samples now.",
-                 "SAVE": "Saving the LoRA at this step."}[what])
+        # one GPU acts at its next step; several agree every 10 steps and act at the exchange after
+        gr.Info({"STOP": "Stopping soon; the LoRA so far is saved.", "SAMPLE": "Making samples soon.",
+                 "SAVE": "Saving the LoRA soon."}[what])
 
     def view(run: str):
         """Progress, status, loss and samples of a run, from its directory."""
