@@ -163,8 +163,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
     prompts = config.sample_prompts or [r.caption for r in records[:2]]
     images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
     # a bucket's last batch of an epoch may be short (one process), so an epoch is counted in batches, as kohya does
-    batches_per_epoch = len(ds.epoch_batches([bucket_of[i] for i in samples], config.batch_size * accelerator.num_processes,
-                                             random.Random(0)))
+    batches_per_epoch = _batches_per_epoch(samples, bucket_of, config.batch_size * accelerator.num_processes)
     events.emit("start", config=config.__dict__, family=base.family, resolution=resolution, buckets=len(buckets),
                 images=len(records), rejected=len(data.rejected), samples_per_epoch=len(samples),
                 total_steps=config.steps, start_step=step, device=str(device), precision=accelerator.mixed_precision,
@@ -195,12 +194,15 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
+    def draw_samples(step: int) -> None:
+        where["stage"] = f"drawing samples at step {step}"
+        _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, sampling)
+
     def finish(step: int, kind: str, draw: bool) -> Path:
         where["stage"] = "saving the final file"
         path = save(step, final=True)
         if draw:
-            where["stage"] = f"drawing samples at step {step}"
-            _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, sampling)
+            draw_samples(step)
         if accelerator.is_main_process:
             t = time.perf_counter()
             result = verify(path, config.base, base_config=config.base_config,
@@ -222,35 +224,29 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
     # step and read once a CUDA event says the copy landed (a `.item()` per step, or even once a second, would stall
     # the queue of steps the host runs ahead). Only a save waits for them all: it must not keep weights a NaN reached.
     requests = _Requests(accelerator, run_dir)
-    pending, recent = deque(), deque(maxlen=50)  # (step, loss, copy event or None) not yet read; the last losses read
+    pending, recent = deque(), deque(maxlen=50)  # (step, loss, copy event or None, images seen) not read; last losses
     bad = []  # a non-finite loss seen; with several processes all of them stop at the next point they agree on
     t_last, step_last, last_good = time.perf_counter(), step, None
-    images_to = {step: 0}  # step -> images trained up to it, all processes (short batches count what they hold)
+    seen, seen_last = 0, 0  # images trained so far (all processes; a short batch counts what it holds); at step_last
     data_s = 0.0  # host time spent assembling batches since the last progress event
     progress_every = max(1, config.steps // 100)  # steps; and at least once a second
 
-    def keep_loss(at: int, loss: torch.Tensor) -> None:
-        if loss.device.type != "cuda":
-            pending.append((at, loss, None))
-            return
-        host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
-        host.copy_(loss, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        pending.append((at, host, copied))
+    def keep_loss(at: int, loss: torch.Tensor, seen_at: int) -> None:
+        pending.append((at, *_to_host(loss), seen_at))
 
-    def read_losses(wait: bool = False) -> list[tuple[int, float]]:
-        """(step, loss) of the steps finished since the last read, oldest first; with `wait`, of every step run."""
+    def read_losses(wait: bool = False) -> list[tuple[int, float, int]]:
+        """(step, loss, images trained up to it) of the steps finished since the last read, oldest first; with `wait`,
+        of every step run."""
         out = []
         while pending and (wait or pending[0][2] is None or pending[0][2].query()):
-            at, loss, copied = pending.popleft()
+            at, loss, copied, seen_at = pending.popleft()
             if copied is not None:
                 copied.synchronize()
             value = loss.item()
             if not math.isfinite(value) and not bad:
                 bad.append((at, value))
             recent.append(value)
-            out.append((at, value))
+            out.append((at, value, seen_at))
         if bad and (wait or accelerator.num_processes == 1):
             at, value = bad[0]
             keep = f"; the last good save is {last_good.name}" if last_good else ""
@@ -270,8 +266,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         if stop_now or done:  # the final file first: drawing its samples cannot lose it
             return finish(step, "stopped" if stop_now else "done", draw)
         if draw:
-            where["stage"] = f"drawing samples at step {step}"
-            _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, sampling)
+            draw_samples(step)
         if step > 0 and (step % save_every == 0 or save_now):
             where["stage"] = f"saving at step {step}"
             last_good = save(step, final=False)
@@ -281,11 +276,11 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
 
         # The step: this process's share of each micro-batch, as tensors on the device, then one update.
         t_data = time.perf_counter()
-        micro_batches, images = [], images_to[step]
+        micro_batches = []
         for micro in range(config.grad_accum):
             k = step * config.grad_accum + micro  # micro-batch index: the data position
             global_batch = batch_at(k, config, records, samples, bucket_of, accelerator.num_processes)
-            images += len(global_batch)
+            seen += len(global_batch)
             mine = slice(accelerator.process_index * config.batch_size, (accelerator.process_index + 1) * config.batch_size)
             idx, captions, rngs, gens = (list(x) for x in zip(*global_batch[mine]))
             if latent_cache is not None:
@@ -313,9 +308,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
                     inputs[f"ids_{j}"] = _token_ids(tokenizer, captions, device)
             micro_batches.append(inputs)
         data_s += time.perf_counter() - t_data
-        keep_loss(step + 1, step_fn(micro_batches))
+        keep_loss(step + 1, step_fn(micro_batches), seen)
         step += 1
-        images_to[step] = images
 
         if bar is not None:
             bar.update(1)
@@ -323,24 +317,21 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         # that a short run still draws a loss curve. Its step is the one its loss belongs to (the GPU may be behind).
         ready = read_losses(wait=step == config.steps)
         now = time.perf_counter()
-        if ready and (now - t_last >= 1.0 or any(at % progress_every == 0 for at, _ in ready)
+        if ready and (now - t_last >= 1.0 or any(at % progress_every == 0 for at, _, _ in ready)
                       or ready[-1][0] == config.steps):
-            at, loss_value = ready[-1]
+            at, loss_value, seen_at = ready[-1]
             rate = (at - step_last) / (now - t_last)
-            image_rate = (images_to[at] - images_to[step_last]) / (now - t_last)
-            for earlier in [k for k in images_to if k < at]:
-                del images_to[earlier]
             loss_ema = _ema(list(recent))
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_ema:.4f}")
             events.emit("progress", step=at, total=config.steps, loss=loss_value, loss_ema=loss_ema,
-                        lr=lr_scheduler.get_last_lr()[0], images_per_s=image_rate,
+                        lr=lr_scheduler.get_last_lr()[0], images_per_s=(seen_at - seen_last) / (now - t_last),
                         eta_s=(config.steps - at) / max(rate, 1e-9), memory_gb=_memory_gb(device),
                         graphs=step_fn.run.captured,
                         # host ms per step assembling batches (noise, token ids, cache lookups): while it stays under
                         # the step time, the GPU, which runs the previous step meanwhile, never waits on data
                         data_ms=1e3 * data_s / max(at - step_last, 1))
-            t_last, step_last, data_s = now, at, 0.0
+            t_last, step_last, seen_last, data_s = now, at, seen_at, 0.0
 
 
 def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
@@ -492,10 +483,8 @@ def batch_at(k: int, config: TrainConfig, records, samples: list[int], bucket_of
     see what one process with batch N x B would.
     """
     size = config.batch_size * processes
-    buckets = [bucket_of[i] for i in samples]
-    per_epoch = len(ds.epoch_batches(buckets, size, random.Random(0)))
-    epoch, position = divmod(k, per_epoch)
-    batch = ds.epoch_batches(buckets, size, random.Random(config.seed * 100_003 + epoch))[position]
+    epoch, position = divmod(k, _batches_per_epoch(samples, bucket_of, size))
+    batch = ds.epoch_batches([bucket_of[i] for i in samples], size, random.Random(config.seed * 100_003 + epoch))[position]
     if processes > 1:  # a bucket's last batch, topped up so that no process is left without images
         batch = (batch * size)[:size]
     out = []
@@ -506,6 +495,11 @@ def batch_at(k: int, config: TrainConfig, records, samples: list[int], bucket_of
                                    keep_tags=config.keep_tags, dropout=config.caption_dropout, rng=rng)
         out.append((samples[i], caption, rng, torch.Generator().manual_seed(seed)))
     return out
+
+
+def _batches_per_epoch(samples: list[int], bucket_of, size: int) -> int:
+    """How many batches of `size` one epoch has: each bucket's images in batches, its last one possibly short."""
+    return len(ds.epoch_batches([bucket_of[i] for i in samples], size, random.Random(0)))
 
 
 def _randn(shape, generators) -> torch.Tensor:
@@ -550,7 +544,7 @@ class _Requests:
 
     def __init__(self, accelerator, run_dir: Path, every: int = 10):
         self.accelerator, self.run_dir, self.every = accelerator, run_dir, every
-        self.posted = None  # the last exchange's merged flags: (host tensor, copy event or None)
+        self.posted = None  # the last exchange's merged flags: (host tensor, copy event)
 
     def __call__(self, signalled: bool, step: int, bad: bool = False) -> tuple[bool, bool, bool, bool]:
         accelerator, n = self.accelerator, self.accelerator.num_processes
@@ -570,13 +564,20 @@ class _Requests:
             copied.synchronize()
             answer = tuple(bool(f) for f in host.tolist())
         # pinned and non-blocking both ways: a plain copy would wait for the queued steps too
-        agreed = accelerator.gather(mine.pin_memory().to(accelerator.device, non_blocking=True)).any(dim=0)
-        host = torch.empty(agreed.shape, dtype=agreed.dtype, pin_memory=True)
-        host.copy_(agreed, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        self.posted = (host, copied)
+        self.posted = _to_host(accelerator.gather(mine.pin_memory().to(accelerator.device, non_blocking=True)).any(dim=0))
         return answer
+
+
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+    """A GPU tensor copied to pinned host memory behind the work queued before it, without waiting, and the event that
+    says the copy landed; a host tensor as it is, with None."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 def _shared(accelerator, compute):
@@ -806,10 +807,10 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
         except torch.OutOfMemoryError:
             images = None
         if images is None:  # out of the except block, so the failed call's tensors are freed
+            first_time = not sampling["low_memory"]
+            sampling["low_memory"], sampling["graphs"], graphs = True, None, None  # the graphs' memory goes too
             torch.cuda.empty_cache()
-            if not sampling["low_memory"]:
-                sampling["low_memory"], sampling["graphs"], graphs = True, None, None  # the graphs' memory goes too
-                torch.cuda.empty_cache()
+            if first_time:
                 events.emit("warning", message="out of memory while drawing samples: drawing them one at a time "
                                                "with a tiled VAE decode from now on")
                 continue

@@ -443,3 +443,19 @@ def test_samples_through_the_unet_replay_path_are_the_same(tmp_path):
     for a, b in zip(images["plain"], images["replay"]):
         assert np.abs(a - b).max() == 0
     assert "forward" not in pipe.unet.__dict__
+
+
+def test_uncached_run_with_short_batches_counts_epochs_in_batches(tmp_path):
+    """Random crops (latents encoded every step, no cache) and 5 images at batch 4: each epoch is a batch of 4 and a
+    short one of 1, so 6 steps are 3 epochs, and every progress event reports a rate of the images trained."""
+    from sdlora.train import train
+
+    data = draw_dataset(tmp_path / "five", n=5)
+    run = tmp_path / "run"
+    train(small_config(data, steps=6, batch_size=4, random_crop=True, sample_every=100, save_every=100), run,
+          progress_bar=False)
+    events = read_events(run)
+    assert next(e for e in events if e["type"] == "start")["epochs"] == 3.0
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["step"] == 6
+    assert all(isinstance(e["images_per_s"], float) and e["images_per_s"] > 0 for e in progress)
