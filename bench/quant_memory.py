@@ -4,8 +4,8 @@ Everything here runs the step `sdlora train` runs, through sdlora's own code: `s
 TrainConfig(base_precision=..., gradient_checkpointing=True (False for int8, whose bitsandbytes layers break
 torch.utils.checkpoint on CUDA: sdlora refuses that pair), batch_size=1, train_text_encoder=True, sdlora's other
 defaults) under an accelerate Accelerator (bf16 on the GPU). build_step puts the VAE (fp32) and the base (bf16) on the
-GPU, stores the base in the precision asked for (`sdlora.quantize.quantize_base`; gradient checkpointing is forced for a
-quantized base), adds fp32 LoRAs on the UNet and text encoder(s) (rank 16 on attention, initialised from the config's
+GPU, stores the base in the precision asked for (`sdlora.quantize.quantize_base`; gradient checkpointing is forced for an
+fp8 or nf4 base), adds fp32 LoRAs on the UNet and text encoder(s) (rank 16 on attention, initialised from the config's
 seed), makes fused AdamW and the cosine schedule, and on a GPU replays the forward+backward as a CUDA graph
 (sdlora.graphs) where that captures; the result says whether it did. Each step gets what the training loop feeds it:
 a cached latent distribution (mean, std), noise and timestep from `sdlora.train._noise`, and the captions' token ids.
@@ -124,9 +124,8 @@ class Run:
             return round((sum(stored_bytes(m) for m in models) - sum(p.numel() * p.element_size() for p in lora))
                          / 1e9, 3)
 
-        text_encoders = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
-        self.stored_gb = {"unet": base_gb([self.pipe.unet], self.step_fn.unet_params),
-                          "text_encoders": base_gb(text_encoders, self.step_fn.te_params)}
+        self.stored_gb = {"unet": base_gb([self.pipe.unet], self.step_fn.unet_params),  # the text encoders train here
+                          "text_encoders": base_gb(self.step_fn.text_encoders, self.step_fn.te_params)}
 
     def step(self, inputs: dict) -> torch.Tensor:
         """One optimizer update; the loss as a tensor on the device (not read: that would wait for the GPU)."""

@@ -293,19 +293,25 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
             hidden, pooled = _encode_ids(ours.step_fn.text_encoders or _tes(ours.pipe), ids)
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
     ours_inputs = lambda: ours.inputs(c_mean, c_std, ids, tids, hidden, pooled, gens)  # noqa: E731
-    if device == "cuda":  # the peak from here: a CUDA graph takes its memory at the capture, in the warm-up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(warmup):  # the first calls of a shape: eager, then the capture
-        ours.step(ours_inputs())
-    if device == "cuda":
-        torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t
-    ms = timed(lambda: ours.step(ours_inputs()), steps, device)
-    result["sdlora"] = {"ms_per_step": statistics.median(ms), "ms_windows": ms, "peak_gb": _peak_gb(device),
-                        "warmup_s": warmup_s, "warmup_steps": warmup,
-                        "graphs": ours.step_fn.run.captured, "graph_failures": [repr(e)[:300] for e in ours.fails]}
+
+    def measure(side: Sdlora) -> dict:
+        """Warm-up (each shape's eager calls, then the capture), then the timed steps; the peak counts from before
+        the warm-up, since a CUDA graph takes its memory at its capture."""
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        for _ in range(warmup):
+            side.step(ours_inputs())
+        if device == "cuda":
+            torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - t
+        ms = timed(lambda: side.step(ours_inputs()), steps, device)
+        return {"ms_per_step": statistics.median(ms), "ms_windows": ms, "peak_gb": _peak_gb(device),
+                "warmup_s": warmup_s}
+
+    result["sdlora"] = {**measure(ours), "warmup_steps": warmup, "graphs": ours.step_fn.run.captured,
+                        "graph_failures": [repr(e)[:300] for e in ours.fails]}
     # variants of the same step: cuDNN timing every convolution algorithm on first use of a shape; the UNet in
     # channels-last memory format (not sdlora's default: docs/benchmarks.md)
     for label, wanted in (("sdlora_cudnn_benchmark", autotune_too), ("sdlora_channels_last", channels_last_too)):
@@ -315,18 +321,7 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
         variant.step_fn.cudnn_benchmark = label == "sdlora_cudnn_benchmark"
         if label == "sdlora_channels_last":  # the base's weights: the adapters keep their layout
             variant.pipe.unet.to(memory_format=torch.channels_last)
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        for _ in range(warmup):
-            variant.step(ours_inputs())
-        if device == "cuda":
-            torch.cuda.synchronize()
-        warmup_s = time.perf_counter() - t
-        ms = timed(lambda: variant.step(ours_inputs()), steps, device)
-        result[label] = {"ms_per_step": statistics.median(ms), "ms_windows": ms, "warmup_s": warmup_s,
-                         "peak_gb": _peak_gb(device)}
+        result[label] = measure(variant)
         variant = None
         _free(device)
     ours.step_fn.run.enabled = False  # count FLOPs on the eager path (a graph replay hides its kernels)
@@ -427,7 +422,7 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
     run = out / f"run-{family}-{steps}-{batch}-{limit_gb}{'-square' if square else ''}"
     shutil.rmtree(run, ignore_errors=True)
     args = [str(data), "--base", str(base), "--out", str(run), "--steps", str(steps), "--trigger", "zxq", "--quiet",
-            *(["--batch-size", str(batch)] if batch else []), *extra]
+            *(["--batch-size", str(batch)] if batch else []), *(["--resolution", "64"] if tiny else []), *extra]
     code = "import sys, torch\n"
     if limit_gb:
         code += f"torch.cuda.set_per_process_memory_fraction({limit_gb} * 2**30 / torch.cuda.get_device_properties(0).total_memory)\n"
@@ -445,12 +440,11 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
     start = next(e for e in events if e["type"] == "start")
     progress = [e for e in events if e["type"] == "progress"]
     steady = [e for e in progress if e["step"] >= min(50, steps // 4)]
-    rate = (steady[-1]["step"] - steady[0]["step"]) / (steady[-1]["time"] - steady[0]["time"])
+    ms, rates = _steady(events, from_step=min(50, steps // 4))
     result.update(batch=start["batch_per_gpu"], picks=[e["message"] for e in events if e["type"] == "warning"],
-                  peak_gb=progress[-1]["memory_gb"], steady_ms_per_step=1e3 / rate,
+                  peak_gb=progress[-1]["memory_gb"], steady_ms_per_step=ms,
                   # counted by the run: a bucket's short last batch counts the images it holds
-                  images_per_s=statistics.median(e["images_per_s"] for e in steady),
-                  images_per_step=statistics.median(e["images_per_s"] for e in steady) / rate,
+                  images_per_s=rates, images_per_step=rates * ms / 1e3,
                   final_loss=progress[-1]["loss"],
                   start_event_s=start["time"] - (time.time() - wall),
                   sampling_s=_span(events, "sample"), graphs=progress[-1].get("graphs"),
@@ -460,6 +454,19 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
                   # only if it were larger
                   data_ms_per_step=sum(e.get("data_ms", 0) for e in steady) / len(steady))
     return result
+
+
+def _steady(events, from_step: int) -> tuple[float, float]:
+    """(ms per step, images/s): medians over the intervals between consecutive progress events from `from_step` that
+    have no other event (a sample round, a save) between them."""
+    times = [e["time"] for e in events]
+    progress = [(i, e) for i, e in enumerate(events) if e["type"] == "progress" and e["step"] >= from_step]
+    ms, rates = [], []
+    for (i, a), (j, b) in zip(progress, progress[1:]):
+        if j == i + 1 and b["step"] > a["step"]:
+            ms.append(1e3 * (times[j] - times[i]) / (b["step"] - a["step"]))
+            rates.append(b["images_per_s"])
+    return statistics.median(ms), statistics.median(rates)
 
 
 def _phases(events, t0: float, wall: float) -> dict:
