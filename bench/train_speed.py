@@ -227,6 +227,33 @@ def timed(fn, steps: int, device: str, windows: int = 5) -> list[float]:
     return out
 
 
+def kernel_profile(fn, steps: int = 3, top: int = 30) -> dict:
+    """GPU time per step by kernel family and the top kernels, from torch.profiler over eager steps (a graph replay
+    runs the same kernels)."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.self_device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
+               if e.self_device_time_total > 0]
+    families = {"attention": r"flash|fmha|attn|attention|sdpa", "normalization": r"norm",
+                "convolution": r"conv|fprop|dgrad|wgrad|implicit|nhwc|nchw",
+                "matmul": r"gemm|cutlass|nvjet|cublas|xmma|sm90", "copy and cast": r"copy|memcpy|memset|cast"}
+    by_family = {}
+    for name, ms, _ in kernels:
+        family = next((f for f, pattern in families.items() if re.search(pattern, name, re.I)), "elementwise and other")
+        by_family[family] = by_family.get(family, 0.0) + ms
+    kernels.sort(key=lambda k: -k[1])
+    return {"total_ms": sum(k[1] for k in kernels), "by_family_ms": by_family,
+            "top": [{"kernel": n[:160], "ms": ms, "calls": c} for n, ms, c in kernels[:top]]}
+
+
 def flops_of(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -236,7 +263,8 @@ def flops_of(fn) -> int:
 
 
 def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, tiny: bool,
-               autotune_too: bool = False, channels_last_too: bool = False) -> dict:
+               autotune_too: bool = False, channels_last_too: bool = False, sdpa_too: tuple = (),
+               profile: bool = False) -> dict:
     family, resolution, batch, train_te = CONFIGS[name]
     if tiny:
         family, resolution = "tiny", 64
@@ -294,9 +322,10 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
     ours_inputs = lambda: ours.inputs(c_mean, c_std, ids, tids, hidden, pooled, gens)  # noqa: E731
 
-    def measure(side: Sdlora) -> dict:
+    def measure(side: Sdlora, held: int = 0) -> dict:
         """Warm-up (each shape's eager calls, then the capture), then the timed steps; the peak counts from before
-        the warm-up, since a CUDA graph takes its memory at its capture."""
+        the warm-up, since a CUDA graph takes its memory at its capture. `held`: bytes other sides still hold (a
+        variant is measured while sdlora's own step, model and graphs are alive), not counted."""
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -307,7 +336,7 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
             torch.cuda.synchronize()
         warmup_s = time.perf_counter() - t
         ms = timed(lambda: side.step(ours_inputs()), steps, device)
-        return {"ms_per_step": statistics.median(ms), "ms_windows": ms, "peak_gb": _peak_gb(device),
+        return {"ms_per_step": statistics.median(ms), "ms_windows": ms, "peak_gb": _peak_gb(device) - held / 2**30,
                 "warmup_s": warmup_s}
 
     result["sdlora"] = {**measure(ours), "warmup_steps": warmup, "graphs": ours.step_fn.run.captured,
@@ -317,15 +346,31 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
     for label, wanted in (("sdlora_cudnn_benchmark", autotune_too), ("sdlora_channels_last", channels_last_too)):
         if not wanted:
             continue
+        held = torch.cuda.memory_allocated() if device == "cuda" else 0
         variant = Sdlora(build(family, device), train_te, batch, resolution, device)
         variant.step_fn.cudnn_benchmark = label == "sdlora_cudnn_benchmark"
         if label == "sdlora_channels_last":  # the base's weights: the adapters keep their layout
             variant.pipe.unet.to(memory_format=torch.channels_last)
-        result[label] = measure(variant)
+        result[label] = measure(variant, held)
+        variant = None
+        _free(device)
+    # attention by another SDPA backend first (cuDNN's, the memory-efficient one), falling back where it does not take
+    # the shapes; the graphs are captured inside, so they keep the kernels picked there
+    for backend in sdpa_too:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = list(dict.fromkeys([getattr(SDPBackend, backend.upper() + "_ATTENTION"), SDPBackend.FLASH_ATTENTION,
+                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+        held = torch.cuda.memory_allocated() if device == "cuda" else 0
+        variant = Sdlora(build(family, device), train_te, batch, resolution, device)
+        with sdpa_kernel(order, set_priority=True):
+            result[f"sdlora_sdpa_{backend}"] = measure(variant, held)
         variant = None
         _free(device)
     ours.step_fn.run.enabled = False  # count FLOPs on the eager path (a graph replay hides its kernels)
     result["sdlora"]["flops"] = flops_of(lambda: ours.step(ours_inputs()))
+    if profile and device == "cuda":
+        result["sdlora"]["kernels"] = kernel_profile(lambda: ours.step(ours_inputs()))
 
     # the same function: one step of each from the same state
     names = _lora(ours.step_fn.trained)
@@ -399,7 +444,7 @@ def _free(device) -> None:
 # --- a whole run and the memory limits, through the CLI as a user runs it
 
 def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1", limit_gb: float = 0.0,
-              extra: tuple = (), square: bool = False) -> dict:
+              extra: tuple = (), square: bool = False, env: str = "") -> dict:
     """`sdlora train` from the command line on 30 images: wall time from command to file, the run's own step rate,
     its picks and peak memory. With `limit_gb`, the process may use only that much GPU memory
     (torch.cuda.set_per_process_memory_fraction) and picks batch and checkpointing itself."""
@@ -419,7 +464,7 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
     data = out / f"data-{resolution}{'-square' if square else ''}"
     if not data.exists():
         draw_dataset(data, resolution, n=30, square=square)
-    run = out / f"run-{family}-{steps}-{batch}-{limit_gb}{'-square' if square else ''}"
+    run = out / f"run-{family}-{steps}-{batch}-{limit_gb}{'-square' if square else ''}{'-clean-env' if env else ''}"
     shutil.rmtree(run, ignore_errors=True)
     args = [str(data), "--base", str(base), "--out", str(run), "--steps", str(steps), "--trigger", "zxq", "--quiet",
             *(["--batch-size", str(batch)] if batch else []), *(["--resolution", "64"] if tiny else []), *extra]
@@ -428,9 +473,13 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
         code += f"torch.cuda.set_per_process_memory_fraction({limit_gb} * 2**30 / torch.cuda.get_device_properties(0).total_memory)\n"
     code += "from sdlora.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, "train", *args], capture_output=True, text=True)
+    # env: a folder from bench/clean_env.py; the run then sees only what an install of sdlora holds
+    python = [sys.executable, "-S"] if env else [sys.executable]
+    environ = {**os.environ, "PYTHONPATH": f"{env}:{Path(__file__).resolve().parents[1]}"} if env else None
+    proc = subprocess.run([*python, "-c", code, "train", *args], capture_output=True, text=True, env=environ)
     wall = time.perf_counter() - t
-    result = {"steps": steps, "family": family, "limit_gb": limit_gb, "wall_s": wall, "returncode": proc.returncode}
+    result = {"steps": steps, "family": family, "limit_gb": limit_gb, "wall_s": wall, "returncode": proc.returncode,
+              "environment": env or "this machine's Python as it is"}
     if (run / "events.jsonl").exists():
         shutil.copy(run / "events.jsonl", out / f"events-{run.name}.jsonl")
     if proc.returncode:
@@ -502,6 +551,12 @@ def main() -> None:
     ap.add_argument("--whole-square", action="store_true",
                     help="the whole run's 30 images all square (one bucket: full batches but an epoch's last)")
     ap.add_argument("--whole-extra", default="", help="more `sdlora train` flags for the whole run (one string)")
+    ap.add_argument("--whole-env", nargs="*", default=[""], metavar="DIR",
+                    help="run the whole run once per environment: '' = this Python as it is, DIR = a folder from "
+                         "bench/clean_env.py (only what an install of sdlora holds)")
+    ap.add_argument("--sdpa-too", nargs="*", default=[], choices=["cudnn", "efficient", "flash"],
+                    help="also time sdlora's step with attention by these SDPA backends first")
+    ap.add_argument("--profile", action="store_true", help="also: sdlora's GPU time per step by kernel family")
     ap.add_argument("--cudnn-benchmark-too", action="store_true",
                     help="also time sdlora's step with cuDNN autotuning (torch.backends.cudnn.benchmark) on")
     args = ap.parse_args()
@@ -525,7 +580,8 @@ def main() -> None:
         try:
             results["configs"].append(run_config(name, args.steps, args.warmup, results["bf16_matmul_tflops"], device,
                                                  args.tiny, autotune_too=args.cudnn_benchmark_too,
-                                                 channels_last_too=args.channels_last_too))
+                                                 channels_last_too=args.channels_last_too,
+                                                 sdpa_too=tuple(args.sdpa_too), profile=args.profile))
         except Exception:
             import traceback
 
@@ -533,10 +589,12 @@ def main() -> None:
         print(json.dumps(results["configs"][-1], default=str)[:3000], flush=True)
         save()
     if args.whole_run:
-        results["whole_run"].append(whole_run(out, args.whole_run, args.whole_batch, args.tiny,
-                                              extra=tuple(args.whole_extra.split()), square=args.whole_square))
-        print(json.dumps(results["whole_run"][-1])[:3000], flush=True)
-        save()
+        for env in args.whole_env:
+            results["whole_run"].append(whole_run(out, args.whole_run, args.whole_batch, args.tiny,
+                                                  extra=tuple(args.whole_extra.split()), square=args.whole_square,
+                                                  env=env))
+            print(json.dumps(results["whole_run"][-1])[:3000], flush=True)
+            save()
     if args.memory and device == "cuda":
         for family, limit in (cap.split(":") for cap in args.caps):
             results["memory"].append(whole_run(out, 60, 0, False, family, float(limit)))
@@ -558,6 +616,14 @@ def table(results: dict) -> str:
             rows.append(f"| {r['config']} | {side} | {s['ms_per_step']:.1f} | {s['images_per_s']:.1f} | "
                         f"{s['peak_gb']:.2f} | {s['flops'] / 1e9:.0f} | {s['tflops']:.0f} | {frac} | "
                         f"{'%.2fx' % r['speedup'] if side == 'sdlora' else ''} |")
+        for side in (k for k in r if k.startswith("sdlora_")):  # variants of sdlora's step: time and peak only
+            s = r[side]
+            rows.append(f"| {r['config']} | {side[7:]} | {s['ms_per_step']:.1f} | "
+                        f"{r['batch'] * 1e3 / s['ms_per_step']:.1f} | {s['peak_gb']:.2f} | | | | |")
+        if "kernels" in r["sdlora"]:
+            k = r["sdlora"]["kernels"]
+            rows.append(f"| {r['config']} | GPU ms by kernel family (eager) | {k['total_ms']:.1f} | " + ", ".join(
+                f"{f} {ms:.1f}" for f, ms in sorted(k["by_family_ms"].items(), key=lambda x: -x[1])) + " | | | | | | |")
     return "\n".join(rows)
 
 

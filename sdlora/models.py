@@ -84,8 +84,12 @@ def family_of_width(cross_attention_dim: int) -> str | None:
 
 
 def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str = "",
-              prediction_type: str = "auto") -> Base:
+              prediction_type: str = "auto", vae_dtype: torch.dtype | None = None) -> Base:
     """Load `spec` ('tiny', a diffusers folder, a .safetensors/.ckpt file or a hub id) as a diffusers pipeline.
+
+    `dtype`: the UNet's and text encoders'; `vae_dtype` (default: `dtype`): the VAE's. Training loads its frozen
+    base in the compute dtype and the VAE in fp32 straight from the files, with no fp32 copy of the UNet on the way
+    (a single file is read in `vae_dtype`: diffusers' single-file loader takes one dtype; training casts after).
 
     A single file takes its architecture (configs, tokenizers) from `base_config` (a diffusers folder or a cached hub
     id) or, by default, from the configs that ship with sdlora for the family its weights show: no network needed.
@@ -95,35 +99,37 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
         raise UserError(f"prediction_type = {prediction_type!r}: must be auto, epsilon or v_prediction",
                         "fix --prediction-type")
     override = None if prediction_type == "auto" else prediction_type
+    vae_dtype = vae_dtype or dtype
+    dtypes = dtype if vae_dtype == dtype else {"vae": vae_dtype, "default": dtype}  # diffusers: a dtype per component
     if spec == "tiny":
         from diffusers import StableDiffusionPipeline
         from sdlora.tiny import MODEL_DIR
 
-        pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, **_pipeline_kwargs("sd1", dtype))
+        pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, **_pipeline_kwargs("sd1", dtypes))
         return _base(pipe, spec, override, TINY_RESOLUTION)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise UserError(f"{spec} is not a diffusers model folder (no model_index.json)",
                             "point --base at the folder that holds model_index.json, or at a .safetensors file")
-        return _base(_from_folder(str(path), dtype), spec, override)
+        return _base(_from_folder(str(path), dtypes), spec, override)
     if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         if not path.is_file():
             raise UserError(f"base model file not found: {spec}", "check the path")
-        pipe, suggested = _from_single_file(path, dtype, base_config)
+        pipe, suggested = _from_single_file(path, vae_dtype, base_config)
         return _base(pipe, spec, override or suggested)
     if spec.count("/") == 1 and not path.exists():
-        return _base(_from_hub(spec, dtype), spec, override)
+        return _base(_from_hub(spec, dtypes), spec, override)
     raise UserError(f"base model not found: {spec}", "use 'tiny', a diffusers folder, a .safetensors file or a hub id")
 
 
-def _pipeline_kwargs(arch: str, dtype: torch.dtype) -> dict:
+def _pipeline_kwargs(arch: str, dtype: torch.dtype | dict) -> dict:
     if arch == "sdxl":
         return dict(dtype=dtype)
     return dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
 
 
-def _from_folder(folder: str, dtype: torch.dtype):
+def _from_folder(folder: str, dtype: torch.dtype | dict):
     from diffusers import DiffusionPipeline
 
     arch = "sdxl" if "text_encoder_2" in json.loads(Path(folder, "model_index.json").read_text()) else "sd1"
@@ -269,7 +275,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str):
 
 # --- hub ids ----------------------------------------------------------------------------------------------------
 
-def _from_hub(repo_id: str, dtype: torch.dtype):
+def _from_hub(repo_id: str, dtype: torch.dtype | dict):
     from diffusers import DiffusionPipeline
 
     hint = "point --base at a local .safetensors file or diffusers folder"

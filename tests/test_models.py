@@ -29,6 +29,19 @@ def test_a_diffusers_folder_loads_as_its_family(tmp_path):
     assert base.family == "sd1" and base.resolution == 512  # a folder is treated as a real SD1 model
 
 
+def test_training_loads_the_base_in_its_compute_dtype_and_the_vae_in_fp32(tmp_path):
+    import torch
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(MODEL_DIR, folder)
+    full = load_base(str(folder)).pipe
+    half = load_base(str(folder), torch.bfloat16, vae_dtype=torch.float32).pipe
+    assert half.unet.dtype == half.text_encoder.dtype == torch.bfloat16 and half.vae.dtype == torch.float32
+    # the same weights as loading in fp32 and casting, as training did before; the VAE's untouched
+    assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(full.unet.parameters(), half.unet.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(full.vae.parameters(), half.vae.parameters()))
+
+
 @pytest.mark.parametrize("spec,message", [
     ("some-org/not-cached-model", "not in the local model cache"),
     ("/no/such/model.safetensors", "base model file not found"),
