@@ -352,6 +352,9 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
         if label == "sdlora_channels_last":  # the base's weights: the adapters keep their layout
             variant.pipe.unet.to(memory_format=torch.channels_last)
         result[label] = measure(variant, held)
+        if profile and device == "cuda":
+            variant.step_fn.run.enabled = False
+            result[label]["kernels"] = kernel_profile(lambda: variant.step(ours_inputs()))
         variant = None
         _free(device)
     # attention by another SDPA backend first (cuDNN's, the memory-efficient one), falling back where it does not take
@@ -620,9 +623,9 @@ def table(results: dict) -> str:
             s = r[side]
             rows.append(f"| {r['config']} | {side[7:]} | {s['ms_per_step']:.1f} | "
                         f"{r['batch'] * 1e3 / s['ms_per_step']:.1f} | {s['peak_gb']:.2f} | | | | |")
-        if "kernels" in r["sdlora"]:
-            k = r["sdlora"]["kernels"]
-            rows.append(f"| {r['config']} | GPU ms by kernel family (eager) | {k['total_ms']:.1f} | " + ", ".join(
+        for side in (k for k in r if k.startswith("sdlora") and "kernels" in r[k]):
+            k = r[side]["kernels"]
+            rows.append(f"| {r['config']} | {side}: GPU ms by kernel family (eager) | {k['total_ms']:.1f} | " + ", ".join(
                 f"{f} {ms:.1f}" for f, ms in sorted(k["by_family_ms"].items(), key=lambda x: -x[1])) + " | | | | | | |")
     return "\n".join(rows)
 
