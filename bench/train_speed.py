@@ -362,8 +362,10 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
     for backend in sdpa_too:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        order = list(dict.fromkeys([getattr(SDPBackend, backend.upper() + "_ATTENTION"), SDPBackend.FLASH_ATTENTION,
-                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+        # then cuDNN's, which torch picks by itself on Hopper, so only the calls `backend` refuses change hands (in
+        # stop 14 this list had no cuDNN: the calls flash refused went to the slower memory-efficient kernels)
+        order = list(dict.fromkeys([getattr(SDPBackend, backend.upper() + "_ATTENTION"), SDPBackend.CUDNN_ATTENTION,
+                                    SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
         held = torch.cuda.memory_allocated() if device == "cuda" else 0
         variant = Sdlora(build(family, device), train_te, batch, resolution, device)
         with sdpa_kernel(order, set_priority=True):
@@ -558,7 +560,7 @@ def main() -> None:
                     help="run the whole run once per environment: '' = this Python as it is, DIR = a folder from "
                          "bench/clean_env.py (only what an install of sdlora holds)")
     ap.add_argument("--sdpa-too", nargs="*", default=[], choices=["cudnn", "efficient", "flash"],
-                    help="also time sdlora's step with attention by these SDPA backends first")
+                    help="also time sdlora's step with attention by these SDPA backends first (then cuDNN's)")
     ap.add_argument("--profile", action="store_true", help="also: sdlora's GPU time per step by kernel family")
     ap.add_argument("--cudnn-benchmark-too", action="store_true",
                     help="also time sdlora's step with cuDNN autotuning (torch.backends.cudnn.benchmark) on")
