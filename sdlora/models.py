@@ -88,8 +88,7 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
     """Load `spec` ('tiny', a diffusers folder, a .safetensors/.ckpt file or a hub id) as a diffusers pipeline.
 
     `dtype`: the UNet's and text encoders'; `vae_dtype` (default: `dtype`): the VAE's. Training loads its frozen
-    base in the compute dtype and the VAE in fp32 straight from the files, with no fp32 copy of the UNet on the way
-    (a single file is read in `vae_dtype`: diffusers' single-file loader takes one dtype; training casts after).
+    base in the compute dtype and the VAE in fp32 straight from the files, with no fp32 copy of the UNet on the way.
 
     A single file takes its architecture (configs, tokenizers) from `base_config` (a diffusers folder or a cached hub
     id) or, by default, from the configs that ship with sdlora for the family its weights show: no network needed.
@@ -116,7 +115,7 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
     if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         if not path.is_file():
             raise UserError(f"base model file not found: {spec}", "check the path")
-        pipe, suggested = _from_single_file(path, vae_dtype, base_config)
+        pipe, suggested = _from_single_file(path, dtype, base_config, vae_dtype)
         return _base(pipe, spec, override or suggested)
     if spec.count("/") == 1 and not path.exists():
         return _base(_from_hub(spec, dtypes), spec, override)
@@ -238,8 +237,8 @@ def shipped_config(arch: str) -> str:
     return str(CONFIGS_DIR / arch)
 
 
-def _from_single_file(path: Path, dtype: torch.dtype, base_config: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtype: torch.dtype):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     info = inspect_checkpoint(path)
     config = base_config or shipped_config(info.arch)
@@ -259,8 +258,11 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str):
     try:
         # config= a local folder: diffusers reads every component's config and the tokenizers from it, and with
         # local_files_only nothing is fetched, so this works offline (diffusers.loaders.single_file.from_single_file).
-        pipe = cls.from_single_file(str(path), config=config, local_files_only=True,
-                                    **_pipeline_kwargs(info.arch, dtype))
+        kwargs = _pipeline_kwargs(info.arch, dtype)
+        if vae_dtype != dtype:  # diffusers' single-file loader takes one dtype: the VAE is read on its own
+            kwargs["vae"] = AutoencoderKL.from_single_file(str(path), config=config, subfolder="vae",
+                                                           local_files_only=True, dtype=vae_dtype)
+        pipe = cls.from_single_file(str(path), config=config, local_files_only=True, **kwargs)
     except UserError:
         raise
     except Exception as e:  # diffusers raises many types here; the user needs one line

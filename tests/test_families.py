@@ -138,6 +138,14 @@ def test_single_file_and_folder_load_the_same_model(models, family, monkeypatch)
             continue
         a, b = getattr(from_file.pipe, name).state_dict(), getattr(from_folder.pipe, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # as training loads it: the UNet and text encoders in bf16 straight from the file, the VAE in fp32
+    half = load_base(str(single), torch.bfloat16, vae_dtype=torch.float32, base_config=str(folder)).pipe
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(from_folder.pipe, name, None) is None:
+            continue
+        dtype = torch.float32 if name == "vae" else torch.bfloat16
+        a, b = getattr(half, name).state_dict(), getattr(from_folder.pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(a[k].dtype == dtype and torch.equal(a[k], b[k].to(dtype)) for k in a), name
 
 
 @pytest.mark.parametrize("family", list(CASES))
