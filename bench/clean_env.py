@@ -7,9 +7,9 @@ peft import some of them whenever they are installed, which adds seconds to ever
     python bench/clean_env.py /tmp/clean        # prints what it linked and what this machine lacks
     PYTHONPATH=/tmp/clean:$PWD python -S -c "import sdlora.train"
 
-The list is bench/sdlora-install.txt (pyproject's dependencies and theirs, resolved on the development machine); the
-requirements of each listed package as installed here are followed too (the CUDA build of torch needs nvidia-*
-libraries and triton). Versions are this machine's, not the list's.
+The list is bench/sdlora-install.txt (pyproject's dependencies and theirs, resolved on the development machine with
+`--write-list`); the requirements of each listed package as installed here are followed too (the CUDA build of
+torch needs nvidia-* libraries and triton). Versions are this machine's, not the list's.
 """
 
 from __future__ import annotations
@@ -69,11 +69,31 @@ def build(folder: Path, names: list[str]) -> dict:
             "entries": len(linked)}
 
 
+def write_list(path: Path) -> None:
+    """Resolve pyproject.toml's dependencies against what is installed here and write them, with versions."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    names = [Requirement(d).name for d in tomllib.loads(pyproject.read_text())["project"]["dependencies"]]
+    dists, missing = closure(names)
+    if missing:
+        raise SystemExit(f"not installed here: {', '.join(missing)}; install sdlora first")
+    header = ("# what `pip install sdlora` installs (pyproject.toml's dependencies and theirs), resolved by\n"
+              "# `python bench/clean_env.py --write-list`; bench/clean_env.py adds what the CUDA build of torch needs\n")
+    path.write_text(header + "".join(f"{k}=={d.version}\n" for k, d in sorted(dists.items())))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folder")
+    ap.add_argument("folder", nargs="?")
     ap.add_argument("--list", default=str(LIST))
+    ap.add_argument("--write-list", action="store_true", help="write --list from pyproject.toml and this machine")
     args = ap.parse_args()
+    if args.write_list:
+        write_list(Path(args.list))
+        return
+    if not args.folder:
+        ap.error("give a folder (or --write-list)")
     names = [line.split("==")[0].strip() for line in Path(args.list).read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     out = build(Path(args.folder), names)
