@@ -5,12 +5,16 @@ same random-init full-size architectures, in one process; then a whole `sdlora t
     python bench/train_speed.py --out DIR --only sd1-b1-unet # one configuration
     python bench/train_speed.py --out DIR --tiny             # CPU smoke test on the tests' small SD1 model
 
+Also: --profile (GPU time per step by kernel family, and the top kernels), --channels-last-too, --sdpa-too cudnn
+efficient flash, --cudnn-benchmark-too (variants of sdlora's step), --whole-env "" DIR (the whole run also in a
+bench/clean_env.py folder: only what an install of sdlora holds).
+
 reference: peft LoRA r16 (alpha 16) on to_q/to_k/to_v/to_out.0 (and q/k/v/out_proj of the text encoders when they
 train), frozen bf16 base, fp32 LoRA parameters under bf16 autocast, torch AdamW, the VAE encoding the images and the
 text encoder running every step, the loss read back each step for the progress bar (as the examples log it).
 sdlora: `sdlora.train.build_step` with sdlora's defaults for the same job (r16, attention targets, Min-SNR 5 in both)
 and the step `sdlora train` runs: cached latents (mean/std) and, for a frozen text encoder, cached embeddings; fused
-AdamW; the forward+backward replayed as a CUDA graph.
+AdamW; the base's norms in bf16; the forward+backward replayed as a CUDA graph.
 
 Per configuration: ms/step (median over windows of steps timed with CUDA events, after warm-up), images/s, peak
 memory, FLOPs per step (torch.utils.flop_counter), achieved TFLOP/s and its fraction of a bf16 matmul ceiling measured
