@@ -25,6 +25,7 @@ Writes DIR/results.json and prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -231,6 +232,17 @@ def timed(fn, steps: int, device: str, windows: int = 5) -> list[float]:
     return out
 
 
+def attention_first(backend: str):
+    """A context in which attention (scaled_dot_product_attention) tries `backend`'s kernels first ('flash', 'cudnn',
+    'efficient'), then cuDNN's, which torch picks by itself on Hopper, so only the calls `backend` refuses change hands
+    (in stop 14 a list without cuDNN sent the calls flash refused to the slower memory-efficient kernels)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = dict.fromkeys([getattr(SDPBackend, backend.upper() + "_ATTENTION"), SDPBackend.CUDNN_ATTENTION,
+                           SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel(list(order), set_priority=True)
+
+
 def kernel_profile(fn, steps: int = 3, top: int = 30) -> dict:
     """GPU time per step by kernel family and the top kernels, from torch.profiler over eager steps (a graph replay
     runs the same kernels)."""
@@ -345,35 +357,25 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
 
     result["sdlora"] = {**measure(ours), "warmup_steps": warmup, "graphs": ours.step_fn.run.captured,
                         "graph_failures": [repr(e)[:300] for e in ours.fails]}
-    # variants of the same step: cuDNN timing every convolution algorithm on first use of a shape; the UNet in
-    # channels-last memory format (not sdlora's default: docs/benchmarks.md)
-    for label, wanted in (("sdlora_cudnn_benchmark", autotune_too), ("sdlora_channels_last", channels_last_too)):
-        if not wanted:
-            continue
+    # variants of the same step, each built fresh, measured (and profiled) the same way: cuDNN timing every
+    # convolution algorithm on first use of a shape; the UNet in channels-last memory format (not sdlora's default:
+    # docs/benchmarks.md); attention by another SDPA backend first (the graphs keep the kernels picked at capture)
+    variants = []
+    if autotune_too:
+        variants.append(("sdlora_cudnn_benchmark", lambda v: setattr(v.step_fn, "cudnn_benchmark", True), None))
+    if channels_last_too:  # the base's weights: the adapters keep their layout
+        variants.append(("sdlora_channels_last", lambda v: v.pipe.unet.to(memory_format=torch.channels_last), None))
+    variants += [(f"sdlora_sdpa_{backend}", None, backend) for backend in sdpa_too]
+    for label, adjust, attention in variants:
         held = torch.cuda.memory_allocated() if device == "cuda" else 0
         variant = Sdlora(build(family, device), train_te, batch, resolution, device)
-        variant.step_fn.cudnn_benchmark = label == "sdlora_cudnn_benchmark"
-        if label == "sdlora_channels_last":  # the base's weights: the adapters keep their layout
-            variant.pipe.unet.to(memory_format=torch.channels_last)
-        result[label] = measure(variant, held)
-        if profile and device == "cuda":
-            variant.step_fn.run.enabled = False
-            result[label]["kernels"] = kernel_profile(lambda: variant.step(ours_inputs()))
-        variant = None
-        _free(device)
-    # attention by another SDPA backend first (cuDNN's, the memory-efficient one), falling back where it does not take
-    # the shapes; the graphs are captured inside, so they keep the kernels picked there
-    for backend in sdpa_too:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        # then cuDNN's, which torch picks by itself on Hopper, so only the calls `backend` refuses change hands (in
-        # stop 14 this list had no cuDNN: the calls flash refused went to the slower memory-efficient kernels)
-        order = list(dict.fromkeys([getattr(SDPBackend, backend.upper() + "_ATTENTION"), SDPBackend.CUDNN_ATTENTION,
-                                    SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
-        held = torch.cuda.memory_allocated() if device == "cuda" else 0
-        variant = Sdlora(build(family, device), train_te, batch, resolution, device)
-        with sdpa_kernel(order, set_priority=True):
-            result[f"sdlora_sdpa_{backend}"] = measure(variant, held)
+        if adjust is not None:
+            adjust(variant)
+        with attention_first(attention) if attention else contextlib.nullcontext():
+            result[label] = measure(variant, held)
+            if profile and device == "cuda":
+                variant.step_fn.run.enabled = False
+                result[label]["kernels"] = kernel_profile(lambda: variant.step(ours_inputs()))
         variant = None
         _free(device)
     ours.step_fn.run.enabled = False  # count FLOPs on the eager path (a graph replay hides its kernels)

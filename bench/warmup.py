@@ -24,7 +24,7 @@ def one(backend: str, steps: int, tiny: bool) -> dict:
 
     import torch
 
-    from train_speed import Sdlora, build, time_ids, timed, token_ids
+    from train_speed import Sdlora, attention_first, build, time_ids, timed, token_ids
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     family, px = ("tiny", 64) if tiny else ("sd1", 512)
@@ -34,13 +34,7 @@ def one(backend: str, steps: int, tiny: bool) -> dict:
     ours = Sdlora(build(family, device), True, 8, px, device)
     sync()
     out["build_s"] = time.perf_counter() - t
-    if backend == "flash":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        context = sdpa_kernel(order, set_priority=True)
-    else:
-        context = contextlib.nullcontext()
+    context = attention_first("flash") if backend == "flash" else contextlib.nullcontext()
 
     def first_steps_then_steady() -> list[float]:
         for batch in (8, 6, 8, 6, 8, 6, 8, 6):  # two shapes: eager, eager, capture, replay each
