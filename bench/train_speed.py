@@ -5,8 +5,8 @@ same random-init full-size architectures, in one process; then a whole `sdlora t
     python bench/train_speed.py --out DIR --only sd1-b1-unet # one configuration
     python bench/train_speed.py --out DIR --tiny             # CPU smoke test on the tests' small SD1 model
 
-Also: --profile (GPU time per step by kernel family, and the top kernels), --channels-last-too, --sdpa-too cudnn
-efficient flash, --cudnn-benchmark-too (variants of sdlora's step), --whole-env "" DIR (the whole run also in a
+Also: --profile (GPU time per step by kernel family, and the top kernels), --channels-last-too, --sdpa-too torch
+cudnn efficient flash, --cudnn-benchmark-too (variants of sdlora's step), --whole-env "" DIR (the whole run also in a
 bench/clean_env.py folder: only what an install of sdlora holds).
 
 reference: peft LoRA r16 (alpha 16) on to_q/to_k/to_v/to_out.0 (and q/k/v/out_proj of the text encoders when they
@@ -25,7 +25,6 @@ Writes DIR/results.json and prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -232,15 +231,17 @@ def timed(fn, steps: int, device: str, windows: int = 5) -> list[float]:
     return out
 
 
-def attention_first(backend: str):
-    """A context in which attention (scaled_dot_product_attention) tries `backend`'s kernels first ('flash', 'cudnn',
-    'efficient'), then cuDNN's, which torch picks by itself on Hopper, so only the calls `backend` refuses change hands
-    (in stop 14 a list without cuDNN sent the calls flash refused to the slower memory-efficient kernels)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def attention_named(backend: str) -> list | None:
+    """An order of attention kernels for Step.attention: 'torch' = torch's own (cuDNN's first on Hopper); 'flash',
+    'cudnn' or 'efficient' = that backend's kernels first, then cuDNN's, flash, efficient, math (so only the calls
+    `backend` refuses change hands; in stop 14 a list without cuDNN sent the calls flash refused to the slower
+    memory-efficient kernels). sdlora's step keeps torch's own (Step.attention None)."""
+    if backend == "torch":
+        return None
+    from torch.nn.attention import SDPBackend
 
-    order = dict.fromkeys([getattr(SDPBackend, backend.upper() + "_ATTENTION"), SDPBackend.CUDNN_ATTENTION,
-                           SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-    return sdpa_kernel(list(order), set_priority=True)
+    return list(dict.fromkeys([getattr(SDPBackend, backend.upper() + "_ATTENTION"), SDPBackend.CUDNN_ATTENTION,
+                               SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
 
 
 def kernel_profile(fn, steps: int = 3, top: int = 30) -> dict:
@@ -359,23 +360,22 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
                         "graph_failures": [repr(e)[:300] for e in ours.fails]}
     # variants of the same step, each built fresh, measured (and profiled) the same way: cuDNN timing every
     # convolution algorithm on first use of a shape; the UNet in channels-last memory format (not sdlora's default:
-    # docs/benchmarks.md); attention by another SDPA backend first (the graphs keep the kernels picked at capture)
+    # docs/benchmarks.md); attention kernels in another order (the graphs keep the kernels picked at capture)
     variants = []
     if autotune_too:
-        variants.append(("sdlora_cudnn_benchmark", lambda v: setattr(v.step_fn, "cudnn_benchmark", True), None))
+        variants.append(("sdlora_cudnn_benchmark", lambda v: setattr(v.step_fn, "cudnn_benchmark", True)))
     if channels_last_too:  # the base's weights: the adapters keep their layout
-        variants.append(("sdlora_channels_last", lambda v: v.pipe.unet.to(memory_format=torch.channels_last), None))
-    variants += [(f"sdlora_sdpa_{backend}", None, backend) for backend in sdpa_too]
-    for label, adjust, attention in variants:
+        variants.append(("sdlora_channels_last", lambda v: v.pipe.unet.to(memory_format=torch.channels_last)))
+    variants += [(f"sdlora_sdpa_{backend}", lambda v, b=backend: setattr(v.step_fn, "attention", attention_named(b)))
+                 for backend in sdpa_too]
+    for label, adjust in variants:
         held = torch.cuda.memory_allocated() if device == "cuda" else 0
         variant = Sdlora(build(family, device), train_te, batch, resolution, device)
-        if adjust is not None:
-            adjust(variant)
-        with attention_first(attention) if attention else contextlib.nullcontext():
-            result[label] = measure(variant, held)
-            if profile and device == "cuda":
-                variant.step_fn.run.enabled = False
-                result[label]["kernels"] = kernel_profile(lambda: variant.step(ours_inputs()))
+        adjust(variant)
+        result[label] = measure(variant, held)
+        if profile and device == "cuda":
+            variant.step_fn.run.enabled = False
+            result[label]["kernels"] = kernel_profile(lambda: variant.step(ours_inputs()))
         variant = None
         _free(device)
     ours.step_fn.run.enabled = False  # count FLOPs on the eager path (a graph replay hides its kernels)
@@ -455,15 +455,18 @@ def _free(device) -> None:
 # --- a whole run and the memory limits, through the CLI as a user runs it
 
 def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1", limit_gb: float = 0.0,
-              extra: tuple = (), square: bool = False, env: str = "") -> dict:
+              extra: tuple = (), square: bool = False, env: str = "", code: str = "") -> dict:
     """`sdlora train` from the command line on 30 images: wall time from command to file, the run's own step rate,
     its picks and peak memory. With `limit_gb`, the process may use only that much GPU memory
-    (torch.cuda.set_per_process_memory_fraction) and picks batch and checkpointing itself."""
+    (torch.cuda.set_per_process_memory_fraction) and picks batch and checkpointing itself. `env`: a folder from
+    bench/clean_env.py to run in; `code`: a folder holding another sdlora source tree (an earlier commit's `sdlora/`,
+    e.g. from `git archive`) to run instead of this checkout's, to compare a change in the same call."""
     from full_size_check import draw_dataset
 
     from sdlora.runs import read_events
 
     resolution = 64 if tiny else {"sd1": 512, "sdxl": 1024}[family]
+    out = out.resolve()
     base = out / f"{family}-base"
     if not base.exists():  # stored in fp16 as models are shared
         pipe = build(family if not tiny else "tiny", "cuda" if torch.cuda.is_available() else "cpu")
@@ -475,22 +478,29 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
     data = out / f"data-{resolution}{'-square' if square else ''}"
     if not data.exists():
         draw_dataset(data, resolution, n=30, square=square)
-    run = out / f"run-{family}-{steps}-{batch}-{limit_gb}{'-square' if square else ''}{'-clean-env' if env else ''}"
+    run = out / (f"run-{family}-{steps}-{batch}-{limit_gb}{'-square' if square else ''}{'-clean-env' if env else ''}"
+                 f"{'-' + Path(code).name if code else ''}")
     shutil.rmtree(run, ignore_errors=True)
     args = [str(data), "--base", str(base), "--out", str(run), "--steps", str(steps), "--trigger", "zxq", "--quiet",
             *(["--batch-size", str(batch)] if batch else []), *(["--resolution", "64"] if tiny else []), *extra]
-    code = "import sys, torch\n"
+    script = "import sys, torch\n"
     if limit_gb:
-        code += f"torch.cuda.set_per_process_memory_fraction({limit_gb} * 2**30 / torch.cuda.get_device_properties(0).total_memory)\n"
-    code += "from sdlora.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        script += f"torch.cuda.set_per_process_memory_fraction({limit_gb} * 2**30 / torch.cuda.get_device_properties(0).total_memory)\n"
+    script += "from sdlora.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     t = time.perf_counter()
     # env: a folder from bench/clean_env.py; the run then sees only what an install of sdlora holds
     python = [sys.executable, "-S"] if env else [sys.executable]
-    environ = {**os.environ, "PYTHONPATH": f"{env}:{Path(__file__).resolve().parents[1]}"} if env else None
-    proc = subprocess.run([*python, "-c", code, "train", *args], capture_output=True, text=True, env=environ)
+    source = str(Path(code).resolve()) if code else str(Path(__file__).resolve().parents[1])
+    environ = {**os.environ, "PYTHONPATH": f"{env}:{source}" if env else
+               f"{source}:{os.environ['PYTHONPATH']}" if os.environ.get("PYTHONPATH") else source}
+    # run from `out`: `python -c` puts the working directory first on the path, where a checkout's sdlora/ would win
+    proc = subprocess.run([*python, "-c", script, "train", *args], capture_output=True, text=True, env=environ,
+                          cwd=out)
     wall = time.perf_counter() - t
+    ran = subprocess.run([*python, "-c", "import sdlora; print(sdlora.__file__)"], capture_output=True, text=True,
+                         env=environ, cwd=out).stdout.strip()  # which sdlora that command imports
     result = {"steps": steps, "family": family, "limit_gb": limit_gb, "wall_s": wall, "returncode": proc.returncode,
-              "environment": env or "this machine's Python as it is"}
+              "environment": env or "this machine's Python as it is", "sdlora": ran}
     if (run / "events.jsonl").exists():
         shutil.copy(run / "events.jsonl", out / f"events-{run.name}.jsonl")
     if proc.returncode:
@@ -565,8 +575,12 @@ def main() -> None:
     ap.add_argument("--whole-env", nargs="*", default=[""], metavar="DIR",
                     help="run the whole run once per environment: '' = this Python as it is, DIR = a folder from "
                          "bench/clean_env.py (only what an install of sdlora holds)")
-    ap.add_argument("--sdpa-too", nargs="*", default=[], choices=["cudnn", "efficient", "flash"],
-                    help="also time sdlora's step with attention by these SDPA backends first (then cuDNN's)")
+    ap.add_argument("--whole-code", nargs="*", default=[""], metavar="DIR",
+                    help="run the whole run once per sdlora source tree: '' = this checkout, DIR = a folder holding "
+                         "an earlier commit's sdlora/ (git archive COMMIT sdlora | tar -x -C DIR)")
+    ap.add_argument("--sdpa-too", nargs="*", default=[], choices=["torch", "cudnn", "efficient", "flash"],
+                    help="also time sdlora's step with attention by these SDPA backends first (then cuDNN's), or in "
+                         "torch's own order (cuDNN's first on Hopper)")
     ap.add_argument("--profile", action="store_true", help="also: sdlora's GPU time per step by kernel family")
     ap.add_argument("--cudnn-benchmark-too", action="store_true",
                     help="also time sdlora's step with cuDNN autotuning (torch.backends.cudnn.benchmark) on")
@@ -601,9 +615,10 @@ def main() -> None:
         save()
     if args.whole_run:
         for env in args.whole_env:
-            results["whole_run"].append(whole_run(out, args.whole_run, args.whole_batch, args.tiny,
-                                                  extra=tuple(args.whole_extra.split()), square=args.whole_square,
-                                                  env=env))
+            for code in args.whole_code:
+                results["whole_run"].append(whole_run(out, args.whole_run, args.whole_batch, args.tiny,
+                                                      extra=tuple(args.whole_extra.split()), square=args.whole_square,
+                                                      env=env, code=code))
             print(json.dumps(results["whole_run"][-1])[:3000], flush=True)
             save()
     if args.memory and device == "cuda":

@@ -1,12 +1,16 @@
 """The first steps of a fresh process, one by one: each batch shape's eager calls and CUDA graph capture, then replays.
 
 A whole run pays these once per bucket shape; this times them with the GPU drained after each, in a fresh process
-per attention setting (`default`: torch's own choice, cuDNN's kernels on an H200; `flash`: PyTorch's flash kernels
-tried first). SD1.5 at 512, UNet + text-encoder LoRA, batch 8 then a short batch of 6, as the whole run's square
-dataset gives. The settings alternate, twice each by default: the first GPU process on a fresh machine pays several
-seconds more in its first step whatever it runs (calls 5 and 6 of stop 14, docs/benchmarks.md).
+per attention setting (`torch`: torch's own order, which sdlora's step keeps, cuDNN's kernels first on an H200;
+`flash`, `cudnn`, `efficient`: that backend's first, then cuDNN's). SD1.5 at 512, UNet + text-encoder LoRA, batch 8,
+then a short batch of 6, as the whole run's square dataset gives. The settings alternate, twice each by default.
 
-    python bench/warmup.py --out warmup.json [--backends default flash] [--repeats 2]
+The first process on a machine pays about 12 s more: CUDA compiling, for this GPU, kernels that cuDNN generates at
+run time, which it then keeps in ~/.nv/ComputeCache (stop 15, call 2: 12.1 s first batch-8 call on a fresh
+machine, 2.5 s on the next process, 16 s with CUDA_CACHE_DISABLE=1; docs/benchmarks.md). Compare processes that
+start with the same cache.
+
+    python bench/warmup.py --out warmup.json [--backends torch flash] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -20,11 +24,9 @@ from pathlib import Path
 
 
 def one(backend: str, steps: int, tiny: bool) -> dict:
-    import contextlib
-
     import torch
 
-    from train_speed import Sdlora, attention_first, build, time_ids, timed, token_ids
+    from train_speed import Sdlora, attention_named, build, time_ids, timed, token_ids
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     family, px = ("tiny", 64) if tiny else ("sd1", 512)
@@ -34,7 +36,7 @@ def one(backend: str, steps: int, tiny: bool) -> dict:
     ours = Sdlora(build(family, device), True, 8, px, device)
     sync()
     out["build_s"] = time.perf_counter() - t
-    context = attention_first("flash") if backend == "flash" else contextlib.nullcontext()
+    ours.step_fn.attention = attention_named(backend)
 
     def first_steps_then_steady() -> list[float]:
         for batch in (8, 6, 8, 6, 8, 6, 8, 6):  # two shapes: eager, eager, capture, replay each
@@ -55,8 +57,7 @@ def one(backend: str, steps: int, tiny: bool) -> dict:
                              gens=[torch.Generator().manual_seed(i) for i in range(8)])
         return timed(lambda: ours.step(inputs), steps, device)
 
-    with context:
-        ms = first_steps_then_steady()
+    ms = first_steps_then_steady()
     out["steady_ms"] = sorted(ms)[len(ms) // 2]
     return out
 
@@ -64,7 +65,7 @@ def one(backend: str, steps: int, tiny: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--backends", nargs="+", default=["default", "flash"], choices=["default", "flash"])
+    ap.add_argument("--backends", nargs="+", default=["torch", "flash"], choices=["torch", "flash", "cudnn", "efficient"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on the tests' small model")

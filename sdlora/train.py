@@ -451,6 +451,7 @@ class Step:
         noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
         self.run = Graphed(self.loss_and_grads, enabled=cuda_graphs, on_fail=on_fail)
         self.cudnn_benchmark = False  # bench/train_speed.py measures both
+        self.attention = None  # attention kernels' order (attention_kernels); bench/train_speed.py tries others
 
     def loss_and_grads(self, mean, std, eps, noise, timesteps, time_ids=None, hidden=None, pooled=None, **ids):
         """Sample the latents from their cached distribution, noise them, predict, Min-SNR-weighted MSE against
@@ -483,7 +484,8 @@ class Step:
             # bucket shape on an H200 (docs/benchmarks.md), more than it saved in a 1,000-step run
             benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, self.cudnn_benchmark
             try:
-                micro_loss, micro_grads = self.run(**inputs)  # the graph's outputs: overwritten by the next replay
+                with attention_kernels(self.attention):  # what a capture records; a replay runs those kernels
+                    micro_loss, micro_grads = self.run(**inputs)  # the graph's outputs: overwritten by the next replay
             finally:
                 torch.backends.cudnn.benchmark = benchmark
             if grads is None:
@@ -634,6 +636,20 @@ def _precision(choice: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+def attention_kernels(order: list | None):
+    """A context in which attention (scaled_dot_product_attention) tries its kernels in `order` (SDPBackend values);
+    None keeps torch's own order, which sdlora's step uses: on an H200 cuDNN's kernels, which ran the SD1.5 batch-8
+    step in 77.7 ms against 87.6 ms with PyTorch's flash kernels first (docs/benchmarks.md)."""
+    if order is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch before 2.6 cannot order them: its own order then
+        return contextlib.nullcontext()
 
 
 def _weight_dtype(accelerator) -> torch.dtype:

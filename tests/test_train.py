@@ -374,6 +374,22 @@ def test_lora_layers_take_bf16_inputs_with_the_same_result():
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_peft))
 
 
+def test_the_step_can_order_the_attention_kernels():
+    """Step.attention (what bench/train_speed.py --sdpa-too sets) is the order attention tries its kernels in while
+    the step runs; None, sdlora's default, leaves torch's own order."""
+    from torch.nn.attention import SDPBackend
+
+    from sdlora.train import attention_kernels
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    before = torch._C._get_sdp_priority_order()
+    with attention_kernels(order):  # what scaled_dot_product_attention dispatches by
+        assert torch._C._get_sdp_priority_order()[:len(order)] == [int(b) for b in order]
+    assert torch._C._get_sdp_priority_order() == before
+    with attention_kernels(None):
+        assert torch._C._get_sdp_priority_order() == before
+
+
 def test_norms_run_in_bf16_and_stay_as_close_to_fp32_as_autocast():
     """Under bf16 autocast the frozen base's group and layer norms run in bf16; CUDA's autocast would run them in fp32
     and cast around each. From the same state, the loss and LoRA gradients are as close to an all-fp32 step's as
