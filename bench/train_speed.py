@@ -455,7 +455,7 @@ def _free(device) -> None:
 # --- a whole run and the memory limits, through the CLI as a user runs it
 
 def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1", limit_gb: float = 0.0,
-              extra: tuple = (), square: bool = False, env: str = "", code: str = "") -> dict:
+              extra: tuple = (), square: bool = False, env: str = "", code: str = "", tag: str = "") -> dict:
     """`sdlora train` from the command line on 30 images: wall time from command to file, the run's own step rate,
     its picks and peak memory. With `limit_gb`, the process may use only that much GPU memory
     (torch.cuda.set_per_process_memory_fraction) and picks batch and checkpointing itself. `env`: a folder from
@@ -479,7 +479,7 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
     if not data.exists():
         draw_dataset(data, resolution, n=30, square=square)
     run = out / (f"run-{family}-{steps}-{batch}-{limit_gb}{'-square' if square else ''}{'-clean-env' if env else ''}"
-                 f"{'-' + Path(code).name if code else ''}")
+                 f"{'-' + Path(code).name if code else ''}{tag}")
     shutil.rmtree(run, ignore_errors=True)
     args = [str(data), "--base", str(base), "--out", str(run), "--steps", str(steps), "--trigger", "zxq", "--quiet",
             *(["--batch-size", str(batch)] if batch else []), *(["--resolution", "64"] if tiny else []), *extra]
@@ -578,6 +578,7 @@ def main() -> None:
     ap.add_argument("--whole-code", nargs="*", default=[""], metavar="DIR",
                     help="run the whole run once per sdlora source tree: '' = this checkout, DIR = a folder holding "
                          "an earlier commit's sdlora/ (git archive COMMIT sdlora | tar -x -C DIR)")
+    ap.add_argument("--whole-repeats", type=int, default=1, help="run each whole run this many times, alternating")
     ap.add_argument("--sdpa-too", nargs="*", default=[], choices=["torch", "cudnn", "efficient", "flash"],
                     help="also time sdlora's step with attention by these SDPA backends first (then cuDNN's), or in "
                          "torch's own order (cuDNN's first on Hopper)")
@@ -614,13 +615,14 @@ def main() -> None:
         print(json.dumps(results["configs"][-1], default=str)[:3000], flush=True)
         save()
     if args.whole_run:
-        for env in args.whole_env:
-            for code in args.whole_code:
-                results["whole_run"].append(whole_run(out, args.whole_run, args.whole_batch, args.tiny,
-                                                      extra=tuple(args.whole_extra.split()), square=args.whole_square,
-                                                      env=env, code=code))
-            print(json.dumps(results["whole_run"][-1])[:3000], flush=True)
-            save()
+        for repeat in range(args.whole_repeats):  # the trees and environments alternate
+            for env in args.whole_env:
+                for code in args.whole_code:
+                    results["whole_run"].append(whole_run(
+                        out, args.whole_run, args.whole_batch, args.tiny, extra=tuple(args.whole_extra.split()),
+                        square=args.whole_square, env=env, code=code, tag=f"-{repeat + 1}" if repeat else ""))
+                    print(json.dumps(results["whole_run"][-1])[:3000], flush=True)
+                    save()
     if args.memory and device == "cuda":
         for family, limit in (cap.split(":") for cap in args.caps):
             results["memory"].append(whole_run(out, 60, 0, False, family, float(limit)))
