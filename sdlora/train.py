@@ -726,26 +726,19 @@ def _time_ids(original_size, crop_top_left, bucket) -> torch.Tensor:
 
 
 def _check_finite(latents: torch.Tensor, images: str) -> None:
-    if not torch.isfinite(latents).all():
-        raise _broken_vae(images)
-
-
-def _broken_vae(images: str) -> UserError:
     # An fp16 VAE (SDXL's especially) overflows into inf/NaN; the VAE runs in fp32 here, so this catches broken VAE
     # weights before they turn into a NaN loss (field.md: kohya#952, OneTrainer#318).
-    return UserError(f"the VAE gave NaN/inf latents for {images}",
-                     "the base model's VAE weights are broken (an fp16 VAE that overflowed?); use a checkpoint "
-                     "with a working VAE, or an fp16-fixed VAE baked in")
+    if not torch.isfinite(latents).all():
+        raise UserError(f"the VAE gave NaN/inf latents for {images}",
+                        "the base model's VAE weights are broken (an fp16 VAE that overflowed?); use a checkpoint "
+                        "with a working VAE, or an fp16-fixed VAE baked in")
 
 
 @torch.no_grad()
 def _cache_latents(vae, records, bucket_of, flip: bool, device, share=(0, 1)) -> dict:
     """(record index, flipped) -> (mean, std, time_ids): the VAE's latent distribution of the image centre-cropped to
-    its bucket, and its SDXL size/crop conditioning. The VAE runs in fp32.
-
-    Nothing here waits for the GPU until every image is queued: the host crops the next image while the GPU encodes
-    this one, and whether the latents are finite is read once at the end."""
-    cache, finite = {}, []
+    its bucket, and its SDXL size/crop conditioning. The VAE runs in fp32."""
+    cache = {}
     rng = random.Random(0)
     for i, (record, bucket) in enumerate(zip(records, bucket_of)):
         if i % share[1] != share[0]:
@@ -755,15 +748,9 @@ def _cache_latents(vae, records, bucket_of, flip: bool, device, share=(0, 1)) ->
         time_ids = _time_ids(original_size, crop_top_left, bucket)
         variants = [(False, pixels)] + ([(True, pixels.flip(-1))] if flip else [])
         for flipped, px in variants:
-            px = px[None].pin_memory() if device.type == "cuda" else px[None]
-            dist = vae.encode(px.to(device, torch.float32, non_blocking=True)).latent_dist
-            finite.append((record.name, torch.isfinite(dist.mean).all()))
+            dist = vae.encode(px[None].to(device, torch.float32)).latent_dist
+            _check_finite(dist.mean, record.name)
             cache[(i, flipped)] = (dist.mean[0], dist.std[0], time_ids.to(device))
-    if finite:
-        ok = torch.stack([flag for _, flag in finite]).tolist()
-        bad = list(dict.fromkeys(name for (name, _), good in zip(finite, ok) if not good))
-        if bad:
-            raise _broken_vae(", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
     return cache
 
 
