@@ -1,8 +1,9 @@
 """The browser app: pictures and captions, training with live progress, previews at any strength, export.
 
-Layout and wiring only. Training runs as its own process (`sdlora.runs.start`); the page follows it through the
-run directory, so a reload or a second tab finds it again. `import app` builds nothing; `build()` makes the page;
-`python app.py` (or `sdlora app`) serves it on 127.0.0.1:7860.
+Layout and wiring only. Training runs as its own process (`sdlora.runs.start`; a spare one started ahead, so that a
+run skips the seconds of imports); the page follows it through the run directory, so a reload or a second tab finds it
+again. `import app` builds nothing; `build()` makes the page; `python app.py` (or `sdlora app`) serves it on
+127.0.0.1:7860.
 """
 
 from __future__ import annotations
@@ -121,13 +122,22 @@ def visible_gpus() -> int:
 
 
 def build(workspace: str | Path = "workspace", models: str | Path | None = None,
-          max_unpacked: int = ws.MAX_UNPACKED, gpus: int | None = None) -> gr.Blocks:
+          max_unpacked: int = ws.MAX_UNPACKED, gpus: int | None = None, spare: bool = False) -> gr.Blocks:
     """The page, for a workspace folder (datasets, runs, exports) and a folder of base models. `gpus`: how many GPUs
-    to offer (default: those visible); with more than one the Train tab asks how many a run uses."""
+    to offer (default: those visible); with more than one the Train tab asks how many a run uses. `spare`: keep a
+    training process started ahead (sdlora.runs.Spare), so that a one-GPU run skips the seconds of imports."""
     gpus = visible_gpus() if gpus is None else int(gpus)
     root = Path(workspace).resolve()
     models = Path(models).resolve() if models else root / "models"
     start_lock = threading.Lock()
+    spares = {"next": runs.Spare() if spare else None}  # the process the next run goes to
+
+    def after(process):
+        """Reap a run's process, so its pid dies with it; then start the next spare."""
+        process.wait()
+        with start_lock:
+            if spare and spares["next"] is None:
+                spares["next"] = runs.Spare()
     previewers: dict = {}
     load_seconds: dict = {}  # base -> seconds its last load took
     preview_lock = threading.Lock()
@@ -282,8 +292,10 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
             name = values[run_name] or f"{values[train_dataset]}-{time.strftime('%m%d-%H%M')}"
             run_dir = ws.new_run_dir(root, name)
             runs.write_atomic(run_dir / "config.json", config.to_json())
-            process = runs.start(run_dir, gpus=n_gpus)
-            threading.Thread(target=process.wait, daemon=True).start()  # reap it, so its pid dies with it
+            process = runs.start(run_dir, gpus=n_gpus, spare=spares["next"] if n_gpus == 1 else None)
+            if n_gpus == 1:
+                spares["next"] = None  # taken, or found dead and replaced by a fresh process
+            threading.Thread(target=after, args=(process,), daemon=True).start()
         return gr.update(choices=ws.run_names(root), value=run_dir.name), run_dir.name
 
     @_user_errors
@@ -813,11 +825,13 @@ def _duration(seconds: float) -> str:
 
 def serve(workspace: str | Path = "workspace", models: str | Path | None = None, *, host: str = "127.0.0.1",
           port: int = 7860, auth: tuple[str, str] | None = None, max_upload_mb: int = 1024,
-          max_unpacked: int = ws.MAX_UNPACKED, gpus: int | None = None, block: bool = True) -> gr.Blocks:
-    """Build the page and serve it; files are served only from the workspace and Gradio's own temp folder."""
+          max_unpacked: int = ws.MAX_UNPACKED, gpus: int | None = None, block: bool = True,
+          spare: bool = True) -> gr.Blocks:
+    """Build the page and serve it; files are served only from the workspace and Gradio's own temp folder. `spare`:
+    see build."""
     root = Path(workspace).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    demo = build(root, models, max_unpacked=max_unpacked, gpus=gpus)
+    demo = build(root, models, max_unpacked=max_unpacked, gpus=gpus, spare=spare)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[str(root)],
                 max_file_size=f"{max_upload_mb}mb", prevent_thread_lock=not block, css=CSS, quiet=not block,

@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about optional CPU kernels
     if argv[:1] == ["app"]:  # everything after `app` belongs to app.py
         return _app(argv[1:])
+    if argv == ["spare"]:  # a training process started ahead for the app (sdlora.runs.Spare)
+        from sdlora.runs import serve_spare
+
+        return serve_spare()
     args = _parser().parse_args(argv)
     try:
         return {"train": _train, "generate": _generate, "runs": _runs, "merge": _merge, "resize": _resize,

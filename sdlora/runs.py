@@ -1,4 +1,5 @@
-"""Run directories: write and read events, start a run as its own process, send it STOP/SAMPLE/SAVE, list runs."""
+"""Run directories: write and read events, start a run as its own process (or a spare one started ahead), send it
+STOP/SAMPLE/SAVE, list runs."""
 
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ def train_command(run_dir: str | Path, gpus: int = 1) -> list[str]:
     return [*launcher, "-m", "sdlora", "train", "--run-dir", str(run_dir), "--resume"]
 
 
-def start(run_dir: str | Path, gpus: int = 1) -> subprocess.Popen:
-    """Start `train_command(run_dir, gpus)` as its own process.
+def start(run_dir: str | Path, gpus: int = 1, spare: "Spare | None" = None) -> subprocess.Popen:
+    """Start `train_command(run_dir, gpus)` as its own process, or hand the run to `spare` (one GPU) if it is alive.
 
     Its stdout and stderr go to `log.txt`; the caller follows it through `events.jsonl`.
     """
@@ -108,11 +109,79 @@ def start(run_dir: str | Path, gpus: int = 1) -> subprocess.Popen:
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(run_dir / "config.json")
     (run_dir / "STOP").unlink(missing_ok=True)
-    with open(run_dir / "log.txt", "ab") as log:  # the child keeps its own copy of the file
-        proc = subprocess.Popen(train_command(run_dir, gpus), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = spare.take(run_dir) if spare is not None and gpus == 1 else None
+    if proc is None:
+        with open(run_dir / "log.txt", "ab") as log:  # the child keeps its own copy of the file
+            proc = subprocess.Popen(train_command(run_dir, gpus), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
     write_atomic(run_dir / "pid", str(proc.pid))
     return proc
+
+
+class Spare:
+    """A training process started before it is needed.
+
+    A fresh process spends seconds before a run's first step importing torch, transformers, diffusers and the rest
+    (8-13 s on the lent H200s, about 5 s on two laptop cores; docs/benchmarks.md). A spare does that while the artist
+    is still setting the run up, then waits, holding no GPU memory, until `start` hands it a run folder. It trains
+    that one run exactly as `train_command` would (`sdlora train --run-dir DIR --resume`, its output in `log.txt`) and
+    exits; it exits too when its owner goes away (its stdin closes)."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "sdlora", "spare"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def ready(self, timeout: float | None = None) -> bool:
+        """Wait until the spare has imported what training needs (at most `timeout` s); False if it died."""
+        import select
+
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return False
+        return self.proc.stdout.readline().strip() == b"ready"
+
+    def take(self, run_dir: str | Path) -> subprocess.Popen | None:
+        """Hand `run_dir` to the spare and return its process; None if it is gone (then start a fresh one)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return None
+        try:
+            proc.stdin.write(f"{Path(run_dir).resolve()}\n".encode())
+            proc.stdin.close()
+        except OSError:  # it died meanwhile
+            return None
+        return proc  # from now on it writes to the run's log.txt
+
+    def close(self) -> None:
+        """End an untaken spare (it holds no run)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def serve_spare() -> int:
+    """The spare's side (`python -m sdlora spare`, see Spare): import, say `ready`, train the run folder read from
+    stdin with its output in that folder's log.txt; nothing read (the owner went away): exit."""
+    import importlib
+
+    from sdlora.cli import main
+
+    for module in ("sdlora.train", "accelerate", "diffusers"):
+        importlib.import_module(module)
+    diffusers = sys.modules["diffusers"]
+    diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline  # diffusers imports its pipelines lazily
+    print("ready", flush=True)
+    run_dir = sys.stdin.readline().strip()
+    if not run_dir:
+        return 0
+    sys.modules["sdlora.train"].HANDED_OVER_AT = time.time()  # its start event times setup from here
+    with open(Path(run_dir) / "log.txt", "ab") as log:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            os.dup2(log.fileno(), stream.fileno())
+    return main(["train", "--run-dir", run_dir, "--resume"])
 
 
 def status(run_dir: str | Path) -> str:

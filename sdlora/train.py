@@ -754,8 +754,13 @@ def _cache_latents(vae, records, bucket_of, flip: bool, device, share=(0, 1)) ->
     return cache
 
 
+HANDED_OVER_AT = None  # time.time() when a spare process (sdlora.runs.Spare) was handed its run
+
+
 def _process_age() -> float:
-    """Seconds since this process started (Linux; 0 elsewhere)."""
+    """Seconds since this process started, or since a spare process was handed its run (Linux; 0 elsewhere)."""
+    if HANDED_OVER_AT is not None:
+        return time.time() - HANDED_OVER_AT
     try:
         start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")

@@ -300,7 +300,7 @@ def test_gpu_count(tmp_path, monkeypatch):
     workspace = tmp_path / "workspace"
     draw_dataset(workspace / "datasets" / "shapes", n=2, size=16)
     port = free_port()
-    demo = app.serve(workspace, port=port, gpus=4, block=False)
+    demo = app.serve(workspace, port=port, gpus=4, block=False, spare=False)  # every launch a recorded command
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/start"]["parameters"]
@@ -379,7 +379,7 @@ def test_refuses_paths_outside_the_workspace(served, pictures):
 
 def test_auth_protects_the_app(tmp_path):
     port = free_port()
-    demo = app.serve(tmp_path / "workspace", port=port, auth=("artist", "secret"), block=False)
+    demo = app.serve(tmp_path / "workspace", port=port, auth=("artist", "secret"), block=False, spare=False)
     try:
         url = f"http://127.0.0.1:{port}/"
         assert httpx.get(f"{url}config").status_code == 401

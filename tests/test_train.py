@@ -210,6 +210,40 @@ def test_stop_file_stops_and_saves(tmp_path, dataset_dir):
     assert next(e for e in events if e["type"] == "verify")["ok"]
 
 
+def test_a_spare_process_trains_the_run_handed_to_it_as_a_fresh_process_would(tmp_path, dataset_dir):
+    """The app starts a training process ahead (runs.Spare) so that a run skips the imports; a run handed to it gives
+    the same file, events and log as a fresh process, and a spare that died hands the run to a fresh process."""
+    from safetensors.torch import load_file
+
+    from sdlora import runs
+
+    spare, dead = runs.Spare(), runs.Spare()
+    dead.proc.kill()
+    dead.proc.wait()
+    assert spare.ready(timeout=180)
+    procs = {}
+    for name, given in (("spare", spare), ("fresh", dead)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(small_config(dataset_dir, steps=6, sample_every=3).to_json())
+        procs[name] = runs.start(run, spare=given)
+        assert procs[name].wait(timeout=300) == 0, (run / "log.txt").read_text()[-2000:]
+        assert runs.status(run) == "done" and (run / "pid").read_text() == str(procs[name].pid)
+        assert "done at step 6" in (run / "log.txt").read_text()  # its output went to the run's log
+    assert procs["spare"].args[-1] == "spare" and procs["fresh"].args[-1] == "--resume"
+    assert spare.proc is None and spare.take(tmp_path / "spare") is None  # one run per spare
+    a, b = load_file(tmp_path / "spare" / "lora.safetensors"), load_file(tmp_path / "fresh" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    events = {name: read_events(tmp_path / name) for name in procs}
+    assert [e["type"] for e in events["spare"]] == [e["type"] for e in events["fresh"]]
+    # the spare's setup counts from the hand-over: it had imported everything before
+    process_s = {name: next(e for e in events[name] if e["type"] == "start")["setup_s"]["process"] for name in procs}
+    assert process_s["spare"] < process_s["fresh"]
+    idle = runs.Spare()
+    idle.close()  # an untaken spare ends with its owner
+    assert idle.proc is None
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_save(tmp_path, dataset_dir):
     from sdlora.errors import UserError
     from sdlora.train import train
