@@ -6,6 +6,8 @@ came from, and prints the step table as docs/benchmarks.md shows it:
 
     python bench/summary.py --out bench/results.json bench/results/speed-...-gpu0.json bench/results/...
 
+It also takes `bench/spare.py`'s files (whole runs started as the app starts them).
+
 A configuration measured in several files keeps the row of the file given first.
 """
 
@@ -21,10 +23,14 @@ from train_speed import table
 def merge(paths: list[Path]) -> dict:
     out = {"about": "sdlora's training step against the diffusers-example step, whole runs and memory caps: the rows "
                     "that describe the current code, from the files in `sources` (bench/summary.py)",
-           "sources": [], "configs": [], "whole_run": [], "memory": []}
+           "sources": [], "configs": [], "whole_run": [], "memory": [], "whole_run_from_the_app": []}
     seen = set()
     for path in paths:
         r = json.loads(path.read_text())
+        if isinstance(r, list):  # bench/spare.py: runs handed to a spare process, as the app starts them
+            out["sources"].append({"file": str(path)})
+            out["whole_run_from_the_app"] += [{**w, "source": str(path)} for w in r if "run" in w]
+            continue
         out["sources"].append({"file": str(path), "device": r.get("device"), "versions": r.get("versions"),
                                "command": r.get("command"), "bf16_matmul_tflops": r.get("bf16_matmul_tflops")})
         for c in r.get("configs", []):
