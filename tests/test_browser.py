@@ -87,13 +87,14 @@ def test_click_through_every_tab(page, tmp_path):
     # 2. Train: a short run; the page shows the plan, then progress, loss and samples.
     page.get_by_role("tab", name="2 · Train").click()
     expect(page.locator("#train-dataset input")).to_have_value("shapes")
+    page.get_by_text("Advanced").click()
+    # the page fills the form from the preset when it loads; on a busy machine that can land late (the app's spare
+    # training process imports torch meanwhile), so wait for it (the Quick test preset samples every 50 steps) before
+    # typing over any field
+    expect(page.get_by_label("Sample every")).to_have_value("50")
     page.get_by_label("Trigger word").fill("zxq")
     page.get_by_label("Training steps").fill("20")
     page.get_by_label("Pictures per step").fill("2")
-    page.get_by_text("Advanced").click()
-    # the page fills the form from the preset when it loads; on a busy machine that can land late, so wait for it
-    # (the Quick test preset samples every 50 steps) before typing over it
-    expect(page.get_by_label("Sample every")).to_have_value("50")
     for label, number in (("Sample every", "10"), ("Save every", "10"), ("Sample steps", "8")):
         field = page.get_by_label(label)
         expect(field).to_be_editable()
