@@ -168,11 +168,20 @@ def serve_spare() -> int:
 
     from sdlora.cli import main
 
+    # the pipe to the owner carries "ready" and nothing else: whatever the imports print goes nowhere (a full pipe
+    # that nobody reads would block the spare before it ever reads its run)
+    ready_pipe = os.dup(sys.stdout.fileno())
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
     for module in ("sdlora.train", "accelerate", "diffusers"):
         importlib.import_module(module)
     diffusers = sys.modules["diffusers"]
     diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline  # diffusers imports its pipelines lazily
-    print("ready", flush=True)
+    try:
+        os.write(ready_pipe, b"ready\n")
+        os.close(ready_pipe)
+    except OSError:  # the owner went away
+        return 0
     run_dir = sys.stdin.readline().strip()
     if not run_dir:
         return 0
