@@ -18,31 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def inputs(out: Path, tiny: bool) -> tuple[Path, Path]:
-    """The base folder and the dataset, made once in `out` (as train_speed.whole_run makes them)."""
-    import torch
-
-    from full_size_check import draw_dataset
-    from train_speed import _tes, build
-
-    base, data = out / ("tiny-base" if tiny else "sd1-base"), out / f"data-{64 if tiny else 512}-square"
-    if not base.exists():
-        pipe = build("tiny" if tiny else "sd1", "cuda" if torch.cuda.is_available() else "cpu")
-        for m in _tes(pipe) + [pipe.unet]:
-            m.to(torch.float16)
-        pipe.save_pretrained(base)
-    if not data.exists():
-        draw_dataset(data, 64 if tiny else 512, n=30, square=True)
-    return base, data
+from train_speed import whole_run_inputs  # noqa: E402
 
 
 def one(out: Path, name: str, steps: int, tiny: bool, spare) -> dict:
     from sdlora import runs
     from sdlora.config import TrainConfig
-    from sdlora.runs import read_events
 
-    base, data = inputs(out, tiny)
+    base, data = whole_run_inputs(out, "sd1", tiny, square=True)
     run = out / name
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -55,7 +38,7 @@ def one(out: Path, name: str, steps: int, tiny: bool, spare) -> dict:
         time.sleep(0.05)
     to_file = time.perf_counter() - t
     code = proc.wait()
-    events = read_events(run)
+    events = runs.read_events(run)
     start = next((e for e in events if e["type"] == "start"), {})
     return {"run": name, "returncode": code, "to_file_s": to_file, "to_exit_s": time.perf_counter() - t,
             "setup_s": start.get("setup_s"), "log_tail": (run / "log.txt").read_text()[-600:] if code else ""}
@@ -72,7 +55,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     from sdlora import runs
 
-    inputs(out, args.tiny)
+    whole_run_inputs(out, "sd1", args.tiny, square=True)
     results = []
     t = time.perf_counter()
     spare = runs.Spare()

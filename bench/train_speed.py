@@ -454,21 +454,14 @@ def _free(device) -> None:
 
 # --- a whole run and the memory limits, through the CLI as a user runs it
 
-def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1", limit_gb: float = 0.0,
-              extra: tuple = (), square: bool = False, env: str = "", code: str = "", tag: str = "") -> dict:
-    """`sdlora train` from the command line on 30 images: wall time from command to file, the run's own step rate,
-    its picks and peak memory. With `limit_gb`, the process may use only that much GPU memory
-    (torch.cuda.set_per_process_memory_fraction) and picks batch and checkpointing itself. `env`: a folder from
-    bench/clean_env.py to run in; `code`: a folder holding another sdlora source tree (an earlier commit's `sdlora/`,
-    e.g. from `git archive`) to run instead of this checkout's, to compare a change in the same call."""
+def whole_run_inputs(out: Path, family: str, tiny: bool, square: bool) -> tuple[Path, Path]:
+    """The whole run's base model folder (the family's architecture in fp16, as models are shared) and its 30
+    captioned images at the family's resolution, made in `out` unless already there."""
     from full_size_check import draw_dataset
 
-    from sdlora.runs import read_events
-
     resolution = 64 if tiny else {"sd1": 512, "sdxl": 1024}[family]
-    out = out.resolve()
     base = out / f"{family}-base"
-    if not base.exists():  # stored in fp16 as models are shared
+    if not base.exists():
         pipe = build(family if not tiny else "tiny", "cuda" if torch.cuda.is_available() else "cpu")
         for m in _tes(pipe) + [pipe.unet]:
             m.to(torch.float16)
@@ -478,6 +471,20 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
     data = out / f"data-{resolution}{'-square' if square else ''}"
     if not data.exists():
         draw_dataset(data, resolution, n=30, square=square)
+    return base, data
+
+
+def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1", limit_gb: float = 0.0,
+              extra: tuple = (), square: bool = False, env: str = "", code: str = "", tag: str = "") -> dict:
+    """`sdlora train` from the command line on 30 images: wall time from command to file, the run's own step rate,
+    its picks and peak memory. With `limit_gb`, the process may use only that much GPU memory
+    (torch.cuda.set_per_process_memory_fraction) and picks batch and checkpointing itself. `env`: a folder from
+    bench/clean_env.py to run in; `code`: a folder holding another sdlora source tree (an earlier commit's `sdlora/`,
+    e.g. from `git archive`) to run instead of this checkout's, to compare a change in the same call."""
+    from sdlora.runs import read_events
+
+    out = out.resolve()
+    base, data = whole_run_inputs(out, family, tiny, square)
     run = out / (f"run-{family}-{steps}-{batch}-{limit_gb}{'-square' if square else ''}{'-clean-env' if env else ''}"
                  f"{'-' + Path(code).name if code else ''}{tag}")
     shutil.rmtree(run, ignore_errors=True)

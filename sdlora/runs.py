@@ -164,18 +164,16 @@ class Spare:
 def serve_spare() -> int:
     """The spare's side (`python -m sdlora spare`, see Spare): import, say `ready`, train the run folder read from
     stdin with its output in that folder's log.txt; nothing read (the owner went away): exit."""
-    import importlib
-
-    from sdlora.cli import main
-
     # the pipe to the owner carries "ready" and nothing else: whatever the imports print goes nowhere (a full pipe
     # that nobody reads would block the spare before it ever reads its run)
     ready_pipe = os.dup(sys.stdout.fileno())
     with open(os.devnull, "wb") as devnull:
         os.dup2(devnull.fileno(), sys.stdout.fileno())
-    for module in ("sdlora.train", "accelerate", "diffusers"):
-        importlib.import_module(module)
-    diffusers = sys.modules["diffusers"]
+    import diffusers
+
+    from sdlora import train  # torch, transformers, peft and accelerate come with it
+    from sdlora.cli import main
+
     diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline  # diffusers imports its pipelines lazily
     try:
         os.write(ready_pipe, b"ready\n")
@@ -185,7 +183,7 @@ def serve_spare() -> int:
     run_dir = sys.stdin.readline().strip()
     if not run_dir:
         return 0
-    sys.modules["sdlora.train"].HANDED_OVER_AT = time.time()  # its start event times setup from here
+    train.HANDED_OVER_AT = time.time()  # its start event times setup from here
     with open(Path(run_dir) / "log.txt", "ab") as log:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
