@@ -84,11 +84,13 @@ def family_of_width(cross_attention_dim: int) -> str | None:
 
 
 def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str = "",
-              prediction_type: str = "auto", vae_dtype: torch.dtype | None = None) -> Base:
+              prediction_type: str = "auto", vae_dtype: torch.dtype | None = None, as_stored: bool = False) -> Base:
     """Load `spec` ('tiny', a diffusers folder, a .safetensors/.ckpt file or a hub id) as a diffusers pipeline.
 
     `dtype`: the UNet's and text encoders'; `vae_dtype` (default: `dtype`): the VAE's. Training loads its frozen
     base in the compute dtype and the VAE in fp32 straight from the files, with no fp32 copy of the UNet on the way.
+    `as_stored`: a diffusers folder's UNet and text encoders keep the dtype their files hold (see stored_dtypes), so
+    loading copies nothing on the CPU; the caller casts them, on the GPU where it trains there.
 
     A single file takes its architecture (configs, tokenizers) from `base_config` (a diffusers folder or a cached hub
     id) or, by default, from the configs that ship with sdlora for the family its weights show: no network needed.
@@ -111,6 +113,8 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
         if not (path / "model_index.json").exists():
             raise UserError(f"{spec} is not a diffusers model folder (no model_index.json)",
                             "point --base at the folder that holds model_index.json, or at a .safetensors file")
+        if as_stored and (stored := stored_dtypes(path, ["unet", "text_encoder", "text_encoder_2"])):
+            dtypes = {"default": dtype, "vae": vae_dtype, **stored}
         return _base(_from_folder(str(path), dtypes), spec, override)
     if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         if not path.is_file():
@@ -137,6 +141,39 @@ def _from_folder(folder: str, dtype: torch.dtype | dict):
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"could not load the diffusers folder {folder}: {_first_line(e)}",
                         "check that it holds a complete Stable Diffusion model (unet, vae, text encoder, tokenizer)") from None
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def stored_dtypes(folder: str | Path, components: list[str]) -> dict[str, torch.dtype]:
+    """component -> the floating dtype its weights are stored in, for each component of a diffusers folder whose
+    .safetensors files (diffusers' or transformers' name, sharded or not, no variant) hold one such dtype only. Read
+    from the files' headers; no tensor is read."""
+    from safetensors import safe_open
+
+    out = {}
+    for component in components:
+        folder_c = Path(folder) / component
+        files = []
+        for name in ("diffusion_pytorch_model", "model"):
+            if (folder_c / f"{name}.safetensors").is_file():
+                files = [folder_c / f"{name}.safetensors"]
+            elif (index := folder_c / f"{name}.safetensors.index.json").is_file():
+                files = [folder_c / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            if files:
+                break
+        found = set()
+        try:
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    found |= {f.get_slice(k).get_dtype() for k in f.keys()}
+        except Exception:  # unreadable here: the load itself will say what is wrong
+            continue
+        floating = found & set(_SAFETENSORS_DTYPES)
+        if len(floating) == 1 and found <= floating | {"I64", "I32"}:  # int buffers (position ids) stay as they are
+            out[component] = _SAFETENSORS_DTYPES[floating.pop()]
+    return out
 
 
 # --- single-file checkpoints ------------------------------------------------------------------------------------

@@ -86,9 +86,10 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
     # 1. Data: every image opened and checked once; captions fixed; buckets from the base's resolution.
     data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template)
     lap("data")
-    # the frozen UNet and text encoders load in the compute dtype (build_step would cast them to it), the VAE in fp32
+    # the frozen UNet and text encoders load as their files store them (build_step casts them where they run), the
+    # VAE in fp32
     base = load_base(config.base, _weight_dtype(accelerator), vae_dtype=torch.float32, base_config=config.base_config,
-                     prediction_type=config.prediction_type)
+                     prediction_type=config.prediction_type, as_stored=True)
     pipe = base.pipe
     vae, unet = pipe.vae, pipe.unet
     text_encoders = list(base.text_encoders().values())  # SDXL: CLIP-L and OpenCLIP-G, conditioned on together
@@ -347,9 +348,13 @@ def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
     vae.requires_grad_(False).to(device, torch.float32)
     # --base-precision: the frozen weights stored in fp8/int8/nf4 (sdlora.quantize); the adapters stay fp32. Quantized
     # on the CPU after loading (int8: layer by layer as each moves), then moved: the full-precision base never has to
-    # fit on the GPU.
+    # fit on the GPU. Unquantized, a base loaded as its files store it is cast where it will run (_move).
     for model in (unet, *text_encoders):
-        model.requires_grad_(False).to(weight_dtype)
+        model.requires_grad_(False)
+        if config.base_precision == "auto":
+            _move(model, device, weight_dtype)
+        else:
+            model.to(weight_dtype)
     base_storage = quantize_base(unet, text_encoders, config.base_precision, device=device)
     for model in (unet, *text_encoders):
         model.to(device)  # by device only: a dtype would undo the fp8 storage
@@ -397,6 +402,17 @@ def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
                 lr_scheduler, _ddpm(pipe.scheduler.config), config, vae.config.scaling_factor, weight_dtype,
                 len(text_encoders) > 1, cuda_graphs=device.type == "cuda" and config.cuda_graphs, on_fail=on_fail,
                 base_storage=base_storage)
+
+
+@torch.no_grad()
+def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move `model` to `device` and cast its floating tensors to `dtype` there, one tensor at a time. A base loaded
+    in the dtype its files hold (fp16 or fp32, no copy on the CPU) is cast by the GPU, not by the CPU: the fp16 -> bf16
+    cast of SD1.5 took 1.5-2 s of the load on 2 cores (docs/benchmarks.md). One tensor at a time, the GPU never holds
+    more than the model in `dtype` plus its largest tensor (an fp32 SDXL UNet moved whole needs 10 GB before its cast)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        moved = tensor.data.to(device)
+        tensor.data = moved.to(dtype) if moved.is_floating_point() else moved
 
 
 class _GroupNorm(torch.nn.GroupNorm):

@@ -57,3 +57,35 @@ def test_models_that_cannot_load_give_one_line_with_a_hint(spec, message, monkey
 def test_a_folder_without_model_index_is_refused(tmp_path):
     with pytest.raises(UserError, match="model_index.json"):
         load_base(str(tmp_path))
+
+
+def test_a_base_loaded_as_stored_then_cast_where_it_trains_is_the_base_loaded_in_that_dtype(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sdlora.models import stored_dtypes
+    from sdlora.train import _move
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(MODEL_DIR, folder)  # its files hold fp16 weights
+    half = torch.float16
+    assert stored_dtypes(folder, ["unet", "text_encoder", "text_encoder_2", "vae"]) == \
+        {"unet": half, "text_encoder": half, "vae": half}
+    stored = load_base(str(folder), torch.bfloat16, vae_dtype=torch.float32, as_stored=True).pipe
+    assert stored.unet.dtype == stored.text_encoder.dtype == half and stored.vae.dtype == torch.float32
+    for model in (stored.unet, stored.text_encoder):
+        _move(model, torch.device("cpu"), torch.bfloat16)  # what training does on its device
+    direct = load_base(str(folder), torch.bfloat16, vae_dtype=torch.float32).pipe
+    for a, b in ((stored.unet, direct.unet), (stored.text_encoder, direct.text_encoder), (stored.vae, direct.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+    # a file that mixes float dtypes is loaded in the asked dtype, as before: casting it to one stored dtype first
+    # would round its wider tensors twice
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state[next(iter(state))] = state[next(iter(state))].float()
+    save_file(state, weights)
+    assert stored_dtypes(folder, ["unet", "text_encoder"]) == {"text_encoder": half}
+    assert load_base(str(folder), torch.bfloat16, as_stored=True).pipe.unet.dtype == torch.bfloat16
