@@ -292,7 +292,7 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
             name = values[run_name] or f"{values[train_dataset]}-{time.strftime('%m%d-%H%M')}"
             run_dir = ws.new_run_dir(root, name)
             runs.write_atomic(run_dir / "config.json", config.to_json())
-            process = runs.start(run_dir, gpus=n_gpus, spare=spares["next"] if n_gpus == 1 else None)
+            process = runs.start(run_dir, gpus=n_gpus, spare=spares["next"])  # a spare takes one-GPU runs only
             if n_gpus == 1:
                 spares["next"] = None  # taken, or found dead and replaced by a fresh process
             threading.Thread(target=after, args=(process,), daemon=True).start()

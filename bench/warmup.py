@@ -38,23 +38,22 @@ def one(backend: str, steps: int, tiny: bool) -> dict:
     out["build_s"] = time.perf_counter() - t
     ours.step_fn.attention = attention_named(backend)
 
+    def batch_of(batch: int) -> dict:
+        """The step's inputs for `batch` random cached latents and captions."""
+        g = torch.Generator().manual_seed(batch)
+        mean = torch.randn(batch, 4, px // 8, px // 8, generator=g).to(device)
+        std = torch.rand(batch, 4, px // 8, px // 8, generator=g).to(device) * 0.1
+        gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+        return ours.inputs(mean, std, token_ids(ours.pipe, batch, device), time_ids(batch, px, device), gens=gens)
+
     def first_steps_then_steady() -> list[float]:
         for batch in (8, 6, 8, 6, 8, 6, 8, 6):  # two shapes: eager, eager, capture, replay each
-            g = torch.Generator().manual_seed(batch)
-            mean = torch.randn(batch, 4, px // 8, px // 8, generator=g).to(device)
-            std = torch.rand(batch, 4, px // 8, px // 8, generator=g).to(device) * 0.1
-            ids = token_ids(ours.pipe, batch, device)
-            gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-            inputs = ours.inputs(mean, std, ids, time_ids(batch, px, device), gens=gens)
+            inputs = batch_of(batch)
             t = time.perf_counter()
             ours.step(inputs)
             sync()
             out["calls"].append({"batch": batch, "s": time.perf_counter() - t, "graphs": ours.step_fn.run.captured})
-        g = torch.Generator().manual_seed(0)
-        mean = torch.randn(8, 4, px // 8, px // 8, generator=g).to(device)
-        ids = token_ids(ours.pipe, 8, device)
-        inputs = ours.inputs(mean, mean.abs() * 0.1, ids, time_ids(8, px, device),
-                             gens=[torch.Generator().manual_seed(i) for i in range(8)])
+        inputs = batch_of(8)
         return timed(lambda: ours.step(inputs), steps, device)
 
     ms = first_steps_then_steady()
