@@ -1,6 +1,6 @@
 """A folder of links to only what `pip install sdlora` installs, taken from this machine's Python packages.
 
-A lent GPU machine's image holds hundreds of packages (scikit-learn, scipy, bitsandbytes, ...), and transformers and
+A GPU machine's image often holds hundreds of packages (scikit-learn, scipy, bitsandbytes, ...), and transformers and
 peft import some of them whenever they are installed, which adds seconds to every process start. Run with
 `python -S` and PYTHONPATH set to the folder, a process sees what an artist's fresh install holds instead:
 

@@ -1,6 +1,6 @@
 """Where a `sdlora train` process spends its first seconds: Python, imports by package, the CUDA driver and context.
 
-Each measurement is a fresh process, as a run is. Run on the lent GPU:
+Each measurement is a fresh process, as a run is. Run on the GPU machine:
 
     python bench/startup.py --out startup.json [--repeats 2]
     PYTHONPATH=/tmp/clean:$PWD python -S bench/startup.py --out clean.json   # in a bench/clean_env.py folder

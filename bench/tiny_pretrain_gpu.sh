@@ -1,10 +1,10 @@
 #!/bin/bash
-# Pretrain the embedded tiny model on a lent GPU, then evaluate it; everything lands under $OUT (device tool).
-# Run there with `carry: [".whl"]` (../shared/tools/gpu-wheels.sh puts diffusers' wheel in .whl/):
-#   bash bench/tiny_pretrain_gpu.sh TRAIN_LIMIT_S EVAL_N [pretrain args...]
+# Pretrain the embedded tiny model on a GPU machine, then evaluate it; everything lands under $OUT.
+# Wheels in .whl/ (diffusers, for a machine without it or without network access) are installed first:
+#   OUT=/tmp/out bash bench/tiny_pretrain_gpu.sh TRAIN_LIMIT_S EVAL_N [pretrain args...]
 # pretrain runs under `timeout TRAIN_LIMIT_S` so that its last save is still packed and evaluated when it runs
-# long. $OUT gets log.txt, eval.json, grid.png and model.tar.part-* (the folder minus tokenizer/, in 15 MB parts
-# because the device tool returns files of 16 MiB at most): cat model.tar.part-* | tar -x
+# long. $OUT gets log.txt, eval.json, grid.png and model.tar.part-* (the folder minus tokenizer/, in 15 MB parts,
+# small enough to copy back from a remote machine one by one): cat model.tar.part-* | tar -x
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1

@@ -234,7 +234,7 @@ def timed(fn, steps: int, device: str, windows: int = 5) -> list[float]:
 def attention_named(backend: str) -> list | None:
     """An order of attention kernels for Step.attention: 'torch' = torch's own (cuDNN's first on Hopper); 'flash',
     'cudnn' or 'efficient' = that backend's kernels first, then cuDNN's, flash, efficient, math (so only the calls
-    `backend` refuses change hands; in stop 14 a list without cuDNN sent the calls flash refused to the slower
+    `backend` refuses change hands; a list without cuDNN sent the calls flash refused to the slower
     memory-efficient kernels). sdlora's step keeps torch's own (Step.attention None)."""
     if backend == "torch":
         return None

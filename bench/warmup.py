@@ -6,9 +6,9 @@ per attention setting (`torch`: torch's own order, which sdlora's step keeps, cu
 then a short batch of 6, as the whole run's square dataset gives. The settings alternate, twice each by default.
 
 The first process on a machine pays about 12 s more: CUDA compiling, for this GPU, kernels that cuDNN generates at
-run time, which it then keeps in ~/.nv/ComputeCache (stop 15, call 2: 12.1 s first batch-8 call on a fresh
-machine, 2.5 s on the next process, 16 s with CUDA_CACHE_DISABLE=1; docs/benchmarks.md). Compare processes that
-start with the same cache.
+run time, which it then keeps in ~/.nv/ComputeCache (on an H200: 12.1 s for the first batch-8 call on a fresh
+machine, 2.5 s in the next process, 16 s with CUDA_CACHE_DISABLE=1; docs/benchmarks.md, Choices measured). Compare
+processes that start with the same cache.
 
     python bench/warmup.py --out warmup.json [--backends torch flash] [--repeats 2]
 """

@@ -1,10 +1,10 @@
-"""Make a bitsandbytes wheel small enough to carry to the lent GPU machine: keep one CUDA build of its library.
+"""Make a bitsandbytes wheel small enough to copy to a GPU machine without network access: keep one CUDA build.
 
     python scripts/slim_bnb_wheel.py WHEEL --cuda 130 --out .whl/
 
 The published wheel (~43 MB) holds a library per CUDA and ROCm version; the GPU machine's torch is built for one
-(`torch.version.cuda`, e.g. 13.0 -> 130), and the device tool carries at most 64 MiB with the repo. The slim wheel
-keeps the Python package and that one library, and rewrites RECORD to match.
+(`torch.version.cuda`, e.g. 13.0 -> 130). The slim wheel keeps the Python package and that one library, and
+rewrites RECORD to match.
 """
 
 import argparse

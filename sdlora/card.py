@@ -80,7 +80,7 @@ def retitle(src: str | Path, dst: str | Path, *, title: str, trigger: str, descr
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
-    if "sshs_model_hash" in metadata:  # design.md: when written it must be the sha256 of the bytes after the header
+    if "sshs_model_hash" in metadata:  # the sha256 after the header (docs/lora-format.md, Cover image and hash)
         metadata["sshs_model_hash"] = _data_sha256(tmp)
         metadata.pop("sshs_legacy_hash", None)
         save_file(tensors, str(tmp), metadata=metadata)

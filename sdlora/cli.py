@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a LoRA", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("dataset", nargs="?", help="folder or .zip of images with .txt captions")
+    t.add_argument("dataset", nargs="?",
+                   help="folder or .zip of images with .txt captions, or an example: example:character, example:style")
     t.add_argument("--out", help="run folder to create (lora.safetensors, samples/, events.jsonl...)")
     t.add_argument("--run-dir", help="train the run whose config.json is already in this folder")
     t.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset's values")
@@ -113,7 +114,7 @@ def _quiet_loading() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about optional CPU kernels
-    if argv[:1] == ["app"]:  # everything after `app` belongs to app.py
+    if argv[:1] == ["app"]:  # everything after `app` belongs to the app's own options
         return _app(argv[1:])
     if argv == ["spare"]:  # a training process started ahead for the app (sdlora.runs.Spare)
         from sdlora.runs import serve_spare
@@ -235,7 +236,9 @@ def _info(args) -> int:
 
 
 def _app(rest: list[str]) -> int:
-    os.execvp(sys.executable, [sys.executable, str(Path(__file__).resolve().parent.parent / "app.py"), *rest])
+    from sdlora.app import main as app_main
+
+    return app_main(rest)
 
 
 if __name__ == "__main__":

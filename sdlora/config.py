@@ -24,7 +24,8 @@ class TrainConfig:
     """One training run, completely. The CLI, the app and the tests build one and call `sdlora.train.train`."""
 
     # What to train on
-    dataset: str = _knob("", "folder or .zip of images with same-name .txt captions (or a metadata.jsonl)")
+    dataset: str = _knob("", "folder or .zip of images with same-name .txt captions (or a metadata.jsonl), or "
+                              "example:character / example:style")
     base: str = _knob("tiny", "base model: 'tiny' (embedded), a diffusers folder, a .safetensors checkpoint or a hub id")
     base_config: str = _knob("", "for a single-file base: a diffusers folder (or cached hub id) of the same architecture to take "
                                  "configs and tokenizers from; empty = the ones shipped for the family the file shows")

@@ -65,7 +65,7 @@ class Previewer:
 
     def _drop_unused(self, keep: set[str]) -> None:
         """Unload the least recently used LoRAs not in `keep` while more than `keep_loaded` are loaded: each one holds
-        its weights in memory, and an app session may try many."""
+        its weights in memory, and the app may try many."""
         for key in list(self._loaded):
             if len(self._loaded) <= self.keep_loaded:
                 break

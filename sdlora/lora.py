@@ -10,7 +10,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, safe_open, save_file
 
 ADAPTER = "default"
-# design.md, "Targets": attention only, or attention + MLP as kohya trains by default.
+# docs/lora-format.md, Targets: attention only, or attention + MLP as kohya trains by default.
 UNET_TARGETS = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
     "attn-mlp": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
@@ -77,7 +77,7 @@ def kohya_state_dict(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Mo
 
     `text_encoders` maps a key prefix (`lora_te_` for SD1/SD2, `lora_te1_`/`lora_te2_` for SDXL) to a text encoder
     that carries an adapter. `sgm_unet` names UNet modules in the original block numbering, as kohya does for SDXL
-    (design.md, "LoRA file format"); otherwise they keep their diffusers paths.
+    (docs/lora-format.md, Keys); otherwise they keep their diffusers paths.
     """
     out: dict[str, torch.Tensor] = {}
     modules = [("lora_unet_", unet_module_name(path, unet, sgm_unet), layer)
@@ -121,7 +121,7 @@ def check_lora_fits(name: str, state: dict[str, torch.Tensor] | None, metadata: 
     The metadata says so first (`ss_base_model_version`, `modelspec.architecture`); files without it are judged by
     their shapes: the width the UNet's cross-attention layers take (768 SD1, 1024 SD2, 2048 SDXL) and the text
     encoders' widths. A mismatch otherwise shows up as a shape error deep in a loader, or as a LoRA that silently
-    does nothing (field.md, "Wrong base family").
+    does nothing (docs/lora-format.md, Wrong base family).
     """
     from sdlora.errors import UserError
     from sdlora.models import FAMILIES, family_of_width

@@ -36,12 +36,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # Memory-aware defaults on a GPU: (free GiB at least, batch_size, gradient_checkpointing, base_precision), roomiest
 # first, for a LoRA run at the family's native resolution with the base in bf16, cached latents, rank 16 and the
-# text-encoder LoRA on. Measured peaks (bench/full_size_check.py, bench/train_speed.py, docs/benchmarks.md): SD1.5 at
-# 512, batch 4: 5.7 GB, 3.4-3.7 GB with checkpointing (fits a 6 GB cap), batch 1: 4.1 GB; SDXL at 1024, batch 4:
-# 30 GB, 11.7 GB with checkpointing (then the fp32 VAE at 1024 sets the peak, whatever the batch). SD2-v at 768 is
-# scaled from SD1 by pixel count. Below the last unquantized row the frozen base is stored in fp8 (sdlora.quantize),
-# which halves the UNet and text encoders (not yet measured on a small card). The thresholds leave headroom for the
-# allocator and other processes: an out-of-memory stop costs more than checkpointing's extra compute.
+# text-encoder LoRA on. The thresholds follow the peaks measured for SD1.5 and SDXL (bench/full_size_check.py,
+# bench/train_speed.py; docs/benchmarks.md, Choices measured); SD2-v at 768 is scaled from SD1 by pixel count. Below
+# the last unquantized row the frozen base is stored in fp8 (sdlora.quantize), which halves the UNet and text encoders
+# (not measured on a small card). The thresholds leave headroom for the allocator and other processes: an
+# out-of-memory stop costs more than checkpointing's extra compute.
 MEMORY_DEFAULTS = {
     "sd1": [(10, 4, False, "auto"), (6, 4, True, "auto"), (4.5, 1, True, "auto"), (0, 1, True, "fp8")],
     "sd2": [(10, 4, False, "auto"), (6, 4, True, "auto"), (4.5, 1, True, "auto"), (0, 1, True, "fp8")],

@@ -13,7 +13,7 @@ from sdlora.errors import UserError
 from sdlora.info import read_adapter
 from sdlora.lora import save_lora
 
-# A hash of the old bytes would be wrong for the new file (design.md: it must equal the sha256 after the header).
+# A hash of the old bytes would be wrong for the new file (docs/lora-format.md, Cover image and hash).
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "lora_adapter_metadata")
 
 

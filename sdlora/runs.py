@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,7 +124,7 @@ class Spare:
     """A training process started before it is needed.
 
     A fresh process spends seconds before a run's first step importing torch, transformers, diffusers and the rest
-    (8-13 s on the lent H200s, about 5 s on two laptop cores; docs/benchmarks.md). A spare does that while the artist
+    (docs/benchmarks.md, "Choices measured"). A spare does that while the artist
     is still setting the run up, then waits, holding no GPU memory, until `start` hands it a run folder. It trains
     that one run exactly as `train_command` would (`sdlora train --run-dir DIR --resume`, its output in `log.txt`) and
     exits; it exits too when its owner goes away (its stdin closes)."""
@@ -159,6 +161,67 @@ class Spare:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class Children:
+    """Every process an owner (the app) started: training runs and spares, so that it can end them all when it exits.
+
+    Each leads a process group of its own (Ctrl-C in the app's terminal does not reach it), so `end_all` signals
+    each one's whole group: a run under `accelerate launch` ends with its workers. Runs get SIGTERM, which
+    makes them save and stop (what was learned stays in the run folder), and `grace` seconds to do it; whatever is
+    still alive after that, and every spare at once, is killed."""
+
+    def __init__(self):
+        self._procs: list[tuple[subprocess.Popen, str]] = []
+        self._lock = threading.Lock()
+        self.accepting = True  # False once end_all has begun: a process added later is ended at once
+
+    def add(self, proc: subprocess.Popen, kind: str = "run") -> subprocess.Popen:
+        """Track `proc` ('run' or 'spare'); returns it."""
+        with self._lock:
+            self._procs = [(p, k) for p, k in self._procs if p.poll() is None and p is not proc] + [(proc, kind)]
+            late = not self.accepting
+        if late:
+            self.end_all(grace=10.0, say=lambda _: None)
+        return proc
+
+    def alive(self) -> list[subprocess.Popen]:
+        with self._lock:
+            return [p for p, _ in self._procs if p.poll() is None]
+
+    def end_all(self, grace: float = 60.0, say=print) -> None:
+        """End every tracked process still alive: spares killed, runs asked to save and stop, then killed."""
+        with self._lock:
+            procs, self._procs = self._procs, []
+            self.accepting = False
+        live_runs = []
+        for proc, kind in procs:
+            if proc.poll() is not None:
+                continue
+            if kind == "run":
+                say(f"stopping the training run (pid {proc.pid}): it saves first")
+                _signal_group(proc, signal.SIGTERM)
+                live_runs.append(proc)
+            else:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        deadline = time.monotonic() + grace
+        for proc in live_runs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the process leads its own group (start_new_session)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
 
 def serve_spare() -> int:

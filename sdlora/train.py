@@ -407,9 +407,10 @@ def build_step(accelerator, pipe, config: TrainConfig, on_fail=None) -> "Step":
 @torch.no_grad()
 def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move `model` to `device` and cast its floating tensors to `dtype` there, one tensor at a time. A base loaded
-    in the dtype its files hold (fp16 or fp32, no copy on the CPU) is cast by the GPU, not by the CPU: the fp16 -> bf16
-    cast of SD1.5 took 1.5-2 s of the load on 2 cores (docs/benchmarks.md). One tensor at a time, the GPU never holds
-    more than the model in `dtype` plus its largest tensor (an fp32 SDXL UNet moved whole needs 10 GB before its cast)."""
+    in the dtype its files hold (fp16 or fp32, no copy on the CPU) is cast by the GPU, not by the CPU, where the cast
+    is a sizeable part of the load (docs/benchmarks.md, Choices measured). One tensor at a time, the GPU never holds
+    more than the model in `dtype` plus its largest tensor (an fp32 SDXL UNet, 2.6 billion parameters, moved whole
+    needs 10 GB before its cast)."""
     for tensor in (*model.parameters(), *model.buffers()):
         moved = tensor.data.to(device)
         tensor.data = moved.to(dtype) if moved.is_floating_point() else moved
@@ -418,8 +419,8 @@ def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> N
 class _GroupNorm(torch.nn.GroupNorm):
     """A frozen base's GroupNorm run in its own dtype (bf16/fp16; the kernel keeps its statistics in fp32). Autocast
     would run it in fp32: its input cast up, its output and the activation after it written in fp32 (twice the
-    bytes), and a cast back down before the next convolution, forward and backward. In an SD1.5 batch-8 step on an
-    H200 those casts took 25.7 of 87.6 ms of GPU time; the step went from 89.0 to 78.0 ms (docs/benchmarks.md)."""
+    bytes), and a cast back down before the next convolution, forward and backward: those casts are a large share of
+    a step's GPU time (docs/benchmarks.md, Choices measured)."""
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
@@ -496,8 +497,8 @@ class Step:
         tensor on the device."""
         loss, grads = None, None
         for inputs in micro_batches:
-            # cuDNN's own choice of convolution algorithms: timing them all (cudnn.benchmark) took ~5 s per new
-            # bucket shape on an H200 (docs/benchmarks.md), more than it saved in a 1,000-step run
+            # cuDNN's own choice of convolution algorithms: timing them all (cudnn.benchmark) for every new bucket
+            # shape costs more than it saves in a 1,000-step run (docs/benchmarks.md, Choices measured)
             benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, self.cudnn_benchmark
             try:
                 with attention_kernels(self.attention):  # what a capture records; a replay runs those kernels
@@ -656,8 +657,8 @@ def _precision(choice: str) -> str:
 
 def attention_kernels(order: list | None):
     """A context in which attention (scaled_dot_product_attention) tries its kernels in `order` (SDPBackend values);
-    None keeps torch's own order, which sdlora's step uses: on an H200 cuDNN's kernels, which ran the SD1.5 batch-8
-    step in 77.7 ms against 87.6 ms with PyTorch's flash kernels first (docs/benchmarks.md)."""
+    None keeps torch's own order, which sdlora's step uses: on the GPUs measured it picks cuDNN's kernels, which ran
+    the step faster than PyTorch's flash kernels first (docs/benchmarks.md, Choices measured)."""
     if order is None:
         return contextlib.nullcontext()
     from torch.nn.attention import sdpa_kernel
@@ -743,7 +744,7 @@ def _time_ids(original_size, crop_top_left, bucket) -> torch.Tensor:
 
 def _check_finite(latents: torch.Tensor, images: str) -> None:
     # An fp16 VAE (SDXL's especially) overflows into inf/NaN; the VAE runs in fp32 here, so this catches broken VAE
-    # weights before they turn into a NaN loss (field.md: kohya#952, OneTrainer#318).
+    # weights before they turn into a NaN loss (kohya-ss/sd-scripts#952, Nerogar/OneTrainer#318).
     if not torch.isfinite(latents).all():
         raise UserError(f"the VAE gave NaN/inf latents for {images}",
                         "the base model's VAE weights are broken (an fp16 VAE that overflowed?); use a checkpoint "
@@ -907,10 +908,10 @@ def _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_d
 class _SampleGraphs:
     """The UNet's forward, while samples are drawn, replayed as CUDA graphs (sdlora.graphs), one per input shape.
 
-    Eager sampling is bound by Python and kernel launches: ~50 ms per UNet call at SD1.5 512 with a LoRA, for ~10 ms
-    of GPU work. The graphs read the LoRA weights where the optimizer updates them in place, so every round draws
-    with the weights of its step. Inside, autocast keeps no weight cache: a graph must not hold tensors cached
-    outside it. A call the graphs do not cover (other UNet arguments) runs eagerly."""
+    Eager sampling is bound by Python and kernel launches: a UNet call takes several times its GPU work
+    (docs/benchmarks.md, Choices measured). The graphs read the LoRA weights where the optimizer updates them in
+    place, so every round draws with the weights of its step. Inside, autocast keeps no weight cache: a graph must not
+    hold tensors cached outside it. A call the graphs do not cover (other UNet arguments) runs eagerly."""
 
     def __init__(self, unet, dtype: torch.dtype, enabled: bool = True):
         self.unet, self.dtype = unet, dtype

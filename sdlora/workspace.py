@@ -3,7 +3,7 @@
 ```
 WORKSPACE/
   datasets/<name>/   images (PNG, as ingest normalised them) with same-name .txt captions; "N_name" folders repeat
-  runs/<name>/       run directories (design.md)
+  runs/<name>/       run directories (config.json, events.jsonl, samples/, checkpoints/, the LoRA files)
   exports/<run>/     files made for download
   loras/<name>.safetensors   LoRA files uploaded to stack with others in previews
 ```

@@ -8,8 +8,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test touches the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+import importlib
+import shutil
+
 import pytest
 from PIL import Image, ImageDraw
+
+# .ci/run installs every optional package and sets CI=true: there a test that would skip for want of one fails.
+IN_CI = os.environ.get("CI", "").lower() == "true"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _missing(reason: str):
+    if IN_CI:
+        pytest.fail(f"CI must run this test: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def need(module: str, install: str):
+    """Import the optional package `module` for a test; skip (fail under CI=true) with how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        _missing(f"needs {module}: {install}")
+
+
+def need_chromium() -> str:
+    """The path of Debian's chromium for browser tests; skip (fail under CI=true) where it is not installed."""
+    if not os.path.exists(CHROMIUM):
+        _missing("needs Debian's chromium: apt-get install -y chromium")
+    return CHROMIUM
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 30), "yellow": (230, 220, 40)}
 

@@ -16,15 +16,12 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py sits at the repo root
-from conftest import draw_dataset  # noqa: E402
+from gradio_client import Client, handle_file
 
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
-
-import app  # noqa: E402
-from sdlora import workspace as ws  # noqa: E402
-from sdlora.errors import UserError  # noqa: E402
+from conftest import draw_dataset
+from sdlora import app, examples
+from sdlora import workspace as ws
+from sdlora.errors import UserError
 
 MAX_UPLOAD_MB = 1
 MAX_UNPACKED = 3 * 2**20
@@ -149,14 +146,13 @@ def test_edit_captions(served, pictures):
 
 def test_example_datasets_are_offered(served):
     client, _, workspace, _ = served
-    examples = sorted(p.name for p in app.EXAMPLES.iterdir() if p.is_dir()) if app.EXAMPLES.is_dir() else []
-    if not examples:
-        pytest.skip("no example datasets in datasets/")
-    name, gallery, note = client.predict(examples[0], api_name="/use_example")
-    assert value(name) == f"{examples[0]}-example" and len(gallery) > 0
-    assert len(ws.captions(workspace, value(name))) == len(list((app.EXAMPLES / examples[0]).glob("*.png")))
+    assert examples.names() == ["character", "style"]
+    name, gallery, note = client.predict("character", api_name="/use_example")
+    assert value(name) == "character-example" and len(gallery) > 0
+    assert len(ws.captions(workspace, value(name))) == len(list(examples.path("character").glob("*.png")))
 
 
+@pytest.mark.slow
 def test_train_preview_export(served, pictures):
     client, url, workspace, _ = served
     run = start(client, **{"Dataset": "shapes", "Trigger word": "zxq", "Training steps": 20, "Pictures per step": 2,
@@ -165,7 +161,7 @@ def test_train_preview_export(served, pictures):
     assert run == "first-try"
     with pytest.raises(Exception, match="still training; only one run trains at a time"):
         start(client, **{"Dataset": "shapes", "Training steps": 20})
-    # A second tab (a new session that never started anything) finds the run on its first timer tick.
+    # A second tab (a fresh page that never started anything) finds the run on its first timer tick.
     other = Client(url, verbose=False).predict("", api_name="/poll")
     assert value(other[0]) == run and "is training" in other[2]
     progress, status, loss, samples, seen = wait_for(client, run, ["is done", "failed", "was stopped"])
@@ -222,6 +218,7 @@ def test_train_preview_export(served, pictures):
     assert download.status_code == 200 and len(download.content) == Path(lora).stat().st_size
 
 
+@pytest.mark.slow
 def test_stack_loras(served, pictures, tmp_path):
     """Several LoRAs at once, each at its own strength, on the base model that stays loaded: a run's file and an
     uploaded one."""
@@ -296,6 +293,9 @@ def test_gpu_count(tmp_path, monkeypatch):
         def wait(self):
             return 0
 
+        def poll(self):
+            return 0
+
     monkeypatch.setattr(runs, "subprocess", type("Subprocess", (), {"Popen": Process, "STDOUT": -2}))
     workspace = tmp_path / "workspace"
     draw_dataset(workspace / "datasets" / "shapes", n=2, size=16)
@@ -326,6 +326,7 @@ def test_gpu_count(tmp_path, monkeypatch):
         demo.close()
 
 
+@pytest.mark.slow
 def test_stop_and_a_failing_run(served, pictures):
     client, _, workspace, _ = served
     run = start(client, **{"Dataset": "shapes", "Training steps": 5000, "Pictures per step": 1, "Rank": 4,
@@ -485,11 +486,12 @@ def test_plan_counts_repeats_and_epochs(served):
     assert "**10 times**" in text and "Time: about" in text
 
 
+@pytest.mark.slow
 def test_import_builds_nothing(tmp_path):
     import subprocess
     import sys
 
-    code = "import app, gradio; assert not any(isinstance(v, gradio.Blocks) for v in vars(app).values())"
-    env = {**os.environ, "PYTHONPATH": str(Path(app.__file__).parent)}
-    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=120)
+    code = ("import gradio, sdlora.app, sdlora.app.page as page; "
+            "assert not any(isinstance(v, gradio.Blocks) for m in (sdlora.app, page) for v in vars(m).values())")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=120)
     assert list(tmp_path.iterdir()) == []

@@ -4,22 +4,19 @@ each tab goes to docs/screenshots/."""
 
 import json
 import re
-import shutil
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py sits at the repo root
-from conftest import draw_dataset  # noqa: E402
+from conftest import draw_dataset, need, need_chromium
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
-if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+playwright = need("playwright.sync_api", "pip install playwright (no browser download needed)")
+CHROMIUM = need_chromium()
 
-import app  # noqa: E402
+from sdlora import app, examples  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a real browser clicks through a short tiny run
 
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -62,7 +59,7 @@ def test_click_through_every_tab(page, tmp_path):
     pictures = draw_dataset(tmp_path / "pictures", n=6, size=64)
 
     # 1. Pictures: name a dataset, drop pictures with captions, fix one caption.
-    if any(app.EXAMPLES.glob("*/*.png")):  # the page has filled its lists (typing before that is overwritten)
+    if examples.names():  # the page has filled its lists (typing before that is overwritten)
         expect(page.get_by_label("Example datasets")).not_to_have_value("")
     else:
         page.wait_for_timeout(3000)

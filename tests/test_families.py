@@ -148,6 +148,7 @@ def test_single_file_and_folder_load_the_same_model(models, family, monkeypatch)
         assert a.keys() == b.keys() and all(a[k].dtype == dtype and torch.equal(a[k], b[k].to(dtype)) for k in a), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(CASES))
 def test_trained_lora_loads_in_plain_diffusers_and_reproduces_the_samples(models, family_runs, family):
     import diffusers
@@ -200,6 +201,7 @@ def test_trained_lora_loads_in_plain_diffusers_and_reproduces_the_samples(models
     assert np.abs(render_sample(peft_layout, samples[0]) - sample).mean() < 1.0
 
 
+@pytest.mark.slow
 def test_a_lora_for_another_family_is_refused_by_name(models, family_runs, tmp_path):
     from sdlora.export import verify
     from sdlora.generate import Previewer
@@ -360,6 +362,7 @@ def test_memory_defaults_follow_family_and_free_memory():
         assert memory_defaults(family, 0)[:2] == (1, True)
 
 
+@pytest.mark.slow
 def test_a_cached_hub_id_loads_offline_and_an_uncached_one_says_what_to_do(models, tmp_path):
     """A hub id found in the local cache loads with the hub switched off (in a fresh process: huggingface_hub reads
     its cache location at import); one that is not cached is one line naming the way out."""

@@ -17,6 +17,8 @@ _spec = importlib.util.spec_from_file_location("lora_effect", ROOT / "bench" / "
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
+pytestmark = pytest.mark.slow  # 120 steps on each example dataset
+
 
 @pytest.fixture(scope="module")
 def previewer():

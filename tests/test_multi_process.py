@@ -4,9 +4,13 @@ the same global batch."""
 import subprocess
 import sys
 
+import pytest
+
 from conftest import small_config
 from sdlora.lora import read_lora
 from sdlora.runs import launch_args, read_events
+
+pytestmark = pytest.mark.slow  # each test starts several training processes
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, dataset_dir):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import draw_dataset
+from conftest import draw_dataset, need
 from sdlora.config import TrainConfig
 from sdlora.errors import UserError
 from sdlora.export import verify
@@ -93,6 +93,8 @@ CASES = {
 
 @pytest.mark.parametrize("precision", sorted(CASES))
 def test_lora_trains_on_a_quantized_base_and_exports_for_the_plain_one(precision, reference, tmp_path):
+    if precision != "fp8":  # torch's own float8 needs no extra package
+        need("bitsandbytes", "pip install bitsandbytes")
     linear_dtype, conv_dtype, peft_layer = CASES[precision]
     run = _train_by_hand(precision)
 
@@ -155,7 +157,7 @@ def test_base_precision_is_checked_before_anything_loads(tmp_path, monkeypatch, 
     monkeypatch.undo()
 
     # a bitsandbytes build without CPU kernels (older ones were CUDA-only): refused on a CPU, in one line, early
-    import bitsandbytes as bnb
+    bnb = need("bitsandbytes", "pip install bitsandbytes")
 
     def no_kernel(*args, **kwargs):
         raise NotImplementedError("no CPU kernel")
@@ -174,7 +176,7 @@ def test_base_precision_is_checked_before_anything_loads(tmp_path, monkeypatch, 
 
 def test_int8_with_checkpointing_is_refused_on_a_gpu(monkeypatch):
     """bitsandbytes' int8 layers break torch.utils.checkpoint on CUDA (measured, docs/benchmarks.md): said up front."""
-    pytest.importorskip("bitsandbytes")
+    need("bitsandbytes", "pip install bitsandbytes")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(UserError, match="int8 does not train with gradient_checkpointing on a GPU") as e:
         TrainConfig(dataset="d", base_precision="int8", gradient_checkpointing=True).validate()

@@ -62,6 +62,7 @@ def _sum_lora(path, parts):
     return str(path)
 
 
+@pytest.mark.slow
 def test_stack_at_half_equals_one_merged_lora_and_the_merged_checkpoint(loras, previewer, tmp_path):
     """Two LoRAs at 0.5 each in the previewer = one LoRA holding their sum = both baked into a single file."""
     from diffusers import StableDiffusionPipeline

@@ -123,6 +123,7 @@ def test_foreign_kohya_file_previews(tmp_path):
     assert np.abs(with_lora.astype(float) - base).mean() > 1.0
 
 
+@pytest.mark.slow
 def test_diffusers_layout_export_loads(tmp_path, dataset_dir):
     from sdlora.generate import Previewer
     from sdlora.train import train
@@ -169,6 +170,7 @@ def test_training_lowers_the_loss(trained_run, dataset_dir):
     assert after < 0.98 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(tmp_path, dataset_dir):
     from sdlora.lora import read_lora
     from sdlora.train import train
@@ -188,6 +190,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, dataset_dir):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+@pytest.mark.slow
 def test_stop_file_stops_and_saves(tmp_path, dataset_dir):
     from sdlora import runs
 
@@ -210,6 +213,7 @@ def test_stop_file_stops_and_saves(tmp_path, dataset_dir):
     assert next(e for e in events if e["type"] == "verify")["ok"]
 
 
+@pytest.mark.slow
 def test_a_spare_process_trains_the_run_handed_to_it_as_a_fresh_process_would(tmp_path, dataset_dir):
     """The app starts a training process ahead (runs.Spare) so that a run skips the imports; a run handed to it gives
     the same file, events and log as a fresh process, and a spare that died hands the run to a fresh process."""
@@ -259,6 +263,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_save(tmp_path, dat
     assert list(run.glob("lora-step-*.safetensors"))
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -272,6 +277,7 @@ def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path):
         assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_train_and_generate(tmp_path, dataset_dir):
     run = tmp_path / "cli"
     out = subprocess.run([sys.executable, "-m", "sdlora", "train", str(dataset_dir), "--base", "tiny", "--out", str(run),
@@ -487,6 +493,7 @@ def test_the_final_check_takes_a_preloaded_base(trained_run):
     assert verify(path, "tiny", base=load_base("tiny")) == verify(path, "tiny")
 
 
+@pytest.mark.slow
 def test_samples_that_run_out_of_memory_fall_back_then_skip(tmp_path, dataset_dir, monkeypatch):
     """Out of memory while sampling (on a GPU the step's CUDA graphs keep their memory): the prompts are drawn one at a
     time with a tiled decode from then on; a round that still does not fit is skipped; training finishes either way."""
@@ -551,6 +558,7 @@ def test_samples_through_the_unet_replay_path_are_the_same(tmp_path):
     assert "forward" not in pipe.unet.__dict__
 
 
+@pytest.mark.slow
 def test_uncached_run_with_short_batches_counts_epochs_in_batches(tmp_path):
     """Random crops (latents encoded every step, no cache) and 5 images at batch 4: each epoch is a batch of 4 and a
     short one of 1, so 6 steps are 3 epochs, and every progress event reports a rate of the images trained."""

@@ -87,6 +87,7 @@ def _accuracy(images_and_captions):
     return {key: n / len(images_and_captions) for key, n in hits.items()}
 
 
+@pytest.mark.slow
 def test_checker_reads_fresh_world_images():
     scenes = _scenes(300, seed=777, max_objects=1)
     clean = _accuracy([(world.render(s), world.caption(s)) for s in scenes])
