@@ -13,6 +13,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sdlora.lora import usual_mode
 from sdlora.runs import read_events
 
 
@@ -84,6 +85,7 @@ def retitle(src: str | Path, dst: str | Path, *, title: str, trigger: str, descr
         metadata["sshs_model_hash"] = _data_sha256(tmp)
         metadata.pop("sshs_legacy_hash", None)
         save_file(tensors, str(tmp), metadata=metadata)
+    usual_mode(tmp)
     tmp.replace(dst)
     return metadata
 
@@ -138,6 +140,8 @@ def model_card(*, title: str, trigger: str, description: str, config: dict, file
             ("optimizer", "optimizer"), ("lr_scheduler", "schedule"), ("min_snr_gamma", "min-SNR gamma"),
             ("noise_offset", "noise offset"), ("seed", "seed")]
     for key, label in keys:
+        if key == "text_encoder_lr" and not config.get("train_text_encoder", True):
+            continue  # a text encoder that did not train had no learning rate
         if key in config:
             value = config[key]
             if key == "resolution" and not value:

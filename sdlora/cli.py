@@ -58,18 +58,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="train one run data-parallel over this many GPUs (through accelerate launch)")
     _add_config_flags(t)
 
-    g = sub.add_parser("generate", help="make an image with a base model and LoRAs at chosen strengths")
-    g.add_argument("prompt")
-    g.add_argument("--base", default="tiny")
+    g = sub.add_parser("generate", help="make an image with a base model and LoRAs at chosen strengths",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("prompt", help="what to draw; put the LoRA's trigger word in it")
+    g.add_argument("--base", default="tiny",
+                   help="base model: 'tiny' (embedded), a diffusers folder, a .safetensors checkpoint or a hub id")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a LoRA file, optionally with its own strength; repeat to stack")
-    g.add_argument("--strength", type=float, default=1.0, help="strength for --lora files given without one")
-    g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=7.0)
-    g.add_argument("--scheduler", default="EulerDiscreteScheduler")
-    g.add_argument("--size", type=int, default=0, help="width and height (0 = the model's own)")
+    g.add_argument("--strength", type=float, default=1.0,
+                   help="strength for --lora files given without one (0 = the base model exactly)")
+    g.add_argument("--negative", default="", help="negative prompt: what to keep out of the image")
+    g.add_argument("--seed", type=int, default=0, help="random seed; the same seed redraws the same image")
+    g.add_argument("--steps", type=int, default=25, help="sampling steps")
+    g.add_argument("--guidance", type=float, default=7.0, help="guidance scale: how closely to follow the prompt")
+    g.add_argument("--scheduler", default="EulerDiscreteScheduler",
+                   help="a diffusers scheduler class, e.g. DPMSolverMultistepScheduler, UniPCMultistepScheduler")
+    g.add_argument("--size", type=int, default=0, help="width and height in pixels (0 = the model's own)")
     g.add_argument("--grid", metavar="S1,S2,...", help="make a grid across these strengths for the first --lora")
     g.add_argument("--seeds", type=int, default=1, help="rows of the --grid, seeds seed..seed+N-1")
     g.add_argument("--out", required=True, help="PNG file to write")
@@ -155,10 +159,20 @@ def _train(args) -> int:
         config_file = args.config or (str(saved) if args.resume and saved.exists() else None)
         config = build_config(args.preset, config_file, dataset=args.dataset, **overrides)
         run_dir = args.out
-        if (Path(run_dir) / "events.jsonl").exists() and not args.resume:
+        if not args.resume and _started(Path(run_dir)):
             raise UserError(f"{run_dir} already holds a run", "add --resume to continue it, or pick another --out")
+        if not args.resume:  # a command that failed before training began left only its config and error: start over
+            (Path(run_dir) / "events.jsonl").unlink(missing_ok=True)
     train(config, run_dir, resume=args.resume, progress_bar=not args.quiet)
     return 0
+
+
+def _started(run_dir: Path) -> bool:
+    """Whether a run in `run_dir` ever began training (a `start` event, or anything it saved)."""
+    from sdlora.runs import read_events
+
+    return any(e["type"] == "start" for e in read_events(run_dir)) or (run_dir / "checkpoints").is_dir() \
+        or any(run_dir.glob("lora*.safetensors"))
 
 
 def _generate(args) -> int:

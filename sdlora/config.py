@@ -101,7 +101,7 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown setting(s): {', '.join(unknown)}", "check the spelling against `sdlora train --help`")
-        return cls(**values)
+        return cls(**{name: _typed(name, value) for name, value in values.items()})
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -111,6 +111,8 @@ class TrainConfig:
             raise UserError(f"config file not found: {path}", "give the path of a config.json") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON: {e}", "fix the file or write it again") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{path} does not hold settings", 'write one JSON object, e.g. {"steps": 600}')
         return cls.from_dict(values)
 
     def validate(self) -> None:
@@ -159,6 +161,25 @@ class TrainConfig:
                 import bitsandbytes  # noqa: F401
             except ImportError:
                 raise UserError("optimizer adamw8bit needs bitsandbytes", "pip install bitsandbytes, or use --optimizer adamw") from None
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list"}
+
+
+def _typed(name: str, value):
+    """`value` as the type of setting `name`'s default (an int where a float is wanted becomes a float); a value of
+    another type (`"steps": "ten"` in a config file) is a UserError naming the setting."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():  # JSON writes 600 as 600.0 at times
+        return int(value)
+    if isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool)):
+        return value
+    raise UserError(f"setting {name} = {value!r}: must be {_KINDS.get(kind, kind.__name__)}",
+                    f"fix {name} in the config file")
 
 
 # Presets are plain field values applied over the defaults (see docs in README). Numbers from field practice:

@@ -27,6 +27,11 @@ METADATA_FILE = "metadata.jsonl"
 MIN_SIDE = 8
 _ZIP_MAX_BYTES = 4 * 1024**3  # total uncompressed size; zipfile never inflates past a member's declared size
 _ZIP_MAX_MEMBERS = 20_000
+# Caps checked before a file is read (its size on disk or in the archive's header) and again while reading, so no
+# file costs more memory than its cap: a picture this large is not a training image, a caption this long is not text.
+MAX_IMAGE_BYTES = 200 * 2**20
+MAX_CAPTION_BYTES = 64 * 2**10
+MAX_METADATA_BYTES = 64 * 2**20
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's "10_name" folder: 10 repeats per epoch
 _HINT_LAYOUT = (f"use a folder or .zip of {', '.join(sorted(IMAGE_EXTS))} images, each with an optional "
                 f"same-name .txt caption (a.png + a.txt) or a {METADATA_FILE} with file_name and text")
@@ -82,15 +87,75 @@ def _ignored(part: str) -> bool:
     return part.startswith(".") or part == "__MACOSX" or part.lower() in ("thumbs.db", "desktop.ini")
 
 
-def _folder_files(root: Path) -> dict[str, Callable[[], bytes]]:
+class _Unreadable(Exception):
+    """A file ingest does not read; the message is the reason the user sees."""
+
+
+class _TooLarge(_Unreadable):
+    def __init__(self, size: int):
+        super().__init__(_amount(size))
+
+
+# A reader gives at most `limit` bytes of one file, or raises _TooLarge (the file holds more) or _Unreadable.
+# `own` asks for a file of the dataset itself: a link that leads out of the dataset folder is not followed.
+_Reader = Callable[..., bytes]
+
+
+def _folder_files(root: Path) -> dict[str, _Reader]:
     files = {}
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if not _ignored(d))
         for name in sorted(names):
             if not _ignored(name):
                 path = Path(folder) / name
-                files[path.relative_to(root).as_posix()] = path.read_bytes
+                files[path.relative_to(root).as_posix()] = (
+                    lambda limit, own=False, path=path: _read_path(path, root, limit, own))
     return files
+
+
+def _read_path(path: Path, root: Path, limit: int, own: bool) -> bytes:
+    """Read a regular file (a link is followed to one) of at most `limit` bytes. Anything else would hang (a FIFO),
+    never end (/dev/zero) or has no bytes to give (a socket), so it is refused before it is opened."""
+    try:
+        found = os.stat(path)
+    except OSError as error:
+        raise _Unreadable(f"could not read file: {error.strerror or error}") from None
+    if not stat.S_ISREG(found.st_mode):
+        raise _Unreadable("not a regular file")
+    if own and path.is_symlink() and Path(os.path.realpath(root)) not in Path(os.path.realpath(path)).parents:
+        raise _Unreadable("a link to a file outside the dataset, not followed")
+    if found.st_size > limit:
+        raise _TooLarge(found.st_size)
+    # O_NONBLOCK: should the file be swapped for a FIFO since the stat, opening it still returns at once.
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as file:
+        found = os.fstat(file.fileno())
+        if not stat.S_ISREG(found.st_mode):
+            raise _Unreadable("not a regular file")
+        data = file.read(min(found.st_size, limit) + 1)  # +1: a file that grew past the cap is caught
+    if len(data) > limit:
+        raise _TooLarge(len(data))
+    return data
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """Read one archive member of at most `limit` bytes, streaming: a header that understates the size cannot make
+    this read more (zipfile stops at the declared size), one that states it honestly is refused unread."""
+    if info.file_size > limit:
+        raise _TooLarge(info.file_size)
+    with archive.open(info) as member:
+        data = member.read(min(info.file_size, limit) + 1)
+    if len(data) > limit:
+        raise _TooLarge(len(data))
+    return data
+
+
+def _amount(size: int) -> str:
+    """1.5 MB, 64 KB, 120 bytes."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if size >= scale:
+            text = f"{size / scale:.1f}"
+            return f"{text.removesuffix('.0') if size % scale == 0 else text} {unit}"
+    return f"{size} bytes"
 
 
 def check_zip(name: str, infos: list[zipfile.ZipInfo], max_bytes: int | None = None,
@@ -114,7 +179,7 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _zip_files(path: Path, archive: zipfile.ZipFile, rejected) -> dict[str, Callable[[], bytes]]:
+def _zip_files(path: Path, archive: zipfile.ZipFile, rejected) -> dict[str, _Reader]:
     infos = archive.infolist()
     check_zip(str(path), infos)
     members = {}
@@ -134,7 +199,8 @@ def _zip_files(path: Path, archive: zipfile.ZipFile, rejected) -> dict[str, Call
     if len(tops) == 1 and all("/" in name for name in members):
         cut = len(tops.pop()) + 1
         members = {name[cut:]: info for name, info in members.items()}
-    return {name: (lambda info=info: archive.read(info)) for name, info in sorted(members.items())}
+    return {name: (lambda limit, own=False, info=info: _read_member(archive, info, limit))
+            for name, info in sorted(members.items())}
 
 
 def _ingest_files(source: str, files: dict, rejected: list, trigger: str, template: str,
@@ -156,7 +222,13 @@ def _ingest_files(source: str, files: dict, rejected: list, trigger: str, templa
     records, uncaptioned = [], []
     for name in images:
         try:
-            data = files[name]()
+            data = files[name](MAX_IMAGE_BYTES)
+        except _TooLarge as error:
+            rejected.append((name, f"file too large: {error}, at most {_amount(MAX_IMAGE_BYTES)}"))
+            continue
+        except _Unreadable as error:
+            rejected.append((name, str(error)))
+            continue
         except Exception as error:  # permissions, encrypted or damaged zip member
             rejected.append((name, f"could not read file: {error}"))
             continue
@@ -202,26 +274,45 @@ def _clean_caption(text: str) -> str:
     return " ".join(text.split())  # strip, and newlines/tabs/runs of spaces become one space
 
 
-def _read_caption(name: str, read: Callable[[], bytes], rejected: list) -> str:
+def _read_caption(name: str, read: _Reader, rejected: list) -> str:
     try:
-        return _clean_caption(read().decode("utf-8-sig"))
+        return _clean_caption(read(MAX_CAPTION_BYTES, own=True).decode("utf-8-sig"))
     except UnicodeDecodeError:
         rejected.append((name, "caption is not UTF-8 text; image used without it"))
+    except _TooLarge as error:
+        rejected.append((name, f"caption too long: {error}, at most {_amount(MAX_CAPTION_BYTES)}; "
+                               "image used without it"))
+    except _Unreadable as error:
+        rejected.append((name, f"{error}; image used without it"))
     except Exception as error:
         rejected.append((name, f"could not read caption: {error}"))
     return ""
 
 
-def _read_metadata(source: str, read: Callable[[], bytes] | None) -> dict[str, str]:
+def read_caption_file(path: Path, root: Path) -> str:
+    """The caption in `path`, a file of the dataset folder `root`, as training reads it; '' where ingest would not
+    use it (missing, not a regular file, a link out of the dataset, longer than MAX_CAPTION_BYTES, not UTF-8)."""
+    try:
+        return _clean_caption(_read_path(Path(path), Path(root), MAX_CAPTION_BYTES, own=True).decode("utf-8-sig"))
+    except (OSError, _Unreadable, UnicodeDecodeError):
+        return ""
+
+
+def _read_metadata(source: str, read: _Reader | None) -> dict[str, str]:
     """metadata.jsonl at the root (the Hugging Face imagefolder layout): {relative file name: caption}."""
     if read is None:
         return {}
     where = f"{METADATA_FILE} in {source}"
     example = 'each line must be one JSON object like {"file_name": "a.png", "text": "a cat"}'
     try:
-        lines = read().decode("utf-8-sig").splitlines()
+        lines = read(MAX_METADATA_BYTES, own=True).decode("utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise UserError(f"{where} is not UTF-8 text", example) from None
+    except _TooLarge as error:
+        raise UserError(f"{where} is too large: {error}, at most {_amount(MAX_METADATA_BYTES)}",
+                        "split the dataset, or give captions as .txt files next to the images") from None
+    except _Unreadable as error:
+        raise UserError(f"{where}: {error}", "make it a plain text file in the dataset folder") from None
     captions = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():

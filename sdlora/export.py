@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -10,16 +11,20 @@ import torch
 
 from sdlora.config import TrainConfig
 from sdlora.lora import (ADAPTER, TEXT_TARGETS, UNET_TARGETS, adapter_layers, check_lora_fits, kohya_name, read_lora,
-                         text_encoder_prefix, unet_module_name)
+                         text_encoder_prefix, unet_module_name, usual_mode)
 from sdlora.models import FAMILIES, Base, load_base
 
 VERIFY_ADAPTER = "sdlora_verify"
 
 
-def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: int, epoch: int, num_images: int,
-                   tag_frequency: dict, started_at: float, title: str,
+def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: int, epochs: float, num_images: int,
+                   tag_frequency: dict, started_at: float, title: str, precision: str,
                    prediction_type: str | None = None) -> dict[str, str]:
     """The `ss_*` fields kohya's tools write and the `modelspec.*` fields of SAI's model spec; all strings.
+
+    `epochs`: the passes over the dataset so far (0.1 for a run stopped early); kohya's `ss_epoch` counts the epoch
+    under way (1 there), sdlora's `sdlora_epochs` keeps the fraction. `precision`: the mixed precision that ran
+    (accelerate's "no", "fp16" or "bf16"), not the setting "auto".
 
     `prediction_type` is the base's (an SDXL v-prediction model says so here); by default the family's.
     """
@@ -37,7 +42,8 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_num_train_images": str(num_images),
         "ss_steps": str(step),
-        "ss_epoch": str(epoch),
+        "ss_epoch": str(max(1, math.ceil(epochs))),
+        "sdlora_epochs": f"{round(epochs, 2):g}",
         "ss_batch_size_per_device": str(config.batch_size),
         "ss_gradient_accumulation_steps": str(config.grad_accum),
         "ss_learning_rate": str(config.unet_lr),
@@ -52,7 +58,7 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
         "ss_shuffle_caption": str(config.shuffle_tags),
         "ss_keep_tokens": str(config.keep_tags),
         "ss_flip_aug": str(config.flip),
-        "ss_mixed_precision": config.mixed_precision,
+        "ss_mixed_precision": precision,
         "ss_seed": str(config.seed),
         "ss_output_name": title,
         "ss_tag_frequency": json.dumps(tag_frequency),
@@ -97,6 +103,7 @@ def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: 
     cls = StableDiffusionXLPipeline if len(text_encoders) > 1 or unet.config.addition_embed_type == "text_time" \
         else StableDiffusionPipeline
     cls.save_lora_weights(str(path.parent), weight_name=path.name, **kw)
+    usual_mode(path)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdlora.errors import UserError
+from sdlora.info import check_plain_lora
 from sdlora.lora import check_lora_fits, read_lora
 from sdlora.models import Base, load_base
 
@@ -53,6 +54,7 @@ class Previewer:
             except Exception as e:
                 raise UserError(f"{p.name} is not a readable .safetensors LoRA file: {str(e).splitlines()[0][:200]}",
                                 "give the path of a LoRA .safetensors file") from None
+            check_plain_lora(p.name, state)  # say what a LoHa/LoKr file is, before diffusers fails on its keys
             check_lora_fits(p.name, state, metadata, self.base)
             try:
                 self.pipe.load_lora_weights(str(p), adapter_name=name)

@@ -18,12 +18,14 @@ from sdlora.models import FAMILIES
 
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 # LyCORIS networks store other factorisations; W' = W + s*(alpha/r)*up@down does not apply to them.
-_OTHER_NETWORKS = ("hada_w1_a", "lokr_w1", "lokr_w1_a", ".diff", "oft_blocks", "lora_mid.weight")
+# (key part, what the file is)
+_OTHER_NETWORKS = (("hada_w1_a", "LyCORIS LoHa"), ("lokr_w1", "LyCORIS LoKr"), (".diff", "LyCORIS full-weight"),
+                   ("oft_blocks", "LyCORIS OFT"), ("lora_mid.weight", "LyCORIS LoCon with Tucker factors"))
 # Cross-attention width of the UNet (attn2 to_k input) per family; the tiny model's 128 tells nothing.
 _CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _SETTINGS = [  # (metadata key, label) shown by `sdlora info`, in this order
     ("ss_sd_model_name", "trained on"), ("ss_resolution", "resolution"), ("ss_num_train_images", "images"),
-    ("ss_steps", "steps"), ("ss_epoch", "epochs"), ("ss_batch_size_per_device", "batch size"),
+    ("ss_steps", "steps"), ("sdlora_epochs", "epochs"), ("ss_epoch", "epoch"), ("ss_batch_size_per_device", "batch size"),
     ("ss_gradient_accumulation_steps", "grad accumulation"), ("ss_learning_rate", "learning rate"),
     ("ss_unet_lr", "unet lr"), ("ss_text_encoder_lr", "text encoder lr"), ("ss_optimizer", "optimizer"),
     ("ss_lr_scheduler", "lr scheduler"), ("ss_network_dropout", "lora dropout"), ("ss_min_snr_gamma", "min-SNR gamma"),
@@ -43,6 +45,16 @@ class Adapter:
     stray: list[str] = field(default_factory=list)  # keys that belong to no module: loaders choke on these
 
 
+def check_plain_lora(name: str, state: dict) -> None:
+    """A one-line UserError saying what the file `name` is when its tensors are another network than a plain LoRA."""
+    for key in state:
+        kind = next((kind for part, kind in _OTHER_NETWORKS if part in key), None)
+        if kind:
+            raise UserError(f"{name} is a {kind} file, not a plain LoRA (key {key})",
+                            "sdlora previews, merges and resizes plain LoRA files (lora_down/lora_up or "
+                            "lora_A/lora_B); ComfyUI, Forge and InvokeAI load this one")
+
+
 def read_adapter(path: str | Path) -> Adapter:
     """Read a kohya-layout or diffusers/peft-layout LoRA file; UserError for anything else."""
     path = Path(path)
@@ -53,10 +65,7 @@ def read_adapter(path: str | Path) -> Adapter:
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
         raise UserError(f"{path.name} is not a readable .safetensors file: {str(e).splitlines()[0][:200]}",
                         "check that the download finished; sdlora reads .safetensors LoRA files") from None
-    other = next((k for k in state if any(s in k for s in _OTHER_NETWORKS)), None)
-    if other:
-        raise UserError(f"{path.name} is a LyCORIS network (LoHa/LoKr/OFT...), not a LoRA: key {other}",
-                        "sdlora's adapter tools read plain LoRA files (lora_down/lora_up or lora_A/lora_B)")
+    check_plain_lora(path.name, state)
     if any(".lora_A." in k or ".lora_B." in k for k in state):
         return _read_peft(path, state, metadata)
     names: dict[str, dict[str, torch.Tensor]] = {}
@@ -191,6 +200,8 @@ def describe(path: str | Path, base=None) -> dict:
     for per_dir in json.loads(meta.get("ss_tag_frequency", "{}") or "{}").values():
         tags.update(per_dir)
     settings = {label: meta[key] for key, label in _SETTINGS if meta.get(key, "") not in ("", "None")}
+    if "epochs" in settings:  # sdlora's fraction says more than kohya's count of the epoch under way
+        settings.pop("epoch", None)
     for key, label in (("ss_training_started_at", "started"), ("ss_training_finished_at", "finished")):
         try:
             settings[label] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(meta[key])))

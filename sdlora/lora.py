@@ -104,8 +104,21 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
     """Write a .safetensors file atomically (temporary name, then rename), so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state_dict, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+    try:
+        save_file(state_dict, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        usual_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no half file behind
+        raise
+
+
+def usual_mode(path: str | Path) -> None:
+    """Give a written file the permissions any new file gets here (0644 under the usual umask): safetensors creates
+    its files readable by their owner only, and a LoRA is made to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

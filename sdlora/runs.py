@@ -28,7 +28,15 @@ class EventLog:
         from tqdm.auto import tqdm
 
         kind = event["type"]
-        if kind == "warning":
+        if kind == "start":  # what the pictures become: sizes, crops, how often each is seen
+            config, sizes = event["config"], event.get("bucket_sizes", {})
+            shown = ", ".join(f"{n} at {size}" for size, n in sorted(sizes.items(), key=lambda kv: -kv[1])[:6])
+            more = f" and {len(sizes) - 6} more sizes" if len(sizes) > 6 else ""
+            tqdm.write(f"{event['images']} pictures in {len(sizes)} size bucket(s): {shown}{more}; each scaled to cover "
+                       f"its bucket and {'randomly' if config.get('random_crop') else 'centre'} cropped"
+                       f"{', flipped at random' if config.get('flip') else ''}; {event['total_steps']} steps of "
+                       f"{event['global_batch']} = {event['epochs']:g} epochs")
+        elif kind == "warning":
             tqdm.write(f"warning: {event['message']}")
         elif kind == "sample":
             tqdm.write(f"sample (step {event['step']}): {event['path']}")

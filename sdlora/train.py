@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -57,7 +59,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     try:
         return _train(config, run_dir, accelerator, events, stop, resume, progress_bar, where)
     except UserError as e:
-        events.emit("error", message=e.message, hint=e.hint)
+        _emit_error(events, e.message, e.hint)
         raise
     except torch.OutOfMemoryError:
         message = f"out of memory while {where['stage']}"
@@ -66,6 +68,10 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         events.emit("error", message=message, hint=hint)
         raise UserError(message, hint) from None
     except Exception as e:
+        # a write that no save wraps (the events file): a full disk still ends in one line
+        if (full := _disk_full(e, _written(e) or run_dir, 0, run_dir)) is not None:
+            _emit_error(events, full.message, full.hint)
+            raise full from None
         events.emit("error", message=f"{type(e).__name__}: {e}", hint="see log.txt in the run folder")
         raise
     finally:
@@ -141,12 +147,11 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
     # 4. Resume: weights, optimizer, schedule; data order and noise are functions of (seed, step), so they follow.
     step = 0
     checkpoints = run_dir / "checkpoints"
-    if resume and (last := _last_checkpoint(checkpoints)) is not None:
+    if resume and (last := _usable_checkpoint(checkpoints, events)) is not None:
         accelerator.load_state(str(last))
         _load_adapters(trained, last / "adapters.safetensors")
-        step = int(last.name.split("-")[1])
-        saved_with = json.loads((last / "sdlora.json").read_text()).get("processes", 1) \
-            if (last / "sdlora.json").exists() else 1
+        step = _checkpoint_step(last)
+        saved_with = json.loads((last / "sdlora.json").read_text()).get("processes", 1)
         changed = "" if saved_with == accelerator.num_processes else \
             f"; it was saved with {saved_with} process(es), now {accelerator.num_processes}: the global batch is " \
             f"{config.batch_size * config.grad_accum * accelerator.num_processes} images instead of " \
@@ -171,7 +176,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
                 images=len(records), rejected=len(data.rejected), samples_per_epoch=len(samples),
                 total_steps=config.steps, start_step=step, device=str(device), precision=accelerator.mixed_precision,
                 batch_per_gpu=config.batch_size, global_batch=images_per_step, base_storage=step_fn.base_storage,
-                epochs=round(config.steps * config.grad_accum / batches_per_epoch, 2), setup_s=setup_s)
+                epochs=round(config.steps * config.grad_accum / batches_per_epoch, 2), setup_s=setup_s,
+                bucket_sizes={f"{w}x{h}": bucket_of.count((w, h)) for w, h in sorted(set(bucket_of))})
 
     def save(step: int, final: bool) -> Path:
         name = "lora.safetensors" if final else f"lora-step-{step:06d}.safetensors"
@@ -179,27 +185,59 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         read_losses(wait=True)  # never save weights that a NaN has already reached
         if accelerator.is_main_process:
             meta = kohya_metadata(config, family=base.family, resolution=resolution, step=step,
-                                  epoch=math.ceil(step * config.grad_accum / batches_per_epoch), num_images=len(records),
+                                  epochs=step * config.grad_accum / batches_per_epoch, num_images=len(records),
                                   tag_frequency=ds.tag_frequency(records), started_at=started_at,
-                                  title=config.title or run_dir.name, prediction_type=base.prediction_type)
+                                  title=config.title or run_dir.name, precision=accelerator.mixed_precision,
+                                  prediction_type=base.prediction_type)
             state = kohya_state_dict(unet, dict(zip(base.text_encoders(), trained[1:])),
                                      sgm_unet=FAMILIES[base.family]["sgm_unet"])
-            save_lora(path, state, meta)
+            size = sum(t.numel() * t.element_size() for t in state.values())
+            with _writing(run_dir, size, run_dir):
+                save_lora(path, state, meta)  # a temporary name, then the rename: a failed write keeps the last file
             if final and config.export_diffusers:
-                write_diffusers_layout(run_dir / "lora-diffusers.safetensors", unet, trained[1:], config)
+                diffusers_file = run_dir / "lora-diffusers.safetensors"
+                with _writing(run_dir, size, run_dir, leftovers=[diffusers_file]):  # diffusers writes it in place
+                    write_diffusers_layout(diffusers_file, unet, trained[1:], config)
             events.emit("save", step=step, path=str(path))
-        accelerator.save_state(str(checkpoints / f"step-{step:06d}"))
-        if accelerator.is_main_process:
-            _save_adapters(trained, checkpoints / f"step-{step:06d}" / "adapters.safetensors")
-            write_atomic(checkpoints / f"step-{step:06d}" / "sdlora.json",
-                         json.dumps({"step": step, "processes": accelerator.num_processes}))
-            for old in sorted(checkpoints.glob("step-*"))[:-config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+        save_checkpoint(step)
         return path
+
+    def save_checkpoint(step: int) -> None:
+        """Write the checkpoint into a temporary folder and rename it to `step-NNNNNN` once complete, so that a kill
+        or a full disk mid-save never leaves a folder that looks resumable and is not (sdlora.json lists its files)."""
+        done, tmp = checkpoints / f"step-{step:06d}", checkpoints / f".step-{step:06d}.tmp"
+        if accelerator.is_main_process:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            for stale in checkpoints.glob(".step-*"):  # left by a process killed while saving: no save runs now
+                shutil.rmtree(stale, ignore_errors=True)
+        accelerator.wait_for_everyone()  # no process writes into, or measures, a folder that is still being removed
+        need = _checkpoint_size(checkpoints, trained)
+        with _writing(checkpoints, need, run_dir, leftovers=[tmp]):
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                _save_adapters(trained, tmp / "adapters.safetensors")
+            accelerator.wait_for_everyone()  # every process's random states are in before the folder is listed
+            if accelerator.is_main_process:
+                files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+                write_atomic(tmp / "sdlora.json",
+                             json.dumps({"step": step, "processes": accelerator.num_processes, "files": files}))
+                if done.exists():  # the same step saved again (the step a run resumed at, or a broken one)
+                    shutil.rmtree(done)
+                os.replace(tmp, done)
+        if accelerator.is_main_process:
+            # only now, with the new one in place: older ones beyond keep_checkpoints, and newer ones, which a resume
+            # passed over as unreadable (it continues from the newest that loads)
+            found = sorted(_checkpoint_folders(checkpoints), key=_checkpoint_step)
+            for old in [c for c in found if _checkpoint_step(c) > step] + \
+                    [c for c in found if _checkpoint_step(c) <= step][:-config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def draw_samples(step: int) -> None:
         where["stage"] = f"drawing samples at step {step}"
-        _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, sampling)
+        out_dir = run_dir / "samples"  # _sample writes each image to a temporary name, then renames it
+        with _writing(out_dir, 3 * resolution**2 * len(prompts), run_dir,
+                      leftovers=lambda: list(out_dir.glob("*.tmp.png"))):
+            _sample(accelerator, pipe, trained, config, prompts, resolution, step, run_dir, events, sampling)
 
     def finish(step: int, kind: str, draw: bool) -> Path:
         where["stage"] = "saving the final file"
@@ -992,9 +1030,124 @@ def _load_adapters(models, path: Path) -> None:
         p.copy_(saved[name])
 
 
-def _last_checkpoint(checkpoints: Path) -> Path | None:
-    found = sorted(checkpoints.glob("step-*")) if checkpoints.is_dir() else []
-    return found[-1] if found else None
+def _checkpoint_step(folder: Path) -> int:
+    return int(re.fullmatch(r"\.?step-(\d+)(\.tmp)?", folder.name)[1])
+
+
+def _checkpoint_folders(checkpoints: Path) -> list[Path]:
+    """The checkpoints saved whole (named `step-NNNNNN`; a save still under way is `.step-NNNNNN.tmp`)."""
+    return [p for p in checkpoints.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name)] \
+        if checkpoints.is_dir() else []
+
+
+def _usable_checkpoint(checkpoints: Path, events) -> Path | None:
+    """The newest checkpoint that reads whole, or None (the run starts over); a warning names each newer one passed
+    over: a save that did not finish (its temporary folder), or a folder that is incomplete or will not load."""
+    unfinished = [p for p in checkpoints.glob(".step-*.tmp") if re.fullmatch(r"\.step-\d+\.tmp", p.name)] \
+        if checkpoints.is_dir() else []
+    passed, usable = [], None
+    for folder in sorted(_checkpoint_folders(checkpoints) + unfinished, key=lambda p: (_checkpoint_step(p), p.name),
+                         reverse=True):
+        why = "a save that did not finish" if folder.name.startswith(".") else _unreadable(folder)
+        if why is None:
+            usable = folder
+            break
+        passed.append((folder, why))
+    then = f"resuming from {usable.name}" if usable else "no usable checkpoint, starting from step 0"
+    for folder, why in passed:
+        events.emit("warning", message=f"{checkpoints.name}/{folder.name} is incomplete or unreadable ({why}); {then}")
+    return usable
+
+
+def _unreadable(folder: Path) -> str | None:
+    """Why the checkpoint `folder` cannot be resumed from, or None. Every file is read whole before anything loads:
+    accelerate's load_state would otherwise put part of a broken checkpoint into the optimizer before failing."""
+    from accelerate.utils import load
+    from safetensors.torch import load_file
+
+    if not (folder / "sdlora.json").is_file():
+        return "no sdlora.json"
+    name = "sdlora.json"
+    try:
+        listed = json.loads((folder / name).read_text()).get("files")
+        if listed is None:  # saved before checkpoints listed their files: what is there
+            listed = {f.name: None for f in folder.iterdir() if f.name != "sdlora.json"}
+        for name, size in {"adapters.safetensors": None, **listed}.items():
+            file = folder / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if size is not None and file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} of its {size} bytes"
+            if name.endswith(".safetensors"):
+                load_file(file)
+            elif name.endswith(".bin"):  # as load_state reads it; it passes over random states that do not load
+                load(file, map_location="cpu")
+    except Exception as e:
+        return f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+def _checkpoint_size(checkpoints: Path, models) -> int:
+    """Bytes a checkpoint takes: as much as the newest one, or the adapters about four times (themselves, AdamW's two
+    moments, the optimizer's copy of the schedule and step)."""
+    found = sorted(_checkpoint_folders(checkpoints), key=_checkpoint_step)
+    if found:
+        return sum(f.stat().st_size for f in found[-1].iterdir() if f.is_file())
+    return 4 * sum(p.numel() * p.element_size() for p in _adapter_tensors(models).values())
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _writing(folder: Path, need: int, run_dir: Path, leftovers=()):
+    """Around a save of about `need` bytes into `folder`: on failure what it half wrote (`leftovers`, or a function
+    that lists them) is removed, and a full disk becomes a one-line UserError saying how much space to free."""
+    try:
+        yield
+    except Exception as e:
+        full = None if isinstance(e, UserError) else _disk_full(e, folder, need, run_dir)  # before the clean-up frees
+        for path in leftovers() if callable(leftovers) else leftovers:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if full is None:
+            raise
+        raise full from None
+
+
+def _disk_full(e: BaseException, folder: Path, need: int, run_dir: Path) -> UserError | None:
+    """The UserError for `e` when a full disk (or quota) made writing into `folder` fail, else None. Python's writes
+    say so by errno, safetensors' in its message; torch.save's say neither (a zip writer's "unexpected pos"), so a
+    disk with less than `need` bytes free counts too."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    full = any(isinstance(x, OSError) and x.errno in _DISK_FULL for x in chain) or any(
+        s in str(x) for x in chain for s in ("No space left on device", "Disk quota exceeded", "(os error 28)",
+                                              "(os error 122)"))
+    if not full and need > 0:
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(folder if folder.exists() else folder.parent).free < need
+    if not full:
+        return None
+    size = f"{max(1, round(need / 1e6))} MB" if need < 1e9 else f"{need / 1e9:.1f} GB"
+    return UserError(f"the disk is full: could not write {folder} (needs about {size} free)",
+                     f"free some space, then resume: sdlora train --run-dir {run_dir} --resume")
+
+
+def _written(e: BaseException) -> Path | None:
+    """The folder of the file an OSError names, if it names one."""
+    return Path(e.filename).parent if isinstance(e, OSError) and isinstance(e.filename, str) else None
+
+
+def _emit_error(events, message: str, hint: str) -> None:
+    try:
+        events.emit("error", message=message, hint=hint)
+    except OSError:  # a full disk takes the events file too: the error raised still says what happened
+        pass
 
 
 def _memory_gb(device) -> float:

@@ -13,6 +13,7 @@ field can make the app read or write somewhere else.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -21,6 +22,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from PIL import Image
 
 from sdlora import dataset as ds
 from sdlora import runs as runs_
@@ -40,11 +43,15 @@ def slug(text: str, fallback: str = "untitled") -> str:
 
 
 def inside(root: str | Path, *parts: str) -> Path:
-    """`root/parts...` resolved, refusing anything that would land outside `root` (`..`, absolute parts, links)."""
+    """`root/parts...` resolved, refusing anything that would not land exactly that deep below `root`: `..`, `.`,
+    absolute parts, links that lead out or up. So a name from a form can never mean `root` itself or a folder above
+    the one it names (an export named `..` must not be the whole workspace)."""
     root = Path(root).resolve()
-    path = root.joinpath(*parts).resolve()
-    if path != root and root not in path.parents:
-        raise UserError(f"{'/'.join(parts)!r} is outside the workspace", "pick a name from the list")
+    names = [name for part in parts for name in str(part).replace("\\", "/").split("/")]
+    path = root.joinpath(*names).resolve()
+    if not names or any(n in ("", ".", "..") for n in names) or root not in path.parents \
+            or len(path.relative_to(root).parts) < len(names):
+        raise UserError(f"{'/'.join(map(str, parts))!r} is outside the workspace", "pick a name from the list")
     return path
 
 
@@ -73,55 +80,96 @@ class Added:
     saved: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    written: set[str] = field(default_factory=set, repr=False)  # `saved` as a set, to look names up in
 
 
 def add_files(root: str | Path, name: str, files: list[str], *, max_unpacked: int = MAX_UNPACKED) -> Added:
     """Check uploaded images, captions and .zip archives with `sdlora.dataset.ingest` and save what it accepted
     (images as PNG, captions as .txt) into dataset `name`. Nothing is unpacked: only accepted records are written.
-    Every archive is checked before anything is written, so a refused upload leaves the dataset as it was."""
+    Every archive is checked before anything is written, so a refused upload leaves the dataset as it was.
+
+    No picture overwrites another: one whose name is taken, by another picture of this upload or by a different
+    picture in the dataset, is saved as NAME-2.png (NAME-3.png...) with its caption beside it, and a warning says
+    so. The same picture uploaded again replaces itself, so re-uploading it with a fixed caption updates the caption.
+    A caption goes with every picture of exactly its stem, as ingest pairs them: a.txt captions a.png and a.jpg."""
     dest = dataset_dir(root, name)
     paths = [Path(f) for f in files]
     archives = [f for f in paths if f.suffix.lower() == ".zip"]
     for archive in archives:
         check_zip(archive, max_unpacked)
     added = Added()
-    loose: dict[str, list[Path]] = {}  # stem -> the picture and its caption, as ingest pairs them
+    groups: dict[str, list[Path]] = {}  # stem as uploaded -> its files
     for f in paths:
         if f.suffix.lower() == ".zip":
             continue
         if f.is_symlink() or not f.is_file():
             added.rejected.append((f.name, "not a regular file"))
         else:
-            loose.setdefault(slug(f.stem, "file"), []).append(f)
-    pictures = [stem for stem, group in loose.items() if any(f.suffix.lower() in ds.IMAGE_EXTS for f in group)]
-    for stem, group in loose.items():
-        if stem not in pictures:
+            groups.setdefault(f.stem, []).append(f)
+    units = []  # (stem, [one picture, the captions of its stem, other files of its stem (with the first only)])
+    for stem, group in groups.items():
+        pictures = [f for f in group if f.suffix.lower() in ds.IMAGE_EXTS]
+        if not pictures:
             added.rejected += [(f.name, "no picture with the same name in this upload") for f in group]
-    for i in range(0, len(pictures), _BATCH):  # a few at a time: ingest holds every decoded picture in memory
-        _add_loose(dest, [loose[stem] for stem in pictures[i:i + _BATCH]], added)
+        texts = [f for f in group if f.suffix.lower() in ds.CAPTION_EXTS]
+        others = [f for f in group if f not in pictures and f not in texts]
+        units += [(stem, [picture, *texts, *(others if i == 0 else [])]) for i, picture in enumerate(pictures)]
+    for batch in _batches(units):  # a few at a time: ingest holds every decoded picture in memory
+        _add_loose(dest, batch, added)
     for archive in archives:
         data = _ingest(archive, added)
-        added.saved += [_write_record(dest, record) for record in data.records]
+        for record in _in_write_order(data.records):
+            _write_record(dest, record, added)
     return added
 
 
-def _add_loose(dest: Path, groups: list[list[Path]], added: Added) -> None:
+def _staged(f: Path) -> str:
+    """The name a loose file is checked under: its own, less leading dots (ingest skips hidden files)."""
+    return f.name.lstrip(".") or "file"
+
+
+def _batches(units: list) -> list[list]:
+    """Units in order, at most _BATCH to a batch, never two in one batch whose staged files would clash: the same
+    picture name twice, or one stem for two stems as uploaded (".a.png" and "a.png" are both checked as a.png)."""
+    batches: list[list] = []
+    for stem, files in units:
+        picture = _staged(files[0])
+        key = PurePosixPath(picture).stem
+        batch = batches[-1] if batches else []
+        names = {_staged(f[0]) for _, f in batch}
+        stems = {PurePosixPath(_staged(f[0])).stem: s for s, f in batch}
+        if not batch or len(batch) >= _BATCH or picture in names or stems.get(key, stem) != stem:
+            batch = []
+            batches.append(batch)
+        batch.append((stem, files))
+    return batches
+
+
+def _add_loose(dest: Path, units: list, added: Added) -> None:
     """Check and save some pictures, each with its caption; when all of them fail, go one by one for the reasons."""
+    shown = {}  # staged name -> the name it was uploaded as
     with tempfile.TemporaryDirectory() as staging:
-        for group in groups:
-            for f in group:
-                shutil.copyfile(f, Path(staging) / (slug(f.stem, "file") + f.suffix.lower()))
+        for _, files in units:
+            for f in files:
+                shutil.copyfile(f, Path(staging) / _staged(f))
+                shown[_staged(f)] = f.name
         try:
-            data = _ingest(staging, added)
+            data = ds.ingest(staging)
         except UserError as e:
-            if len(groups) > 1:
-                for group in groups:
-                    _add_loose(dest, [group], added)
+            if len(units) > 1:
+                for unit in units:
+                    _add_loose(dest, [unit], added)
             else:  # ingest names the one picture and the reason in the hint: "a.png: not an image"
-                picture = next(f.name for f in groups[0] if f.suffix.lower() in ds.IMAGE_EXTS)
-                added.rejected.append((picture, e.hint.partition(": ")[2] or e.message))
+                picture = units[0][1][0]
+                prefix = f"{_staged(picture)}: "
+                added.rejected.append((picture.name, e.hint[len(prefix):] if e.hint.startswith(prefix) else e.message))
             return
-        added.saved += [_write_record(dest, record) for record in data.records]
+        for file, why in data.rejected:
+            if (shown.get(file, file), why) not in added.rejected:  # a caption shared by a.png and a.jpg: once
+                added.rejected.append((shown.get(file, file), why))
+        added.warnings += data.warnings
+        for record in _in_write_order(data.records):
+            _write_record(dest, record, added, shown.get(record.name, record.name))
 
 
 def _ingest(source, added: Added) -> ds.Ingested:
@@ -131,17 +179,50 @@ def _ingest(source, added: Added) -> ds.Ingested:
     return data
 
 
-def _write_record(dest: Path, record: ds.Record) -> str:
-    parts = [slug(p, "folder") for p in PurePosixPath(record.name).parent.parts]
-    stem = slug(PurePosixPath(record.name).stem, "image")
-    image_path = inside(dest, *parts, stem + ".png")
+def _saved_name(name: str) -> str:
+    """Where a record is saved in the dataset (before any -2): "10 cats/My cat.jpg" -> "10-cats/My-cat.png"."""
+    path = PurePosixPath(name)
+    return "/".join([slug(p, "folder") for p in path.parent.parts] + [slug(path.stem, "image") + ".png"])
+
+
+def _in_write_order(records: list[ds.Record]) -> list[ds.Record]:
+    """Pictures already named as they will be saved first, so x-y.png keeps its name and "x y.png" becomes x-y-2.png."""
+    return sorted(records, key=lambda record: _saved_name(record.name) != record.name)
+
+
+def _write_record(dest: Path, record: ds.Record, added: Added, shown: str | None = None) -> None:
+    """Save one picture as PNG with its caption as .txt, under a name no other picture has (see `add_files`)."""
+    target = PurePosixPath(_saved_name(record.name))
+    for n in range(1, 100_000):
+        image_path = inside(dest, *target.parent.parts, (target.stem if n == 1 else f"{target.stem}-{n}") + ".png")
+        rel = image_path.relative_to(dest).as_posix()
+        # NAME.*: any picture of that stem would share the caption NAME.txt; a free NAME-n has no file at all.
+        same_stem = [p for p in image_path.parent.glob(glob.escape(image_path.stem) + ".*")
+                     if p.stem == image_path.stem and (n > 1 or p.suffix.lower() in ds.IMAGE_EXTS)]
+        if not same_stem or (n == 1 and same_stem == [image_path] and rel not in added.written
+                             and _same_picture(image_path, record.image)):
+            break
+    else:
+        raise UserError(f"too many pictures named {target}", "rename the pictures before uploading them")
     image_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = image_path.with_name(image_path.stem + ".tmp.png")
+    tmp = image_path.with_name(f".{image_path.stem}.tmp.png")  # hidden: a leftover is never read as a picture
     record.image.save(tmp)
     tmp.replace(image_path)
     if record.captioned:
         runs_.write_atomic(image_path.with_suffix(".txt"), record.caption + "\n")
-    return image_path.relative_to(dest).as_posix()
+    added.saved.append(rel)
+    added.written.add(rel)
+    if n > 1:
+        added.warnings.append(f"{shown or record.name} saved as {rel}: the name was taken")
+
+
+def _same_picture(path: Path, image: Image.Image) -> bool:
+    """Whether the PNG at `path` holds exactly these pixels (a picture saved from the same upload before)."""
+    try:
+        with Image.open(path) as old:
+            return old.size == image.size and old.convert("RGB").tobytes() == image.tobytes()
+    except Exception:  # unreadable: not the same picture
+        return False
 
 
 def check_zip(path: str | Path, max_unpacked: int = MAX_UNPACKED) -> None:
@@ -179,9 +260,8 @@ def captions(root: str | Path, name: str) -> list[tuple[str, Path, str]]:
         return []
     out = []
     for image in _images(folder):
-        txt = image.with_suffix(".txt")
-        out.append((image.relative_to(folder).as_posix(), image,
-                    " ".join(txt.read_text(encoding="utf-8-sig", errors="replace").split()) if txt.is_file() else ""))
+        caption = ds.read_caption_file(image.with_suffix(".txt"), folder)  # as training will read it, or ''
+        out.append((image.relative_to(folder).as_posix(), image, caption))
     return out
 
 
@@ -244,6 +324,11 @@ def dataset_counts(root: str | Path, name: str) -> tuple[int, int, int]:
 
 
 # ---- runs ----------------------------------------------------------------------------------------------------
+
+def export_dir(root: str | Path, run: str) -> Path:
+    """The folder of run `run`'s downloads (it may not exist yet); UserError for a name that is not a plain slug."""
+    return _named(root, "exports", run)
+
 
 def run_dir(root: str | Path, name: str) -> Path:
     """The folder of run `name`; UserError for a name that is not a plain slug."""
@@ -309,8 +394,14 @@ def step_of(file: str) -> int | None:
 
 
 def run_config(root: str | Path, name: str) -> dict:
-    """The run's config.json as a dict."""
-    return json.loads((run_dir(root, name) / "config.json").read_text())
+    """The run's config.json as a dict; UserError when it is unreadable (the rest of the workspace still is)."""
+    try:
+        config = json.loads((run_dir(root, name) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        config = e
+    if not isinstance(config, dict):
+        raise UserError(f"run {name} has an unreadable config.json", "pick another run; its files are left as they are")
+    return config
 
 
 def measured_speed(root: str | Path, base: str, processes: int = 1) -> tuple[float, float, int] | None:

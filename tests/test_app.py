@@ -272,6 +272,7 @@ def test_stack_loras(served, pictures, tmp_path):
     assert ws.uploaded_loras(workspace) == ["Step-10.safetensors"]
 
 
+@pytest.mark.slow
 def test_gpu_count(tmp_path, monkeypatch):
     """With several GPUs visible the Train tab asks how many; a run on N starts as `sdlora train --gpus N` does
     (accelerate launch). The count is passed in, so no GPU is needed; nothing is launched."""
@@ -347,6 +348,8 @@ def test_stop_and_a_failing_run(served, pictures):
 def test_refuses_paths_outside_the_workspace(served, pictures):
     client, url, workspace, root = served
     (root / "secret.txt").write_text("secret")
+    for top in ("runs", "exports"):
+        (workspace / top / "kept").mkdir(parents=True, exist_ok=True)
     gallery, note, *_ = client.predict("../datasets/shapes", api_name="/show_dataset")
     assert gallery == [] and "is a new dataset" in note  # a name, never a path: nothing is read
     for endpoint, args in [
@@ -358,11 +361,16 @@ def test_refuses_paths_outside_the_workspace(served, pictures):
         ("/preview", ["..", "lora.safetensors", None, "tiny", "a", "", 0, 2, 7.0, 1.0]),
         ("/saves_grid", ["../runs/first-try", "a", "", 0, 2, 7.0]),
         ("/export", ["first-try", "../config.json", "t", "", "", False, False, False]),
+        *[("/export", [name, "lora.safetensors", "t", "", "", False, False, False])  # never deletes what it names
+          for name in ("..", ".", "../datasets", "../runs", "../exports", "")],
         ("/use_example", ["../../sdlora"]),
     ]:
-        with pytest.raises(Exception, match="not a valid|outside the workspace|has no file|no example|no image"):
+        with pytest.raises(Exception, match="not a valid|outside the workspace|has no file|no example|no image|"
+                                            "no LoRA picked"):
             client.predict(*args, api_name=endpoint)
     assert (root / "secret.txt").read_text() == "secret"
+    assert (workspace / "datasets" / "shapes" / "img00.png").is_file()
+    assert (workspace / "runs" / "kept").is_dir() and (workspace / "exports" / "kept").is_dir()
     # A base model outside the models folder, given as a path, is refused before anything starts.
     with pytest.raises(Exception, match="not found"):
         start(client, **{"Dataset": "shapes", "Base model": str(root / "models" / ".." / "models" / "broken")})
@@ -386,10 +394,29 @@ def test_auth_protects_the_app(tmp_path):
         assert httpx.get(f"{url}config").status_code == 401
         with pytest.raises(Exception):
             Client(url, verbose=False)
+        assert httpx.post(f"{url}login", data={"username": "artist", "password": "guess"}).status_code == 400
         client = Client(url, auth=("artist", "secret"), verbose=False)
         assert "Pick a dataset" in client.predict("", api_name="/show_dataset")[1]
     finally:
         demo.close()
+
+
+def test_wrong_passwords_slow_the_next_guesses():
+    import asyncio
+
+    from sdlora.app.page import password_check
+
+    waits = []
+
+    async def sleep(seconds):
+        waits.append(seconds)
+
+    check = password_check("artist", "secret", sleep=sleep)
+    results = [asyncio.run(check(*guess)) for guess in
+               [("artist", "a"), ("artist", "b"), ("root", "secret"), ("artist", "c"), ("artist", "secret"),
+                ("artist", "d")] + [("artist", "e")] * 5]
+    assert results == [False, False, False, False, True] + [False] * 6
+    assert waits == [0.5, 1.0, 2.0, 4.0, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0]  # reset by the right password; at most 8 s
 
 
 def test_refuses_oversized_and_unsafe_uploads(served, tmp_path):
@@ -486,12 +513,15 @@ def test_plan_counts_repeats_and_epochs(served):
     assert "**10 times**" in text and "Time: about" in text
 
 
-@pytest.mark.slow
-def test_import_builds_nothing(tmp_path):
-    import subprocess
-    import sys
+def test_import_builds_nothing(tmp_path, monkeypatch):
+    import importlib
 
-    code = ("import gradio, sdlora.app, sdlora.app.page as page; "
-            "assert not any(isinstance(v, gradio.Blocks) for m in (sdlora.app, page) for v in vars(m).values())")
-    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=120)
-    assert list(tmp_path.iterdir()) == []
+    import gradio
+
+    from sdlora.app import page
+
+    monkeypatch.chdir(tmp_path)
+    for module in (page, app):  # the modules' code run again, as a fresh import runs it
+        importlib.reload(module)
+        assert not any(isinstance(v, gradio.Blocks) for v in vars(module).values())
+    assert list(tmp_path.iterdir()) == []  # and nothing written

@@ -121,7 +121,7 @@ def test_ctrl_c_stops_a_training_run_after_it_saves(tmp_path):
         wait_until(lambda: served(port), 180, "the app to serve")
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         run = start(client, **{"Dataset": "shapes", "Training steps": 100000, "Pictures per step": 1, "Rank": 4,
-                               "Sample every": 100000, "Save every": 100000, "Run name": "long"})
+                               "Sample every": 100000, "Save every": 100000, "Sample steps": 1, "Run name": "long"})
         events = workspace / "runs" / run / "events.jsonl"
         wait_until(lambda: events.exists() and '"progress"' in events.read_text(), 300, "the run's first steps")
         children = descendants(proc.pid)

@@ -90,6 +90,11 @@ def test_click_through_every_tab(page, tmp_path):
     # typing over any field
     expect(page.get_by_label("Sample every")).to_have_value("50")
     page.get_by_label("Trigger word").fill("zxq")
+    page.get_by_label("Character").check()  # a preset fills only what it sets: the trigger word stays
+    expect(page.get_by_label("Layers to train")).to_have_value("attn-mlp")
+    page.get_by_label("Quick test").check()
+    expect(page.get_by_label("Layers to train")).to_have_value("attn")
+    expect(page.get_by_label("Trigger word")).to_have_value("zxq")
     page.get_by_label("Training steps").fill("20")
     page.get_by_label("Pictures per step").fill("2")
     for label, number in (("Sample every", "10"), ("Save every", "10"), ("Sample steps", "8")):
@@ -112,6 +117,7 @@ def test_click_through_every_tab(page, tmp_path):
     expect(page.get_by_label("Showing run")).to_have_value(re.compile("^shapes-"))
     expect(page.get_by_label("Training steps")).to_have_value("20")  # the form shows the run's settings again
     expect(page.get_by_label("Trigger word")).to_have_value("zxq")
+    expect(page.get_by_label("Quick test")).not_to_be_checked()  # 20 steps, sampling every 10: no preset's values
     expect(page.get_by_text("is done")).to_be_visible(timeout=TRAINING)
     expect(page.get_by_text("Step 20 / 20")).to_be_visible()
     expect(page.locator("button.thumbnail-item").filter(has=page.locator("img[alt^='step 20']")).first).to_be_visible()

@@ -1,9 +1,15 @@
 """Dataset ingest, captions and buckets, checked on files built here with Pillow."""
 
 import json
+import os
 import random
+import resource
+import struct
+import threading
+import tracemalloc
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +17,7 @@ import torch
 from PIL import Image
 
 from sdlora import dataset
+from sdlora import workspace as ws
 from sdlora.dataset import (build_caption, epoch_batches, expand_repeats, ingest, make_buckets, nearest_bucket,
                             prepare_image, tag_frequency)
 from sdlora.errors import UserError
@@ -326,6 +333,142 @@ def test_dataset_level_errors(tmp_path):
         ingest(tmp_path / "fake.zip")
 
 
+# ---------------------------------------------------------------- files that would hang, never end, or fill memory
+
+def promptly(call, seconds=20, memory=2**30):
+    """call() in a thread; the test fails, rather than hangs or fills the machine's memory, when it blocks for
+    `seconds` or asks for more than `memory` bytes beyond what the process holds."""
+    held = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = held + memory if hard == resource.RLIM_INFINITY else min(held + memory, hard)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as error:
+            outcome["error"] = error
+
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(seconds)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert not worker.is_alive(), f"still running after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def peak_allocation(call):
+    """(call(), the most bytes Python held at once for it beyond what it held before)."""
+    tracemalloc.start()
+    try:
+        return call(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_fifo_is_rejected_not_waited_for(tmp_path):
+    save(tmp_path / "a.png", solid())
+    save(tmp_path / "b.png", solid())
+    fifos = [tmp_path / "x.png", tmp_path / "b.txt"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    try:
+        result = promptly(lambda: ingest(tmp_path))
+    finally:
+        for fifo in fifos:  # a reader stuck in open() gets end-of-file and ends
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+    assert [(r.name, r.captioned) for r in result.records] == [("a.png", False), ("b.png", False)]
+    assert reasons(result) == {"x.png": "not a regular file", "b.txt": "not a regular file; image used without it"}
+
+
+def test_links_are_followed_only_to_regular_files(tmp_path):
+    outside = save(tmp_path / "elsewhere" / "kept.png", solid((0, 0, 255)))
+    data = tmp_path / "data"
+    save(data / "a.png", solid())
+    os.symlink("/dev/zero", data / "z.png")
+    os.symlink("/dev/zero", data / "a.txt")
+    os.symlink(outside, data / "linked.png")  # a folder of links to pictures kept elsewhere is a dataset
+    result = promptly(lambda: ingest(data))
+    records = by_name(result)
+    assert sorted(records) == ["a.png", "linked.png"] and not records["a.png"].captioned
+    assert records["linked.png"].image.getpixel((2, 2)) == (0, 0, 255)
+    assert reasons(result) == {"z.png": "not a regular file", "a.txt": "not a regular file; image used without it"}
+
+
+def test_caption_links_out_of_the_dataset_are_not_followed(tmp_path):
+    secret = write(tmp_path / "secret.txt", "the secret")
+    data = tmp_path / "data"
+    save(data / "a.png", solid())
+    save(data / "b.png", solid())
+    os.symlink(secret, data / "a.txt")
+    write(data / ".kept" / "b.txt", "a caption kept aside")
+    os.symlink(Path(".kept") / "b.txt", data / "b.txt")  # a link inside the dataset is followed
+    result = ingest(data)
+    assert {r.name: r.caption for r in result.records} == {"a.png": "a picture", "b.png": "a caption kept aside"}
+    assert reasons(result) == {"a.txt": "a link to a file outside the dataset, not followed; image used without it"}
+
+
+def test_oversized_files_are_named_and_not_read(tmp_path):
+    save(tmp_path / "a.png", solid())
+    save(tmp_path / "b.png", solid())
+    write(tmp_path / "b.txt", "a cat")
+    with open(tmp_path / "a.txt", "wb") as f:
+        f.truncate(50 * 2**20)  # sparse: 50 MB to read, nothing on disk
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(201 * 2**20)
+    result, peak = peak_allocation(lambda: promptly(lambda: ingest(tmp_path)))
+    assert peak < 10 * 2**20
+    assert {r.name: r.caption for r in result.records} == {"a.png": "a picture", "b.png": "a cat"}
+    assert reasons(result) == {"a.txt": "caption too long: 50 MB, at most 64 KB; image used without it",
+                               "huge.png": "file too large: 201 MB, at most 200 MB"}
+
+
+def claim_size(archive, member, size):
+    """Make the archive's headers say `member` unpacks to `size` bytes, whatever it holds."""
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo(member)
+    struct.pack_into("<I", data, info.header_offset + 22, size)  # local header: uncompressed size
+    central = data.index(b"PK\x01\x02", info.header_offset + info.compress_size)
+    while data[central + 46:central + 46 + len(member)] != member.encode():
+        central = data.index(b"PK\x01\x02", central + 4)
+    struct.pack_into("<I", data, central + 24, size)  # central directory: uncompressed size
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+def test_zip_members_past_the_cap_are_not_read(tmp_path):
+    png = save(tmp_path / "src" / "a.png", solid()).read_bytes()
+    honest = tmp_path / "honest.zip"
+    with zipfile.ZipFile(honest, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr("a.png", png)
+        zf.writestr("b.png", png)
+        zf.writestr("b.txt", "cat, " * 20_000)  # 98 KB
+        with zf.open("big.png", "w") as member:  # 256 MB of zeros, 1 MB packed
+            for _ in range(64):
+                member.write(bytes(4 * 2**20))
+    liar = tmp_path / "liar.zip"
+    liar.write_bytes(honest.read_bytes())
+    claim_size(liar, "big.png", 1000)
+    result, peak = peak_allocation(lambda: promptly(lambda: ingest(honest)))
+    assert peak < 100 * 2**20
+    assert sorted(by_name(result)) == ["a.png", "b.png"] and not by_name(result)["b.png"].captioned
+    assert reasons(result) == {"big.png": "file too large: 256 MB, at most 200 MB",
+                               "b.txt": "caption too long: 97.7 KB, at most 64 KB; image used without it"}
+    result, peak = peak_allocation(lambda: promptly(lambda: ingest(liar)))  # zipfile stops at the claimed size
+    assert peak < 100 * 2**20
+    assert sorted(by_name(result)) == ["a.png", "b.png"]
+    assert reasons(result)["big.png"] == "could not read file: Bad CRC-32 for file 'big.png'"
+
+
 # ---------------------------------------------------------------- build_caption
 
 def test_caption_without_shuffle_or_dropout_is_unchanged():
@@ -439,3 +582,68 @@ def test_epoch_batches_group_by_bucket():
     assert runs > 5  # batch order is shuffled across buckets, not bucket by bucket
     assert batches == epoch_batches(buckets, 4, random.Random(5))
     assert batches != epoch_batches(buckets, 4, random.Random(6))
+
+
+# ---------------------------------------------------------------- uploads into a workspace dataset
+
+RED, GREEN, BLUE, YELLOW = (220, 30, 30), (30, 170, 30), (30, 30, 220), (230, 220, 40)
+
+
+def dataset_items(workspace, name):
+    """{file: (colour at the centre, caption)} of a saved dataset, as the app's gallery lists it."""
+    return {file: (Image.open(path).convert("RGB").getpixel((8, 8)), caption)
+            for file, path, caption in ws.captions(workspace, name)}
+
+
+def near(color, expected, tolerance=12):
+    return all(abs(a - b) <= tolerance for a, b in zip(color, expected))
+
+
+def test_upload_never_overwrites_a_picture(tmp_path):
+    up = tmp_path / "upload"
+    files = [save(up / "a.png", solid(RED)), save(up / "a.jpg", solid(BLUE), quality=95),
+             write(up / "a.txt", "a square"),
+             save(up / "x y.png", solid(GREEN)), write(up / "x y.txt", "green"),
+             save(up / "x-y.png", solid(YELLOW)), write(up / "x-y.txt", "yellow")]
+    added = ws.add_files(tmp_path / "workspace", "set", [str(f) for f in files])
+    items = dataset_items(tmp_path / "workspace", "set")
+    assert sorted(added.saved) == sorted(items) == ["a-2.png", "a.png", "x-y-2.png", "x-y.png"]
+    assert items["a.png"] == (RED, "a square") and items["a-2.png"][1] == "a square"  # a.txt names both
+    assert near(items["a-2.png"][0], BLUE)
+    assert items["x-y.png"] == (YELLOW, "yellow") and items["x-y-2.png"] == (GREEN, "green")
+    assert added.warnings == ["a.jpg saved as a-2.png: the name was taken",
+                              "x y.png saved as x-y-2.png: the name was taken"]
+    assert added.rejected == []
+
+
+def test_upload_again_replaces_the_same_picture_and_keeps_a_different_one(tmp_path):
+    workspace = tmp_path / "workspace"
+
+    def upload(folder, color, caption):
+        return [str(save(tmp_path / folder / "cat.png", solid(color))),
+                str(write(tmp_path / folder / "cat.txt", caption))]
+
+    assert ws.add_files(workspace, "set", upload("1", RED, "a cat")).saved == ["cat.png"]
+    again = ws.add_files(workspace, "set", upload("2", RED, "a red cat"))  # the same picture, its caption fixed
+    assert again.saved == ["cat.png"] and again.warnings == []
+    other = ws.add_files(workspace, "set", upload("3", BLUE, "a blue cat"))
+    assert other.saved == ["cat-2.png"] and other.warnings == ["cat.png saved as cat-2.png: the name was taken"]
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as zf:
+        zf.write(save(tmp_path / "4" / "cat.png", solid(GREEN)), "cat.png")
+        zf.writestr("cat.txt", "a green cat")
+    zipped = ws.add_files(workspace, "set", [str(tmp_path / "more.zip")])
+    assert zipped.saved == ["cat-3.png"] and zipped.warnings == ["cat.png saved as cat-3.png: the name was taken"]
+    assert dataset_items(workspace, "set") == {"cat.png": (RED, "a red cat"), "cat-2.png": (BLUE, "a blue cat"),
+                                               "cat-3.png": (GREEN, "a green cat")}
+
+
+def test_dataset_captions_are_shown_as_training_reads_them(tmp_path):
+    folder = ws.dataset_dir(tmp_path / "workspace", "set")
+    for name in ("a", "b", "c"):
+        save(folder / f"{name}.png", solid())
+    os.symlink(write(tmp_path / "secret.txt", "the secret"), folder / "a.txt")
+    with open(folder / "b.txt", "wb") as f:
+        f.truncate(50 * 2**20)
+    write(folder / "c.txt", "a cat")
+    assert [(file, caption) for file, _, caption in ws.captions(tmp_path / "workspace", "set")] == [
+        ("a.png", ""), ("b.png", ""), ("c.png", "a cat")]

@@ -303,6 +303,7 @@ def test_latent_cache_keeps_each_images_size_and_crop_and_refuses_nan_latents(mo
         _cache_latents(vae, records, [(64, 64), (64, 64)], flip=False, device=torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_shipped_configs_are_the_published_architectures_with_kohyas_key_names():
     """The configs in sdlora/configs build SD1.5, SD2.1 and SDXL at their published sizes, and our kohya names for
     them equal, name for name, kohya's at the default targets (SD1.5: 128 UNet + 48 text-encoder modules)."""

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import venv
 from pathlib import Path
 
@@ -16,6 +15,11 @@ from conftest import need
 from sdlora import examples
 from sdlora.dataset import ingest
 from sdlora.errors import UserError
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,10 +54,10 @@ def test_a_built_wheel_installs_and_trains_an_example_from_another_folder(tmp_pa
     (wheel,) = (tmp_path / "dist").glob("sdlora-*.whl")
 
     env_dir = tmp_path / "env"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, system_site_packages=True)
     python = env_dir / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   timeout=600)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True, timeout=600)
     sdlora = env_dir / "bin" / "sdlora"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

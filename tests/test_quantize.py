@@ -91,7 +91,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("precision", sorted(CASES))
+@pytest.mark.parametrize("precision", [p if p == "fp8" else pytest.param(p, marks=pytest.mark.slow)
+                                       for p in sorted(CASES)])  # the quick tier keeps fp8
 def test_lora_trains_on_a_quantized_base_and_exports_for_the_plain_one(precision, reference, tmp_path):
     if precision != "fp8":  # torch's own float8 needs no extra package
         need("bitsandbytes", "pip install bitsandbytes")

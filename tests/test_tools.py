@@ -102,6 +102,7 @@ def test_stack_at_half_equals_one_merged_lora_and_the_merged_checkpoint(loras, p
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(previewer.image(PROMPT, seed=0, steps=3)))
 
 
+@pytest.mark.slow
 def test_merge_both_formats_equal_base_plus_loras(loras, previewer, tmp_path):
     from diffusers import StableDiffusionPipeline
 

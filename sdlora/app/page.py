@@ -8,10 +8,11 @@ on 127.0.0.1:7860 and ends every process it started when it exits.
 
 from __future__ import annotations
 
-import argparse
+import asyncio
 import atexit
 import dataclasses
 import functools
+import hmac
 import os
 import shutil
 import signal
@@ -31,7 +32,7 @@ import pandas as pd
 
 from sdlora import card, examples as bundled, runs
 from sdlora import workspace as ws
-from sdlora.config import TrainConfig, build_config
+from sdlora.config import PRESETS, TrainConfig, build_config
 from sdlora.errors import UserError
 
 PRESET_CHOICES = [("Style", "style"), ("Character", "character"), ("Quick test", "quick")]
@@ -93,6 +94,22 @@ def _form_values(preset: str | None) -> dict:
     """Every form field's value under a preset (defaults first, then the preset)."""
     config = dataclasses.asdict(build_config(preset or None))
     return {name: _form_text(name, value) for name, value in config.items()}
+
+
+# The fields a preset sets: choosing a preset changes these and nothing else (a trigger word typed before stays).
+PRESET_FIELDS = sorted({name for values in PRESETS.values() for name in values})
+
+
+def _preset_values(preset: str) -> dict:
+    """The preset's value of every field presets set (the default where this one sets none), as the form holds it."""
+    values = _form_values(preset)
+    return {name: values[name] for name in PRESET_FIELDS}
+
+
+def _preset_of(config: dict) -> str | None:
+    """The preset a run's settings match in every field presets set, or None (the form then shows no preset)."""
+    return next((p for _, p in PRESET_CHOICES if all(_form_text(name, config.get(name)) == value
+                                                       for name, value in _preset_values(p).items())), None)
 
 
 def _form_text(name: str, value):
@@ -369,7 +386,10 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         live = ws.running(root)
         datasets = ws.dataset_names(root)
         current = live or (names[0] if names else None)
-        config = ws.run_config(root, current) if current else {}
+        try:
+            config = ws.run_config(root, current) if current else {}
+        except UserError:  # shown as such when the run is viewed; the page still loads
+            config = {}
         used = Path(config.get("dataset", "")).name
         used = used if used in datasets and Path(config["dataset"]) == ws.dataset_dir(root, used) else None
         base = config.get("base", "tiny")
@@ -381,7 +401,8 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
                 gr.update(choices=datasets, value=used or (datasets[0] if datasets else None)),
                 gr.update(choices=examples(), value=(examples() or [None])[0]),
                 gr.update(choices=ws.base_models(models), value=base),
-                gr.update(choices=names, value=current), live, *settings)
+                gr.update(choices=names, value=current), live,
+                gr.update(value=_preset_of(config)) if config else gr.skip(), *settings)
 
     # ---- preview ----------------------------------------------------------------------------------------------
     def previewer(base: str):
@@ -565,9 +586,10 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
     def export(run, file, title, trigger, description, with_diffusers, with_sample, with_card):
         if not run or not file:
             raise UserError("no LoRA picked", "pick a run and one of its files")
-        out = ws.inside(root, "exports", run)
+        source, lora = ws.run_dir(root, run), ws.lora_file(root, run, file)  # names checked before anything is deleted
+        out = ws.export_dir(root, run)
         shutil.rmtree(out, ignore_errors=True)  # what the page lists is what is there
-        made = card.share(ws.run_dir(root, run), ws.lora_file(root, run, file).name, out, title=title.strip() or run,
+        made = card.share(source, lora.name, out, title=title.strip() or run,
                           trigger=trigger.strip(), description=description.strip(), diffusers=with_diffusers,
                           sample=with_sample, readme=with_card)
         for note in made.notes:
@@ -740,8 +762,9 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
                        [gallery, dataset_note, form_inv["trigger"]], api_name="change_all")
 
         form_set = {train_dataset, base_box, run_name, gpu_box, *form}
-        preset.change(lambda p: [gr.update(value=_form_values(p)[name]) for name in form.values()], preset,
-                      list(form), api_name=False)
+        # .input: a click, never the page setting the radio to a run's preset on load
+        preset.input(lambda p: [gr.update(value=_preset_values(p)[name]) if p and name in PRESET_FIELDS
+                                else gr.skip() for name in form.values()], preset, list(form), api_name=False)
         for i, c in enumerate((train_dataset, base_box, form_inv["steps"], form_inv["batch_size"],
                                form_inv["grad_accum"], gpu_box)):
             c.change(plan_text, form_set, plan, show_progress="hidden", api_name="plan" if i == 0 else False)
@@ -776,7 +799,7 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         export_btn.click(export, [exp_run, exp_file, title, trigger_words, description, with_diffusers, with_sample,
                                   with_card], [downloads, card_text], api_name="export")
 
-        demo.load(on_load, None, [dataset, train_dataset, example, base_box, run_pick, followed, *form],
+        demo.load(on_load, None, [dataset, train_dataset, example, base_box, run_pick, followed, preset, *form],
                   api_name=False)
         demo.load(lambda: gr.update(choices=ws.base_models(models)), None, prev_base, api_name=False)
         demo.load(refresh_stack, stack_slots, stack_slots, api_name=False)
@@ -863,7 +886,8 @@ def serve(workspace: str | Path = "workspace", models: str | Path | None = None,
     if block and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the app as Ctrl-C does, its children with it
     try:
-        demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=[str(root)],
+        demo.launch(server_name=host, server_port=port, auth=password_check(*auth) if auth else None,
+                    allowed_paths=[str(root)],
                     max_file_size=f"{max_upload_mb}mb", prevent_thread_lock=not block, css=CSS, quiet=not block,
                     footer_links=[])
     except OSError as e:  # taken between the check and the launch
@@ -879,6 +903,29 @@ def serve(workspace: str | Path = "workspace", models: str | Path | None = None,
     return demo
 
 
+def password_check(user: str, password: str, sleep=asyncio.sleep):
+    """The page's login check (Gradio awaits it): a wrong guess makes the next ones wait, 0.5 s doubling up to 8 s,
+    one guess at a time, so guessing a password is slow; the right one resets the wait.
+
+    A plain async function, not an object with an async __call__: Gradio tests `inspect.iscoroutinefunction`, and an
+    object's un-awaited coroutine would count as a yes."""
+    state = {"failures": 0, "lock": None}
+
+    async def check(given_user: str, given_password: str) -> bool:
+        state["lock"] = state["lock"] or asyncio.Lock()  # made inside the server's event loop
+        async with state["lock"]:
+            ok = hmac.compare_digest(given_user.encode(), user.encode()) & \
+                hmac.compare_digest(given_password.encode(), password.encode())
+            if ok:
+                state["failures"] = 0
+                return True
+            state["failures"] += 1
+            await sleep(min(0.5 * 2 ** (state["failures"] - 1), 8.0))
+            return False
+
+    return check
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -892,33 +939,3 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`sdlora app`: parse the options and serve until interrupted; a user error is one line and exit code 2."""
-    p = argparse.ArgumentParser(prog="sdlora app", description="Open the sdlora browser app.")
-    p.add_argument("--listen", action="store_true", help="serve on every network interface (0.0.0.0), not only here")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on")
-    p.add_argument("--auth", default=os.environ.get("SDLORA_AUTH"),
-                   help="USER:PASS that the page asks for (or set SDLORA_AUTH)")
-    p.add_argument("--workspace", default="workspace", help="folder for datasets, runs and exports")
-    p.add_argument("--models", help="folder of base models to offer (default: WORKSPACE/models)")
-    p.add_argument("--max-upload-mb", type=int, default=1024, help="largest file a browser may upload")
-    args = p.parse_args(argv)
-    auth = None
-    if args.auth:
-        user, sep, password = args.auth.partition(":")
-        if not sep or not user or not password:
-            p.error("--auth needs USER:PASS")
-        auth = (user, password)
-    if args.listen and not auth:
-        print("warning: --listen without --auth: anyone on the network can use this app")
-    try:
-        serve(args.workspace, args.models, host="0.0.0.0" if args.listen else "127.0.0.1", port=args.port, auth=auth,
-              max_upload_mb=args.max_upload_mb)
-    except UserError as e:
-        print(f"sdlora app: error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # before Gradio's own loop took over
-        return 130
-    return 0

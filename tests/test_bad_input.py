@@ -1,0 +1,106 @@
+"""Bad input a user can give: settings of the wrong type, a name that would reach outside its folder, a command that
+failed and is typed again corrected, a file that is not a plain LoRA; each gets one line and loses nothing saved."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import draw_dataset
+from sdlora import workspace as ws
+from sdlora.card import model_card
+from sdlora.cli import main
+from sdlora.errors import UserError
+
+
+def error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_a_setting_of_the_wrong_type_names_the_setting(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"dataset": "x", "steps": "ten"}))
+    assert main(["train", "--run-dir", str(run)]) == 2
+    assert error_lines(capsys) == ["sdlora: error: setting steps = 'ten': must be a whole number "
+                                   "(hint: fix steps in the config file)"]
+    (run / "config.json").write_text("[1, 2]")
+    assert main(["train", "--run-dir", str(run)]) == 2
+    assert error_lines(capsys) == [f"sdlora: error: {run / 'config.json'} does not hold settings "
+                                   '(hint: write one JSON object, e.g. {"steps": 600})']
+
+
+def test_whole_numbers_and_booleans_are_checked_as_such():
+    from sdlora.config import TrainConfig
+
+    assert TrainConfig.from_dict({"unet_lr": 1, "steps": 600.0}).steps == 600  # JSON may write either
+    for values, kind in [({"flip": 1}, "true or false"), ({"steps": True}, "a whole number"),
+                         ({"steps": 2.5}, "a whole number"), ({"sample_prompts": "a cat"}, "a list"),
+                         ({"trigger": 5}, "text")]:
+        with pytest.raises(UserError, match=f"must be {kind}"):
+            TrainConfig.from_dict(values)
+
+
+@pytest.mark.slow
+def test_a_command_that_failed_before_training_can_be_typed_again(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "missing"), "--out", str(run), "--quiet"]) == 2
+    assert run.is_dir()  # the failed command left its folder
+    data = draw_dataset(tmp_path / "data", n=2, size=32)
+    assert main(["train", str(data), "--out", str(run), "--quiet", "--steps", "1", "--batch-size", "1",
+                 "--sample-every", "0", "--save-every", "0", "--rank", "2"]) == 0
+    events = [json.loads(line)["type"] for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "done"
+    # a run that trained is never replaced by a new command
+    assert main(["train", str(data), "--out", str(run), "--quiet", "--steps", "1"]) == 2
+    assert error_lines(capsys)[-1].startswith(f"sdlora: error: {run} already holds a run")
+    assert (run / "lora.safetensors").is_file()
+
+
+def test_names_never_reach_the_workspace_or_a_top_folder(tmp_path):
+    for top in ("datasets/a", "runs/r", "exports/e"):
+        (tmp_path / top).mkdir(parents=True)
+    (tmp_path / "datasets" / "up").symlink_to(tmp_path / "runs")
+    for parts in [("exports", ".."), ("exports", "."), ("exports", ""), ("exports", "../datasets"),
+                  ("exports", "/etc"), ("datasets", "up"), ("datasets", "up", "r"), ("datasets", "a/../../runs")]:
+        with pytest.raises(UserError, match="outside the workspace"):
+            ws.inside(tmp_path, *parts)
+    for name in ("..", ".", "", "../datasets", "a/b"):
+        with pytest.raises(UserError, match="not a valid"):
+            ws.export_dir(tmp_path, name)
+    assert ws.inside(tmp_path, "datasets", "a/b.png") == tmp_path.resolve() / "datasets" / "a" / "b.png"
+    assert ws.export_dir(tmp_path, "e") == tmp_path.resolve() / "exports" / "e"
+
+
+def test_an_unreadable_run_config_is_named_and_the_rest_still_lists(tmp_path):
+    for name, text in (("good", "{}"), ("broken", "{ not json")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.json").write_text(text)
+    assert set(ws.run_names(tmp_path)) == {"good", "broken"}
+    assert ws.run_config(tmp_path, "good") == {}
+    with pytest.raises(UserError, match="run broken has an unreadable config.json"):
+        ws.run_config(tmp_path, "broken")
+
+
+def test_generate_says_what_a_lycoris_file_is(tmp_path, capsys):
+    loha = tmp_path / "style-loha.safetensors"
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.hada_w1_a": torch.zeros(32, 4), f"{name}.hada_w1_b": torch.zeros(4, 32),
+               f"{name}.hada_w2_a": torch.zeros(32, 4), f"{name}.hada_w2_b": torch.zeros(4, 32),
+               f"{name}.alpha": torch.tensor(4.0)}, str(loha))
+    assert main(["generate", "a cat", "--lora", str(loha), "--steps", "1", "--out", str(tmp_path / "x.png")]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith(f"sdlora: error: style-loha.safetensors is a LyCORIS LoHa file, not a plain LoRA (key {name}")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_model_card_leaves_out_the_learning_rate_of_a_text_encoder_that_did_not_train():
+    def card(trained: bool) -> str:
+        config = {"base": "tiny", "steps": 10, "unet_lr": 5e-4, "text_encoder_lr": 1e-4,
+                  "train_text_encoder": trained}
+        return model_card(title="t", trigger="zq", description="", config=config, file_name="t.safetensors",
+                          step=10, samples=[])
+
+    assert "| text encoder learning rate | 0.0001 |" in card(True)
+    assert "text encoder learning rate" not in card(False) and "| text encoder trained | False |" in card(False)
