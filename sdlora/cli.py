@@ -15,6 +15,7 @@ for _name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from sdlora import examples
 from sdlora.config import PRESETS, TrainConfig, build_config
 from sdlora.errors import UserError
 
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="PNG file to write")
 
     r = sub.add_parser("runs", help="list runs in a folder with their state")
-    r.add_argument("root", nargs="?", default="runs")
+    r.add_argument("root", nargs="?", default="runs", help="the folder holding the run folders (default: runs)")
 
     m = sub.add_parser("merge", help="bake LoRAs into a base model: a single-file checkpoint or a diffusers folder")
     m.add_argument("base", help="'tiny', a diffusers folder, a .safetensors checkpoint or a hub id")
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="weights are summed in fp32, then stored in this precision")
 
     z = sub.add_parser("resize", help="lower a LoRA's rank by SVD (fixed rank, or per module by energy)")
-    z.add_argument("file")
+    z.add_argument("file", help="the LoRA .safetensors file to resize")
     z.add_argument("--rank", type=int, help="new rank (with --energy: the most any module keeps)")
     z.add_argument("--energy", type=float,
                    help="per module, keep the smallest rank holding this fraction of the energy, e.g. 0.9")
@@ -99,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("--all", action="store_true", help="print every module, not only the 10 worst")
 
     i = sub.add_parser("info", help="what a LoRA file holds: family, ranks, alphas, targets, trigger, settings")
-    i.add_argument("file")
+    i.add_argument("file", help="a LoRA .safetensors file (kohya or diffusers layout)")
     i.add_argument("--base", help="also check that every key maps onto this base model")
     i.add_argument("--json", action="store_true", help="print everything as JSON")
 
@@ -143,9 +144,6 @@ def _train(args) -> int:
                 and sys.argv[i] != "--gpus"]
         os.execvp(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", *launch_args(args.gpus),
                                    "-m", "sdlora", *argv])
-    from sdlora.train import train
-
-    _quiet_loading()
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in fields and k != "dataset"}
     if args.run_dir:
@@ -163,6 +161,10 @@ def _train(args) -> int:
             raise UserError(f"{run_dir} already holds a run", "add --resume to continue it, or pick another --out")
         if not args.resume:  # a command that failed before training began left only its config and error: start over
             (Path(run_dir) / "events.jsonl").unlink(missing_ok=True)
+    examples.locate(config.dataset)  # a mistyped path is said at once, not after seconds of loading
+    from sdlora.train import train
+
+    _quiet_loading()
     train(config, run_dir, resume=args.resume, progress_bar=not args.quiet)
     return 0
 

@@ -67,11 +67,7 @@ def ingest(source, *, trigger: str = "", caption_template: str = "a picture",
     >>> data.records[0].name, data.records[0].caption
     ('10_cat/a.png', 'zxq, a cat on a sofa')
     """
-    source = examples.resolve(source)  # `example:NAME`: a dataset that ships with sdlora
-    path = Path(source)
-    if not path.exists():
-        raise UserError(f"dataset not found: {path}",
-                        "check the path; give a folder of images, a .zip, or an example such as example:character")
+    path = examples.locate(source)  # `example:NAME` is a dataset that ships with sdlora
     if path.is_dir():
         return _ingest_files(str(source), _folder_files(path), [], trigger, caption_template, max_pixels)
     if not zipfile.is_zipfile(path):

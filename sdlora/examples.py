@@ -41,3 +41,13 @@ def resolve(dataset: str | Path) -> str | Path:
     if isinstance(dataset, str) and dataset.startswith(PREFIX):
         return path(dataset[len(PREFIX):])
     return dataset
+
+
+def locate(dataset: str | Path) -> Path:
+    """The dataset a setting names (a folder, a .zip or `example:NAME`), which must exist; a UserError otherwise.
+    Cheap, so the command line says so before it loads any model."""
+    found = Path(resolve(dataset))
+    if not found.exists():
+        raise UserError(f"dataset not found: {found}",
+                        "check the path; give a folder of images, a .zip, or an example such as example:character")
+    return found

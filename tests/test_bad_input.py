@@ -2,6 +2,8 @@
 failed and is typed again corrected, a file that is not a plain LoRA; each gets one line and loses nothing saved."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -44,14 +46,26 @@ def test_whole_numbers_and_booleans_are_checked_as_such():
 
 @pytest.mark.slow
 def test_a_command_that_failed_before_training_can_be_typed_again(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["train", str(tmp_path / "missing"), "--out", str(run), "--quiet"]) == 2
-    assert run.is_dir()  # the failed command left its folder
-    data = draw_dataset(tmp_path / "data", n=2, size=32)
-    assert main(["train", str(data), "--out", str(run), "--quiet", "--steps", "1", "--batch-size", "1",
+    run, data = tmp_path / "run", tmp_path / "data"
+    data.mkdir()
+    assert main(["train", str(data), "--out", str(run), "--quiet"]) == 2  # no pictures in it yet
+    assert "error" in (run / "events.jsonl").read_text()  # the failed command left its folder
+    draw_dataset(data, n=2, size=32)
+    assert main(["train", str(data), "--out", str(run), "--steps", "1", "--batch-size", "1",
                  "--sample-every", "0", "--save-every", "0", "--rank", "2"]) == 0
     events = [json.loads(line)["type"] for line in (run / "events.jsonl").read_text().splitlines()]
     assert events[0] == "start" and events[-1] == "done"
+    # what the run said about the pictures, and what its file records
+    assert "2 pictures in 1 size bucket(s): 2 at 64x64; each scaled to cover its bucket and centre cropped; " \
+           "1 steps of 1 = 0.5 epochs" in capsys.readouterr().out
+    from sdlora.info import describe
+
+    info = describe(run / "lora.safetensors")
+    assert info["settings"]["epochs"] == "0.5" and "epoch" not in info["settings"]  # not kohya's "1"
+    assert info["settings"]["mixed precision"] == "no"  # what ran on the CPU, not the setting "auto"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((run / "lora.safetensors").stat().st_mode) == 0o666 & ~umask  # as any file made here
     # a run that trained is never replaced by a new command
     assert main(["train", str(data), "--out", str(run), "--quiet", "--steps", "1"]) == 2
     assert error_lines(capsys)[-1].startswith(f"sdlora: error: {run} already holds a run")
@@ -104,3 +118,14 @@ def test_the_model_card_leaves_out_the_learning_rate_of_a_text_encoder_that_did_
 
     assert "| text encoder learning rate | 0.0001 |" in card(True)
     assert "text encoder learning rate" not in card(False) and "| text encoder trained | False |" in card(False)
+
+
+def test_every_command_line_option_says_what_it_does():
+    from sdlora.cli import _parser
+
+    parser = _parser()
+    (commands,) = [a for a in parser._actions if a.dest == "command"]
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"sdlora {name}: {action.option_strings or action.dest} has no help"
