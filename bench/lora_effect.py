@@ -74,7 +74,7 @@ def measure(prev: Previewer, lora: str, name: str, prompts: list[str], strengths
     out = {}
     for s in strengths:
         prev.set_loras([(lora, s)])
-        images = [prev.image(p, seed=i, steps=steps, guidance_scale=guidance) for i, p in enumerate(prompts)]
+        images = prev.images(prompts, list(range(len(prompts))), steps=steps, guidance_scale=guidance)
         out[f"{s:g}"] = {"score": summary([score(name, im, p) for im, p in zip(images, prompts)]),
                          "detail": summary([detail(name, im) for im in images])}
     return out

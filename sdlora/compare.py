@@ -8,14 +8,14 @@ from sdlora.generate import Previewer, grid
 
 
 def strength_seed_grid(previewer: Previewer, lora: str, prompt: str, strengths, seeds, **kw) -> Image.Image:
-    """Rows are seeds, columns strengths; the same seed in a row, so only the strength changes along it."""
-    rows = []
-    for seed in seeds:
-        row = []
-        for s in strengths:
-            previewer.set_loras([(lora, s)])
-            row.append(_readable(previewer.image(prompt, seed=seed, **kw)))
-        rows.append(row)
+    """Rows are seeds, columns strengths; the same seed in a row, so only the strength changes along it. Each
+    column is drawn as one batch of seeds."""
+    seeds = list(seeds)
+    columns = []
+    for s in strengths:
+        previewer.set_loras([(lora, s)])
+        columns.append([_readable(im) for im in previewer.images([prompt] * len(seeds), seeds, **kw)])
+    rows = [list(row) for row in zip(*columns)]
     return _row_labels(grid(rows, [f"{s:g}" for s in strengths]), [f"seed {s}" for s in seeds])
 
 

@@ -79,26 +79,33 @@ class Previewer:
               guidance_scale: float = 7.0, scheduler: str = "EulerDiscreteScheduler", width: int | None = None,
               height: int | None = None) -> Image.Image:
         """One image; `torch.Generator("cpu").manual_seed(seed)` as the training samples use."""
+        return self.images([prompt], [seed], negative_prompt=negative_prompt, steps=steps,
+                           guidance_scale=guidance_scale, scheduler=scheduler, width=width, height=height)[0]
+
+    def images(self, prompts: list[str], seeds: list[int], *, negative_prompt: str = "", steps: int = 25,
+               guidance_scale: float = 7.0, scheduler: str = "EulerDiscreteScheduler", width: int | None = None,
+               height: int | None = None) -> list[Image.Image]:
+        """One image per (prompt, seed), drawn as one batch: each starts from its own seed's noise, as `image`
+        would draw it alone (up to the last bit of float rounding), in a fraction of the time on a CPU."""
         import diffusers
 
         if not hasattr(diffusers, scheduler):
             raise UserError(f"unknown scheduler {scheduler!r}", "use a diffusers scheduler class name such as EulerDiscreteScheduler")
         self.pipe.scheduler = getattr(diffusers, scheduler).from_config(self.pipe.scheduler.config)
         size = self.base.resolution
-        return self.pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, width=width or size, height=height or size,
-                         generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        return self.pipe(list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+                         num_inference_steps=steps, guidance_scale=guidance_scale, width=width or size,
+                         height=height or size,
+                         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
 
     def strength_grid(self, lora: str, prompt: str, strengths=(0.0, 0.5, 1.0), seeds=(0, 1), **kw) -> Image.Image:
-        """Rows are seeds, columns strengths; labels on top."""
-        cells = []
-        for seed in seeds:
-            row = []
-            for s in strengths:
-                self.set_loras([(lora, s)])
-                row.append(self.image(prompt, seed=seed, **kw))
-            cells.append(row)
-        return grid(cells, [f"{s:g}" for s in strengths])
+        """Rows are seeds, columns strengths; labels on top. Each column is drawn as one batch of seeds."""
+        seeds = list(seeds)
+        columns = []
+        for s in strengths:
+            self.set_loras([(lora, s)])
+            columns.append(self.images([prompt] * len(seeds), seeds, **kw))
+        return grid([list(row) for row in zip(*columns)], [f"{s:g}" for s in strengths])
 
 
 def grid(cells: list[list[Image.Image]], labels: list[str]) -> Image.Image:

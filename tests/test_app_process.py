@@ -66,21 +66,6 @@ def served(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.slow
-def test_the_app_ends_its_spare_process_on_sigterm(tmp_path):
-    port = free_port()
-    proc = app_process(tmp_path / "workspace", port)
-    try:
-        wait_until(lambda: served(port), 180, "the app to serve")
-        children = wait_until(lambda: descendants(proc.pid), 60, "the spare training process")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) in (0, 130), proc.stdout.read()  # 130: before Gradio's own loop began
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    wait_until(lambda: not any(alive(p) for p in children), 10, "the app's children to end")
-
-
 def test_closing_the_server_ends_its_children(tmp_path):
     from sdlora import app
 
@@ -108,28 +93,38 @@ def test_a_port_in_use_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_a_training_run_after_it_saves(tmp_path):
-    """Ctrl-C in the app's terminal ends the run it started too: the run saves first, and nothing is left running."""
+def test_the_app_ends_every_process_it_started_on_ctrl_c_and_on_sigterm(tmp_path):
+    """Two apps at once (so that their start-ups overlap). Ctrl-C in the one training a run: the run saves, stops,
+    and nothing the app started is left. SIGTERM in the other, which holds only its spare training process: the
+    spare ends with it."""
     from gradio_client import Client
     from test_app import start
 
     workspace = tmp_path / "workspace"
     draw_dataset(workspace / "datasets" / "shapes", n=4, size=32)
-    port = free_port()
-    proc = app_process(workspace, port)
+    ports = free_port(), free_port()
+    training, idle = app_process(workspace, ports[0]), app_process(tmp_path / "idle", ports[1])
     try:
-        wait_until(lambda: served(port), 180, "the app to serve")
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        for port in ports:
+            wait_until(lambda: served(port), 180, "the apps to serve")
+        client = Client(f"http://127.0.0.1:{ports[0]}/", verbose=False)
         run = start(client, **{"Dataset": "shapes", "Training steps": 100000, "Pictures per step": 1, "Rank": 4,
                                "Sample every": 100000, "Save every": 100000, "Sample steps": 1, "Run name": "long"})
         events = workspace / "runs" / run / "events.jsonl"
+
+        spare = wait_until(lambda: descendants(idle.pid), 60, "the idle app's spare training process")
+        idle.send_signal(signal.SIGTERM)
+        assert idle.wait(timeout=60) in (0, 130), idle.stdout.read()  # 130: before Gradio's own loop began
+        wait_until(lambda: not any(alive(p) for p in spare), 10, "the idle app's spare to end")
+
         wait_until(lambda: events.exists() and '"progress"' in events.read_text(), 300, "the run's first steps")
-        children = descendants(proc.pid)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) in (0, 130), proc.stdout.read()
+        children = descendants(training.pid)
+        training.send_signal(signal.SIGINT)
+        assert training.wait(timeout=120) in (0, 130), training.stdout.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    wait_until(lambda: not any(alive(p) for p in children), 30, "the app's children to end")
+        for proc in (training, idle):
+            if proc.poll() is None:
+                proc.kill()
+    wait_until(lambda: not any(alive(p) for p in children), 30, "the training app's children to end")
     kinds = [json.loads(line)["type"] for line in events.read_text().splitlines()]
     assert kinds[-1] == "stopped" and (workspace / "runs" / run / "lora.safetensors").is_file()

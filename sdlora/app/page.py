@@ -493,6 +493,9 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         def image(self, *args, **kw):
             return self.previewer.image(*args, **kw)
 
+        def images(self, *args, **kw):
+            return self.previewer.images(*args, **kw)
+
     def grid_note(base, loaded_now, began, others, what):
         note = timing_note(base, loaded_now, None, time.perf_counter() - began, what)
         if others:
