@@ -507,6 +507,18 @@ def epoch_batches(buckets_per_sample: list[tuple[int, int]], batch_size: int,
     return batches
 
 
+NO_TRIGGER = ("no trigger word, and the captions do not start with one: what the LoRA learns goes into the words the "
+              "captions use; set a trigger word to call it up by name")
+
+
+def common_first_word(captions: list[str], share: float = 0.8) -> str | None:
+    """The first tag (the text before the first comma) that at least `share` of the captions start with, as they
+    start with a trigger word; else None."""
+    firsts = [(_tags(c) or [""])[0].lower() for c in captions]
+    tag = max(set(firsts), key=firsts.count) if firsts else ""
+    return tag if tag and firsts.count(tag) >= share * len(firsts) else None
+
+
 def tag_frequency(records) -> dict:
     """Tag counts per top-level folder, kohya's `ss_tag_frequency` shape: {"10_cat": {"cat": 12, ...}}.
 

@@ -116,6 +116,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, whe
         events.emit("warning", message=w)
     for name, reason in data.rejected:
         events.emit("warning", message=f"skipped {name}: {reason}")
+    if not config.trigger.strip() and ds.common_first_word([r.caption for r in records]) is None:
+        events.emit("warning", message=ds.NO_TRIGGER)
     tokenizer = tokenizers[0]
     long = [r.name for r in records if len(tokenizer(r.caption).input_ids) > tokenizer.model_max_length]
     if long:

@@ -13,6 +13,7 @@ from conftest import draw_dataset
 from sdlora import workspace as ws
 from sdlora.card import model_card
 from sdlora.cli import main
+from sdlora.dataset import NO_TRIGGER, common_first_word
 from sdlora.errors import UserError
 
 
@@ -53,8 +54,11 @@ def test_a_command_that_failed_before_training_can_be_typed_again(tmp_path, caps
     draw_dataset(data, n=2, size=32)
     assert main(["train", str(data), "--out", str(run), "--steps", "1", "--batch-size", "1",
                  "--sample-every", "0", "--save-every", "0", "--rank", "2"]) == 0
-    events = [json.loads(line)["type"] for line in (run / "events.jsonl").read_text().splitlines()]
-    assert events[0] == "start" and events[-1] == "done"
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    kinds = [e["type"] for e in events]
+    assert "error" not in kinds and "start" in kinds and kinds[-1] == "done"  # the failed attempt's events are gone
+    # no --trigger, and captions ("a red circle on a blue background") that start with none: said once
+    assert [e["message"] for e in events if e["type"] == "warning"].count(NO_TRIGGER) == 1
     # what the run said about the pictures, and what its file records
     assert "2 pictures in 1 size bucket(s): 2 at 64x64; each scaled to cover its bucket and centre cropped; " \
            "1 steps of 1 = 0.5 epochs" in capsys.readouterr().out
@@ -129,3 +133,9 @@ def test_every_command_line_option_says_what_it_does():
         for action in sub._actions:
             if action.dest != "help":
                 assert action.help, f"sdlora {name}: {action.option_strings or action.dest} has no help"
+
+
+def test_a_trigger_is_found_at_the_start_of_the_captions():
+    assert common_first_word(["zqchar, a cat", "zqchar, a dog", "ZQchar, red", "zqchar, blue", "a picture"]) == "zqchar"
+    assert common_first_word(["a red circle", "a blue square"]) is None  # sentences: no shared first tag
+    assert common_first_word(["zq, a", "zq, b", "other, c"]) is None  # under 80%

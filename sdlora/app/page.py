@@ -31,6 +31,7 @@ import gradio as gr
 import pandas as pd
 
 from sdlora import card, examples as bundled, runs
+from sdlora import dataset as ds
 from sdlora import workspace as ws
 from sdlora.config import PRESETS, TrainConfig, build_config
 from sdlora.errors import UserError
@@ -304,9 +305,13 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
             if speed else "shown once the run has started (no earlier run on this base to measure)"
         repeats = f" ({per_epoch} with repeats)" if per_epoch != images else ""
         split = f" ({batch * accum} on each of {n_gpus} GPUs)" if n_gpus > 1 else ""
-        return (f"**What this run will do:** {steps} steps × {per_step} pictures{split} = {shown:,} pictures shown "
+        plan = (f"**What this run will do:** {steps} steps × {per_step} pictures{split} = {shown:,} pictures shown "
                 f"to the model. Your dataset has {images} pictures{repeats}, so each one is seen about "
                 f"**{epochs:.0f} times** ({epochs:.1f} epochs). Time: {eta}.")
+        if not (values[form_inv["trigger"]] or "").strip() and \
+                ds.common_first_word([caption for _, _, caption in ws.captions(root, name)]) is None:
+            plan += f"\n\n**Note:** {ds.NO_TRIGGER[0].upper()}{ds.NO_TRIGGER[1:]}."
+        return plan
 
     @_user_errors
     def start(values: dict):
@@ -769,7 +774,7 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         preset.input(lambda p: [gr.update(value=_preset_values(p)[name]) if p and name in PRESET_FIELDS
                                 else gr.skip() for name in form.values()], preset, list(form), api_name=False)
         for i, c in enumerate((train_dataset, base_box, form_inv["steps"], form_inv["batch_size"],
-                               form_inv["grad_accum"], gpu_box)):
+                               form_inv["grad_accum"], gpu_box, form_inv["trigger"])):
             c.change(plan_text, form_set, plan, show_progress="hidden", api_name="plan" if i == 0 else False)
         # the Pictures tab's dataset list changes: keep the Train tab's in step
         dataset.change(follow_dataset, dataset, train_dataset, api_name=False)
