@@ -72,8 +72,12 @@ def test_closing_the_server_ends_its_children(tmp_path):
     before = descendants(os.getpid())
     demo = app.serve(tmp_path / "workspace", port=free_port(), block=False, spare=True)
     started = wait_until(lambda: descendants(os.getpid()) - before, 60, "the spare training process")
+    assert all(alive(p) for p in started)  # the spare runs while the server does
     demo.close()
-    wait_until(lambda: not any(alive(p) for p in started), 10, "the app's children to end")
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in started), "a process the app started outlived demo.close()"
 
 
 def test_a_port_in_use_is_one_line(tmp_path, capsys):
