@@ -8,7 +8,7 @@ GPU, stores the base in the precision asked for (`sdlora.quantize.quantize_base`
 fp8 or nf4 base), adds fp32 LoRAs on the UNet and text encoder(s) (rank 16 on attention, initialised from the config's
 seed), makes fused AdamW and the cosine schedule, and on a GPU replays the forward+backward as a CUDA graph
 (sdlora.graphs) where that captures; the result says whether it did. Each step gets what the training loop feeds it:
-a cached latent distribution (mean, std), noise and timestep from `sdlora.train._noise`, and the captions' token ids.
+a cached latent distribution (mean, std), noise and timestep from `sdlora.batches.step_randomness`, and the captions' token ids.
 
 1. Memory and speed. For SD1.5 at 512 and SDXL at 1024 (the published architectures with random weights, built from
    the configs in sdlora/configs: nothing is downloaded) and each base precision (bf16 = `auto`, fp8, and int8/nf4
@@ -107,7 +107,7 @@ class Run:
 
         from sdlora.config import TrainConfig
         from sdlora.quantize import stored_bytes
-        from sdlora.train import build_step
+        from sdlora.step import build_step
 
         self.config = TrainConfig(dataset="-", base_precision="auto" if precision == "bf16" else precision,
                                   gradient_checkpointing=checkpointing(precision), batch_size=1,
@@ -144,23 +144,26 @@ class Run:
 def make_inputs(master, resolution: int, steps: int, device, seed: int = 0) -> list[dict]:
     """Per step, the dict `Step.loss_and_grads` takes, as sdlora's training loop builds it: one of 8 fixed random
     latents (a cached latent distribution: mean = latent / scaling factor, std 0) with its caption's token ids, and
-    that step's eps, noise and timestep from `sdlora.train._noise`, drawn from a generator seeded by (seed, step);
+    that step's eps, noise and timestep from `sdlora.batches.step_randomness`, drawn from a generator seeded by (seed, step);
     a function of (seed, step) only, so every precision sees the same."""
-    from sdlora.train import _noise, _token_ids
+    from sdlora.batches import step_randomness, token_ids
+    from sdlora.objectives import DDPM
 
     gen = torch.Generator().manual_seed(seed)
     side = resolution // 8
     mean = (torch.randn(8, 1, 4, side, side, generator=gen) / master.vae.config.scaling_factor).to(device)
     std = torch.zeros(1, 4, side, side, device=device)
     tokenizers = [master.tokenizer] + ([master.tokenizer_2] if is_sdxl(master) else [])
-    ids = [[_token_ids(tok, [c], device) for c in CAPTIONS] for tok in tokenizers]
+    objective = DDPM(master.scheduler.config)
+    ids = [[token_ids(tok, [c], device) for c in CAPTIONS] for tok in tokenizers]
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32,
                             device=device)
     out = []
     for k in range(steps):
         i = k % 8
         item = {"mean": mean[i], "std": std,
-                **_noise(mean[i].shape, [torch.Generator().manual_seed(seed * 1_000_003 + k)], 0.0, 1000, device)}
+                **step_randomness(mean[i].shape[1:], [torch.Generator().manual_seed(seed * 1_000_003 + k)], objective,
+                                   device)}
         if is_sdxl(master):
             item["time_ids"] = time_ids
         item.update({f"ids_{j}": enc[i] for j, enc in enumerate(ids)})

@@ -1,7 +1,7 @@
 """Samples drawn during training with the UNet replayed as CUDA graphs against the same samples drawn eagerly.
 
-sdlora.train._sample, as the training loop calls it, on the published architecture (random weights, LoRA added by
-sdlora.train.build_step with its B matrices made non-zero so the adapter changes the output), two prompts at the
+sdlora.sampling.Sampler, as the training loop calls it, on the published architecture (random weights, LoRA added by
+sdlora.step.build_step with its B matrices made non-zero so the adapter changes the output), two prompts at the
 family's resolution, 25 Euler steps: seconds per round (median of `--rounds`, after a first round that captures the
 graphs) and the difference between the two ways' images (0-255 scale), plus the peak GPU memory of each.
 
@@ -38,7 +38,8 @@ def main() -> None:
 
     from sdlora.config import TrainConfig
     from sdlora.runs import EventLog
-    from sdlora.train import _SampleGraphs, _sample, build_step
+    from sdlora.sampling import SampleGraphs, Sampler
+    from sdlora.step import build_step
 
     acc = Accelerator(mixed_precision="bf16")
     pipe = build(args.family, "cpu")
@@ -55,23 +56,24 @@ def main() -> None:
               "torch": torch.__version__}
     images = {}
     for mode in ("eager", "graphs"):
-        state = {"low_memory": False,
-                 "graphs": _SampleGraphs(pipe.unet, torch.bfloat16) if mode == "graphs" else None}
         run_dir = Path(tempfile.mkdtemp(prefix=f"samples-{mode}-"))
+        sampler = Sampler(acc, pipe, step.trained, config, prompts, resolution, run_dir, EventLog(run_dir),
+                          SampleGraphs(pipe.unet, torch.bfloat16) if mode == "graphs" else None)
+        graphs = sampler.graphs
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         times = []
         for r in range(args.rounds + 1):
             t = time.perf_counter()
-            _sample(acc, pipe, step.trained, config, prompts, resolution, r, run_dir, EventLog(run_dir), state)
+            sampler(r)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         images[mode] = [np.asarray(Image.open(run_dir / "samples" / f"step-{args.rounds:06d}-{i}.png"), dtype=np.float64)
                         for i in range(len(prompts))]
         result[mode] = {"first_round_s": round(times[0], 3), "round_s": round(statistics.median(times[1:]), 3),
                         "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                        "captured": state["graphs"].run.captured if state["graphs"] else 0,
-                        "low_memory": state["low_memory"]}
+                        "captured": graphs.run.captured if graphs else 0,
+                        "low_memory": sampler.low_memory}
         print(mode, result[mode], flush=True)
     diffs = [np.abs(a - b) for a, b in zip(images["eager"], images["graphs"])]
     result["mean_abs_diff_0_255"] = round(float(np.mean([d.mean() for d in diffs])), 4)

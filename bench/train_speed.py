@@ -12,7 +12,7 @@ bench/clean_env.py folder: only what an install of sdlora holds).
 reference: peft LoRA r16 (alpha 16) on to_q/to_k/to_v/to_out.0 (and q/k/v/out_proj of the text encoders when they
 train), frozen bf16 base, fp32 LoRA parameters under bf16 autocast, torch AdamW, the VAE encoding the images and the
 text encoder running every step, the loss read back each step for the progress bar (as the examples log it).
-sdlora: `sdlora.train.build_step` with sdlora's defaults for the same job (r16, attention targets, Min-SNR 5 in both)
+sdlora: `sdlora.step.build_step` with sdlora's defaults for the same job (r16, attention targets, Min-SNR 5 in both)
 and the step `sdlora train` runs: cached latents (mean/std) and, for a frozen text encoder, cached embeddings; fused
 AdamW; the base's norms in bf16; the forward+backward replayed as a CUDA graph.
 
@@ -88,9 +88,9 @@ def matmul_ceiling(device: str) -> float:
 def token_ids(pipe, batch: int, device: str) -> list[torch.Tensor]:
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
     captions = [f"a photo of zxq number {i}, a red circle on a blue background" for i in range(batch)]
-    from sdlora.train import _token_ids
+    from sdlora.batches import token_ids as ids_of
 
-    return [_token_ids(t, captions, torch.device(device)) for t in tokenizers]
+    return [ids_of(t, captions, torch.device(device)) for t in tokenizers]
 
 
 def time_ids(batch: int, resolution: int, device: str) -> torch.Tensor:
@@ -182,7 +182,7 @@ class Sdlora:
         from accelerate import Accelerator
 
         from sdlora.config import TrainConfig
-        from sdlora.train import build_step
+        from sdlora.step import build_step
 
         self.pipe, self.device = pipe, device
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
@@ -191,11 +191,14 @@ class Sdlora:
         self.accelerator = Accelerator(mixed_precision="bf16" if device == "cuda" else "no", cpu=device != "cuda")
         self.fails = []
         self.step_fn = build_step(self.accelerator, pipe, self.config, on_fail=self.fails.append)
+        self.cudnn_benchmark = False  # sdlora's step leaves torch's default (off); a variant times it on
+        self.attention = None  # attention kernels' order (attention_kernels); None: torch's own, as sdlora runs
 
     def inputs(self, mean, std, ids, time_ids, hidden=None, pooled=None, gens=None) -> dict:
-        from sdlora.train import _noise
+        from sdlora.batches import step_randomness
 
-        out = {"mean": mean, "std": std, **_noise(mean.shape, gens, 0.0, 1000, torch.device(self.device))}
+        out = {"mean": mean, "std": std,
+               **step_randomness(mean.shape[1:], gens, self.step_fn.objective, torch.device(self.device))}
         if self.sdxl:
             out["time_ids"] = time_ids
         if self.config.train_text_encoder:
@@ -207,7 +210,12 @@ class Sdlora:
         return out
 
     def step(self, inputs) -> torch.Tensor:
-        return self.step_fn([inputs])
+        benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, self.cudnn_benchmark
+        try:
+            with attention_kernels(self.attention):  # what a capture records; a replay runs those kernels
+                return self.step_fn([inputs])
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
 
 
 def timed(fn, steps: int, device: str, windows: int = 5) -> list[float]:
@@ -231,11 +239,27 @@ def timed(fn, steps: int, device: str, windows: int = 5) -> list[float]:
     return out
 
 
+def attention_kernels(order: list | None):
+    """A context in which attention (scaled_dot_product_attention) tries its kernels in `order` (SDPBackend values);
+    None keeps torch's own order, which sdlora's step uses: on the GPUs measured it picks cuDNN's kernels, which ran
+    the step faster than PyTorch's flash kernels first (docs/benchmarks.md)."""
+    import contextlib
+
+    if order is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch before 2.6 cannot order them: its own order then
+        return contextlib.nullcontext()
+
+
 def attention_named(backend: str) -> list | None:
-    """An order of attention kernels for Step.attention: 'torch' = torch's own (cuDNN's first on Hopper); 'flash',
+    """An order of attention kernels for Sdlora.attention: 'torch' = torch's own (cuDNN's first on Hopper); 'flash',
     'cudnn' or 'efficient' = that backend's kernels first, then cuDNN's, flash, efficient, math (so only the calls
     `backend` refuses change hands; a list without cuDNN sent the calls flash refused to the slower
-    memory-efficient kernels). sdlora's step keeps torch's own (Step.attention None)."""
+    memory-efficient kernels). sdlora's step keeps torch's own."""
     if backend == "torch":
         return None
     from torch.nn.attention import SDPBackend
@@ -332,10 +356,8 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
         c_mean, c_std = dist.mean, dist.std
     hidden = pooled = None
     if not train_te:  # what the text cache holds
-        from sdlora.train import _encode_ids
-
         with torch.no_grad():
-            hidden, pooled = _encode_ids(ours.step_fn.text_encoders or _tes(ours.pipe), ids)
+            hidden, pooled = ours.step_fn.family.encode(ours.step_fn.text_encoders, ids)
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
     ours_inputs = lambda: ours.inputs(c_mean, c_std, ids, tids, hidden, pooled, gens)  # noqa: E731
 
@@ -363,10 +385,10 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
     # docs/benchmarks.md); attention kernels in another order (the graphs keep the kernels picked at capture)
     variants = []
     if autotune_too:
-        variants.append(("sdlora_cudnn_benchmark", lambda v: setattr(v.step_fn, "cudnn_benchmark", True)))
+        variants.append(("sdlora_cudnn_benchmark", lambda v: setattr(v, "cudnn_benchmark", True)))
     if channels_last_too:  # the base's weights: the adapters keep their layout
         variants.append(("sdlora_channels_last", lambda v: v.pipe.unet.to(memory_format=torch.channels_last)))
-    variants += [(f"sdlora_sdpa_{backend}", lambda v, b=backend: setattr(v.step_fn, "attention", attention_named(b)))
+    variants += [(f"sdlora_sdpa_{backend}", lambda v, b=backend: setattr(v, "attention", attention_named(b)))
                  for backend in sdpa_too]
     for label, adjust in variants:
         held = torch.cuda.memory_allocated() if device == "cuda" else 0
@@ -391,12 +413,10 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
     scale_fix = ours.config.alpha / RANK  # sdlora's default alpha 8 at rank 16 scales the update by 0.5, peft's by 1
     for m in ours.step_fn.trained:
         _set_scaling(m, 1.0)
-    from sdlora.train import _encode_ids
-
     loss, grads = ours.step_fn.loss_and_grads(mean=mean, std=std, eps=eps, noise=noise.float(), timesteps=timesteps,
                                               **({"time_ids": tids} if ours.sdxl else {}),
                                               **({f"ids_{j}": i for j, i in enumerate(ids)} if train_te else
-                                                 dict(zip(("hidden", "pooled"), _no_grad(_encode_ids, _tes(ours.pipe), ids)))))
+                                                 dict(zip(("hidden", "pooled"), _no_grad(ours.step_fn.family.encode, _tes(ours.pipe), ids)))))
     ours_grads = {k: g.detach().float().cpu() for k, g in zip(names, grads)}
     diffs = [(ours_grads[k] - ref_grads[k]).norm() / (ref_grads[k].norm() + 1e-12)
              for k in ours_grads]

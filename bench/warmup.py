@@ -36,7 +36,7 @@ def one(backend: str, steps: int, tiny: bool) -> dict:
     ours = Sdlora(build(family, device), True, 8, px, device)
     sync()
     out["build_s"] = time.perf_counter() - t
-    ours.step_fn.attention = attention_named(backend)
+    ours.attention = attention_named(backend)
 
     def batch_of(batch: int) -> dict:
         """The step's inputs for `batch` random cached latents and captions."""

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from sdlora import examples
-from sdlora.config import PRESETS, TrainConfig, build_config
+from sdlora.config import PRESETS, SAMPLE_GUIDANCE, SAMPLE_SCHEDULER, SAMPLE_STEPS, TrainConfig, build_config
 from sdlora.errors import UserError
 
 # Flags whose names differ from the field (the brief's exact forms) or that take a list.
@@ -70,9 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="strength for --lora files given without one (0 = the base model exactly)")
     g.add_argument("--negative", default="", help="negative prompt: what to keep out of the image")
     g.add_argument("--seed", type=int, default=0, help="random seed; the same seed redraws the same image")
-    g.add_argument("--steps", type=int, default=25, help="sampling steps")
-    g.add_argument("--guidance", type=float, default=7.0, help="guidance scale: how closely to follow the prompt")
-    g.add_argument("--scheduler", default="EulerDiscreteScheduler",
+    g.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampling steps")
+    g.add_argument("--guidance", type=float, default=SAMPLE_GUIDANCE, help="guidance scale: how closely to follow the prompt")
+    g.add_argument("--scheduler", default=SAMPLE_SCHEDULER,
                    help="a diffusers scheduler class, e.g. DPMSolverMultistepScheduler, UniPCMultistepScheduler")
     g.add_argument("--size", type=int, default=0, help="width and height in pixels (0 = the model's own)")
     g.add_argument("--grid", metavar="S1,S2,...", help="make a grid across these strengths for the first --lora")

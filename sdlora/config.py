@@ -10,6 +10,10 @@ from pathlib import Path
 from sdlora.errors import UserError
 
 
+# How images are drawn unless told otherwise: a run's samples, `sdlora generate` and the app's previews.
+SAMPLE_STEPS, SAMPLE_GUIDANCE, SAMPLE_SCHEDULER = 25, 7.0, "EulerDiscreteScheduler"
+
+
 def _knob(default, help: str, choices: tuple | None = None, **kw):
     meta = {"help": help}
     if choices:
@@ -83,9 +87,9 @@ class TrainConfig:
     sample_prompts: list = _knob([], "prompts for samples (default: the first two captions of the dataset)")
     sample_negative: str = _knob("", "negative prompt for samples")
     sample_seed: int = _knob(0, "seed for the first sample prompt; the next prompts use seed+1, seed+2...")
-    sample_steps: int = _knob(25, "inference steps for samples")
-    sample_guidance: float = _knob(7.0, "classifier-free guidance for samples")
-    sample_scheduler: str = _knob("EulerDiscreteScheduler", "diffusers scheduler class used for samples")
+    sample_steps: int = _knob(SAMPLE_STEPS, "inference steps for samples")
+    sample_guidance: float = _knob(SAMPLE_GUIDANCE, "classifier-free guidance for samples")
+    sample_scheduler: str = _knob(SAMPLE_SCHEDULER, "diffusers scheduler class used for samples")
     save_every: int = _knob(0, "save the adapter every N steps (0 = 4 times per run)")
     keep_checkpoints: int = _knob(2, "resumable checkpoints kept (older ones are deleted)")
     export_diffusers: bool = _knob(False, "also write the adapter in the diffusers/peft layout")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from sdlora.config import SAMPLE_GUIDANCE, SAMPLE_SCHEDULER, SAMPLE_STEPS
 from sdlora.errors import UserError
 from sdlora.info import check_plain_lora
 from sdlora.lora import check_lora_fits, read_lora
@@ -75,15 +76,15 @@ class Previewer:
                 self.pipe.delete_adapters(self._loaded.pop(key))
 
     @torch.no_grad()
-    def image(self, prompt: str, *, negative_prompt: str = "", seed: int = 0, steps: int = 25,
-              guidance_scale: float = 7.0, scheduler: str = "EulerDiscreteScheduler", width: int | None = None,
+    def image(self, prompt: str, *, negative_prompt: str = "", seed: int = 0, steps: int = SAMPLE_STEPS,
+              guidance_scale: float = SAMPLE_GUIDANCE, scheduler: str = SAMPLE_SCHEDULER, width: int | None = None,
               height: int | None = None) -> Image.Image:
         """One image; `torch.Generator("cpu").manual_seed(seed)` as the training samples use."""
         return self.images([prompt], [seed], negative_prompt=negative_prompt, steps=steps,
                            guidance_scale=guidance_scale, scheduler=scheduler, width=width, height=height)[0]
 
-    def images(self, prompts: list[str], seeds: list[int], *, negative_prompt: str = "", steps: int = 25,
-               guidance_scale: float = 7.0, scheduler: str = "EulerDiscreteScheduler", width: int | None = None,
+    def images(self, prompts: list[str], seeds: list[int], *, negative_prompt: str = "", steps: int = SAMPLE_STEPS,
+               guidance_scale: float = SAMPLE_GUIDANCE, scheduler: str = SAMPLE_SCHEDULER, width: int | None = None,
                height: int | None = None) -> list[Image.Image]:
         """One image per (prompt, seed), drawn as one batch: each starts from its own seed's noise, as `image`
         would draw it alone (up to the last bit of float rounding), in a fraction of the time on a CPU."""

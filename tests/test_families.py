@@ -286,14 +286,15 @@ def test_checkpoint_inspection_tells_families_and_v_prediction(tmp_path):
 
 def test_latent_cache_keeps_each_images_size_and_crop_and_refuses_nan_latents(models):
     from sdlora import dataset as ds
-    from sdlora.train import _cache_latents
+    from sdlora._families_shim import get as family
+    from sdlora.batches import cache_latents
 
     from PIL import Image
 
     vae = load_base(str(models["sdxl"][0])).pipe.vae
     records = [ds.Record("wide.png", Image.new("RGB", (96, 80), "red"), "a", 1, True),
                ds.Record("sq.png", Image.new("RGB", (64, 64), "blue"), "b", 1, True)]
-    cache = _cache_latents(vae, records, [(64, 64), (64, 64)], flip=True, device=torch.device("cpu"))
+    cache = cache_latents(vae, records, [(64, 64), (64, 64)], flip=True, family=family("sdxl"), device=torch.device("cpu"))
     # original (height, width), crop (top, left) in the resized image, target (height, width): SDXL's time ids
     assert cache[(0, False)][2].tolist() == [80.0, 96.0, 0.0, 6.0, 64.0, 64.0]
     assert cache[(1, True)][2].tolist() == [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]

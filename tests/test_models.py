@@ -64,7 +64,7 @@ def test_a_base_loaded_as_stored_then_cast_where_it_trains_is_the_base_loaded_in
     from safetensors.torch import load_file, save_file
 
     from sdlora.models import stored_dtypes
-    from sdlora.train import _move
+    from sdlora.step import move
 
     folder = tmp_path / "my-model"
     shutil.copytree(MODEL_DIR, folder)  # its files hold fp16 weights
@@ -74,7 +74,7 @@ def test_a_base_loaded_as_stored_then_cast_where_it_trains_is_the_base_loaded_in
     stored = load_base(str(folder), torch.bfloat16, vae_dtype=torch.float32, as_stored=True).pipe
     assert stored.unet.dtype == stored.text_encoder.dtype == half and stored.vae.dtype == torch.float32
     for model in (stored.unet, stored.text_encoder):
-        _move(model, torch.device("cpu"), torch.bfloat16)  # what training does on its device
+        move(model, torch.device("cpu"), torch.bfloat16)  # what training does on its device
     direct = load_base(str(folder), torch.bfloat16, vae_dtype=torch.float32).pipe
     for a, b in ((stored.unet, direct.unet), (stored.text_encoder, direct.text_encoder), (stored.vae, direct.vae)):
         sa, sb = a.state_dict(), b.state_dict()

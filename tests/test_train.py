@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,7 +310,7 @@ def test_cli_train_and_generate(tmp_path, dataset_dir, capsys):
 
 
 def test_captions_reach_the_batches(tmp_path):
-    from sdlora.train import batch_at
+    from sdlora.batches import batch_at
 
     folder = tmp_path / "tags"
     draw_dataset(folder / "3_thing", n=4, captions=False)
@@ -363,7 +364,8 @@ def test_gradient_accumulation_equals_the_whole_batch_at_once():
 
     from sdlora.config import TrainConfig
     from sdlora.models import load_base
-    from sdlora.train import _token_ids, build_step
+    from sdlora.batches import token_ids
+    from sdlora.step import build_step
 
     g = torch.Generator().manual_seed(0)
     batch = {"mean": torch.randn(4, 4, 8, 8, generator=g), "std": torch.rand(4, 4, 8, 8, generator=g) * 0.1,
@@ -377,7 +379,7 @@ def test_gradient_accumulation_equals_the_whole_batch_at_once():
         with torch.no_grad():  # a non-zero B, so that every LoRA parameter has a gradient
             for p in step.params:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-        ids = _token_ids(pipe.tokenizer, ["a red circle", "a blue square", "zxq", ""], torch.device("cpu"))
+        ids = token_ids(pipe.tokenizer, ["a red circle", "a blue square", "zxq", ""], torch.device("cpu"))
         parts = [{**{k: v[i:i + micro] for k, v in batch.items()}, "ids_0": ids[i:i + micro]} for i in range(0, 4, micro)]
         loss = step(parts)
         adapters.append((loss.item(), torch.cat([p.grad.flatten() for p in step.params])))  # the averaged gradient
@@ -395,14 +397,15 @@ def test_lora_layers_take_bf16_inputs_with_the_same_result():
 
     from sdlora.config import TrainConfig
     from sdlora.models import load_base
-    from sdlora.train import _token_ids, build_step
+    from sdlora.batches import token_ids
+    from sdlora.step import build_step
 
     g = torch.Generator().manual_seed(0)
     inputs = {"mean": torch.randn(2, 4, 8, 8, generator=g), "std": torch.rand(2, 4, 8, 8, generator=g) * 0.1,
               "eps": torch.randn(2, 4, 8, 8, generator=g), "noise": torch.randn(2, 4, 8, 8, generator=g),
               "timesteps": torch.randint(0, 1000, (2,), generator=g)}
     pipe = load_base("tiny").pipe
-    inputs["ids_0"] = _token_ids(pipe.tokenizer, ["a red circle", "zxq"], torch.device("cpu"))
+    inputs["ids_0"] = token_ids(pipe.tokenizer, ["a red circle", "zxq"], torch.device("cpu"))
     AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one process-wide state
     try:
         step = build_step(Accelerator(cpu=True, mixed_precision="bf16"), pipe, TrainConfig(dataset="-", rank=4))
@@ -425,11 +428,12 @@ def test_lora_layers_take_bf16_inputs_with_the_same_result():
 
 
 def test_the_step_can_order_the_attention_kernels():
-    """Step.attention (what bench/train_speed.py --sdpa-too sets) is the order attention tries its kernels in while
-    the step runs; None, sdlora's default, leaves torch's own order."""
+    """bench/train_speed.py --sdpa-too times the step with attention trying its kernels in another order; None,
+    what sdlora's step runs with, leaves torch's own order."""
     from torch.nn.attention import SDPBackend
 
-    from sdlora.train import attention_kernels
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from train_speed import attention_kernels
 
     order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     before = torch._C._get_sdp_priority_order()
@@ -450,7 +454,8 @@ def test_norms_run_in_bf16_and_stay_as_close_to_fp32_as_autocast():
 
     from sdlora.config import TrainConfig
     from sdlora.models import load_base
-    from sdlora.train import _token_ids, build_step
+    from sdlora.batches import token_ids
+    from sdlora.step import build_step
 
     g = torch.Generator().manual_seed(0)
     inputs = {"mean": torch.randn(4, 4, 8, 8, generator=g), "std": torch.rand(4, 4, 8, 8, generator=g) * 0.1,
@@ -459,7 +464,7 @@ def test_norms_run_in_bf16_and_stay_as_close_to_fp32_as_autocast():
 
     def step_in(precision):
         pipe = load_base("tiny").pipe
-        inputs["ids_0"] = _token_ids(pipe.tokenizer, ["a red circle", "zxq", "a blue square", "zxq, a dog"],
+        inputs["ids_0"] = token_ids(pipe.tokenizer, ["a red circle", "zxq", "a blue square", "zxq, a dog"],
                                      torch.device("cpu"))
         AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one process-wide state
         step = build_step(Accelerator(cpu=True, mixed_precision=precision), pipe, TrainConfig(dataset="-", rank=4))
@@ -542,14 +547,15 @@ def test_samples_that_run_out_of_memory_fall_back_then_skip(tmp_path, dataset_di
 
 
 def test_samples_through_the_unet_replay_path_are_the_same(tmp_path):
-    """On a GPU samples are drawn with the UNet's forward replayed as CUDA graphs (train._SampleGraphs). Its routing
+    """On a GPU samples are drawn with the UNet's forward replayed as CUDA graphs (sdlora.sampling.SampleGraphs). Its routing
     runs here eagerly: the same images as a plain draw, and the UNet's own forward is back afterwards."""
     from accelerate import Accelerator
 
     from sdlora.config import TrainConfig
     from sdlora.models import load_base
     from sdlora.runs import EventLog
-    from sdlora.train import _SampleGraphs, _sample, build_step
+    from sdlora.sampling import SampleGraphs, Sampler
+    from sdlora.step import build_step
 
     pipe = load_base("tiny").pipe
     config = TrainConfig(dataset="-", steps=10, resolution=64, sample_steps=4)
@@ -558,7 +564,7 @@ def test_samples_through_the_unet_replay_path_are_the_same(tmp_path):
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
-    graphs = _SampleGraphs(pipe.unet, torch.float32, enabled=False)
+    graphs = SampleGraphs(pipe.unet, torch.float32, enabled=False)
     calls = []
     real = graphs._forward
     graphs.run.fn = lambda **kw: calls.append(sorted(kw)) or real(**kw)
@@ -566,8 +572,8 @@ def test_samples_through_the_unet_replay_path_are_the_same(tmp_path):
     for name, state in (("plain", None), ("replay", graphs)):
         run_dir = tmp_path / name
         run_dir.mkdir()
-        _sample(Accelerator(cpu=True), pipe, step.trained, config, ["a red circle", "a blue square"], 64, 3, run_dir,
-                EventLog(run_dir), {"low_memory": False, "graphs": state})
+        Sampler(Accelerator(cpu=True), pipe, step.trained, config, ["a red circle", "a blue square"], 64, run_dir,
+                EventLog(run_dir), state)(3)
         images[name] = [np.asarray(__import__("PIL.Image").Image.open(run_dir / "samples" / f"step-000003-{i}.png"),
                                    dtype=np.float32) for i in range(2)]
     assert len(calls) == 4 and calls[0] == ["encoder_hidden_states", "sample", "timestep"]  # every UNet call

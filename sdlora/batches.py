@@ -1,0 +1,185 @@
+"""Batches for the step: which images a step trains on, their cached latents and text embeddings, and the inputs."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from sdlora import dataset as ds
+from sdlora.config import TrainConfig
+from sdlora.errors import UserError
+from sdlora.objectives import randn
+
+
+class Batches:
+    """The inputs of every step, as a function of the step: `at(step)` gives this process's share of each of the
+    step's micro-batches as dicts of tensors on the device (what `Step` takes).
+
+    Latents are cached once per image (and per flip) unless crops are random; text embeddings once when the text
+    encoders are frozen and captions do not change between steps (kohya refuses caching with shuffle for the same
+    reason). With several processes each encodes its share and they swap results, so every entry is computed once.
+    """
+
+    def __init__(self, config: TrainConfig, records, bucket_of, pipe, family, objective, accelerator):
+        self.config, self.records, self.bucket_of = config, records, bucket_of
+        self.samples = ds.expand_repeats(records)
+        self.family, self.objective, self.accelerator = family, objective, accelerator
+        self.device = accelerator.device
+        self.vae = pipe.vae
+        self.tokenizers = family.tokenizers(pipe)
+        text_encoders = family.text_encoder_models(pipe)
+        self.processes = accelerator.num_processes
+        self.seen = 0  # images trained so far, all processes together (a short batch counts what it holds)
+        self.latents = _shared(accelerator, lambda share: cache_latents(
+            self.vae, records, bucket_of, config.flip, family, self.device, share)) \
+            if config.cache_latents and not config.random_crop else None
+        self.texts = None
+        if not config.train_text_encoder and not config.shuffle_tags:
+            texts = sorted({r.caption for r in records} | {""})
+            self.texts = _shared(accelerator, lambda share: cache_text(
+                self.tokenizers, text_encoders, family, texts, self.device, share))
+
+    def per_epoch(self) -> int:
+        """Batches in one epoch (of batch_size x processes images; a bucket's last one may be short)."""
+        return batches_per_epoch(self.samples, self.bucket_of, self.config.batch_size * self.processes)
+
+    def at(self, step: int) -> list[dict]:
+        """This process's share of each micro-batch of optimizer step `step` (0-based)."""
+        config, accelerator = self.config, self.accelerator
+        micro_batches = []
+        for micro in range(config.grad_accum):
+            k = step * config.grad_accum + micro  # micro-batch index: the data position
+            global_batch = batch_at(k, config, self.records, self.samples, self.bucket_of, self.processes)
+            self.seen += len(global_batch)
+            mine = slice(accelerator.process_index * config.batch_size,
+                         (accelerator.process_index + 1) * config.batch_size)
+            idx, captions, rngs, gens = (list(x) for x in zip(*global_batch[mine]))
+            micro_batches.append(self._inputs(idx, captions, rngs, gens))
+        return micro_batches
+
+    def _inputs(self, idx, captions, rngs, gens) -> dict:
+        config, device, family = self.config, self.device, self.family
+        if self.latents is not None:
+            flips = [config.flip and rng.random() < 0.5 for rng in rngs]
+            mean, std, time_ids = zip(*(self.latents[(i, f)] for i, f in zip(idx, flips)))
+            mean, std = torch.stack(mean), torch.stack(std)
+            time_ids = torch.stack(time_ids) if time_ids[0] is not None else None
+        else:
+            images = [ds.prepare_image(self.records[i].image, self.bucket_of[i], random_crop=config.random_crop,
+                                       flip=config.flip, rng=rng) for i, rng in zip(idx, rngs)]
+            pixels = torch.stack([im[0] for im in images]).to(device)
+            time_ids = [family.time_ids(im[2], im[1], self.bucket_of[i]) for im, i in zip(images, idx)]
+            time_ids = torch.stack(time_ids).to(device) if time_ids[0] is not None else None
+            with torch.no_grad():
+                dist = self.vae.encode(pixels).latent_dist
+            check_finite(dist.mean, ", ".join(self.records[i].name for i in idx))
+            mean, std = dist.mean, dist.std
+        inputs = {"mean": mean, "std": std, **step_randomness(mean.shape[1:], gens, self.objective, device)}
+        if time_ids is not None:  # SDXL also conditions on each image's size, crop and target size
+            inputs["time_ids"] = time_ids
+        if self.texts is not None:
+            inputs["hidden"] = torch.stack([self.texts[c][0] for c in captions])
+            if self.texts[captions[0]][1] is not None:
+                inputs["pooled"] = torch.stack([self.texts[c][1] for c in captions])
+        else:
+            for j, tokenizer in enumerate(self.tokenizers):
+                inputs[f"ids_{j}"] = token_ids(tokenizer, captions, device)
+        return inputs
+
+
+def batch_at(k: int, config: TrainConfig, records, samples: list[int], bucket_of, processes: int = 1) -> list[tuple]:
+    """The global micro-batch `k` (batch_size x processes images): per image its record index, its caption, and the
+    random.Random and torch.Generator for its crop, flip, noise and timestep. Process p trains slice p.
+
+    A pure function of (seed, k, processes): epochs are shuffled per (seed, epoch) and every image draws from its own
+    seeded generators, so a resumed run sees what a run without a break would have, and N processes with batch B
+    see what one process with batch N x B would.
+    """
+    size = config.batch_size * processes
+    epoch, position = divmod(k, batches_per_epoch(samples, bucket_of, size))
+    batch = ds.epoch_batches([bucket_of[i] for i in samples], size, random.Random(config.seed * 100_003 + epoch))[position]
+    if processes > 1:  # a bucket's last batch, topped up so that no process is left without images
+        batch = (batch * size)[:size]
+    out = []
+    for j, i in enumerate(batch):
+        seed = (config.seed * 1_000_003 + k) * 4099 + j
+        rng = random.Random(seed)
+        caption = ds.build_caption(records[samples[i]].caption, shuffle=config.shuffle_tags,
+                                   keep_tags=config.keep_tags, dropout=config.caption_dropout, rng=rng)
+        out.append((samples[i], caption, rng, torch.Generator().manual_seed(seed)))
+    return out
+
+
+def batches_per_epoch(samples: list[int], bucket_of, size: int) -> int:
+    """How many batches of `size` one epoch has: each bucket's images in batches, its last one possibly short."""
+    return len(ds.epoch_batches([bucket_of[i] for i in samples], size, random.Random(0)))
+
+
+def step_randomness(shape, generators, objective, device) -> dict:
+    """Each image's randomness from its own generator: `eps` samples its latent from the cached distribution, then
+    the objective's draws (noise, timesteps). Drawn on the host, copied without blocking."""
+    drawn = {"eps": randn(shape, generators), **objective.draw(shape, generators)}
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in drawn.items()}
+    return drawn
+
+
+def token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids
+
+
+@torch.no_grad()
+def cache_text(tokenizers, text_encoders, family, texts: list[str], device, share=(0, 1)) -> dict:
+    """caption -> (encoder_hidden_states, pooled or None) for this process's share of the captions."""
+    texts = texts[share[0]::share[1]]
+    if not texts:
+        return {}
+    hidden, pooled = family.encode(text_encoders, [token_ids(tokenizer, texts, device) for tokenizer in tokenizers])
+    return {text: (hidden[i], None if pooled is None else pooled[i]) for i, text in enumerate(texts)}
+
+
+@torch.no_grad()
+def cache_latents(vae, records, bucket_of, flip: bool, family, device, share=(0, 1)) -> dict:
+    """(record index, flipped) -> (mean, std, time_ids or None): the VAE's latent distribution of the image
+    centre-cropped to its bucket, and the family's size/crop conditioning. The VAE runs in fp32."""
+    cache = {}
+    rng = random.Random(0)
+    for i, (record, bucket) in enumerate(zip(records, bucket_of)):
+        if i % share[1] != share[0]:
+            continue
+        pixels, crop_top_left, original_size = ds.prepare_image(record.image, bucket, random_crop=False, flip=False,
+                                                                rng=rng)
+        time_ids = family.time_ids(original_size, crop_top_left, bucket)
+        variants = [(False, pixels)] + ([(True, pixels.flip(-1))] if flip else [])
+        for flipped, px in variants:
+            dist = vae.encode(px[None].to(device, torch.float32)).latent_dist
+            check_finite(dist.mean, record.name)
+            cache[(i, flipped)] = (dist.mean[0], dist.std[0], None if time_ids is None else time_ids.to(device))
+    return cache
+
+
+def check_finite(latents: torch.Tensor, images: str) -> None:
+    # An fp16 VAE (SDXL's especially) overflows into inf/NaN; the VAE runs in fp32 here, so this catches broken VAE
+    # weights before they turn into a NaN loss (kohya-ss/sd-scripts#952, Nerogar/OneTrainer#318).
+    if not torch.isfinite(latents).all():
+        raise UserError(f"the VAE gave NaN/inf latents for {images}",
+                        "the base model's VAE weights are broken (an fp16 VAE that overflowed?); use a checkpoint "
+                        "with a working VAE, or an fp16-fixed VAE baked in")
+
+
+def _shared(accelerator, compute):
+    """Run `compute(share)` with share = (process index, process count) on every process and merge the dicts, so
+    each entry is computed once; tensors come back on this process's device."""
+    n = accelerator.num_processes
+    part = compute((accelerator.process_index, n))
+    if n == 1:
+        return part
+    from accelerate.utils import gather_object
+
+    merged = {}
+    for piece in gather_object([{k: tuple(None if t is None else t.cpu() for t in v) for k, v in part.items()}]):
+        merged.update(piece)
+    return {k: tuple(None if t is None else t.to(accelerator.device) for t in v) for k, v in merged.items()}

@@ -1,0 +1,65 @@
+"""What the denoiser learns: how noise is drawn and added, the target it predicts, and each image's loss weight."""
+
+from __future__ import annotations
+
+import torch
+
+
+class DDPM:
+    """The denoising objective of SD1/SD2/SDXL (DDPM training, as diffusers' examples train it): a random timestep
+    per image, noise added by the scheduler, the target the noise itself (epsilon) or the velocity (v-prediction),
+    Min-SNR-gamma loss weights and optional offset noise.
+
+    The step calls `noisy`, `target` and `weights` on the device and may be replayed as a CUDA graph, so they never
+    wait for the host; `draw` runs on the host with each image's own generator. Another objective (flow matching:
+    sigmas, a velocity target, its weighting schemes and shift) answers the same four calls.
+    """
+
+    def __init__(self, scheduler_config, *, min_snr_gamma: float = 0.0, noise_offset: float = 0.0):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.prediction_type = self.scheduler.config.prediction_type
+        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
+
+    def to(self, device) -> "DDPM":
+        """Keep the noise schedule on `device` (diffusers moves it on first use, which a CUDA graph capture cannot)."""
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        return self
+
+    def draw(self, shape, generators) -> dict[str, torch.Tensor]:
+        """Per image, from its own generator (after the draws made before this one): `noise` of `shape` (one image's
+        latent shape), what the model learns to remove (with offset noise,
+        https://www.crosslabs.org/blog/diffusion-with-offset-noise), and `timesteps`, its noise level."""
+        noise = randn(shape, generators)
+        if self.noise_offset:
+            noise += self.noise_offset * randn(shape[:1] + (1, 1), generators)
+        timesteps = torch.cat([torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in generators])
+        return {"noise": noise, "timesteps": timesteps}
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023, https://arxiv.org/abs/2303.09556), as in diffusers' examples;
+        ones when gamma is 0."""
+        if not self.min_snr_gamma:
+            return torch.ones_like(timesteps, dtype=torch.float32)
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler, timesteps)
+        weights = torch.clamp(snr, max=self.min_snr_gamma)
+        if self.prediction_type == "v_prediction":
+            return weights / (snr + 1)
+        return weights / snr
+
+
+def randn(shape, generators) -> torch.Tensor:
+    """One standard-normal tensor of `shape` per image, each from that image's own generator."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])

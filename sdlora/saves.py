@@ -1,0 +1,89 @@
+"""A run's saves: each adapter file with its metadata and a checkpoint beside it, and the final file checked before done."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from sdlora import checkpoints
+from sdlora.diskspace import writing
+from sdlora.export import kohya_metadata, verify, write_diffusers_layout
+from sdlora.lora import kohya_state_dict, save_lora
+from sdlora.models import load_base
+
+
+class Saves:
+    """Writes `lora-step-NNNNNN.safetensors` (or the final `lora.safetensors`) from the adapters as they are, a
+    resumable checkpoint with each, and checks the final file through diffusers' own loader. A save first waits for
+    every loss: it never keeps weights that a NaN has already reached."""
+
+    def __init__(self, accelerator, config, base, family, trained, run_dir: Path, events, losses, *, resolution: int,
+                 num_images: int, tag_frequency: dict, epoch_batches: int, started_at: float):
+        self.accelerator, self.config, self.base, self.family = accelerator, config, base, family
+        self.trained, self.run_dir, self.events, self.losses = trained, run_dir, events, losses
+        self.resolution, self.num_images, self.tag_frequency = resolution, num_images, tag_frequency
+        self.epoch_batches, self.started_at = epoch_batches, started_at
+        self.fresh_base = None  # a future of a fresh copy of the base for the final check (see preload)
+
+    def save(self, step: int, final: bool = False) -> Path:
+        config, run_dir = self.config, self.run_dir
+        path = run_dir / ("lora.safetensors" if final else f"lora-step-{step:06d}.safetensors")
+        self.losses.read(wait=True)  # never save weights that a NaN has already reached
+        if self.accelerator.is_main_process:
+            meta = kohya_metadata(config, family=self.base.family, resolution=self.resolution, step=step,
+                                  epochs=step * config.grad_accum / self.epoch_batches, num_images=self.num_images,
+                                  tag_frequency=self.tag_frequency, started_at=self.started_at,
+                                  title=config.title or run_dir.name, precision=self.accelerator.mixed_precision,
+                                  prediction_type=self.base.prediction_type)
+            unet, text_encoders = self.trained[0], self.trained[1:]
+            state = kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
+                                     sgm_unet=self.family.sgm_unet)
+            size = sum(t.numel() * t.element_size() for t in state.values())
+            with writing(run_dir, size, run_dir):
+                save_lora(path, state, meta)  # a temporary name, then the rename: a failed write keeps the last file
+            if final and config.export_diffusers:
+                diffusers_file = run_dir / "lora-diffusers.safetensors"
+                with writing(run_dir, size, run_dir, leftovers=[diffusers_file]):  # diffusers writes it in place
+                    write_diffusers_layout(diffusers_file, unet, text_encoders, config)
+            self.events.emit("save", step=step, path=str(path))
+        checkpoints.save(self.accelerator, run_dir / "checkpoints", step, self.trained, config.keep_checkpoints,
+                         run_dir)
+        if not final:
+            self.losses.last_good = path
+        return path
+
+    def preload(self, pipe) -> None:
+        """Start loading a fresh copy of the base for the final check in a background thread, when the host has the
+        memory for it (twice the model's fp32 size free); otherwise the check loads it then."""
+        import concurrent.futures
+
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not Linux
+            return
+        need = 4 * sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                       for p in m.parameters())
+        if available < 2 * need:
+            return
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdlora-verify-base")
+        self.fresh_base = pool.submit(load_base, self.config.base, base_config=self.config.base_config,
+                                      prediction_type=self.config.prediction_type)
+        pool.shutdown(wait=False)
+
+    def check(self, path: Path, kind: str, step: int) -> None:
+        """Reload the final file through diffusers' loader into a fresh base (the `verify` event), then the run's
+        last event (`done` or `stopped`); a file that does not pass stops the run with an error."""
+        if self.accelerator.is_main_process:
+            t = time.perf_counter()
+            result = verify(path, self.config.base, base_config=self.config.base_config,
+                            prediction_type=self.config.prediction_type,
+                            base=self.fresh_base.result() if self.fresh_base is not None else None)
+            self.events.emit("verify", **result, seconds=round(time.perf_counter() - t, 2),
+                             preloaded=self.fresh_base is not None)
+            if not result["ok"]:
+                raise RuntimeError(f"export check failed for {path.name}: {result}")
+            self.events.emit(kind, step=step, path=str(path))
+        self.accelerator.wait_for_everyone()
