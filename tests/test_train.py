@@ -508,6 +508,21 @@ def _fp32_norm(m, x):
     return f.layer_norm(x.float(), m.normalized_shape, m.weight.float(), m.bias.float(), m.eps)
 
 
+def test_a_frozen_text_encoder_with_shuffled_tags_encodes_each_steps_captions(tmp_path):
+    """Shuffled tags change the captions every step, so they cannot be cached: the frozen text encoder encodes each
+    step's captions, and only the UNet's adapter is trained and saved."""
+    from sdlora.train import train
+
+    data = draw_dataset(tmp_path / "tags", n=4)
+    run = tmp_path / "run"
+    train(small_config(data, steps=4, train_text_encoder=False, shuffle_tags=True, sample_every=100, save_every=100),
+          run, progress_bar=False)
+    assert next(e for e in read_events(run) if e["type"] == "done")["step"] == 4
+    with safe_open(str(run / "lora.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+
+
 def test_the_final_check_takes_a_preloaded_base(trained_run):
     from sdlora.export import verify
     from sdlora.models import load_base
