@@ -1,6 +1,6 @@
 """The browser app's page: pictures and captions, training with live progress, previews at any strength, export.
 
-Layout and wiring only. Training runs as its own process (`sdlora.runs.start`; a spare one started ahead, so that a
+Layout and wiring only. Training runs as its own process (`sdlora.launch.start`; a spare one started ahead, so that a
 run skips the seconds of imports); the page follows it through the run directory, so a reload or a second tab finds it
 again. Importing this builds nothing; `build()` makes the page; `sdlora app` (or `python app.py` in a clone) serves it
 on 127.0.0.1:7860 and ends every process it started when it exits.
@@ -30,9 +30,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import gradio as gr
 import pandas as pd
 
-from sdlora import card, examples as bundled, runs
+from sdlora import card, examples as bundled, launch, rundir
 from sdlora import dataset as ds
 from sdlora import workspace as ws
+from sdlora.atomic import write_atomic
 from sdlora.config import PRESETS, TrainConfig, build_config
 from sdlora.errors import UserError
 
@@ -144,19 +145,19 @@ def visible_gpus() -> int:
 
 def build(workspace: str | Path = "workspace", models: str | Path | None = None,
           max_unpacked: int = ws.MAX_UNPACKED, gpus: int | None = None, spare: bool = False,
-          children: runs.Children | None = None) -> gr.Blocks:
+          children: launch.Children | None = None) -> gr.Blocks:
     """The page, for a workspace folder (datasets, runs, exports) and a folder of base models. `gpus`: how many GPUs
     to offer (default: those visible); with more than one the Train tab asks how many a run uses. `spare`: keep a
-    training process started ahead (sdlora.runs.Spare), so that a one-GPU run skips the seconds of imports.
+    training process started ahead (sdlora.launch.Spare), so that a one-GPU run skips the seconds of imports.
     `children`: where every process the page starts is recorded, so that its owner can end them (`serve` does)."""
     gpus = visible_gpus() if gpus is None else int(gpus)
     root = Path(workspace).resolve()
     models = Path(models).resolve() if models else root / "models"
-    children = runs.Children() if children is None else children
+    children = launch.Children() if children is None else children
     start_lock = threading.Lock()
 
-    def new_spare() -> runs.Spare:
-        made = runs.Spare()
+    def new_spare() -> launch.Spare:
+        made = launch.Spare()
         children.add(made.proc, "spare")
         return made
 
@@ -324,8 +325,8 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
                                 "wait for it to finish or press Stop, then start again")
             name = values[run_name] or f"{values[train_dataset]}-{time.strftime('%m%d-%H%M')}"
             run_dir = ws.new_run_dir(root, name)
-            runs.write_atomic(run_dir / "config.json", config.to_json())
-            process = children.add(runs.start(run_dir, gpus=n_gpus, spare=spares["next"]))  # spares: one GPU only
+            write_atomic(run_dir / "config.json", config.to_json())
+            process = children.add(launch.start(run_dir, gpus=n_gpus, spare=spares["next"]))  # spares: one GPU only
             if n_gpus == 1:
                 spares["next"] = None  # taken, or found dead and replaced by a fresh process
             threading.Thread(target=after, args=(process,), daemon=True).start()
@@ -333,9 +334,9 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
 
     @_user_errors
     def control(run, what):
-        if not run or runs.status(ws.run_dir(root, run)) != "running":
+        if not run or rundir.status(ws.run_dir(root, run)) != "running":
             raise UserError("no run is training", "start one first")
-        runs.request(ws.run_dir(root, run), what)
+        rundir.request(ws.run_dir(root, run), what)
         # one GPU acts at its next step; several agree every 10 steps and act at the exchange after
         gr.Info({"STOP": "Stopping soon; the LoRA so far is saved.", "SAMPLE": "Making samples soon.",
                  "SAVE": "Saving the LoRA soon."}[what])
@@ -343,8 +344,8 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
     def view(run: str):
         """Progress, status, loss and samples of a run, from its directory."""
         run_dir = ws.run_dir(root, run)
-        events = runs.read_events(run_dir)
-        state = runs.status(run_dir)
+        events = rundir.read_events(run_dir)
+        state = rundir.status(run_dir)
         progress = [e for e in events if e["type"] == "progress"]
         last = progress[-1] if progress else None
         if last:
@@ -373,7 +374,7 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
         if events_file is None or not events_file.parent.is_dir():
             return update_choices, gr.skip(), gr.skip(), gr.skip(), gr.skip(), followed, seen
         size = events_file.stat().st_size if events_file.exists() else 0
-        signature = f"{run}:{size}:{runs.status(events_file.parent)}"
+        signature = f"{run}:{size}:{rundir.status(events_file.parent)}"
         if signature == seen:
             return update_choices, gr.skip(), gr.skip(), gr.skip(), gr.skip(), followed, seen
         return (update_choices, *view(run), followed, signature)
@@ -574,7 +575,7 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
                 gr.skip(), gr.skip(), gr.skip()
         files = ws.lora_files(root, run)
         config = ws.run_config(root, run)
-        sample = next((e for e in runs.read_events(ws.run_dir(root, run)) if e["type"] == "sample"), None)
+        sample = next((e for e in rundir.read_events(ws.run_dir(root, run)) if e["type"] == "sample"), None)
         prompt = sample["prompt"] if sample else (config["trigger"] or "a picture")
         newest = files[-1] if files else None
         return (gr.update(choices=files, value=newest), prompt, config.get("sample_negative", ""),
@@ -878,7 +879,7 @@ def serve(workspace: str | Path = "workspace", models: str | Path | None = None,
     root.mkdir(parents=True, exist_ok=True)
     if not _port_free(host, port):
         raise UserError(f"port {port} is already in use", f"close what uses it, or pick another with --port {port + 1}")
-    children = runs.Children()
+    children = launch.Children()
     atexit.register(children.end_all)
     demo = build(root, models, max_unpacked=max_unpacked, gpus=gpus, spare=spare, children=children)
     close = demo.close
