@@ -140,7 +140,7 @@ def write_checkpoint(arch: str, out: Path, tiny: bool, result: dict) -> tuple[Pa
 def memory_sweep(arch: str, out: Path, tiny: bool, rows=((4, True), (2, True), (1, True)), steps: int = 3) -> dict:
     """Peak GPU memory of short runs at explicit (batch_size, gradient_checkpointing), for the table in models.py."""
     from sdlora.config import TrainConfig
-    from sdlora.runs import read_events
+    from sdlora.rundir import read_events
     from sdlora.train import train
 
     result: dict = {"family": arch, "sweep": []}
@@ -167,7 +167,7 @@ def run_family(arch: str, out: Path, steps: int, tiny: bool) -> dict:
     from safetensors import safe_open
 
     from sdlora.config import TrainConfig
-    from sdlora.runs import read_events
+    from sdlora.rundir import read_events
     from sdlora.train import train
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,7 +23,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from PIL import Image, ImageDraw  # noqa: E402
 
-from sdlora.runs import read_events  # noqa: E402
+from sdlora.rundir import read_events  # noqa: E402
 
 
 def images_per_s(events: list[dict], warmup: int = 10) -> float:

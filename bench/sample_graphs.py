@@ -37,7 +37,7 @@ def main() -> None:
     from full_size_check import build
 
     from sdlora.config import TrainConfig
-    from sdlora.runs import EventLog
+    from sdlora.rundir import EventLog
     from sdlora.sampling import SampleGraphs, Sampler
     from sdlora.step import build_step
 

@@ -1,5 +1,5 @@
 """The whole run as the app starts it: handed to a spare process that has already imported what training needs
-(sdlora.runs.Spare), timed from the hand-over to the file, against the same run in a fresh process.
+(sdlora.launch.Spare), timed from the hand-over to the file, against the same run in a fresh process.
 
 The same job as `bench/train_speed.py --whole-run 1000 --whole-batch 8 --whole-square` (SD1.5 architecture as an
 fp16 diffusers folder, 30 square images at 512, UNet + text-encoder LoRA, batch 8, sdlora's defaults otherwise):
@@ -22,8 +22,10 @@ from train_speed import whole_run_inputs  # noqa: E402
 
 
 def one(out: Path, name: str, steps: int, tiny: bool, spare) -> dict:
-    from sdlora import runs
+    from sdlora.atomic import write_atomic
     from sdlora.config import TrainConfig
+    from sdlora.launch import start
+    from sdlora.rundir import read_events
 
     base, data = whole_run_inputs(out, "sd1", tiny, square=True)
     run = out / name
@@ -31,17 +33,17 @@ def one(out: Path, name: str, steps: int, tiny: bool, spare) -> dict:
     run.mkdir(parents=True)
     config = TrainConfig(dataset=str(data), base=str(base), steps=steps, trigger="zxq", batch_size=8,
                          **({"resolution": 64} if tiny else {}))
-    runs.write_atomic(run / "config.json", config.to_json())
+    write_atomic(run / "config.json", config.to_json())
     t = time.perf_counter()
-    proc = runs.start(run, spare=spare)
+    proc = start(run, spare=spare)
     while not (run / "lora.safetensors").exists() and proc.poll() is None:
         time.sleep(0.05)
     to_file = time.perf_counter() - t
     code = proc.wait()
-    events = runs.read_events(run)
-    start = next((e for e in events if e["type"] == "start"), {})
+    events = read_events(run)
+    started = next((e for e in events if e["type"] == "start"), {})
     return {"run": name, "returncode": code, "to_file_s": to_file, "to_exit_s": time.perf_counter() - t,
-            "setup_s": start.get("setup_s"), "log_tail": (run / "log.txt").read_text()[-600:] if code else ""}
+            "setup_s": started.get("setup_s"), "log_tail": (run / "log.txt").read_text()[-600:] if code else ""}
 
 
 def main() -> None:
@@ -53,12 +55,12 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from sdlora import runs
+    from sdlora.launch import Spare
 
     whole_run_inputs(out, "sd1", args.tiny, square=True)
     results = []
     t = time.perf_counter()
-    spare = runs.Spare()
+    spare = Spare()
     ready = spare.ready(timeout=300)
     results.append({"spare_ready": ready, "spare_import_s": time.perf_counter() - t})
     results.append(one(out, "run-spare", args.steps, args.tiny, spare))

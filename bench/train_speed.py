@@ -501,7 +501,7 @@ def whole_run(out: Path, steps: int, batch: int, tiny: bool, family: str = "sd1"
     (torch.cuda.set_per_process_memory_fraction) and picks batch and checkpointing itself. `env`: a folder from
     bench/clean_env.py to run in; `code`: a folder holding another sdlora source tree (an earlier commit's `sdlora/`,
     e.g. from `git archive`) to run instead of this checkout's, to compare a change in the same call."""
-    from sdlora.runs import read_events
+    from sdlora.rundir import read_events
 
     out = out.resolve()
     base, data = whole_run_inputs(out, family, tiny, square)

@@ -13,8 +13,9 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sdlora.atomic import atomic_path
 from sdlora.lora import usual_mode
-from sdlora.runs import read_events
+from sdlora.rundir import read_events
 
 
 @dataclass
@@ -79,14 +80,13 @@ def retitle(src: str | Path, dst: str | Path, *, title: str, trigger: str, descr
     })
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    if "sshs_model_hash" in metadata:  # the sha256 after the header (docs/lora-format.md, Cover image and hash)
-        metadata["sshs_model_hash"] = _data_sha256(tmp)
-        metadata.pop("sshs_legacy_hash", None)
+    with atomic_path(dst) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-    usual_mode(tmp)
-    tmp.replace(dst)
+        if "sshs_model_hash" in metadata:  # the sha256 after the header (docs/lora-format.md, Cover image and hash)
+            metadata["sshs_model_hash"] = _data_sha256(tmp)
+            metadata.pop("sshs_legacy_hash", None)
+            save_file(tensors, str(tmp), metadata=metadata)
+        usual_mode(tmp)
     return metadata
 
 

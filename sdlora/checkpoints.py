@@ -12,7 +12,7 @@ import torch
 
 from sdlora.diskspace import writing
 from sdlora.errors import UserError
-from sdlora.runs import write_atomic
+from sdlora.atomic import write_atomic
 
 
 def save(accelerator, checkpoints: Path, step: int, trained, keep: int, run_dir: Path) -> None:

@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about optional CPU kernels
     if argv[:1] == ["app"]:  # everything after `app` belongs to the app's own options
         return _app(argv[1:])
-    if argv == ["spare"]:  # a training process started ahead for the app (sdlora.runs.Spare)
-        from sdlora.runs import serve_spare
+    if argv == ["spare"]:  # a training process started ahead for the app (sdlora.launch.Spare)
+        from sdlora.launch import serve_spare
 
-        return serve_spare()
+        return serve_spare(main)
     args = _parser().parse_args(argv)
     try:
         return {"train": _train, "generate": _generate, "runs": _runs, "merge": _merge, "resize": _resize,
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     if args.gpus > 1 and "LOCAL_RANK" not in os.environ:  # relaunch this very command under accelerate
-        from sdlora.runs import launch_args
+        from sdlora.launch import launch_args
 
         argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--gpus" and not a.startswith("--gpus=")
                 and sys.argv[i] != "--gpus"]
@@ -171,7 +171,7 @@ def _train(args) -> int:
 
 def _started(run_dir: Path) -> bool:
     """Whether a run in `run_dir` ever began training (a `start` event, or anything it saved)."""
-    from sdlora.runs import read_events
+    from sdlora.rundir import read_events
 
     return any(e["type"] == "start" for e in read_events(run_dir)) or (run_dir / "checkpoints").is_dir() \
         or any(run_dir.glob("lora*.safetensors"))
@@ -209,7 +209,7 @@ def _lora_spec(spec: str, default: float) -> tuple[str, float]:
 
 
 def _runs(args) -> int:
-    from sdlora.runs import list_runs, read_events, status
+    from sdlora.rundir import list_runs, read_events, status
 
     for run in list_runs(args.root):
         progress = [e for e in read_events(run) if e["type"] == "progress"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import UserError
-from sdlora.runs import take_request
+from sdlora.rundir import take_request
 
 
 class Requests:

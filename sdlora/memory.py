@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from sdlora.config import TrainConfig
-from sdlora.runs import write_atomic
+from sdlora.atomic import write_atomic
 
 
 def memory_defaults(config: TrainConfig, family, accelerator, events, run_dir: Path) -> TrainConfig:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora.atomic import atomic_path
 from sdlora.graphs import Graphed
 
 
@@ -63,9 +64,8 @@ class Sampler:
                 break
             for i, (prompt, seed, image) in enumerate(zip(chunk, seeds, images)):
                 path = out_dir / f"step-{step:06d}-{first + i}.png"
-                tmp = path.with_name(path.stem + ".tmp.png")
-                image.save(tmp)
-                tmp.replace(path)
+                with atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG")
                 events.emit("sample", step=step, path=str(path), prompt=prompt,
                             negative_prompt=config.sample_negative, seed=seed, steps=config.sample_steps,
                             guidance_scale=config.sample_guidance, scheduler=config.sample_scheduler,

@@ -18,7 +18,8 @@ from sdlora.diskspace import disk_full, writing, written_folder
 from sdlora.errors import UserError
 from sdlora.memory import memory_defaults, used_gb
 from sdlora.models import load_base
-from sdlora.runs import CONTROL_FILES, EventLog, write_atomic
+from sdlora.atomic import write_atomic
+from sdlora.rundir import CONTROL_FILES, EventLog
 from sdlora.sampling import SampleGraphs, Sampler
 from sdlora.saves import Saves
 from sdlora.step import build_step, weight_dtype
@@ -130,7 +131,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         stage.now = f"drawing samples at step {step}"
         out_dir = run_dir / "samples"  # the sampler writes each image to a temporary name, then renames it
         with writing(out_dir, 3 * resolution**2 * len(sampler.prompts), run_dir,
-                     leftovers=lambda: list(out_dir.glob("*.tmp.png"))):
+                     leftovers=lambda: list(out_dir.glob("*.png.tmp"))):
             sampler(step)
 
     for m in step_fn.trained:

@@ -26,7 +26,8 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from sdlora import dataset as ds
-from sdlora import runs as runs_
+from sdlora import rundir
+from sdlora.atomic import atomic_path, write_atomic
 from sdlora.errors import UserError
 
 MAX_UNPACKED = 2 * 1024**3  # what an uploaded .zip may hold once unpacked
@@ -205,11 +206,10 @@ def _write_record(dest: Path, record: ds.Record, added: Added, shown: str | None
     else:
         raise UserError(f"too many pictures named {target}", "rename the pictures before uploading them")
     image_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = image_path.with_name(f".{image_path.stem}.tmp.png")  # hidden: a leftover is never read as a picture
-    record.image.save(tmp)
-    tmp.replace(image_path)
+    with atomic_path(image_path) as tmp:  # NAME.png.tmp: never read as a picture
+        record.image.save(tmp, format="PNG")
     if record.captioned:
-        runs_.write_atomic(image_path.with_suffix(".txt"), record.caption + "\n")
+        write_atomic(image_path.with_suffix(".txt"), record.caption + "\n")
     added.saved.append(rel)
     added.written.add(rel)
     if n > 1:
@@ -274,7 +274,7 @@ def set_caption(root: str | Path, name: str, file: str, caption: str) -> None:
     txt = image.with_suffix(".txt")
     caption = " ".join(caption.split())
     if caption:
-        runs_.write_atomic(txt, caption + "\n")
+        write_atomic(txt, caption + "\n")
     else:
         txt.unlink(missing_ok=True)
 
@@ -350,7 +350,7 @@ def new_run_dir(root: str | Path, name: str) -> Path:
 
 def run_names(root: str | Path) -> list[str]:
     """Runs in the workspace, newest first (by when their config was written)."""
-    found = runs_.list_runs(Path(root) / "runs")
+    found = rundir.list_runs(Path(root) / "runs")
     found.sort(key=lambda p: (p / "config.json").stat().st_mtime, reverse=True)
     return [p.name for p in found if slug(p.name) == p.name]
 
@@ -359,7 +359,7 @@ def running(root: str | Path) -> str | None:
     """The name of the run that is training now, if any."""
     for name in run_names(root):
         folder = Path(root) / "runs" / name
-        if _alive(folder / "pid") and runs_.status(folder) == "running":
+        if _alive(folder / "pid") and rundir.status(folder) == "running":
             return name
     return None
 
@@ -409,7 +409,7 @@ def measured_speed(root: str | Path, base: str, processes: int = 1) -> tuple[flo
     events; a run on `processes` GPUs is preferred to one on another number."""
     found = []
     for name in run_names(root):
-        events = runs_.read_events(Path(root) / "runs" / name)
+        events = rundir.read_events(Path(root) / "runs" / name)
         start = next((e for e in events if e["type"] == "start"), None)
         progress = [e for e in events if e["type"] == "progress"]
         if not start or start["config"].get("base") != base or len(progress) < 2:

@@ -57,10 +57,10 @@ def served(tmp_path_factory):
 
 def stop_runs(workspace):
     for name in ws.run_names(workspace):
-        from sdlora import runs
+        from sdlora import rundir
 
-        if runs.status(ws.run_dir(workspace, name)) == "running":
-            runs.request(ws.run_dir(workspace, name), "STOP")
+        if rundir.status(ws.run_dir(workspace, name)) == "running":
+            rundir.request(ws.run_dir(workspace, name), "STOP")
 
 
 def form(client, endpoint, **by_label):
@@ -278,7 +278,7 @@ def test_gpu_count(tmp_path, monkeypatch):
     (accelerate launch). The count is passed in, so no GPU is needed; nothing is launched."""
     import sys as _sys
 
-    from sdlora import runs
+    from sdlora import launch
 
     for count in (0, 1):
         (gpus,) = [b for b in app.build(tmp_path / "w", gpus=count).blocks.values() if b.elem_id == "gpus"]
@@ -297,7 +297,7 @@ def test_gpu_count(tmp_path, monkeypatch):
         def poll(self):
             return 0
 
-    monkeypatch.setattr(runs, "subprocess", type("Subprocess", (), {"Popen": Process, "STDOUT": -2}))
+    monkeypatch.setattr(launch, "subprocess", type("Subprocess", (), {"Popen": Process, "STDOUT": -2}))
     workspace = tmp_path / "workspace"
     draw_dataset(workspace / "datasets" / "shapes", n=2, size=16)
     port = free_port()
@@ -313,8 +313,9 @@ def test_gpu_count(tmp_path, monkeypatch):
         assert "10 steps × 4 pictures (2 on each of 2 GPUs) = 40 pictures" in text
         run = start(client, **{"Dataset": "shapes", "Training steps": 10, "GPUs": 2, "Run name": "two"})
         run_dir = ws.run_dir(workspace, run)
-        accelerate = [_sys.executable, "-m", "accelerate.commands.launch", *runs.launch_args(2)]  # as cli.py relaunches
-        assert launched[-1] == runs.train_command(run_dir, 2) == \
+        # as cli.py relaunches
+        accelerate = [_sys.executable, "-m", "accelerate.commands.launch", *launch.launch_args(2)]
+        assert launched[-1] == launch.train_command(run_dir, 2) == \
             [*accelerate, "-m", "sdlora", "train", "--run-dir", str(run_dir), "--resume"]
         assert launched[-1][3:9] == ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend"]
         run = start(client, **{"Dataset": "shapes", "Training steps": 10, "GPUs": 1, "Run name": "one"})

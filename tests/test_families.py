@@ -14,7 +14,7 @@ from original_layout import kohya_reference, pipeline_to_original, text_encoders
 from sdlora.errors import UserError
 from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, kohya_name, sgm_unet_path, text_encoder_prefix
 from sdlora.models import CONFIGS_DIR, FAMILIES, inspect_checkpoint, load_base, memory_defaults
-from sdlora.runs import read_events
+from sdlora.rundir import read_events
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  steps_offset=1)

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import small_config
 from sdlora.lora import read_lora
-from sdlora.runs import launch_args, read_events
+from sdlora.launch import launch_args
+from sdlora.rundir import read_events
 
 pytestmark = pytest.mark.slow  # each test starts several training processes
 

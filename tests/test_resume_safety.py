@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import small_config
-from sdlora.runs import read_events
+from sdlora.rundir import read_events
 
 
 def _config(dataset_dir, steps):

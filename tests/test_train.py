@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from conftest import render_sample, draw_dataset, small_config
 from sdlora import dataset as ds
-from sdlora.runs import read_events
+from sdlora.rundir import read_events
 from sdlora.tiny import MODEL_DIR
 
 
@@ -194,36 +194,36 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, dataset_dir):
 
 @pytest.mark.slow
 def test_stop_file_stops_and_saves(tmp_path, dataset_dir):
-    from sdlora import runs
+    from sdlora import launch, rundir
 
     run = tmp_path / "stopme"
     run.mkdir()
     (run / "config.json").write_text(small_config(dataset_dir, steps=5000, sample_every=10_000, save_every=10_000).to_json())
-    proc = runs.start(run)
+    proc = launch.start(run)
     deadline = time.time() + 120
     while not any(e["type"] == "progress" for e in read_events(run)):
         assert proc.poll() is None, (run / "log.txt").read_text()[-2000:]
         assert time.time() < deadline
         time.sleep(0.3)
-    assert runs.status(run) == "running"
-    runs.request(run, "STOP")
+    assert rundir.status(run) == "running"
+    rundir.request(run, "STOP")
     assert proc.wait(timeout=120) == 0, (run / "log.txt").read_text()[-2000:]
     events = read_events(run)
     stopped = next(e for e in events if e["type"] == "stopped")
     assert 0 < stopped["step"] < 5000
-    assert (run / "lora.safetensors").exists() and runs.status(run) == "stopped"
+    assert (run / "lora.safetensors").exists() and rundir.status(run) == "stopped"
     assert next(e for e in events if e["type"] == "verify")["ok"]
 
 
 @pytest.mark.slow
 def test_a_spare_process_trains_the_run_handed_to_it_as_a_fresh_process_would(tmp_path, dataset_dir):
-    """The app starts a training process ahead (runs.Spare) so that a run skips the imports; a run handed to it gives
+    """The app starts a training process ahead (launch.Spare) so that a run skips the imports; a run handed to it gives
     the same file, events and log as a fresh process, and a spare that died hands the run to a fresh process."""
     from safetensors.torch import load_file
 
-    from sdlora import runs
+    from sdlora import launch, rundir
 
-    spare, dead = runs.Spare(), runs.Spare()
+    spare, dead = launch.Spare(), launch.Spare()
     dead.proc.kill()
     dead.proc.wait()
     assert spare.ready(timeout=180)
@@ -232,9 +232,9 @@ def test_a_spare_process_trains_the_run_handed_to_it_as_a_fresh_process_would(tm
         run = tmp_path / name
         run.mkdir()
         (run / "config.json").write_text(small_config(dataset_dir, steps=6, sample_every=3).to_json())
-        procs[name] = runs.start(run, spare=given)
+        procs[name] = launch.start(run, spare=given)
         assert procs[name].wait(timeout=300) == 0, (run / "log.txt").read_text()[-2000:]
-        assert runs.status(run) == "done" and (run / "pid").read_text() == str(procs[name].pid)
+        assert rundir.status(run) == "done" and (run / "pid").read_text() == str(procs[name].pid)
         assert "done at step 6" in (run / "log.txt").read_text()  # its output went to the run's log
     assert procs["spare"].args[-1] == "spare" and procs["fresh"].args[-1] == "--resume"
     assert spare.proc is None and spare.take(tmp_path / "spare") is None  # one run per spare
@@ -245,7 +245,7 @@ def test_a_spare_process_trains_the_run_handed_to_it_as_a_fresh_process_would(tm
     # the spare's setup counts from the hand-over: it had imported everything before
     process_s = {name: next(e for e in events[name] if e["type"] == "start")["setup_s"]["process"] for name in procs}
     assert process_s["spare"] < process_s["fresh"]
-    idle = runs.Spare()
+    idle = launch.Spare()
     idle.close()  # an untaken spare ends with its owner
     assert idle.proc is None
 
@@ -568,7 +568,7 @@ def test_samples_through_the_unet_replay_path_are_the_same(tmp_path):
 
     from sdlora.config import TrainConfig
     from sdlora.models import load_base
-    from sdlora.runs import EventLog
+    from sdlora.rundir import EventLog
     from sdlora.sampling import SampleGraphs, Sampler
     from sdlora.step import build_step
 

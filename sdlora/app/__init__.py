@@ -1,12 +1,20 @@
 """The browser app (Gradio): `main` is `sdlora app`; `build` makes the page and `serve` serves it (from `page`).
 
-The options are read before Gradio is imported, so `sdlora app --help` and a mistyped option answer at once."""
+The options are read before Gradio is imported, so `sdlora app --help` and a mistyped option answer at once. Each tab
+is a module (tab_pictures, tab_train, tab_try, tab_export) whose handlers are plain functions of a Context and the
+page's values, callable without a page."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+# Set before Gradio and the model libraries load, whichever module of the app is imported first.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+for _name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+    os.environ.setdefault(_name, "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def __getattr__(name: str):
     """`sdlora.app.build`, `.serve` and the rest of the page, imported (with Gradio) when first asked for."""
-    if name.startswith("_") or name == "page":  # `page` itself is found by the import system, not here
-        raise AttributeError(name)
     import importlib
+    import importlib.util
+
+    if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}"):  # a module: the import system finds it
+        raise AttributeError(name)
 
     return getattr(importlib.import_module("sdlora.app.page"), name)

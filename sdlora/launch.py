@@ -1,9 +1,9 @@
-"""Run directories: write and read events, start a run as its own process (or a spare one started ahead), send it
-STOP/SAMPLE/SAVE, list runs."""
+"""Start a run as a process of its own: the command that trains a run folder, a spare process started ahead of the
+run it will train, and the record of every process an owner (the app) started, so that it can end them."""
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import signal
 import subprocess
@@ -11,88 +11,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
-CONTROL_FILES = ("STOP", "SAMPLE", "SAVE")
-FINAL_EVENTS = ("done", "stopped", "error")
+from sdlora.rundir import write_pid
 
-
-class EventLog:
-    """Append-only `events.jsonl`: one JSON object a line, flushed per line so a reader never waits."""
-
-    def __init__(self, run_dir: str | Path, enabled: bool = True, echo: bool = False):
-        self.path = Path(run_dir) / "events.jsonl"
-        self.enabled = enabled  # only the main process writes when a run spans several
-        self.echo = echo and enabled  # the CLI also shows what a user must read
-
-    def _show(self, event: dict) -> None:
-        from tqdm.auto import tqdm
-
-        kind = event["type"]
-        if kind == "start":  # what the pictures become: sizes, crops, how often each is seen
-            config, sizes = event["config"], event.get("bucket_sizes", {})
-            shown = ", ".join(f"{n} at {size}" for size, n in sorted(sizes.items(), key=lambda kv: -kv[1])[:6])
-            more = f" and {len(sizes) - 6} more sizes" if len(sizes) > 6 else ""
-            tqdm.write(f"{event['images']} pictures in {len(sizes)} size bucket(s): {shown}{more}; each scaled to cover "
-                       f"its bucket and {'randomly' if config.get('random_crop') else 'centre'} cropped"
-                       f"{', flipped at random' if config.get('flip') else ''}; {event['total_steps']} steps of "
-                       f"{event['global_batch']} = {event['epochs']:g} epochs")
-        elif kind == "warning":
-            tqdm.write(f"warning: {event['message']}")
-        elif kind == "sample":
-            tqdm.write(f"sample (step {event['step']}): {event['path']}")
-        elif kind == "verify":
-            ok = "ok" if event["ok"] else "FAILED"
-            tqdm.write(f"compatibility check {ok}: diffusers' loader took {event['keys_consumed']}/{event['keys_written']} "
-                       f"keys; strength 0 = base (max diff {event['strength0_max_diff']:g})")
-        elif kind in ("done", "stopped"):
-            tqdm.write(f"{kind} at step {event['step']}: {event['path']}")
-
-    def emit(self, type: str, **fields) -> dict:
-        event = {"type": type, "time": round(time.time(), 3), **fields}
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(event, default=str) + "\n")
-                f.flush()
-            if self.echo:
-                self._show(event)
-        return event
-
-
-def read_events(run_dir: str | Path) -> list[dict]:
-    """Every complete event of a run so far (a line still being written is skipped)."""
-    path = Path(run_dir) / "events.jsonl"
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def request(run_dir: str | Path, what: str) -> None:
-    """Ask a running run to STOP, SAMPLE or SAVE at its next step (it removes the file when done)."""
-    assert what in CONTROL_FILES, what
-    (Path(run_dir) / what).touch()
-
-
-def take_request(run_dir: str | Path, what: str) -> bool:
-    """True (and the file removed) when `what` was requested. STOP stays, so a restarted process sees it too."""
-    path = Path(run_dir) / what
-    if not path.exists():
-        return False
-    if what != "STOP":
-        path.unlink(missing_ok=True)
-    return True
+# What a spare imports ahead: the libraries that take a fresh training process its seconds (sdlora's own modules add
+# under 0.1 s after them, measured on 2 CPU cores, so they load after the hand-over, with the command line).
+PRELOADED = ("torch", "transformers", "peft", "accelerate", "diffusers")
 
 
 def launch_args(processes: int) -> list[str]:
@@ -124,7 +49,7 @@ def start(run_dir: str | Path, gpus: int = 1, spare: "Spare | None" = None) -> s
         with open(run_dir / "log.txt", "ab") as log:  # the child keeps its own copy of the file
             proc = subprocess.Popen(train_command(run_dir, gpus), stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-    write_atomic(run_dir / "pid", str(proc.pid))
+    write_pid(run_dir, proc.pid)
     return proc
 
 
@@ -232,19 +157,20 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
             pass
 
 
-def serve_spare() -> int:
-    """The spare's side (`python -m sdlora spare`, see Spare): import, say `ready`, train the run folder read from
-    stdin with its output in that folder's log.txt; nothing read (the owner went away): exit."""
+def serve_spare(main: Callable[[list[str]], int]) -> int:
+    """The spare's side (`python -m sdlora spare`, see Spare): import, say `ready`, then train the run folder read
+    from stdin through `main`, the command line's own (`train --run-dir DIR --resume`), with its output in that
+    folder's log.txt; nothing read (the owner went away): exit.
+
+    The command line passes its `main` in, so that this module never imports the command line that imports it."""
     # the pipe to the owner carries "ready" and nothing else: whatever the imports print goes nowhere (a full pipe
     # that nobody reads would block the spare before it ever reads its run)
     ready_pipe = os.dup(sys.stdout.fileno())
     with open(os.devnull, "wb") as devnull:
         os.dup2(devnull.fileno(), sys.stdout.fileno())
-    import diffusers
-
-    from sdlora import train  # torch, transformers, peft and accelerate come with it
-    from sdlora.cli import main
-
+    for name in PRELOADED:
+        importlib.import_module(name)
+    diffusers = sys.modules["diffusers"]
     diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline  # diffusers imports its pipelines lazily
     try:
         os.write(ready_pipe, b"ready\n")
@@ -254,44 +180,10 @@ def serve_spare() -> int:
     run_dir = sys.stdin.readline().strip()
     if not run_dir:
         return 0
-    train.HANDED_OVER_AT = time.time()  # its start event times setup from here
+    # the run's start event times its setup from here, not from this process's start: the imports were done ahead
+    os.environ["SDLORA_HANDED_OVER_AT"] = str(time.time())
     with open(Path(run_dir) / "log.txt", "ab") as log:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
             os.dup2(log.fileno(), stream.fileno())
     return main(["train", "--run-dir", run_dir, "--resume"])
-
-
-def status(run_dir: str | Path) -> str:
-    """'running', 'done', 'stopped', 'error' or 'new' for a run directory."""
-    events = read_events(run_dir)
-    last = next((e["type"] for e in reversed(events) if e["type"] in FINAL_EVENTS + ("start",)), None)
-    if last in FINAL_EVENTS:
-        return last
-    pid_file = Path(run_dir) / "pid"
-    if pid_file.exists():
-        try:
-            pid = int(pid_file.read_text())
-            os.kill(pid, 0)
-            if _zombie(pid):  # exited, not yet collected by its parent
-                raise OSError
-            return "running"
-        except (OSError, ValueError):
-            return "error" if last == "start" else "new"
-    return "running" if last == "start" else "new"
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def list_runs(root: str | Path) -> list[Path]:
-    """Run directories under `root`, newest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    runs = [p for p in root.iterdir() if (p / "config.json").exists()]
-    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)

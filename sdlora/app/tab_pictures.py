@@ -1,0 +1,172 @@
+"""The Pictures tab: datasets, their pictures and captions, uploads, the bundled examples and changing every caption
+at once."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from sdlora import examples as bundled
+from sdlora import workspace as ws
+from sdlora.app import tab_train
+from sdlora.app.context import Context
+from sdlora.app.wiring import Choices, call, components, on
+from sdlora.errors import UserError
+
+
+# ---- handlers -----------------------------------------------------------------------------------------------------
+
+def gallery_of(ctx: Context, name: str) -> tuple[list, str]:
+    """The dataset's pictures with their captions, and the note above them."""
+    if not name:
+        return [], "Pick a dataset, or type a name and add pictures."
+    if name not in ws.dataset_names(ctx.root):
+        return [], f"**{ws.slug(name)}** is a new dataset: add pictures to it."
+    items = ws.captions(ctx.root, name)
+    images, captioned, per_epoch = ws.dataset_counts(ctx.root, name)
+    note = f"**{name}**: {images} pictures, {captioned} with captions"
+    if per_epoch != images:
+        note += f" ({per_epoch} per round, counting repeat folders)"
+    if images and captioned < images:
+        note += ". Pictures without a caption train with the caption template (Train, Advanced)."
+    return [(str(path), f"{file}: {caption or '(no caption)'}") for file, path, caption in items], note
+
+
+def show_dataset(ctx: Context, values: dict) -> dict:
+    """The dataset `name` picked: its pictures, and no picture picked."""
+    gallery, note = gallery_of(ctx, values["name"])
+    return {"gallery": gallery, "note": note, "file": "", "caption": ""}
+
+
+def add_pictures(ctx: Context, values: dict) -> dict:
+    """Add uploaded `files` (pictures, captions, .zip files) to the dataset `name`, made if new; say what was not
+    used and why."""
+    if not values["files"]:
+        raise UserError("no files to add", "drop pictures, caption .txt files or a .zip into the box first")
+    name = ws.slug(values["name"] or "my-pictures")
+    added = ws.add_files(ctx.root, name, [str(f) for f in values["files"]], max_unpacked=ctx.max_unpacked)
+    report = [f"Added {len(added.saved)} pictures to **{name}**."]
+    if added.rejected:
+        report.append("Not used:\n" + "\n".join(f"- `{n}`: {why}" for n, why in added.rejected))
+    report += [f"Note: {w}" for w in added.warnings]
+    gallery, note = gallery_of(ctx, name)
+    return {"dataset": Choices(ws.dataset_names(ctx.root), name), "gallery": gallery,
+            "note": note + "\n\n" + "\n\n".join(report), "files": None}
+
+
+def use_example(ctx: Context, values: dict) -> dict:
+    """Copy a bundled example dataset into the workspace and show it."""
+    example = values["example"]
+    if example not in bundled.names():
+        raise UserError(f"no example named {example!r}", "pick one from the list")
+    name = ws.copy_example(ctx.root, bundled.path(example))
+    gallery, note = gallery_of(ctx, name)
+    return {"dataset": Choices(ws.dataset_names(ctx.root), name), "gallery": gallery, "note": note}
+
+
+def pick_picture(ctx: Context, values: dict) -> dict:
+    """The picture clicked in the gallery of dataset `name` (`index`) and its caption, for editing."""
+    items = ws.captions(ctx.root, values["name"])
+    index = values["index"]
+    if index is None or index >= len(items):
+        return {"file": "", "caption": ""}
+    file, _, caption = items[index]
+    return {"file": file, "caption": caption}
+
+
+def save_caption(ctx: Context, values: dict) -> dict:
+    """Write `caption` as the caption of picture `file` of dataset `name`."""
+    name, file = values["name"], values["file"]
+    ws.set_caption(ctx.root, name, file, values["caption"])
+    gallery, note = gallery_of(ctx, name)
+    return {"gallery": gallery, "note": note + f"\n\nSaved the caption of `{file}`."}
+
+
+def remove_picture(ctx: Context, values: dict) -> dict:
+    """Delete picture `file` of dataset `name`, and its caption."""
+    name, file = values["name"], values["file"]
+    ws.remove_image(ctx.root, name, file)
+    gallery, note = gallery_of(ctx, name)
+    return {"gallery": gallery, "note": note + f"\n\nRemoved `{file}`.", "file": "", "caption": ""}
+
+
+def change_all(ctx: Context, values: dict) -> dict:
+    """Edit every caption of dataset `name`: the `trigger` word first, text added at the start (`prefix`) or end
+    (`suffix`), `find` and `replace`. A trigger word given here becomes the Train tab's too."""
+    name = values["name"]
+    if not name:
+        raise UserError("no dataset picked", "pick a dataset first")
+    count = ws.edit_captions(ctx.root, name, trigger=values["trigger"], prefix=values["prefix"],
+                             suffix=values["suffix"], find=values["find"], replace=values["replace"])
+    gallery, note = gallery_of(ctx, name)
+    result = {"gallery": gallery, "note": note + f"\n\nChanged {count} captions."}
+    if values["trigger"].strip():
+        result["trigger"] = values["trigger"].strip()
+    return result
+
+
+# ---- layout and wiring --------------------------------------------------------------------------------------------
+
+def layout(ctx: Context) -> SimpleNamespace:
+    """The tab and its components."""
+    ui = SimpleNamespace()
+    with gr.Tab("1 · Pictures", id="pictures") as ui.tab:
+        with gr.Row():
+            ui.dataset = gr.Dropdown([], label="Dataset", allow_custom_value=True, scale=2,
+                                     info="pick one, or type a new name and add pictures")
+            ui.example = gr.Dropdown([], label="Example datasets", scale=1, allow_custom_value=True,
+                                     info="ready-made pictures to try")
+            ui.use_example = gr.Button("Use this example", scale=0, min_width=140)
+        with gr.Row():
+            ui.uploads = gr.File(label="Drop pictures, caption .txt files (same name as the picture) or a .zip",
+                                 file_count="multiple", file_types=["image", ".txt", ".caption", ".zip"], scale=3,
+                                 height=140)
+            ui.add = gr.Button("Add to dataset", variant="primary", scale=1)
+        ui.note = gr.Markdown("Pick a dataset, or type a name and add pictures.")
+        ui.gallery = gr.Gallery(label="Pictures (click one to edit its caption)", columns=8, height=360,
+                                allow_preview=False, object_fit="contain")
+        with gr.Row():
+            ui.picked = gr.Textbox(label="Picture", interactive=False, scale=1)
+            ui.caption = gr.Textbox(label="Caption", scale=4, placeholder="what is in the picture, e.g. "
+                                    "'zkstyle, a red fox in the snow'")
+            with gr.Column(scale=1, min_width=140):
+                ui.save_caption = gr.Button("Save caption", variant="primary")
+                ui.remove = gr.Button("Remove picture", variant="stop", size="sm")
+        with gr.Accordion("Change all captions", open=False):
+            with gr.Row():
+                ui.bulk_trigger = gr.Textbox(label="Trigger word", info="put first in every caption that lacks it")
+                ui.bulk_prefix = gr.Textbox(label="Add at the start")
+                ui.bulk_suffix = gr.Textbox(label="Add at the end")
+                ui.bulk_find = gr.Textbox(label="Find")
+                ui.bulk_replace = gr.Textbox(label="Replace with")
+            ui.bulk = gr.Button("Change all captions")
+    return ui
+
+
+def wire(ctx: Context, page: SimpleNamespace) -> None:
+    """Connect the tab's components to its handlers (`page`: every tab's components)."""
+    ui, train = page.pictures, page.train
+    shown = {"gallery": ui.gallery, "note": ui.note}
+    cleared = {"file": ui.picked, "caption": ui.caption}
+    follow = dict(inputs={"dataset": ui.dataset}, outputs={"dataset": train.dataset}, api_name=False)
+    on(ui.dataset.change, ctx, show_dataset, {"name": ui.dataset}, {**shown, **cleared}, api_name="show_dataset")
+    # a new dataset may keep the name typed before it existed (no change event): tell the Train tab too
+    added = on(ui.add.click, ctx, add_pictures, {"name": ui.dataset, "files": ui.uploads},
+               {"dataset": ui.dataset, **shown, "files": ui.uploads}, api_name="add_pictures")
+    on(added.then, ctx, tab_train.follow_dataset, **follow)
+    copied = on(ui.use_example.click, ctx, use_example, {"example": ui.example}, {"dataset": ui.dataset, **shown},
+                api_name="use_example")
+    on(copied.then, ctx, tab_train.follow_dataset, **follow)
+
+    def select(name, evt: gr.SelectData):  # the picture clicked comes with the event
+        return call(ctx, pick_picture, {"name": name, "index": evt.index}, cleared)
+    ui.gallery.select(select, ui.dataset, components(cleared), api_name=False)
+    on(ui.save_caption.click, ctx, save_caption, {"name": ui.dataset, "file": ui.picked, "caption": ui.caption},
+       shown, api_name="save_caption")
+    on(ui.remove.click, ctx, remove_picture, {"name": ui.dataset, "file": ui.picked}, {**shown, **cleared},
+       api_name="remove_picture")
+    on(ui.bulk.click, ctx, change_all,
+       {"name": ui.dataset, "trigger": ui.bulk_trigger, "prefix": ui.bulk_prefix, "suffix": ui.bulk_suffix,
+        "find": ui.bulk_find, "replace": ui.bulk_replace},
+       {**shown, "trigger": train.form["trigger"]}, api_name="change_all")
