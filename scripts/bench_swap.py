@@ -36,7 +36,8 @@ def make_model(folder: Path) -> None:
 def make_lora(pipe, path: Path, seed: int, rank: int = 16) -> None:
     from safetensors.torch import save_file
 
-    from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, kohya_name, text_encoder_prefix
+    from sdlora.families.naming import kohya_name, text_encoder_prefix
+    from sdlora.families.targets import TEXT_TARGETS, UNET_TARGETS
 
     g = torch.Generator().manual_seed(seed)
     state = {}

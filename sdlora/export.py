@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from sdlora import families
 from sdlora.config import TrainConfig
-from sdlora.lora import (ADAPTER, TEXT_TARGETS, UNET_TARGETS, adapter_layers, check_lora_fits, kohya_name, read_lora,
-                         text_encoder_prefix, unet_module_name, usual_mode)
-from sdlora.models import FAMILIES, Base, load_base
+from sdlora.lora import ADAPTER, adapter_layers, check_lora_fits, read_lora, usual_mode
+from sdlora.models import Base, load_base
 
 VERIFY_ADAPTER = "sdlora_verify"
 
@@ -28,16 +28,17 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
 
     `prediction_type` is the base's (an SDXL v-prediction model says so here); by default the family's.
     """
-    fam = FAMILIES[family]
-    pred = prediction_type or ("v_prediction" if family == "sd2-v" else "epsilon")
+    fam = families.get(family)
+    pred = prediction_type or fam.prediction_type
+    family_fields = fam.lora_metadata()
     now = time.time()
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
         "ss_network_dropout": str(config.lora_dropout),
-        "ss_base_model_version": fam["base_model_version"],
-        "ss_v2": str(fam["v2"]),
+        "ss_base_model_version": family_fields["ss_base_model_version"],
+        "ss_v2": family_fields["ss_v2"],
         "ss_sd_model_name": Path(config.base).name if config.base != "tiny" else "sdlora-tiny",
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_num_train_images": str(num_images),
@@ -67,9 +68,8 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
         "ss_training_comment": config.description,
         "sdlora_targets": config.targets,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": fam["architecture"],
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
-        else "diffusers",
+        "modelspec.architecture": family_fields["modelspec.architecture"],
+        "modelspec.implementation": family_fields["modelspec.implementation"],
         "modelspec.title": title,
         "modelspec.description": config.description,
         "modelspec.trigger_phrase": config.trigger,
@@ -80,12 +80,16 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
     return meta
 
 
-def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: TrainConfig) -> None:
+def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: TrainConfig,
+                           family: str | None = None) -> None:
     """The same adapter in the diffusers/peft layout, with the LoRA config so diffusers keeps the alpha.
 
-    `text_encoders` are the adapted text encoders in pipeline order (none, one, or SDXL's two).
+    `text_encoders` are the adapted text encoders in pipeline order (none, or all of the family's). `family`: the
+    base's; by default the one the UNet's config shows.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
+
+    fam = families.get(family) if family else families.detect_denoiser(unet.config)
 
     def layers(model):  # peft's own layout: `...to_q.lora_A.weight`, without the adapter name
         return {n.replace(f".{ADAPTER}.", "."): p.detach().float().cpu().contiguous()
@@ -95,14 +99,11 @@ def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: 
         return {"r": config.rank, "lora_alpha": config.alpha, "target_modules": targets}
 
     path = Path(path)
-    kw = dict(unet_lora_layers=layers(unet), unet_lora_adapter_metadata=meta(UNET_TARGETS[config.targets]))
-    for i, te in enumerate(text_encoders):
-        name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+    kw = dict(unet_lora_layers=layers(unet), unet_lora_adapter_metadata=meta(fam.unet_targets[config.targets]))
+    for name, te in zip(fam.text_encoders.values(), text_encoders):
         kw[f"{name}_lora_layers"] = layers(te)
-        kw[f"{name}_lora_adapter_metadata"] = meta(TEXT_TARGETS[config.targets])
-    cls = StableDiffusionXLPipeline if len(text_encoders) > 1 or unet.config.addition_embed_type == "text_time" \
-        else StableDiffusionPipeline
-    cls.save_lora_weights(str(path.parent), weight_name=path.name, **kw)
+        kw[f"{name}_lora_adapter_metadata"] = meta(fam.text_targets[config.targets])
+    getattr(diffusers, fam.pipeline).save_lora_weights(str(path.parent), weight_name=path.name, **kw)
     usual_mode(path)
 
 
@@ -119,28 +120,24 @@ def verify(path: str | Path, base_spec: str, *, base_config: str = "", predictio
     if base is None:
         base = load_base(base_spec, base_config=base_config, prediction_type=prediction_type)
     check_lora_fits(Path(path).name, state, metadata, base)
-    pipe = base.pipe
-    sdxl = base.family == "sdxl"
+    pipe, fam = base.pipe, base.fam
     gen = torch.Generator("cpu").manual_seed(0)
     latents = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=gen)
     t = torch.tensor([500])
 
+    time_ids = fam.time_ids((64, 64), (0, 0), (64, 64))  # a 64 x 64 image, uncropped (None: not conditioned on)
+    time_ids = None if time_ids is None else time_ids[None]
+
     def forward():  # the pipelines' own prompt encoding, so the text-encoder LoRA counts too
-        if sdxl:
-            hidden, _, pooled, _ = pipe.encode_prompt("a photo", device="cpu", do_classifier_free_guidance=False)
-            time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
-            added = {"text_embeds": pooled, "time_ids": time_ids}
-            return pipe.unet(latents, t, hidden, added_cond_kwargs=added).sample
-        hidden, _ = pipe.encode_prompt("a photo", "cpu", 1, False)
-        return pipe.unet(latents, t, hidden).sample
+        hidden, pooled = fam.encode_prompt(pipe, "a photo", "cpu")
+        return pipe.unet(latents, t, hidden, added_cond_kwargs=fam.denoiser_kwargs(pooled, time_ids)).sample
 
     before = forward()
     pipe.load_lora_weights(str(path), adapter_name=VERIFY_ADAPTER)
-    sgm = FAMILIES[base.family]["sgm_unet"]
-    loaded = {kohya_name("lora_unet_", unet_module_name(p, pipe.unet, sgm)): m
+    loaded = {fam.kohya_unet_name(p, pipe.unet.config): m
               for p, m in adapter_layers(pipe.unet, VERIFY_ADAPTER).items()}
     for prefix, te in base.text_encoders().items():
-        loaded.update({kohya_name(text_encoder_prefix(p, prefix), p): m
+        loaded.update({fam.kohya_text_encoder_name(prefix, p): m
                        for p, m in adapter_layers(te, VERIFY_ADAPTER).items()})
     names = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state})
     consumed = 0

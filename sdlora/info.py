@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 
+from sdlora import families
 from sdlora.errors import UserError
-from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, kohya_name, read_lora, stated_family, text_encoder_prefix
-from sdlora.models import FAMILIES
+from sdlora.families.naming import KOHYA_UNET, kohya_name, kohya_text_encoder_name
+from sdlora.families.targets import TEXT_TARGETS, UNET_TARGETS
+from sdlora.lora import read_lora
 
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 # LyCORIS networks store other factorisations; W' = W + s*(alpha/r)*up@down does not apply to them.
 # (key part, what the file is)
 _OTHER_NETWORKS = (("hada_w1_a", "LyCORIS LoHa"), ("lokr_w1", "LyCORIS LoKr"), (".diff", "LyCORIS full-weight"),
                    ("oft_blocks", "LyCORIS OFT"), ("lora_mid.weight", "LyCORIS LoCon with Tucker factors"))
-# Cross-attention width of the UNet (attn2 to_k input) per family; the tiny model's 128 tells nothing.
-_CONTEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _SETTINGS = [  # (metadata key, label) shown by `sdlora info`, in this order
     ("ss_sd_model_name", "trained on"), ("ss_resolution", "resolution"), ("ss_num_train_images", "images"),
     ("ss_steps", "steps"), ("sdlora_epochs", "epochs"), ("ss_epoch", "epoch"), ("ss_batch_size_per_device", "batch size"),
@@ -73,7 +73,7 @@ def read_adapter(path: str | Path) -> Adapter:
     for key, value in state.items():
         suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
         name = key[: -len(suffix)] if suffix else ""
-        if suffix and name.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) and "." not in name:
+        if suffix and name.startswith((KOHYA_UNET, *families.kohya_text_encoder_prefixes())) and "." not in name:
             names.setdefault(name, {})[suffix] = value
         else:
             stray.append(key)
@@ -95,10 +95,8 @@ def read_adapter(path: str | Path) -> Adapter:
 def _read_peft(path: Path, state: dict, metadata: dict) -> Adapter:
     # diffusers writes the peft config per component into `lora_adapter_metadata`; without it alpha = rank.
     config = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
-    second_encoder = any(k.startswith("text_encoder_2.") for k in state)
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if second_encoder else "lora_te_",
-                "text_encoder_2": "lora_te2_"}
-    pattern = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_(A|B)\.weight$")
+    components = "|".join(("unet", *families.text_encoder_components()))
+    pattern = re.compile(rf"^({components})\.(.+)\.lora_(A|B)\.weight$")
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     stray = []
     for key, value in state.items():
@@ -107,6 +105,9 @@ def _read_peft(path: Path, state: dict, metadata: dict) -> Adapter:
             parts.setdefault((m[1], m[2]), {})[m[3]] = value
         else:
             stray.append(key)
+    # the kohya prefixes follow the text encoders the file holds (two: SDXL's lora_te1_ and lora_te2_)
+    held = {k.split(".", 1)[0] for k in state} & set(families.text_encoder_components())
+    prefixes = families.peft_prefixes(held)
     modules = {}
     for (component, module_path), ab in parts.items():
         if set(ab) != {"A", "B"}:
@@ -117,42 +118,38 @@ def _read_peft(path: Path, state: dict, metadata: dict) -> Adapter:
         for pat, value in (config.get(f"{component}.alpha_pattern") or {}).items():
             if module_path == pat or module_path.endswith("." + pat) or re.fullmatch(pat, module_path):
                 alpha = value
-        prefix = prefixes[component]
-        if component != "unet":
-            prefix = text_encoder_prefix(module_path, prefix)
-        modules[kohya_name(prefix, module_path)] = (ab["A"], ab["B"], float(alpha))
+        name = kohya_name(KOHYA_UNET, module_path) if component == "unet" \
+            else kohya_text_encoder_name(prefixes[component], module_path)
+        modules[name] = (ab["A"], ab["B"], float(alpha))
     return Adapter(modules, metadata, "diffusers", sorted(stray))
 
 
 def guessed_family(adapter: Adapter) -> str | None:
-    """The family the key names and shapes point to, for files without metadata."""
-    if any(n.startswith("lora_te2_") or "_input_blocks_" in n for n in adapter.modules):
-        return "sdxl"
-    widths = {down.shape[1] for n, (down, _, _) in adapter.modules.items() if n.endswith("attn2_to_k")}
-    return next((_CONTEXT_WIDTH[w] for w in widths if w in _CONTEXT_WIDTH), None)
+    """The family the key names and shapes point to, for files without metadata: names only one family uses, else
+    the UNet's cross-attention width (attn2 to_k input; the tiny model's 128 tells nothing)."""
+    family = families.from_lora_names(list(adapter.modules))
+    if family is None:
+        widths = {down.shape[1] for n, (down, _, _) in adapter.modules.items() if n.endswith("attn2_to_k")}
+        family = next((f for w in widths if (f := families.of_width(w))), None)
+    return family.name if family else None
 
 
 def base_modules(pipe, family: str) -> dict[str, torch.nn.Module]:
-    """kohya name -> Linear/Conv2d of the base, under every name the loaders accept for this family."""
+    """kohya name -> Linear/Conv2d of the base, under every name the loaders accept for this family: the diffusers
+    module paths, the original (SGM) ones where kohya names the UNet so, each text encoder under all its prefixes."""
+    fam = families.get(family)
     table: dict[str, torch.nn.Module] = {}
     layers = (torch.nn.Linear, torch.nn.Conv2d)
-    for path, m in pipe.unet.named_modules():
-        if isinstance(m, layers):
-            table[kohya_name("lora_unet_", path)] = m
-    if family == "sdxl":  # kohya names SDXL's UNet in the original (SGM) layout
-        from sdlora.merge import original_unet_key
-
-        for path, m in pipe.unet.named_modules():
+    unet_layers = [(path, m) for path, m in pipe.unet.named_modules() if isinstance(m, layers)]
+    for path, m in unet_layers:
+        table[kohya_name(KOHYA_UNET, path)] = m
+    if fam.sgm_unet:
+        for path, m in unet_layers:
+            table[fam.kohya_unet_name(path, pipe.unet.config)] = m
+    for prefix, component in fam.kohya_prefixes().items():
+        for path, m in getattr(pipe, component).named_modules():
             if isinstance(m, layers):
-                table[kohya_name("lora_unet_", original_unet_key(path + ".weight", pipe.unet.config)[: -len(".weight")])] = m
-    encoders = [("text_encoder", ("lora_te1_", "lora_te_")), ("text_encoder_2", ("lora_te2_",))] if family == "sdxl" \
-        else [("text_encoder", ("lora_te_",))]
-    for attr, prefixes in encoders:
-        model = getattr(pipe, attr, None)
-        for path, m in (model.named_modules() if model is not None else []):
-            if isinstance(m, layers):
-                for prefix in prefixes:
-                    table[kohya_name(text_encoder_prefix(path, prefix), path)] = m
+                table[kohya_text_encoder_name(prefix, path)] = m
     return table
 
 
@@ -207,10 +204,11 @@ def describe(path: str | Path, base=None) -> dict:
             settings[label] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(meta[key])))
         except (KeyError, ValueError):
             pass
-    stated = stated_family(meta)
+    stated = families.stated(meta)
     info = {
         "file": str(path), "layout": adapter.layout, "title": meta.get("modelspec.title") or meta.get("ss_output_name", ""),
-        "family": stated or guessed_family(adapter), "family_source": "metadata" if stated else "key shapes",
+        "family": stated.name if stated else guessed_family(adapter),
+        "family_source": "metadata" if stated else "key shapes",
         "ranks": dict(sorted(ranks.items())), "alphas": dict(sorted(alphas.items())),
         "scales": sorted({round(a / d.shape[0], 6) for d, _, a in adapter.modules.values()}),
         "conv3x3_modules": conv3x3,
@@ -226,7 +224,7 @@ def describe(path: str | Path, base=None) -> dict:
         result = fit(adapter, base_modules(base.pipe, base.family))
         info["base"] = {"name": base.name, "family": base.family, "mapped": len(result["mapped"]),
                         "missing": result["missing"], "wrong_shape": result["wrong_shape"],
-                        "family_ok": not stated or FAMILIES[stated]["arch"] == FAMILIES[base.family]["arch"],
+                        "family_ok": not stated or stated.arch == base.fam.arch,
                         "ok": not result["missing"] and not result["wrong_shape"] and not adapter.stray}
     return info
 

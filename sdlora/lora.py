@@ -9,16 +9,11 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, safe_open, save_file
 
+from sdlora import families
+from sdlora.errors import UserError
+from sdlora.families.naming import KOHYA_UNET, kohya_name, kohya_text_encoder_name, unet_module_name
+
 ADAPTER = "default"
-# docs/lora-format.md, Targets: attention only, or attention + MLP as kohya trains by default.
-UNET_TARGETS = {
-    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attn-mlp": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
-}
-TEXT_TARGETS = {
-    "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "attn-mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
 
 
 def add_adapters(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0) -> list[torch.nn.Parameter]:
@@ -42,50 +37,20 @@ def adapter_layers(model: torch.nn.Module, adapter: str = ADAPTER) -> dict[str, 
     return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and adapter in m.lora_A}
 
 
-def kohya_name(prefix: str, module_path: str) -> str:
-    """`down_blocks.0.attentions.0...to_out.0` -> `lora_unet_down_blocks_0_attentions_0_..._to_out_0`."""
-    return prefix + module_path.replace(".", "_")
-
-
-def text_encoder_prefix(module_path: str, prefix: str = "lora_te_") -> str:
-    # transformers 5 dropped the `text_model` level from CLIPTextModel; every loader still expects it in the key.
-    return prefix if module_path.startswith("text_model.") else prefix + "text_model_"
-
-
-def sgm_unet_path(module_path: str, layers_per_block: int) -> str:
-    """A diffusers UNet module path in the original (SGM/LDM) block numbering, as kohya names SDXL modules.
-
-    `down_blocks.1.attentions.0.X` -> `input_blocks.4.1.X`, `mid_block.attentions.0.X` -> `middle_block.1.X`,
-    `up_blocks.0.attentions.1.X` -> `output_blocks.1.1.X`. Inside a transformer block the names are the same. The
-    inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers`: a down block holds `layers_per_block` layers plus
-    a downsampler, an up block one layer more.
-    """
-    parts = module_path.split(".")
-    n = layers_per_block + 1
-    if parts[0] == "down_blocks" and parts[2] == "attentions":
-        return ".".join(["input_blocks", str(1 + int(parts[1]) * n + int(parts[3])), "1", *parts[4:]])
-    if parts[0] == "mid_block" and parts[1] == "attentions":
-        return ".".join(["middle_block", "1", *parts[3:]])
-    if parts[0] == "up_blocks" and parts[2] == "attentions":
-        return ".".join(["output_blocks", str(int(parts[1]) * n + int(parts[3])), "1", *parts[4:]])
-    raise AssertionError(f"no SGM name for {module_path}: only transformer-block modules are LoRA targets")
-
-
 def kohya_state_dict(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
                      sgm_unet: bool = False) -> dict[str, torch.Tensor]:
     """The adapter in the kohya layout: `<name>.lora_down.weight`, `.lora_up.weight` and the trained `.alpha`.
 
-    `text_encoders` maps a key prefix (`lora_te_` for SD1/SD2, `lora_te1_`/`lora_te2_` for SDXL) to a text encoder
-    that carries an adapter. `sgm_unet` names UNet modules in the original block numbering, as kohya does for SDXL
+    `text_encoders` maps a key prefix (a key of Family.text_encoders) to a text encoder that carries an adapter.
+    `sgm_unet` (Family.sgm_unet) names UNet modules in the original block numbering, as kohya does for SDXL
     (docs/lora-format.md, Keys); otherwise they keep their diffusers paths.
     """
     out: dict[str, torch.Tensor] = {}
-    modules = [("lora_unet_", unet_module_name(path, unet, sgm_unet), layer)
+    modules = [(kohya_name(KOHYA_UNET, unet_module_name(path, unet.config, sgm_unet)), layer)
                for path, layer in adapter_layers(unet).items()]
     for prefix, te in text_encoders.items():
-        modules += [(text_encoder_prefix(path, prefix), path, layer) for path, layer in adapter_layers(te).items()]
-    for prefix, path, layer in modules:
-        key = kohya_name(prefix, path)
+        modules += [(kohya_text_encoder_name(prefix, path), layer) for path, layer in adapter_layers(te).items()]
+    for key, layer in modules:
         down = layer.lora_A[ADAPTER].weight.detach()
         up = layer.lora_B[ADAPTER].weight.detach()
         out[f"{key}.lora_down.weight"] = down.float().cpu().contiguous()
@@ -94,10 +59,6 @@ def kohya_state_dict(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Mo
         alpha = layer.lora_alpha[ADAPTER] if hasattr(layer, "lora_alpha") else layer.scaling[ADAPTER] * down.shape[0]
         out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
-
-
-def unet_module_name(module_path: str, unet: torch.nn.Module, sgm_unet: bool) -> str:
-    return sgm_unet_path(module_path, unet.config.layers_per_block) if sgm_unet else module_path
 
 
 def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -136,18 +97,14 @@ def check_lora_fits(name: str, state: dict[str, torch.Tensor] | None, metadata: 
     encoders' widths. A mismatch otherwise shows up as a shape error deep in a loader, or as a LoRA that silently
     does nothing (docs/lora-format.md, Wrong base family).
     """
-    from sdlora.errors import UserError
-    from sdlora.models import FAMILIES, family_of_width
-
-    fam = FAMILIES[base.family]
-    hint = f"use it with a base model of its own family, or pick a LoRA made for {fam['label']}"
-    made_for = stated_family(metadata)
+    fam = base.fam
+    hint = f"use it with a base model of its own family, or pick a LoRA made for {fam.label}"
+    made_for = families.stated(metadata)
     foreign = metadata.get("modelspec.architecture", "").split("/")[0]
     if made_for is None and foreign and not foreign.startswith("stable-diffusion"):  # flux, sd3, ...
-        raise UserError(f"{name} is a LoRA for {foreign}, and the base model is {fam['label']}", hint)
-    if made_for is not None and FAMILIES[made_for]["arch"] != fam["arch"]:
-        raise UserError(f"{name} is a LoRA for {FAMILIES[made_for]['label']}, and the base model is {fam['label']}",
-                        hint)
+        raise UserError(f"{name} is a LoRA for {foreign}, and the base model is {fam.label}", hint)
+    if made_for is not None and made_for.arch != fam.arch:
+        raise UserError(f"{name} is a LoRA for {made_for.label}, and the base model is {fam.label}", hint)
 
     state = state or {}  # None: the caller maps every shape onto the base itself
     base_width = base.pipe.unet.config.cross_attention_dim
@@ -155,49 +112,28 @@ def check_lora_fits(name: str, state: dict[str, torch.Tensor] | None, metadata: 
         if key.endswith(("attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight", "attn2_to_v.lora_down.weight")):
             width = tensor.shape[1]
             if width != base_width:
-                family = family_of_width(width)
-                made = f"{FAMILIES[family]['label']} ({width}-wide cross-attention)" if family \
+                family = families.of_width(width)
+                made = f"{family.label} ({width}-wide cross-attention)" if family \
                     else f"a model with {width}-wide cross-attention"
-                raise UserError(f"{name} was made for {made}, and the base model is {fam['label']} "
+                raise UserError(f"{name} was made for {made}, and the base model is {fam.label} "
                                 f"({base_width}-wide)", hint)
             break
-    encoders = base.text_encoders()
-    first = encoders.get("lora_te_") or encoders.get("lora_te1_")  # loaders take either prefix for the first one
-    for prefix, te in (("lora_te_", first), ("lora_te1_", first), ("lora_te2_", encoders.get("lora_te2_"))):
+    # loaders take some prefixes for the same encoder (lora_te_ and lora_te1_ for the first one)
+    encoders = {prefix: getattr(base.pipe, component) for prefix, component in fam.kohya_prefixes().items()}
+    for prefix in families.kohya_text_encoder_prefixes():
         keys = [k for k in state if k.startswith(prefix) and k.endswith("q_proj.lora_down.weight")]
         if not keys:
             continue
+        te = encoders.get(prefix)
         if te is None:
-            raise UserError(f"{name} has a LoRA for a second text encoder (SDXL's), and the base model is "
-                            f"{fam['label']}", hint)
+            owner = next(f for f in families.FAMILIES.values() if prefix in f.kohya_prefixes())
+            position = list(owner.text_encoders).index(owner.text_encoder_aliases.get(prefix, prefix))
+            raise UserError(f"{name} has a LoRA for a {_ORDINALS[position]} text encoder ({owner.label}'s), and the "
+                            f"base model is {fam.label}", hint)
         width = state[keys[0]].shape[1]
         if width != te.config.hidden_size:
             raise UserError(f"{name} was made for a {width}-wide text encoder, and the base model's is "
-                            f"{te.config.hidden_size} wide ({fam['label']})", hint)
+                            f"{te.config.hidden_size} wide ({fam.label})", hint)
 
 
-def stated_family(metadata: dict[str, str]) -> str | None:
-    """The family the file says it was made for (kohya's `ss_base_model_version`, else `modelspec.architecture`)."""
-    from sdlora.models import FAMILIES
-
-    version = metadata.get("ss_base_model_version", "")
-    for fam, spec in FAMILIES.items():
-        if version == spec["base_model_version"]:
-            return fam
-    if version.startswith("sdxl"):
-        return "sdxl"
-    if version.startswith("sd_v2"):
-        return "sd2-v" if version.endswith("_v") else "sd2"
-    if version.startswith("sd_v1"):
-        return "sd1"
-    arch = metadata.get("modelspec.architecture", "")
-    for fam, spec in FAMILIES.items():
-        if arch == spec["architecture"]:
-            return fam
-    for start, fam in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2-768-v", "sd2-v"),
-                       ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1")):
-        if arch.startswith(start):
-            return fam
-    if metadata.get("ss_v2") == "True":
-        return "sd2"
-    return None
+_ORDINALS = ("first", "second", "third", "fourth")

@@ -9,77 +9,33 @@ from pathlib import Path
 
 import torch
 
+from sdlora import families
 from sdlora.errors import UserError
+from sdlora.families import Family
+from sdlora.families.naming import ORIGINAL_UNET
 
 CONFIGS_DIR = Path(__file__).parent / "configs"  # per-architecture configs + tokenizers (scripts/make_configs.py)
 
-# What differs between families sits here, in one table. The tiny model is SD1 for every loader's purposes.
-# `arch` names the weights' layout (sd2 and sd2-v share one); `text_encoders` maps each kohya key prefix to the
-# pipeline component it adapts; `sgm_unet` says the kohya file names UNet modules as the original (SGM) code does.
-# `base_model_version` is kohya's string (sd-scripts' get_model_version_str_for_sd1_sd2 and sdxl_base_v1-0).
-FAMILIES = {
-    "sd1": dict(label="SD1.x", arch="sd1", resolution=512, base_model_version="sd_v1",
-                architecture="stable-diffusion-v1/lora", v2=False, cross_attention_dim=768,
-                text_encoders={"lora_te_": "text_encoder"}, sgm_unet=False),
-    "sd2": dict(label="SD2.x", arch="sd2", resolution=512, base_model_version="sd_v2",
-                architecture="stable-diffusion-v2-512/lora", v2=True, cross_attention_dim=1024,
-                text_encoders={"lora_te_": "text_encoder"}, sgm_unet=False),
-    "sd2-v": dict(label="SD2.x v-prediction", arch="sd2", resolution=768, base_model_version="sd_v2_v",
-                  architecture="stable-diffusion-v2-768-v/lora", v2=True, cross_attention_dim=1024,
-                  text_encoders={"lora_te_": "text_encoder"}, sgm_unet=False),
-    "sdxl": dict(label="SDXL", arch="sdxl", resolution=1024, base_model_version="sdxl_base_v1-0",
-                 architecture="stable-diffusion-xl-v1-base/lora", v2=False, cross_attention_dim=2048,
-                 text_encoders={"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}, sgm_unet=True),
-}
 TINY_RESOLUTION = 64
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-# Memory-aware defaults on a GPU: (free GiB at least, batch_size, gradient_checkpointing, base_precision), roomiest
-# first, for a LoRA run at the family's native resolution with the base in bf16, cached latents, rank 16 and the
-# text-encoder LoRA on. The thresholds follow the peaks measured for SD1.5 and SDXL (bench/full_size_check.py,
-# bench/train_speed.py; docs/benchmarks.md, Choices measured); SD2-v at 768 is scaled from SD1 by pixel count. Below
-# the last unquantized row the frozen base is stored in fp8 (sdlora.quantize), which halves the UNet and text encoders
-# (not measured on a small card). The thresholds leave headroom for the allocator and other processes: an
-# out-of-memory stop costs more than checkpointing's extra compute.
-MEMORY_DEFAULTS = {
-    "sd1": [(10, 4, False, "auto"), (6, 4, True, "auto"), (4.5, 1, True, "auto"), (0, 1, True, "fp8")],
-    "sd2": [(10, 4, False, "auto"), (6, 4, True, "auto"), (4.5, 1, True, "auto"), (0, 1, True, "fp8")],
-    "sd2-v": [(18, 4, False, "auto"), (10, 4, True, "auto"), (7, 1, True, "auto"), (0, 1, True, "fp8")],
-    "sdxl": [(40, 4, False, "auto"), (16, 4, True, "auto"), (12, 1, True, "auto"), (0, 1, True, "fp8")],
-}
 
 
 @dataclass
 class Base:
-    pipe: object  # a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
-    family: str  # a key of FAMILIES
+    pipe: object  # a diffusers pipeline: the family's `pipeline` class
+    family: str  # a key of sdlora.families.FAMILIES
     name: str  # what the user gave, for metadata
     resolution: int  # the family's native training resolution
     prediction_type: str  # "epsilon" or "v_prediction", from the scheduler config (or the override)
 
+    @property
+    def fam(self) -> Family:
+        """The Family named by `family`."""
+        return families.get(self.family)
+
     def text_encoders(self) -> dict[str, torch.nn.Module]:
         """kohya key prefix -> text encoder, in pipeline order (SDXL: CLIP-L, then OpenCLIP-G)."""
-        return {prefix: getattr(self.pipe, name) for prefix, name in FAMILIES[self.family]["text_encoders"].items()}
-
-
-def detect_family(pipe) -> str:
-    """SDXL has a second text encoder; SD2 cross-attends to 1024-wide OpenCLIP states; v-prediction comes from the
-    scheduler config, never the weights."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    if pipe.unet.config.cross_attention_dim == 1024 or _is_open_clip(pipe.text_encoder):
-        return "sd2-v" if pipe.scheduler.config.get("prediction_type") == "v_prediction" else "sd2"
-    return "sd1"
-
-
-def _is_open_clip(text_encoder) -> bool:
-    # SD1 uses OpenAI CLIP (quick_gelu); SD2 uses OpenCLIP ViT-H (gelu). Tells small SD2-like models apart too.
-    return getattr(text_encoder.config, "hidden_act", "") == "gelu"
-
-
-def family_of_width(cross_attention_dim: int) -> str | None:
-    """The family whose UNet cross-attends to states this wide, if it is one of the full-size ones."""
-    return next((f for f in ("sd1", "sd2", "sdxl") if FAMILIES[f]["cross_attention_dim"] == cross_attention_dim), None)
+        return dict(zip(self.fam.text_encoders, self.fam.text_encoder_models(self.pipe)))
 
 
 def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str = "",
@@ -102,19 +58,20 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
     vae_dtype = vae_dtype or dtype
     dtypes = dtype if vae_dtype == dtype else {"vae": vae_dtype, "default": dtype}  # diffusers: a dtype per component
     if spec == "tiny":
-        from diffusers import StableDiffusionPipeline
         from sdlora.tiny import MODEL_DIR
 
-        pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, **_pipeline_kwargs("sd1", dtypes))
+        tiny = families.get(families.TINY)
+        pipe = _pipeline_class(tiny).from_pretrained(MODEL_DIR, **_pipeline_kwargs(tiny, dtypes))
         return _base(pipe, spec, override, TINY_RESOLUTION)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise UserError(f"{spec} is not a diffusers model folder (no model_index.json)",
                             "point --base at the folder that holds model_index.json, or at a .safetensors file")
-        if as_stored and (stored := stored_dtypes(path, ["unet", "text_encoder", "text_encoder_2"])):
+        family = families.detect_folder(json.loads((path / "model_index.json").read_text()))
+        if as_stored and (stored := stored_dtypes(path, ["unet", *family.text_encoders.values()])):
             dtypes = {"default": dtype, "vae": vae_dtype, **stored}
-        return _base(_from_folder(str(path), dtypes), spec, override)
+        return _base(_from_folder(str(path), family, dtypes), spec, override)
     if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         if not path.is_file():
             raise UserError(f"base model file not found: {spec}", "check the path")
@@ -125,18 +82,21 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
     raise UserError(f"base model not found: {spec}", "use 'tiny', a diffusers folder, a .safetensors file or a hub id")
 
 
-def _pipeline_kwargs(arch: str, dtype: torch.dtype | dict) -> dict:
-    if arch == "sdxl":
-        return dict(dtype=dtype)
-    return dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+def _pipeline_kwargs(family: Family, dtype: torch.dtype | dict) -> dict:
+    return dict(dtype=dtype, **family.pipeline_kwargs)
 
 
-def _from_folder(folder: str, dtype: torch.dtype | dict):
+def _pipeline_class(family: Family):
+    import diffusers
+
+    return getattr(diffusers, family.pipeline)
+
+
+def _from_folder(folder: str, family: Family, dtype: torch.dtype | dict):
     from diffusers import DiffusionPipeline
 
-    arch = "sdxl" if "text_encoder_2" in json.loads(Path(folder, "model_index.json").read_text()) else "sd1"
     try:
-        return DiffusionPipeline.from_pretrained(folder, **_pipeline_kwargs(arch, dtype))
+        return DiffusionPipeline.from_pretrained(folder, **_pipeline_kwargs(family, dtype))
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"could not load the diffusers folder {folder}: {_first_line(e)}",
                         "check that it holds a complete Stable Diffusion model (unet, vae, text encoder, tokenizer)") from None
@@ -179,7 +139,7 @@ def stored_dtypes(folder: str | Path, components: list[str]) -> dict[str, torch.
 
 @dataclass
 class CheckpointInfo:
-    arch: str  # "sd1", "sd2" or "sdxl": the layout of the weights
+    arch: str  # the layout of the weights: a Family.arch ("sd1", "sd2" or "sdxl")
     prediction_type: str | None  # what the file itself says or suggests; None = nothing either way
     why: str  # how prediction_type was found, for the start event
 
@@ -189,27 +149,19 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     a v-prediction model where the file says so."""
     path = Path(path)
     keys, tensor, metadata = _open_checkpoint(path)
-    unet_keys = [k for k in keys if k.startswith("model.diffusion_model.")]
+    unet_keys = [k for k in keys if k.startswith(ORIGINAL_UNET)]
     if not unet_keys:
         hint = ("this looks like a diffusers-layout or partial file" if any(k.startswith(("down_blocks.", "unet."))
                                                                              for k in keys)
                 else "sdlora trains Stable Diffusion 1.x, 2.x and SDXL checkpoints")
         raise UserError(f"{path.name} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)",
                         f"{hint}; point --base at a full SD1/SD2/SDXL .safetensors file or a diffusers folder")
-    conv_in = tensor("model.diffusion_model.input_blocks.0.0.weight")
+    conv_in = tensor(ORIGINAL_UNET + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
         raise UserError(f"{path.name} is an inpainting or instruct model ({conv_in.shape[1]} input channels)",
                         "use a text-to-image base model (4 latent input channels)")
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        arch = "sdxl"
-    elif any(k.startswith("conditioner.") for k in keys):
-        raise UserError(f"{path.name} looks like an SDXL refiner (one OpenCLIP text encoder, no CLIP-L)",
-                        "train on an SDXL base checkpoint")
-    elif any(k.startswith("cond_stage_model.model.") for k in keys):
-        arch = "sd2"  # OpenCLIP ViT-H text encoder
-    else:
-        to_k = tensor("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-        arch = "sd2" if to_k is not None and to_k.shape[-1] == 1024 else "sd1"
+    family = families.detect_checkpoint(path.name, keys, tensor)
+    arch = family.arch
 
     # v-prediction is a training choice the weights do not show by shape: look for what the file says.
     if "v_pred" in keys:  # ComfyUI writes an empty `v_pred` tensor into v-prediction checkpoints it saves
@@ -218,14 +170,9 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     if spec_type:
         pred = "v_prediction" if spec_type.startswith("v") else "epsilon"
         return CheckpointInfo(arch, pred, f"its modelspec.prediction_type is {spec_type}")
-    if arch == "sd2":
-        # ComfyUI's SD2 test (comfy/supported_models.py, SD20.model_type): the v models' last attention block has a
-        # norm1 bias spread far wider than the epsilon models'.
-        bias = tensor("model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias")
-        if bias is not None and bias.numel() > 1:
-            v = torch.std(bias.float(), unbiased=False).item() > 0.09
-            return CheckpointInfo(arch, "v_prediction" if v else "epsilon",
-                                  "SD2 norm-bias test (ComfyUI's heuristic)")
+    guessed = family.checkpoint_prediction(tensor)  # a family whose weights show it (SD2, by a heuristic)
+    if guessed:
+        return CheckpointInfo(arch, *guessed)
     return CheckpointInfo(arch, None, "")
 
 
@@ -274,27 +221,28 @@ def shipped_config(arch: str) -> str:
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtype: torch.dtype):
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
 
     info = inspect_checkpoint(path)
     config = base_config or shipped_config(info.arch)
-    label = FAMILIES["sd2" if info.arch == "sd2" else info.arch]["label"]
+    family = families.of_arch(info.arch)
+    label = family.label
     if base_config:
         index = Path(base_config) / "model_index.json"
         if Path(base_config).is_dir() and not index.exists():
             raise UserError(f"base_config {base_config} is not a diffusers model folder (no model_index.json)",
                             "point --base-config at a diffusers folder of the same architecture, or leave it empty")
         if index.exists():
-            config_arch = "sdxl" if "text_encoder_2" in json.loads(index.read_text()) else "sd"
-            if (config_arch == "sdxl") != (info.arch == "sdxl"):
+            config_group = families.detect_folder(json.loads(index.read_text())).group
+            if config_group != family.group:
                 raise UserError(f"{path.name} is an {label} checkpoint but base_config {base_config} is "
-                                f"{'an SDXL' if config_arch == 'sdxl' else 'an SD1/SD2'} model",
+                                f"an {config_group} model",
                                 "give a base_config of the same family, or leave it empty to use the shipped one")
-    cls = StableDiffusionXLPipeline if info.arch == "sdxl" else StableDiffusionPipeline
+    cls = _pipeline_class(family)
     try:
         # config= a local folder: diffusers reads every component's config and the tokenizers from it, and with
         # local_files_only nothing is fetched, so this works offline (diffusers.loaders.single_file.from_single_file).
-        kwargs = _pipeline_kwargs(info.arch, dtype)
+        kwargs = _pipeline_kwargs(family, dtype)
         if vae_dtype != dtype:  # diffusers' single-file loader takes one dtype: the VAE is read on its own
             kwargs["vae"] = AutoencoderKL.from_single_file(str(path), config=config, subfolder="vae",
                                                            local_files_only=True, dtype=vae_dtype)
@@ -307,7 +255,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
         raise UserError(f"could not load {path.name} as an {label} checkpoint: {_first_line(e)[:200]}", hint) from None
     pred = info.prediction_type
     if pred is None and not base_config:
-        pred = "epsilon"  # the shipped SD1/SDXL configs say so too; SD2 always gets an answer from inspect_checkpoint
+        pred = family.prediction_type  # the shipped configs say so too; SD2 always gets an answer from inspect_checkpoint
     return pipe, pred
 
 
@@ -316,10 +264,13 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
 def _from_hub(repo_id: str, dtype: torch.dtype | dict):
     from diffusers import DiffusionPipeline
 
+    # the family shows once the pipeline is loaded: every family's loading arguments go along, and a pipeline
+    # ignores the ones it does not take
+    kwargs = {k: v for family in families.FAMILIES.values() for k, v in _pipeline_kwargs(family, dtype).items()}
     hint = "point --base at a local .safetensors file or diffusers folder"
     # Try the local cache first so an offline machine never waits on the network.
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **_pipeline_kwargs("sd1", dtype))
+        return DiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
@@ -333,7 +284,7 @@ def _from_hub(repo_id: str, dtype: torch.dtype | dict):
         raise UserError(f"{repo_id} is not in the local model cache and the hub did not answer "
                         f"({type(e).__name__})", hint) from None
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, **_pipeline_kwargs("sd1", dtype))
+        return DiffusionPipeline.from_pretrained(repo_id, **kwargs)
     except Exception as e:
         raise UserError(f"could not download {repo_id}: {_first_line(e)[:200]}", f"check the id and the network, or {hint}") from None
 
@@ -341,23 +292,12 @@ def _from_hub(repo_id: str, dtype: torch.dtype | dict):
 def _base(pipe, name: str, prediction_type: str | None, resolution: int | None = None) -> Base:
     if prediction_type and pipe.scheduler.config.get("prediction_type", "epsilon") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
-    family = detect_family(pipe)
+    family = families.detect(pipe)
     pipe.set_progress_bar_config(disable=True)
-    return Base(pipe=pipe, family=family, name=name, resolution=resolution or FAMILIES[family]["resolution"],
+    return Base(pipe=pipe, family=family.name, name=name, resolution=resolution or family.resolution,
                 prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
 
 
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-# --- memory-aware defaults --------------------------------------------------------------------------------------
-
-def memory_defaults(family: str, free_gib: float) -> tuple[int, bool, str]:
-    """(batch_size, gradient_checkpointing, base_precision) that fit a LoRA run of this family in `free_gib` of GPU
-    memory."""
-    for need, batch_size, checkpointing, base_precision in MEMORY_DEFAULTS[family]:
-        if free_gib >= need:
-            return batch_size, checkpointing, base_precision
-    raise AssertionError("the last row needs 0 GiB")

@@ -47,7 +47,7 @@ class Saves:
             if final and config.export_diffusers:
                 diffusers_file = run_dir / "lora-diffusers.safetensors"
                 with writing(run_dir, size, run_dir, leftovers=[diffusers_file]):  # diffusers writes it in place
-                    write_diffusers_layout(diffusers_file, unet, text_encoders, config)
+                    write_diffusers_layout(diffusers_file, unet, text_encoders, config, family=self.base.family)
             self.events.emit("save", step=step, path=str(path))
         checkpoints.save(self.accelerator, run_dir / "checkpoints", step, self.trained, config.keep_checkpoints,
                          run_dir)

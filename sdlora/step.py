@@ -8,7 +8,8 @@ from peft.tuners.lora import LoraLayer
 
 from sdlora.config import TrainConfig
 from sdlora.graphs import Graphed
-from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, add_adapters
+from sdlora import families
+from sdlora.lora import add_adapters
 from sdlora.objectives import DDPM
 from sdlora.quantize import quantize_base
 
@@ -18,9 +19,7 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
     NaNs), add the LoRA adapters (fp32 parameters: updates would vanish in fp16; initial values from the run's seed),
     and make the optimizer, the schedule, the objective and the `Step` that trains them. `family`: the base's
     (sdlora.families), found from the pipeline when not given."""
-    from sdlora._families_shim import of_pipe
-
-    family = family or of_pipe(pipe)
+    family = family or families.detect(pipe)
     device = accelerator.device
     unet, vae = pipe.unet, pipe.vae
     text_encoders = family.text_encoder_models(pipe)
@@ -40,11 +39,11 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
         model.to(device)  # by device only: a dtype would undo the fp8 storage
 
     torch.manual_seed(config.seed)
-    unet_params = add_adapters(unet, UNET_TARGETS[config.targets], config.rank, config.alpha, config.lora_dropout)
+    unet_params = add_adapters(unet, family.unet_targets[config.targets], config.rank, config.alpha, config.lora_dropout)
     te_params = []
     if config.train_text_encoder:
         for text_encoder in text_encoders:
-            te_params += add_adapters(text_encoder, TEXT_TARGETS[config.targets], config.rank, config.alpha,
+            te_params += add_adapters(text_encoder, family.text_targets[config.targets], config.rank, config.alpha,
                                       config.lora_dropout)
     if dtype != torch.float32:
         for model in (unet, *text_encoders):

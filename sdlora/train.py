@@ -10,7 +10,6 @@ import torch
 
 from sdlora import checkpoints
 from sdlora import dataset as ds
-from sdlora._families_shim import get as family_named
 from sdlora.batches import Batches
 from sdlora.config import TrainConfig
 from sdlora.control import Losses, Requests, StopSignals
@@ -83,7 +82,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     stage.now = "loading the base model"
     base = load_base(config.base, weight_dtype(accelerator), vae_dtype=torch.float32, base_config=config.base_config,
                      prediction_type=config.prediction_type, as_stored=True)
-    family, pipe = family_named(base.family), base.pipe
+    family, pipe = base.fam, base.pipe
     if device.type == "cuda" and config.auto_memory:
         config = memory_defaults(config, family, accelerator, events, run_dir)
     resolution, buckets, bucket_of = _buckets(config, base, data.records, events)

@@ -2,6 +2,8 @@
 single files, trained through the CLI and read back by diffusers' own loaders; family checks; the shipped configs."""
 
 import random
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +14,11 @@ from safetensors.torch import save_file
 from conftest import render_sample, draw_dataset
 from original_layout import kohya_reference, pipeline_to_original, text_encoders_to_original, unet_to_original
 from sdlora.errors import UserError
-from sdlora.lora import TEXT_TARGETS, UNET_TARGETS, kohya_name, sgm_unet_path, text_encoder_prefix
-from sdlora.models import CONFIGS_DIR, FAMILIES, inspect_checkpoint, load_base, memory_defaults
+from sdlora import families
+from sdlora.families import FAMILIES
+from sdlora.families.naming import kohya_name, text_encoder_prefix
+from sdlora.families.targets import TEXT_TARGETS, UNET_TARGETS
+from sdlora.models import CONFIGS_DIR, inspect_checkpoint, load_base
 from sdlora.rundir import read_events
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -286,7 +291,7 @@ def test_checkpoint_inspection_tells_families_and_v_prediction(tmp_path):
 
 def test_latent_cache_keeps_each_images_size_and_crop_and_refuses_nan_latents(models):
     from sdlora import dataset as ds
-    from sdlora._families_shim import get as family
+    from sdlora.families import get as family
     from sdlora.batches import cache_latents
 
     from PIL import Image
@@ -332,8 +337,8 @@ def test_shipped_configs_are_the_published_architectures_with_kohyas_key_names()
             assert CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2").pad_token == "!"
         if arch not in counts:
             continue
-        sgm = FAMILIES[arch]["sgm_unet"]
-        ours = {kohya_name("lora_unet_", sgm_unet_path(p, unet.config.layers_per_block) if sgm else p)
+        sgm = FAMILIES[arch].sgm_unet
+        ours = {FAMILIES[arch].kohya_unet_name(p, unet.config)
                 for p, m in unet.named_modules() if p.endswith(tuple(UNET_TARGETS["attn"])) and "attn" in p}
         te_names = [{kohya_name(text_encoder_prefix(p, prefix), p) for p, _ in model.named_modules()
                      if p.endswith(tuple(TEXT_TARGETS["attn"]))}
@@ -352,6 +357,9 @@ def test_shipped_configs_are_the_published_architectures_with_kohyas_key_names()
 
 
 def test_memory_defaults_follow_family_and_free_memory():
+    def memory_defaults(family, free_gib):
+        return families.get(family).memory_defaults(free_gib)
+
     assert memory_defaults("sd1", 80) == (4, False, "auto")
     assert memory_defaults("sd1", 8) == (4, True, "auto")
     assert memory_defaults("sd1", 5) == (1, True, "auto")
@@ -386,3 +394,138 @@ def test_a_cached_hub_id_loads_offline_and_an_uncached_one_says_what_to_do(model
     assert lines[0] == "sdxl", out.stderr[-2000:]
     assert lines[1].startswith("UserError someone/not-cached is not in the local model cache")
     assert "point --base at a local .safetensors file or diffusers folder" in lines[1] and len(lines) == 2
+
+
+# What a family provides (sdlora/families/family.py). Data: attribute -> type.
+FAMILY_DATA = {
+    "name": str, "label": str, "group": str, "arch": str, "resolution": int, "prediction_type": str,
+    "cross_attention_dim": int, "pipeline": str, "pipeline_kwargs": Mapping, "text_encoders": Mapping,
+    "text_encoder_aliases": Mapping, "tokenizer_components": tuple, "sgm_unet": bool, "original_text_encoders": tuple,
+    "added_conditioning": bool, "memory_rows": tuple, "unet_targets": Mapping, "text_targets": Mapping,
+    "base_model_version": str, "architecture": str, "implementation": str, "v2": bool,
+}
+# Functions: the ones a family module fills in, then the ones every Family has from its data.
+FAMILY_FUNCTIONS = ("encode", "encode_prompt", "time_ids", "denoiser_kwargs", "checkpoint_prediction",
+                    "detect_pipeline", "detect_folder", "detect_checkpoint", "detect_denoiser", "detect_lora",
+                    "read_version", "read_architecture")
+FAMILY_METHODS = ("tokenizers", "text_encoder_models", "memory_defaults", "kohya_prefixes", "kohya_unet_name",
+                  "kohya_text_encoder_name", "lora_metadata")
+
+
+def test_every_family_provides_what_a_family_must():
+    import dataclasses
+
+    import diffusers
+
+    from sdlora.config import TrainConfig
+    from sdlora.families import Family, naming
+    from sdlora.quantize import PRECISIONS
+
+    assert {f.name for f in dataclasses.fields(Family)} == set(FAMILY_DATA) | set(FAMILY_FUNCTIONS)
+    assert list(FAMILIES) == ["sd1", "sd2", "sd2-v", "sdxl"]  # the names written into events, metadata and files
+    presets = set(TrainConfig.__dataclass_fields__["targets"].metadata["choices"])
+    for name, fam in FAMILIES.items():
+        assert isinstance(fam, Family) and fam.name == name and families.get(name) is fam
+        for attr, kind in FAMILY_DATA.items():
+            assert isinstance(getattr(fam, attr), kind), (name, attr)
+        for attr in FAMILY_FUNCTIONS + FAMILY_METHODS:
+            assert callable(getattr(fam, attr)), (name, attr)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fam.label = "x"
+        assert hasattr(diffusers, fam.pipeline) and fam.prediction_type in ("epsilon", "v_prediction")
+        assert fam.arch in {p.name for p in CONFIGS_DIR.iterdir()} and families.of_arch(fam.arch).arch == fam.arch
+        # text encoders: kohya prefix -> component, as many tokenizers, aliases onto them, the single-file layout
+        assert fam.text_encoders and all(p.startswith("lora_te") and p.endswith("_") for p in fam.text_encoders)
+        assert len(fam.tokenizer_components) == len(fam.text_encoders)
+        assert set(fam.text_encoder_aliases.values()) <= set(fam.text_encoders)
+        assert fam.kohya_prefixes().keys() == set(fam.text_encoders) | set(fam.text_encoder_aliases)
+        assert [c for c, _, _ in fam.original_text_encoders] == list(fam.text_encoders.values())
+        assert all(kind in naming.TEXT_ENCODER_LAYOUTS and key.endswith(".") for _, kind, key in fam.original_text_encoders)
+        # memory defaults: roomiest first, down to a row for any amount of memory
+        needs = [row[0] for row in fam.memory_rows]
+        assert needs == sorted(needs, reverse=True) and needs[-1] == 0
+        for free in (0, 5, 100):
+            batch, checkpointing, precision = fam.memory_defaults(free)
+            assert isinstance(batch, int) and isinstance(checkpointing, bool) and precision in PRECISIONS
+        assert set(fam.unet_targets) == set(fam.text_targets) >= presets
+        # metadata: the four fields other tools read, and reading them back names this family
+        meta = fam.lora_metadata()
+        assert set(meta) == {"ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation"}
+        assert all(isinstance(v, str) for v in meta.values()) and meta["ss_v2"] == str(fam.v2)
+        assert families.stated(meta) is fam and families.stated({"ss_base_model_version": fam.base_model_version}) is fam
+        # the extra conditioning is all or nothing
+        ids = fam.time_ids((80, 96), (0, 6), (64, 96))
+        assert (ids is not None) == fam.added_conditioning == (fam.denoiser_kwargs(torch.zeros(1, 4), ids) is not None)
+        if ids is not None:
+            assert ids.dtype == torch.float32 and ids.tolist() == [80.0, 96.0, 0.0, 6.0, 96.0, 64.0]
+        assert fam.checkpoint_prediction(lambda key: None) is None  # no weights, no guess
+        assert fam.read_version(fam.base_model_version) in (None, *FAMILIES)
+    with pytest.raises(UserError, match="unknown model family 'flux'") as err:
+        families.get("flux")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_family_functions_on_a_pipeline_of_the_family(family):
+    """Detection, components, naming and text encoding on a small model of each family: the family's encoding of
+    token ids is bit for bit the pipeline's own encode_prompt."""
+    pipe = build_pipeline(family)
+    fam = families.detect(pipe)
+    assert fam is FAMILIES[family] and type(pipe).__name__ == fam.pipeline
+    assert families.detect_folder(dict(pipe.config)).group == fam.group
+    assert families.detect_denoiser(pipe.unet.config).group == fam.group
+    tokenizers, encoders = fam.tokenizers(pipe), fam.text_encoder_models(pipe)
+    assert len(tokenizers) == len(encoders) == len(fam.text_encoders)
+    assert encoders == [getattr(pipe, c) for c in fam.text_encoders.values()]
+    for prompt in ("a red square", "zxq"):
+        ids = [t([prompt], padding="max_length", max_length=t.model_max_length, truncation=True,
+                 return_tensors="pt").input_ids for t in tokenizers]
+        with torch.no_grad():
+            hidden, pooled = fam.encode(encoders, ids)
+            ref_hidden, ref_pooled = fam.encode_prompt(pipe, prompt, "cpu")
+        assert torch.equal(hidden, ref_hidden) and hidden.shape[-1] == pipe.unet.config.cross_attention_dim
+        assert (pooled is None) == (ref_pooled is None) == (not fam.added_conditioning)
+        assert pooled is None or torch.equal(pooled, ref_pooled)
+    path = next(p for p, _ in pipe.unet.named_modules() if p.endswith("attn1.to_q"))
+    assert fam.kohya_unet_name(path, pipe.unet.config).startswith(
+        "lora_unet_input_blocks_" if fam.sgm_unet else "lora_unet_down_blocks_")
+    prefix = next(iter(fam.text_encoders))
+    assert fam.kohya_text_encoder_name(prefix, "encoder.layers.0.self_attn.q_proj") == \
+        f"{prefix}text_model_encoder_layers_0_self_attn_q_proj"
+
+
+def _family_branches(path) -> list[str]:
+    """Where a module compares family names, or reaches for SDXL's second text encoder or tokenizer by name, or
+    defines a key-naming rule of its own (those live in sdlora/families/naming.py)."""
+    import ast
+    import re
+
+    from sdlora.families import naming
+
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    second = re.compile(r"\b(text_encoder|tokenizer)_2\b")
+    rules = {n for n, v in vars(naming).items() if callable(v) and getattr(v, "__module__", "") == naming.__name__}
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            if node.value in FAMILIES or second.search(node.value):
+                hits.append(f"{path.name}:{node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Attribute) and second.fullmatch(node.attr):
+            hits.append(f"{path.name}:{node.lineno}: .{node.attr}")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.lstrip("_") in rules:
+            hits.append(f"{path.name}:{node.lineno}: def {node.name}")
+    return hits
+
+
+def test_no_module_outside_families_branches_on_a_family():
+    import sdlora
+
+    root = Path(sdlora.__file__).parent
+    hits = []
+    for path in sorted(root.rglob("*.py")):
+        if not path.relative_to(root).as_posix().startswith("families/"):
+            hits += _family_branches(path)
+    assert not hits, "ask the family object (sdlora.families) instead:\n" + "\n".join(hits)

@@ -8,7 +8,8 @@ from conftest import draw_dataset, need
 from sdlora.config import TrainConfig
 from sdlora.errors import UserError
 from sdlora.export import verify
-from sdlora.lora import ADAPTER, TEXT_TARGETS, UNET_TARGETS, add_adapters, kohya_state_dict, save_lora
+from sdlora.families.targets import TEXT_TARGETS, UNET_TARGETS
+from sdlora.lora import ADAPTER, add_adapters, kohya_state_dict, save_lora
 from sdlora.models import load_base
 from sdlora.quantize import check_precision, quantize_base, stored_bytes
 

@@ -301,7 +301,7 @@ def test_original_layout_round_trips_through_diffusers_converters():
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdlora.merge import _clip_original, _openclip_original, _vae_original, original_unet_key
+    from sdlora.families.naming import clip_original, openclip_original, original_unet_key, vae_original
 
     sd15 = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=2, cross_attention_dim=16, attention_head_dim=2,
                 norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -332,17 +332,17 @@ def test_original_layout_round_trips_through_diffusers_converters():
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4)
     state = vae.state_dict()
-    back = convert_ldm_vae_checkpoint(_vae_original(state, 2), vae.config)
+    back = convert_ldm_vae_checkpoint(vae_original(state, 2), vae.config)
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
     text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=100)
     clip = CLIPTextModel(CLIPTextConfig(**text))
     prefix = "cond_stage_model.transformer."
-    back = convert_ldm_clip_checkpoint({prefix + k: v for k, v in _clip_original(clip.state_dict()).items()})
+    back = convert_ldm_clip_checkpoint({prefix + k: v for k, v in clip_original(clip.state_dict()).items()})
     assert {k.removeprefix("text_model."): v for k, v in back.items()}.keys() == clip.state_dict().keys()
     bigg = CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32, hidden_act="gelu"))
     prefix = "conditioner.embedders.1.model."
-    back = convert_open_clip_checkpoint(bigg, {prefix + k: v for k, v in _openclip_original(bigg.state_dict()).items()}, prefix)
+    back = convert_open_clip_checkpoint(bigg, {prefix + k: v for k, v in openclip_original(bigg.state_dict()).items()}, prefix)
     state = bigg.state_dict()
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 

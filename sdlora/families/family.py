@@ -1,0 +1,100 @@
+"""What a model family provides: the facts and the few functions in which SD1, SD2, SDXL (and later ones) differ."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from sdlora.families import naming
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """One model family. Families of one group (SD1, SD2, SD2-v) share most functions; each function gets what it
+    needs as arguments, so a family is plain data that a new module can fill in."""
+
+    # --- what it is
+    name: str  # the registry key; written into events, run files and metadata, so it never changes
+    label: str  # for people: "SD1.x"
+    group: str  # the families that load through one pipeline and share a key layout: "SD1/SD2", "SDXL"
+    arch: str  # the weights' layout, also the shipped config folder (sdlora/configs/ARCH); sd2 and sd2-v share one
+    resolution: int  # native training resolution
+    prediction_type: str  # "epsilon" or "v_prediction" unless the scheduler config or the checkpoint says otherwise
+    cross_attention_dim: int  # width of the text states the full-size denoiser cross-attends to
+    pipeline: str  # diffusers pipeline class name
+    pipeline_kwargs: Mapping[str, object]  # what loading it takes besides the dtype
+    text_encoders: Mapping[str, str]  # kohya key prefix -> pipeline component, in pipeline order
+    text_encoder_aliases: Mapping[str, str]  # another prefix loaders take -> the prefix it stands for
+    tokenizer_components: tuple[str, ...]  # pipeline components, in the text encoders' order
+    sgm_unet: bool  # kohya names the UNet's modules in the original (SGM) block numbering
+    # in original single-file checkpoints: (component, its naming.TEXT_ENCODER_LAYOUTS kind, its key prefix)
+    original_text_encoders: tuple[tuple[str, str, str], ...]
+    added_conditioning: bool  # the denoiser takes more than the text states: time_ids/denoiser_kwargs make it
+    memory_rows: tuple[tuple[float, int, bool, str], ...]  # (free GiB at least, batch, checkpointing, base precision)
+    unet_targets: Mapping[str, list[str]]  # LoRA preset -> layer names in the denoiser
+    text_targets: Mapping[str, list[str]]  # LoRA preset -> layer names in the text encoders
+
+    # --- metadata
+    base_model_version: str  # kohya's ss_base_model_version
+    architecture: str  # modelspec.architecture of the base model (a LoRA for it adds "/lora")
+    implementation: str  # modelspec.implementation
+    v2: bool  # kohya's ss_v2
+
+    # --- functions
+    encode: Callable  # (text_encoders, ids) -> (encoder_hidden_states, pooled or None), as the pipelines encode
+    encode_prompt: Callable  # (pipe, prompt, device) -> (encoder_hidden_states, pooled or None), the pipeline's own
+    time_ids: Callable  # (original_size, crop_top_left, bucket) -> size conditioning Tensor, or None
+    denoiser_kwargs: Callable  # (pooled, time_ids) -> the UNet's added_cond_kwargs, or None
+    checkpoint_prediction: Callable  # (tensor) -> (prediction_type, why) read off a single file's weights, or None
+
+    # --- detection: each returns a family name of the group, or None when it is not this group's
+    detect_pipeline: Callable  # (pipe) -> the exact family of a loaded pipeline
+    detect_folder: Callable  # (model_index.json as a dict) -> a family of the group (the weights tell the rest)
+    detect_checkpoint: Callable  # (file name, keys, tensor(key)) -> family of an original-layout file (its arch)
+    detect_denoiser: Callable  # (UNet config) -> a family of the group
+    detect_lora: Callable  # (kohya module names) -> family, when the names alone show it
+    read_version: Callable  # (ss_base_model_version) -> family, beyond the exact strings
+    read_architecture: Callable  # (modelspec.architecture) -> family, beyond the exact strings
+
+    def __post_init__(self):
+        for field in ("pipeline_kwargs", "text_encoders", "text_encoder_aliases", "unet_targets", "text_targets"):
+            object.__setattr__(self, field, MappingProxyType(dict(getattr(self, field))))
+
+    def tokenizers(self, pipe) -> list:
+        """The pipeline's tokenizers, in the order of text_encoder_models."""
+        return [getattr(pipe, name) for name in self.tokenizer_components]
+
+    def text_encoder_models(self, pipe) -> list:
+        """The pipeline's text encoders, in pipeline order (SDXL: CLIP-L, then OpenCLIP-G)."""
+        return [getattr(pipe, name) for name in self.text_encoders.values()]
+
+    def memory_defaults(self, free_gib: float) -> tuple[int, bool, str]:
+        """(batch_size, gradient_checkpointing, base_precision) that fit a LoRA run of this family in `free_gib` of
+        GPU memory."""
+        for need, batch_size, checkpointing, base_precision in self.memory_rows:
+            if free_gib >= need:
+                return batch_size, checkpointing, base_precision
+        raise AssertionError("the last row needs 0 GiB")
+
+    def kohya_prefixes(self) -> dict[str, str]:
+        """Every kohya text-encoder prefix a loader maps onto this family (its own, then the aliases) -> component."""
+        return {**self.text_encoders, **{alias: self.text_encoders[p] for alias, p in self.text_encoder_aliases.items()}}
+
+    def kohya_unet_name(self, module_path: str, unet_config) -> str:
+        """A denoiser module's kohya name (`lora_unet_...`), in this family's block naming."""
+        return naming.kohya_unet_name(module_path, unet_config, self.sgm_unet)
+
+    def kohya_text_encoder_name(self, prefix: str, module_path: str) -> str:
+        """A text-encoder module's kohya name under `prefix` (a key of text_encoders)."""
+        return naming.kohya_text_encoder_name(prefix, module_path)
+
+    def lora_metadata(self) -> dict[str, str]:
+        """The fields by which other tools tell which family a LoRA file is for."""
+        return {"ss_base_model_version": self.base_model_version, "ss_v2": str(self.v2),
+                "modelspec.architecture": f"{self.architecture}/lora", "modelspec.implementation": self.implementation}
+
+
+def no_prediction(tensor) -> None:
+    """checkpoint_prediction of families whose weights do not show the prediction type."""
+    return None
