@@ -11,7 +11,8 @@ import torch
 
 from sdlora import families
 from sdlora.config import TrainConfig
-from sdlora.lora import ADAPTER, adapter_layers, check_lora_fits, read_lora, usual_mode
+from sdlora.adapters.lora import ADAPTER, LORA
+from sdlora.lora import check_lora_fits, read_lora, usual_mode
 from sdlora.models import Base, load_base
 
 VERIFY_ADAPTER = "sdlora_verify"
@@ -33,10 +34,7 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
     family_fields = fam.lora_metadata()
     now = time.time()
     meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(config.rank),
-        "ss_network_alpha": str(config.alpha),
-        "ss_network_dropout": str(config.lora_dropout),
+        **LORA.metadata(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout),
         "ss_base_model_version": family_fields["ss_base_model_version"],
         "ss_v2": family_fields["ss_v2"],
         "ss_sd_model_name": Path(config.base).name if config.base != "tiny" else "sdlora-tiny",
@@ -135,10 +133,10 @@ def verify(path: str | Path, base_spec: str, *, base_config: str = "", predictio
     before = forward()
     pipe.load_lora_weights(str(path), adapter_name=VERIFY_ADAPTER)
     loaded = {fam.kohya_unet_name(p, pipe.unet.config): m
-              for p, m in adapter_layers(pipe.unet, VERIFY_ADAPTER).items()}
+              for p, m in LORA.layers(pipe.unet, VERIFY_ADAPTER).items()}
     for prefix, te in base.text_encoders().items():
         loaded.update({fam.kohya_text_encoder_name(prefix, p): m
-                       for p, m in adapter_layers(te, VERIFY_ADAPTER).items()})
+                       for p, m in LORA.layers(te, VERIFY_ADAPTER).items()})
     names = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state})
     consumed = 0
     for name in names:

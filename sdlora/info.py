@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from sdlora import families
+from sdlora.adapters.lora import LORA
 from sdlora.errors import UserError
 from sdlora.families.naming import KOHYA_UNET, kohya_name, kohya_text_encoder_name
 from sdlora.families.targets import TEXT_TARGETS, UNET_TARGETS
 from sdlora.lora import read_lora
 
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 # LyCORIS networks store other factorisations; W' = W + s*(alpha/r)*up@down does not apply to them.
 # (key part, what the file is)
 _OTHER_NETWORKS = (("hada_w1_a", "LyCORIS LoHa"), ("lokr_w1", "LyCORIS LoKr"), (".diff", "LyCORIS full-weight"),
@@ -66,62 +66,11 @@ def read_adapter(path: str | Path) -> Adapter:
         raise UserError(f"{path.name} is not a readable .safetensors file: {str(e).splitlines()[0][:200]}",
                         "check that the download finished; sdlora reads .safetensors LoRA files") from None
     check_plain_lora(path.name, state)
-    if any(".lora_A." in k or ".lora_B." in k for k in state):
-        return _read_peft(path, state, metadata)
-    names: dict[str, dict[str, torch.Tensor]] = {}
-    stray = []
-    for key, value in state.items():
-        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
-        name = key[: -len(suffix)] if suffix else ""
-        if suffix and name.startswith((KOHYA_UNET, *families.kohya_text_encoder_prefixes())) and "." not in name:
-            names.setdefault(name, {})[suffix] = value
-        else:
-            stray.append(key)
-    modules = {}
-    for name, parts in names.items():
-        if ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
-            stray += [name + s for s in parts]
-            continue
-        down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
-        # every loader uses alpha = rank (scale 1) when `.alpha` is missing
-        alpha = float(parts[".alpha"]) if ".alpha" in parts else float(down.shape[0])
-        modules[name] = (down, up, alpha)
-    if not modules:
+    found = LORA.read(state, metadata)
+    if found is None:
         raise UserError(f"{path.name} holds no LoRA weights (no .lora_down/.lora_up or .lora_A/.lora_B keys)",
                         "give a LoRA .safetensors file, not a checkpoint or an embedding")
-    return Adapter(modules, metadata, "kohya", sorted(stray))
-
-
-def _read_peft(path: Path, state: dict, metadata: dict) -> Adapter:
-    # diffusers writes the peft config per component into `lora_adapter_metadata`; without it alpha = rank.
-    config = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
-    components = "|".join(("unet", *families.text_encoder_components()))
-    pattern = re.compile(rf"^({components})\.(.+)\.lora_(A|B)\.weight$")
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    stray = []
-    for key, value in state.items():
-        m = pattern.match(key)
-        if m:
-            parts.setdefault((m[1], m[2]), {})[m[3]] = value
-        else:
-            stray.append(key)
-    # the kohya prefixes follow the text encoders the file holds (two: SDXL's lora_te1_ and lora_te2_)
-    held = {k.split(".", 1)[0] for k in state} & set(families.text_encoder_components())
-    prefixes = families.peft_prefixes(held)
-    modules = {}
-    for (component, module_path), ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            stray += [f"{component}.{module_path}.lora_{x}.weight" for x in ab]
-            continue
-        rank = ab["A"].shape[0]
-        alpha = config.get(f"{component}.lora_alpha", rank)
-        for pat, value in (config.get(f"{component}.alpha_pattern") or {}).items():
-            if module_path == pat or module_path.endswith("." + pat) or re.fullmatch(pat, module_path):
-                alpha = value
-        name = kohya_name(KOHYA_UNET, module_path) if component == "unet" \
-            else kohya_text_encoder_name(prefixes[component], module_path)
-        modules[name] = (ab["A"], ab["B"], float(alpha))
-    return Adapter(modules, metadata, "diffusers", sorted(stray))
+    return Adapter(found["modules"], metadata, found["layout"], found["stray"])
 
 
 def guessed_family(adapter: Adapter) -> str | None:

@@ -1,4 +1,5 @@
-"""LoRA adapters: add peft layers to the UNet and text encoder, and map them to/from the kohya file layout."""
+"""LoRA files: the adapters of a trained model as a kohya-layout state dict, safetensors written whole, read, and
+checked against a base model's family."""
 
 from __future__ import annotations
 
@@ -6,72 +7,37 @@ import os
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, safe_open, save_file
 
 from sdlora import families
+from sdlora.adapters.lora import LORA
+from sdlora.adapters.type import AdapterType
+from sdlora.atomic import atomic_path
 from sdlora.errors import UserError
 from sdlora.families.naming import KOHYA_UNET, kohya_name, kohya_text_encoder_name, unet_module_name
 
-ADAPTER = "default"
 
-
-def add_adapters(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float = 0.0) -> list[torch.nn.Parameter]:
-    """Inject a LoRA adapter into `model` and return its trainable parameters (fp32; the base stays frozen).
-
-    lora_B starts at zero, so a fresh adapter leaves the model's output exactly as it was.
-    """
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        init_lora_weights="gaussian")
-    model.requires_grad_(False)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    return params
-
-
-def adapter_layers(model: torch.nn.Module, adapter: str = ADAPTER) -> dict[str, torch.nn.Module]:
-    """Module path -> peft LoRA layer, for every layer carrying `adapter` (ours by default)."""
-    return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and adapter in m.lora_A}
-
-
-def kohya_state_dict(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
-                     sgm_unet: bool = False) -> dict[str, torch.Tensor]:
-    """The adapter in the kohya layout: `<name>.lora_down.weight`, `.lora_up.weight` and the trained `.alpha`.
+def kohya_state_dict(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module], sgm_unet: bool = False,
+                     adapter: AdapterType = LORA) -> dict[str, torch.Tensor]:
+    """The adapters of a model in the kohya layout (for LoRA `<name>.lora_down.weight`, `.lora_up.weight` and the
+    trained `.alpha`), each module named as kohya names it.
 
     `text_encoders` maps a key prefix (a key of Family.text_encoders) to a text encoder that carries an adapter.
     `sgm_unet` (Family.sgm_unet) names UNet modules in the original block numbering, as kohya does for SDXL
     (docs/lora-format.md, Keys); otherwise they keep their diffusers paths.
     """
-    out: dict[str, torch.Tensor] = {}
-    modules = [(kohya_name(KOHYA_UNET, unet_module_name(path, unet.config, sgm_unet)), layer)
-               for path, layer in adapter_layers(unet).items()]
+    modules = {kohya_name(KOHYA_UNET, unet_module_name(path, unet.config, sgm_unet)): layer
+               for path, layer in adapter.layers(unet).items()}
     for prefix, te in text_encoders.items():
-        modules += [(kohya_text_encoder_name(prefix, path), layer) for path, layer in adapter_layers(te).items()]
-    for key, layer in modules:
-        down = layer.lora_A[ADAPTER].weight.detach()
-        up = layer.lora_B[ADAPTER].weight.detach()
-        out[f"{key}.lora_down.weight"] = down.float().cpu().contiguous()
-        out[f"{key}.lora_up.weight"] = up.float().cpu().contiguous()
-        # every loader scales by alpha / rank; writing the trained alpha (not rank) keeps the strength right
-        alpha = layer.lora_alpha[ADAPTER] if hasattr(layer, "lora_alpha") else layer.scaling[ADAPTER] * down.shape[0]
-        out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-    return out
+        modules.update({kohya_text_encoder_name(prefix, path): layer for path, layer in adapter.layers(te).items()})
+    return adapter.state_dict(modules)
 
 
 def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a .safetensors file atomically (temporary name, then rename), so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:  # a failed write (a full disk) leaves no half file behind
         save_file(state_dict, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
         usual_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no half file behind
-        raise
 
 
 def usual_mode(path: str | Path) -> None:

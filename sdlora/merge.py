@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora.adapters.lora import LORA
 from sdlora.errors import UserError
 from sdlora.families.naming import original_layout
 from sdlora.info import base_modules, fit, read_adapter
@@ -51,10 +52,10 @@ def merge(base: str | Base, loras: list[tuple[str, float]], out: str | Path, fmt
                             f"`sdlora info {name} --base {base.name}` lists them; check that the LoRA was made for this model")
     changed = set()
     for name, adapter, strength in adapters:
-        for key, (down, up, alpha) in adapter.modules.items():
+        for key, weights in adapter.modules.items():
             layer = table[key]
             changed.add(id(layer))
-            delta = (up.flatten(1).float() @ down.flatten(1).float()) * (strength * alpha / down.shape[0])
+            delta = LORA.delta(weights, strength)
             layer.weight += delta.reshape(layer.weight.shape).to(layer.weight.dtype)
     dtype = PRECISIONS[precision]
     meta = {"modelspec.sai_model_spec": "1.0.1",

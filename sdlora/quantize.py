@@ -49,7 +49,7 @@ def quantize_base(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], p
     """Store the frozen base's weights in `precision`, in place; return a one-line note of what is stored and its size.
 
     Call it once the models are frozen and in the compute dtype (the training loop's weight_dtype), on the CPU or
-    their device, and before `lora.add_adapters`: each layer keeps computing in the dtype its weight has now, and peft
+    their device, and before the adapters are attached (sdlora.adapters): each layer keeps computing in the dtype its weight has now, and peft
     then wraps the quantized layers with fp32 LoRA weights initialised exactly as on an unquantized base (for int8/nf4
     with its own bitsandbytes LoRA layers). The VAE is not touched. Afterwards move the models to `device` by device
     only: a `.to(dtype)` would turn the fp8 storage back into full precision. fp8 and nf4 are quantized where the

@@ -9,7 +9,7 @@ from peft.tuners.lora import LoraLayer
 from sdlora.config import TrainConfig
 from sdlora.graphs import Graphed
 from sdlora import families
-from sdlora.lora import add_adapters
+from sdlora.adapters.lora import LORA
 from sdlora.objectives import DDPM
 from sdlora.quantize import quantize_base
 
@@ -39,12 +39,13 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
         model.to(device)  # by device only: a dtype would undo the fp8 storage
 
     torch.manual_seed(config.seed)
-    unet_params = add_adapters(unet, family.unet_targets[config.targets], config.rank, config.alpha, config.lora_dropout)
+    unet_params = LORA.attach(unet, family.unet_targets[config.targets], rank=config.rank, alpha=config.alpha,
+                              dropout=config.lora_dropout)
     te_params = []
     if config.train_text_encoder:
         for text_encoder in text_encoders:
-            te_params += add_adapters(text_encoder, family.text_targets[config.targets], config.rank, config.alpha,
-                                      config.lora_dropout)
+            te_params += LORA.attach(text_encoder, family.text_targets[config.targets], rank=config.rank,
+                                     alpha=config.alpha, dropout=config.lora_dropout)
     if dtype != torch.float32:
         for model in (unet, *text_encoders):
             _norms_in_compute_dtype(model)

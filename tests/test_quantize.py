@@ -9,7 +9,8 @@ from sdlora.config import TrainConfig
 from sdlora.errors import UserError
 from sdlora.export import verify
 from sdlora.families.targets import TEXT_TARGETS, UNET_TARGETS
-from sdlora.lora import ADAPTER, add_adapters, kohya_state_dict, save_lora
+from sdlora.adapters.lora import ADAPTER, LORA
+from sdlora.lora import kohya_state_dict, save_lora
 from sdlora.models import load_base
 from sdlora.quantize import check_precision, quantize_base, stored_bytes
 
@@ -31,7 +32,7 @@ def _train_by_hand(precision: str) -> dict:
     to_q = unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
     conv = unet.get_submodule("down_blocks.0.resnets.0.conv1")
     torch.manual_seed(0)
-    params = add_adapters(unet, UNET_TARGETS["attn"], 4, 2.0) + add_adapters(text_encoder, TEXT_TARGETS["attn"], 4, 2.0)
+    params = LORA.attach(unet, UNET_TARGETS["attn"], rank=4, alpha=2.0) + LORA.attach(text_encoder, TEXT_TARGETS["attn"], rank=4, alpha=2.0)
     init = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
