@@ -1,6 +1,6 @@
 """Quantized-base LoRA training on a GPU: peak memory and speed per --base-precision, and the loss next to bf16's.
 
-Everything here runs the step `sdlora train` runs, through sdlora's own code: `sdlora.train.build_step` with a
+Everything here runs the step `sdlora train` runs, through sdlora's own code: `sdlora.step.build_step` with a
 TrainConfig(base_precision=..., gradient_checkpointing=True (False for int8, whose bitsandbytes layers break
 torch.utils.checkpoint on CUDA: sdlora refuses that pair), batch_size=1, train_text_encoder=True, sdlora's other
 defaults) under an accelerate Accelerator (bf16 on the GPU). build_step puts the VAE (fp32) and the base (bf16) on the
@@ -100,7 +100,7 @@ def is_sdxl(pipe) -> bool:
 # --- one training setup: sdlora's own step ------------------------------------------------------------------------
 
 class Run:
-    """A fresh copy of the master pipeline trained by `sdlora.train.build_step`, as `sdlora train` sets it up."""
+    """A fresh copy of the master pipeline trained by `sdlora.step.build_step`, as `sdlora train` sets it up."""
 
     def __init__(self, master, precision: str, resolution: int, steps: int, cuda: bool, graphs: bool):
         from accelerate import Accelerator

@@ -306,7 +306,7 @@ def test_latent_cache_keeps_each_images_size_and_crop_and_refuses_nan_latents(mo
     with torch.no_grad():
         vae.encoder.conv_in.weight.fill_(float("inf"))
     with pytest.raises(UserError, match="NaN/inf latents for wide.png"):
-        _cache_latents(vae, records, [(64, 64), (64, 64)], flip=False, device=torch.device("cpu"))
+        cache_latents(vae, records, [(64, 64), (64, 64)], flip=False, family=family("sdxl"), device=torch.device("cpu"))
 
 
 @pytest.mark.slow
