@@ -1,5 +1,5 @@
 """The whole run as the app starts it: handed to a spare process that has already imported what training needs
-(sdlora.launch.Spare), timed from the hand-over to the file, against the same run in a fresh process.
+(sdlora.spare.Spare), timed from the hand-over to the file, against the same run in a fresh process.
 
 The same job as `bench/train_speed.py --whole-run 1000 --whole-batch 8 --whole-square` (SD1.5 architecture as an
 fp16 diffusers folder, 30 square images at 512, UNet + text-encoder LoRA, batch 8, sdlora's defaults otherwise):
@@ -55,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from sdlora.launch import Spare
+    from sdlora.spare import Spare
 
     whole_run_inputs(out, "sd1", args.tiny, square=True)
     results = []

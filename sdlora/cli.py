@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about optional CPU kernels
     if argv[:1] == ["app"]:  # everything after `app` belongs to the app's own options
         return _app(argv[1:])
-    if argv == ["spare"]:  # a training process started ahead for the app (sdlora.launch.Spare)
-        from sdlora.launch import serve_spare
+    if argv == ["spare"]:  # a training process started ahead for the app (sdlora.spare.Spare)
+        from sdlora.spare import serve_spare
 
         return serve_spare(main)
     args = _parser().parse_args(argv)

@@ -217,13 +217,14 @@ def test_stop_file_stops_and_saves(tmp_path, dataset_dir):
 
 @pytest.mark.slow
 def test_a_spare_process_trains_the_run_handed_to_it_as_a_fresh_process_would(tmp_path, dataset_dir):
-    """The app starts a training process ahead (launch.Spare) so that a run skips the imports; a run handed to it gives
-    the same file, events and log as a fresh process, and a spare that died hands the run to a fresh process."""
+    """The app starts a training process ahead (sdlora.spare.Spare) so that a run skips the imports; a run handed to
+    it gives the same file, events and log as a fresh process, and a spare that died hands the run to a fresh process."""
     from safetensors.torch import load_file
 
     from sdlora import launch, rundir
+    from sdlora.spare import Spare
 
-    spare, dead = launch.Spare(), launch.Spare()
+    spare, dead = Spare(), Spare()
     dead.proc.kill()
     dead.proc.wait()
     assert spare.ready(timeout=180)
@@ -245,7 +246,7 @@ def test_a_spare_process_trains_the_run_handed_to_it_as_a_fresh_process_would(tm
     # the spare's setup counts from the hand-over: it had imported everything before
     process_s = {name: next(e for e in events[name] if e["type"] == "start")["setup_s"]["process"] for name in procs}
     assert process_s["spare"] < process_s["fresh"]
-    idle = launch.Spare()
+    idle = Spare()
     idle.close()  # an untaken spare ends with its owner
     assert idle.proc is None
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora import launch
+from sdlora.spare import Spare
 from sdlora import workspace as ws
 
 
@@ -30,7 +31,7 @@ class Context:
     max_unpacked: int = ws.MAX_UNPACKED  # the most an uploaded .zip may unpack to
     keep_spare: bool = False  # keep a training process started ahead for the next one-GPU run
     children: launch.Children = field(default_factory=launch.Children)
-    spare: launch.Spare | None = None  # the process the next one-GPU run goes to
+    spare: Spare | None = None  # the process the next one-GPU run goes to
     start_lock: threading.Lock = field(default_factory=threading.Lock)  # one run starts at a time, from any tab
     previewers: dict = field(default_factory=dict)  # base -> Previewer, the one used last at the end
     load_seconds: dict = field(default_factory=dict)  # base -> seconds its last load took
@@ -50,8 +51,8 @@ class Context:
             ctx.spare = ctx._new_spare()
         return ctx
 
-    def _new_spare(self) -> launch.Spare:
-        made = launch.Spare()
+    def _new_spare(self) -> Spare:
+        made = Spare()
         self.children.add(made.proc, "spare")
         return made
 

@@ -42,7 +42,7 @@ def build(workspace: str | Path = "workspace", models: str | Path | None = None,
           children: Children | None = None) -> gr.Blocks:
     """The page, for a workspace folder (datasets, runs, exports) and a folder of base models. `gpus`: how many GPUs
     to offer (default: those visible); with more than one the Train tab asks how many a run uses. `spare`: keep a
-    training process started ahead (sdlora.launch.Spare), so that a one-GPU run skips the seconds of imports.
+    training process started ahead (sdlora.spare.Spare), so that a one-GPU run skips the seconds of imports.
     `children`: where every process the page starts is recorded, so that its owner can end them (`serve` does)."""
     ctx = Context.create(workspace, models, max_unpacked=max_unpacked, gpus=gpus, spare=spare, children=children)
     with gr.Blocks(title="sdlora") as demo:
