@@ -10,6 +10,12 @@ from pathlib import Path
 from sdlora.errors import UserError
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adamw-schedulefree", "adafactor")
+# What an optimizer wants unless told otherwise (build_config): Prodigy scales a learning rate of about 1 by the step
+# size it estimates; schedule-free AdamW averages its weights instead of following a schedule.
+OPTIMIZER_DEFAULTS = {"prodigy": {"unet_lr": 1.0, "text_encoder_lr": 1.0},
+                      "adamw-schedulefree": {"lr_scheduler": "constant"}}
+
 # How images are drawn unless told otherwise: a run's samples, `sdlora generate` and the app's previews.
 SAMPLE_STEPS, SAMPLE_GUIDANCE, SAMPLE_SCHEDULER = 25, 7.0, "EulerDiscreteScheduler"
 
@@ -59,8 +65,11 @@ class TrainConfig:
     grad_accum: int = _knob(1, "gradient accumulation: steps of batch_size images per optimizer step")
     unet_lr: float = _knob(5e-4, "UNet learning rate (at alpha/rank = 0.5)")
     text_encoder_lr: float = _knob(1e-4, "text-encoder learning rate; 1/2 to 1/5 of the UNet's")
-    optimizer: str = _knob("adamw", "adamw, or adamw8bit (needs bitsandbytes)", choices=("adamw", "adamw8bit"))
-    weight_decay: float = _knob(1e-2, "AdamW weight decay")
+    optimizer: str = _knob("adamw", "adamw; adamw8bit (needs bitsandbytes); prodigy (finds its own step size, lr 1); "
+                                    "adamw-schedulefree (needs no schedule); adafactor", choices=OPTIMIZERS)
+    weight_decay: float = _knob(1e-2, "weight decay (decoupled, as AdamW's)")
+    prodigy_d_coef: float = _knob(1.0, "Prodigy: scales the step size it finds (below 1 if the LoRA overcooks)")
+    prodigy_safeguard_warmup: bool = _knob(True, "Prodigy: keep its step-size estimate from growing during warmup")
     lr_scheduler: str = _knob("cosine", "learning-rate schedule after warmup",
                               choices=("constant", "cosine", "cosine_with_restarts", "linear"))
     lr_cycles: int = _knob(1, "restarts for cosine_with_restarts")
@@ -167,6 +176,18 @@ class TrainConfig:
                 raise UserError("optimizer adamw8bit needs bitsandbytes", "pip install bitsandbytes, or use --optimizer adamw") from None
 
 
+def optimizer_warnings(config: TrainConfig) -> list[str]:
+    """Settings that fight the chosen optimizer, each said in a line (the run's warnings, the app's plan)."""
+    out = []
+    if config.optimizer == "prodigy" and min(config.unet_lr, config.text_encoder_lr or 1.0) < 0.1:
+        out.append(f"Prodigy finds its own step size and expects learning rates near 1: with unet_lr {config.unet_lr:g} "
+                   f"and text_encoder_lr {config.text_encoder_lr:g} it learns almost nothing (set both to 1)")
+    if config.optimizer == "adamw-schedulefree" and config.lr_scheduler != "constant":
+        out.append(f"schedule-free AdamW averages its weights instead of following a schedule: lr_scheduler "
+                   f"{config.lr_scheduler} works against it (use constant; its warmup is warmup_fraction)")
+    return out
+
+
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", list: "a list"}
 
 
@@ -205,4 +226,5 @@ def build_config(preset: str | None = None, config_file: str | None = None, **ov
     if config_file:
         values.update(dataclasses.asdict(TrainConfig.from_file(config_file)))
     values.update(overrides)
-    return TrainConfig.from_dict(values)
+    # the chosen optimizer's own defaults sit under everything set
+    return TrainConfig.from_dict({**OPTIMIZER_DEFAULTS.get(values.get("optimizer"), {}), **values})

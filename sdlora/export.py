@@ -50,7 +50,7 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
         "ss_text_encoder_lr": str(config.text_encoder_lr if config.train_text_encoder else 0),
         "ss_network_train_unet_only": str(not config.train_text_encoder),
         "ss_lr_scheduler": config.lr_scheduler,
-        "ss_optimizer": config.optimizer,
+        "ss_optimizer": _optimizer_name(config),
         "ss_min_snr_gamma": str(config.min_snr_gamma),
         "ss_noise_offset": str(config.noise_offset),
         "ss_caption_dropout_rate": str(config.caption_dropout),
@@ -76,6 +76,20 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
     }
     return meta
+
+
+# The optimizer's class as kohya's ss_optimizer names it (module path, then the arguments set), so tools that read
+# kohya's metadata show it
+_OPTIMIZER_CLASSES = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+                      "prodigy": "prodigyopt.prodigy.Prodigy",
+                      "adamw-schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+                      "adafactor": "transformers.optimization.Adafactor"}
+
+
+def _optimizer_name(config: TrainConfig) -> str:
+    args = {"prodigy": f"d_coef={config.prodigy_d_coef},safeguard_warmup={config.prodigy_safeguard_warmup}",
+            "adafactor": "relative_step=False,scale_parameter=False,warmup_init=False"}.get(config.optimizer)
+    return _OPTIMIZER_CLASSES[config.optimizer] + (f"({args})" if args else "")
 
 
 def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: TrainConfig,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -21,12 +22,15 @@ class Saves:
     every loss: it never keeps weights that a NaN has already reached."""
 
     def __init__(self, accelerator, config, base, family, trained, run_dir: Path, events, losses, *, resolution: int,
-                 num_images: int, tag_frequency: dict, epoch_batches: int, started_at: float):
+                 num_images: int, tag_frequency: dict, epoch_batches: int, started_at: float, weights=None):
         self.accelerator, self.config, self.base, self.family = accelerator, config, base, family
         self.trained, self.run_dir, self.events, self.losses = trained, run_dir, events, losses
         self.resolution, self.num_images, self.tag_frequency = resolution, num_images, tag_frequency
         self.epoch_batches, self.started_at = epoch_batches, started_at
         self.fresh_base = None  # a future of a fresh copy of the base for the final check (see preload)
+        # a context within which the adapters hold the weights to save (Step.averaged_weights); checkpoints keep the
+        # optimizer's own
+        self.weights = weights or contextlib.nullcontext
 
     def save(self, step: int, final: bool = False) -> Path:
         config, run_dir = self.config, self.run_dir
@@ -39,14 +43,15 @@ class Saves:
                                   title=config.title or run_dir.name, precision=self.accelerator.mixed_precision,
                                   prediction_type=self.base.prediction_type)
             unet, text_encoders = self.trained[0], self.trained[1:]
-            state = kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
-                                     sgm_unet=self.family.sgm_unet)
+            with self.weights():
+                state = kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
+                                         sgm_unet=self.family.sgm_unet)
             size = sum(t.numel() * t.element_size() for t in state.values())
             with writing(run_dir, size, run_dir):
                 save_lora(path, state, meta)  # a temporary name, then the rename: a failed write keeps the last file
             if final and config.export_diffusers:
                 diffusers_file = run_dir / "lora-diffusers.safetensors"
-                with writing(run_dir, size, run_dir, leftovers=[diffusers_file]):  # diffusers writes it in place
+                with writing(run_dir, size, run_dir, leftovers=[diffusers_file]), self.weights():  # written in place
                     write_diffusers_layout(diffusers_file, unet, text_encoders, config, family=self.base.family)
             self.events.emit("save", step=step, path=str(path))
         checkpoints.save(self.accelerator, run_dir / "checkpoints", step, self.trained, config.keep_checkpoints,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
@@ -72,10 +74,11 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
     optimizer = _optimizer(config, groups, fused=device.type == "cuda")
     from diffusers.optimization import get_scheduler
 
-    # accelerate steps a prepared schedule once per process each optimizer step, hence the factor
+    # accelerate steps a prepared schedule once per process each optimizer step, hence the factor; schedule-free
+    # AdamW warms up by itself
     n = accelerator.num_processes
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
-                                 num_warmup_steps=round(config.warmup_fraction * config.steps) * n,
+    warmup = 0 if config.optimizer == "adamw-schedulefree" else round(config.warmup_fraction * config.steps)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup * n,
                                  num_training_steps=config.steps * n, num_cycles=config.lr_cycles)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     objective = DDPM(pipe.scheduler.config, min_snr_gamma=config.min_snr_gamma,
@@ -124,6 +127,21 @@ class Step:
         grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, self.params,
                                     allow_unused=True, materialize_grads=True)
         return loss.detach(), grads
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within: the adapter weights to sample with and to save. Schedule-free AdamW trains at a point between its
+        iterates and its average, and the average is the result (its eval mode); other optimizers' weights are used
+        as they are."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        if not hasattr(optimizer, "eval") or not callable(optimizer.eval):
+            yield
+            return
+        optimizer.eval()
+        try:
+            yield
+        finally:
+            optimizer.train()
 
     def __call__(self, micro_batches: list[dict]) -> torch.Tensor:
         """Update the adapter parameters from `micro_batches` (dicts of input tensors, sdlora.batches); return the
@@ -198,10 +216,28 @@ def _norms_in_compute_dtype(model: torch.nn.Module) -> None:
 
 
 def _optimizer(config: TrainConfig, groups, fused: bool = False):
+    """The optimizer `config.optimizer` names, from the package that implements it; each group keeps its own lr."""
     if config.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, weight_decay=config.weight_decay)
+    if config.optimizer == "prodigy":  # https://arxiv.org/abs/2306.06101: lr ~1 scales the step size it estimates
+        from prodigyopt import Prodigy
+
+        return Prodigy(groups, weight_decay=config.weight_decay, d_coef=config.prodigy_d_coef,
+                       safeguard_warmup=config.prodigy_safeguard_warmup)
+    if config.optimizer == "adamw-schedulefree":  # https://arxiv.org/abs/2405.15682
+        from schedulefree import AdamWScheduleFree
+
+        optimizer = AdamWScheduleFree(groups, weight_decay=config.weight_decay,
+                                      warmup_steps=round(config.warmup_fraction * config.steps))
+        optimizer.train()  # it steps only in train mode; samples and saves switch to the averaged weights
+        return optimizer
+    if config.optimizer == "adafactor":  # with the run's learning rates, as kohya's LoRA recipes use it
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=config.unet_lr, relative_step=False, scale_parameter=False, warmup_init=False,
+                         weight_decay=config.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused or None)
 
 

@@ -11,7 +11,7 @@ import torch
 from sdlora import checkpoints
 from sdlora import dataset as ds
 from sdlora.batches import Batches
-from sdlora.config import TrainConfig
+from sdlora.config import TrainConfig, optimizer_warnings
 from sdlora.control import Losses, Requests, StopSignals
 from sdlora.diskspace import disk_full, writing, written_folder
 from sdlora.errors import UserError
@@ -105,7 +105,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     losses, requests = Losses(accelerator.num_processes), Requests(accelerator, run_dir)
     saves = Saves(accelerator, config, base, family, step_fn.trained, run_dir, events, losses, resolution=resolution,
                   num_images=len(data.records), tag_frequency=ds.tag_frequency(data.records),
-                  epoch_batches=batches.per_epoch(), started_at=started_at)
+                  epoch_batches=batches.per_epoch(), started_at=started_at, weights=step_fn.averaged_weights)
     # On a GPU the UNet's forward replays as CUDA graphs while sampling too (int8 layers cannot be captured).
     graphs = device.type == "cuda" and config.cuda_graphs and config.base_precision in ("auto", "fp8", "nf4")
     sampler = Sampler(accelerator, pipe, step_fn.trained, config,
@@ -130,7 +130,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         stage.now = f"drawing samples at step {step}"
         out_dir = run_dir / "samples"  # the sampler writes each image to a temporary name, then renames it
         with writing(out_dir, 3 * resolution**2 * len(sampler.prompts), run_dir,
-                     leftovers=lambda: list(out_dir.glob("*.png.tmp"))):
+                     leftovers=lambda: list(out_dir.glob("*.png.tmp"))), step_fn.averaged_weights():
             sampler(step)
 
     for m in step_fn.trained:
@@ -222,9 +222,9 @@ def _buckets(config, base, records, events) -> tuple[int, list, list]:
 
 
 def _warn_about_data(config, data, tokenizer, events) -> None:
-    """Warnings the run's events carry about its data: what ingest found and skipped, a missing trigger word,
-    captions the text encoder will cut."""
-    for w in data.warnings:
+    """Warnings the run's events carry about its data and settings: what ingest found and skipped, settings that
+    fight the optimizer, a missing trigger word, captions the text encoder will cut."""
+    for w in data.warnings + optimizer_warnings(config):
         events.emit("warning", message=w)
     for name, reason in data.rejected:
         events.emit("warning", message=f"skipped {name}: {reason}")

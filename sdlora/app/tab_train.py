@@ -18,7 +18,7 @@ from sdlora import workspace as ws
 from sdlora.app.context import Context
 from sdlora.app.wiring import Choices, on
 from sdlora.atomic import write_atomic
-from sdlora.config import PRESETS, TrainConfig, build_config
+from sdlora.config import PRESETS, TrainConfig, build_config, optimizer_warnings
 from sdlora.errors import UserError
 
 PRESET_CHOICES = [("Style", "style"), ("Character", "character"), ("Quick test", "quick")]
@@ -156,6 +156,12 @@ def plan(ctx: Context, values: dict) -> dict:
     if not (values["trigger"] or "").strip() and \
             ds.common_first_word([caption for _, _, caption in ws.captions(ctx.root, name)]) is None:
         text += f"\n\n**Note:** {ds.NO_TRIGGER[0].upper()}{ds.NO_TRIGGER[1:]}."
+    try:  # settings that fight the optimizer (the form may not describe a whole run yet)
+        notes = optimizer_warnings(form_config(ctx, values))
+    except (UserError, ValueError, TypeError):
+        notes = []
+    for note in notes:
+        text += f"\n\n**Note:** {note[0].upper()}{note[1:]}."
     return {"plan": text}
 
 
