@@ -76,6 +76,10 @@ class TrainConfig:
     warmup_fraction: float = _knob(0.05, "fraction of the steps spent warming the learning rate up")
     min_snr_gamma: float = _knob(5.0, "min-SNR loss weighting (Hang et al. 2023); 0 turns it off")
     noise_offset: float = _knob(0.0, "noise offset; helps very dark/bright images (0.05 SD1, 0.0357 SDXL)")
+    debiased_estimation: bool = _knob(False, "weight each step's loss by 1/sqrt(SNR) (Yu et al. 2024): less weight on "
+                                             "the nearly clean timesteps; combines with min-SNR")
+    timestep_min: int = _knob(0, "train on noise levels from this timestep (0-999)")
+    timestep_max: int = _knob(1000, "... up to, not including, this one (1-1000); e.g. 500-1000 for composition only")
     mixed_precision: str = _knob("auto", "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU",
                                  choices=("auto", "no", "fp16", "bf16"))
     base_precision: str = _knob("auto", "how the frozen base (UNet, text encoders) is stored while the LoRA trains in "
@@ -147,6 +151,8 @@ class TrainConfig:
         need(self.keep_tags >= 0, "keep_tags", "must be 0 or more")
         need(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
         need(self.min_snr_gamma >= 0, "min_snr_gamma", "must be 0 (off) or more")
+        need(0 <= self.timestep_min <= 999, "timestep_min", "must be 0 to 999")
+        need(self.timestep_min < self.timestep_max <= 1000, "timestep_max", "must be above timestep_min, at most 1000")
         need(self.resolution == 0 or self.resolution >= 64, "resolution", "must be 0 (model default) or at least 64")
         need(self.sample_every >= 0 and self.save_every >= 0, "sample_every", "must be 0 or more")
         need(self.sample_steps >= 1, "sample_steps", "must be at least 1")

@@ -15,13 +15,17 @@ class DDPM:
     sigmas, a velocity target, its weighting schemes and shift) answers the same four calls.
     """
 
-    def __init__(self, scheduler_config, *, min_snr_gamma: float = 0.0, noise_offset: float = 0.0):
+    def __init__(self, scheduler_config, *, min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
+                 debiased: bool = False, timestep_range: tuple[int, int | None] = (0, None)):
         from diffusers import DDPMScheduler
 
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
         self.prediction_type = self.scheduler.config.prediction_type
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
-        self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
+        self.min_snr_gamma, self.noise_offset, self.debiased = min_snr_gamma, noise_offset, debiased
+        # timesteps are drawn from [first, last): all of them unless a range is set
+        self.first, self.last = timestep_range[0], min(timestep_range[1] or self.num_train_timesteps,
+                                                       self.num_train_timesteps)
 
     def to(self, device) -> "DDPM":
         """Keep the noise schedule on `device` (diffusers moves it on first use, which a CUDA graph capture cannot)."""
@@ -35,7 +39,7 @@ class DDPM:
         noise = randn(shape, generators)
         if self.noise_offset:
             noise += self.noise_offset * randn(shape[:1] + (1, 1), generators)
-        timesteps = torch.cat([torch.randint(0, self.num_train_timesteps, (1,), generator=g) for g in generators])
+        timesteps = torch.cat([torch.randint(self.first, self.last, (1,), generator=g) for g in generators])
         return {"noise": noise, "timesteps": timesteps}
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -47,17 +51,24 @@ class DDPM:
         return noise
 
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-gamma loss weights (Hang et al. 2023, https://arxiv.org/abs/2303.09556), as in diffusers' examples;
-        ones when gamma is 0."""
-        if not self.min_snr_gamma:
+        """Each image's loss weight: Min-SNR-gamma (Hang et al. 2023, https://arxiv.org/abs/2303.09556, as in
+        diffusers' examples) and/or debiased estimation (Yu et al. 2024, https://arxiv.org/abs/2310.08442, as kohya
+        applies it: 1/sqrt(SNR), 1/(SNR + 1) for v-prediction, the SNR capped at 1000); ones when neither is on."""
+        if not self.min_snr_gamma and not self.debiased:
             return torch.ones_like(timesteps, dtype=torch.float32)
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(self.scheduler, timesteps)
-        weights = torch.clamp(snr, max=self.min_snr_gamma)
-        if self.prediction_type == "v_prediction":
-            return weights / (snr + 1)
-        return weights / snr
+        v = self.prediction_type == "v_prediction"
+        weights = None
+        if self.min_snr_gamma:
+            weights = torch.clamp(snr, max=self.min_snr_gamma)
+            weights = weights / (snr + 1) if v else weights / snr
+        if self.debiased:  # at timestep 0 the SNR is huge: kohya caps it at 1000
+            capped = torch.clamp(snr, max=1000.0)
+            debiased = 1 / (capped + 1) if v else 1 / torch.sqrt(capped)
+            weights = debiased if weights is None else weights * debiased
+        return weights
 
 
 def randn(shape, generators) -> torch.Tensor:

@@ -81,8 +81,9 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup * n,
                                  num_training_steps=config.steps * n, num_cycles=config.lr_cycles)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    objective = DDPM(pipe.scheduler.config, min_snr_gamma=config.min_snr_gamma,
-                     noise_offset=config.noise_offset).to(device)
+    objective = DDPM(pipe.scheduler.config, min_snr_gamma=config.min_snr_gamma, noise_offset=config.noise_offset,
+                     debiased=config.debiased_estimation,
+                     timestep_range=(config.timestep_min, config.timestep_max)).to(device)
     return Step(accelerator, family, unet, text_encoders, unet_params, te_params, optimizer, lr_scheduler, objective,
                 vae.config.scaling_factor, dtype, cuda_graphs=device.type == "cuda" and config.cuda_graphs,
                 on_fail=on_fail, base_storage=base_storage)

@@ -1,6 +1,8 @@
 """Adaptive optimizers: each trains the tiny model from its package with its own defaults, is named in the file's
 metadata as kohya names it, and a setting that fights it is said before the run wastes its steps."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -78,3 +80,36 @@ def test_schedule_free_samples_and_saves_its_averaged_weights():
         averaged = [p.detach().clone() for p in step.params]
     assert any(not torch.equal(a, t) for a, t in zip(averaged, training))
     assert all(torch.allclose(p, t, atol=1e-7) for p, t in zip(step.params, training))
+
+
+def test_loss_weightings_and_the_timestep_range_reach_the_loss():
+    """Debiased estimation weights each image by 1/sqrt(SNR) (1/(SNR+1) for v-prediction, SNR capped at 1000), on
+    top of min-SNR when both are on; a timestep range bounds the noise levels drawn. All of it from the run's config,
+    through the objective the step calls."""
+    from diffusers.training_utils import compute_snr
+
+    from sdlora.config import TrainConfig
+    from sdlora.errors import UserError
+    from sdlora.objectives import DDPM
+    from sdlora.tiny import MODEL_DIR
+
+    from diffusers import DDPMScheduler
+
+    config = DDPMScheduler.load_config(Path(MODEL_DIR) / "scheduler")
+    t = torch.tensor([0, 10, 500, 999])
+    snr = compute_snr(DDPMScheduler.from_config(config), t)
+    debiased = DDPM(config, debiased=True).weights(t)
+    assert torch.allclose(debiased, 1 / torch.sqrt(snr.clamp(max=1000)))
+    both = DDPM(config, min_snr_gamma=5.0, debiased=True).weights(t)
+    assert torch.allclose(both, DDPM(config, min_snr_gamma=5.0).weights(t) * debiased)
+    v = DDPM({**config, "prediction_type": "v_prediction"}, debiased=True).weights(t)
+    assert torch.allclose(v, 1 / (snr.clamp(max=1000) + 1))
+    assert torch.equal(DDPM(config).weights(t), torch.ones(4))
+
+    gens = [torch.Generator().manual_seed(i) for i in range(64)]
+    drawn = DDPM(config, timestep_range=(500, 600)).draw((4, 8, 8), gens)["timesteps"]
+    assert drawn.min() >= 500 and drawn.max() < 600 and len(set(drawn.tolist())) > 10
+    whole = DDPM(config).draw((4, 8, 8), [torch.Generator().manual_seed(i) for i in range(64)])["timesteps"]
+    assert whole.max() >= 600 or whole.min() < 500
+    with pytest.raises(UserError, match="timestep_max = 400: must be above timestep_min"):
+        TrainConfig(dataset="d", timestep_min=500, timestep_max=400).validate()
