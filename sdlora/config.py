@@ -104,6 +104,9 @@ class TrainConfig:
     sample_guidance: float = _knob(SAMPLE_GUIDANCE, "classifier-free guidance for samples")
     sample_scheduler: str = _knob(SAMPLE_SCHEDULER, "diffusers scheduler class used for samples")
     save_every: int = _knob(0, "save the adapter every N steps (0 = 4 times per run)")
+    log_with: str = _knob("", "also log loss, learning rate and samples to tensorboard or wandb (through accelerate; "
+                              "pip install tensorboard / wandb); events.jsonl is written either way",
+                          choices=("", "tensorboard", "wandb"))
     keep_checkpoints: int = _knob(2, "resumable checkpoints kept (older ones are deleted)")
     export_diffusers: bool = _knob(False, "also write the adapter in the diffusers/peft layout")
     title: str = _knob("", "title written into the file's metadata (default: the run's name)")
@@ -175,6 +178,12 @@ class TrainConfig:
                 raise UserError("base_precision int8 does not train with gradient_checkpointing on a GPU (bitsandbytes' "
                                 "int8 layers break torch.utils.checkpoint)",
                                 "use --base-precision nf4 or fp8, or turn gradient_checkpointing off")
+        if self.log_with:
+            try:
+                __import__(self.log_with)
+            except ImportError:
+                raise UserError(f"log_with {self.log_with} needs the {self.log_with} package",
+                                f"pip install {self.log_with}, or leave --log-with out") from None
         if self.optimizer == "adamw8bit":
             try:
                 import bitsandbytes  # noqa: F401

@@ -25,6 +25,7 @@ class Sampler:
         self.accelerator, self.pipe, self.trained, self.config = accelerator, pipe, trained, config
         self.prompts, self.resolution, self.run_dir, self.events = prompts, resolution, Path(run_dir), events
         self.graphs, self.low_memory = graphs, False
+        self.drawn = []  # (index, prompt, image) of the last round
 
     @torch.no_grad()
     def __call__(self, step: int) -> None:
@@ -41,6 +42,7 @@ class Sampler:
             m.eval()
         out_dir = self.run_dir / "samples"
         out_dir.mkdir(exist_ok=True)
+        self.drawn = []
 
         # two prompts per pipeline call (a batch costs about what one image does while the UNet is overhead-bound);
         # one generator per image, so each image is what a call with its prompt and seed alone draws
@@ -63,6 +65,7 @@ class Sampler:
                 events.emit("warning", message=f"samples at step {step} skipped: out of memory")
                 break
             for i, (prompt, seed, image) in enumerate(zip(chunk, seeds, images)):
+                self.drawn.append((first + i, prompt, image))
                 path = out_dir / f"step-{step:06d}-{first + i}.png"
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")

@@ -41,7 +41,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         raise
     # cpu=True when there is no GPU: it is what makes accelerate join several CPU processes over gloo
     # gradient accumulation and the all-reduce are done by hand in Step (so the step can be a CUDA graph)
-    accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision), cpu=not torch.cuda.is_available())
+    trackers = {"log_with": config.log_with, "project_dir": str(run_dir / "logs")} if config.log_with else {}
+    accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision), cpu=not torch.cuda.is_available(),
+                              **trackers)
     events = EventLog(run_dir, enabled=accelerator.is_main_process, echo=progress_bar)
     if accelerator.is_main_process:
         write_atomic(run_dir / "config.json", config.to_json())
@@ -68,6 +70,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         raise
     finally:
         stop.restore()
+        if config.log_with:
+            accelerator.end_training()
 
 
 def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, stage: "_Stage") -> Path:
@@ -118,6 +122,9 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     sample_every = config.sample_every or max(1, config.steps // 4)
     save_every = config.save_every or max(1, config.steps // 4)
     progress = _Progress(config, accelerator, events, step, progress_bar)
+    if config.log_with:  # tensorboard/wandb beside the events file, through accelerate's trackers
+        accelerator.init_trackers(run_dir.name, config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                                                        for k, v in config.__dict__.items()})
     events.emit("start", config=config.__dict__, family=base.family, resolution=resolution,
                 buckets=len(buckets),
                 images=len(data.records), rejected=len(data.rejected), samples_per_epoch=len(batches.samples),
@@ -132,6 +139,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         with writing(out_dir, 3 * resolution**2 * len(sampler.prompts), run_dir,
                      leftovers=lambda: list(out_dir.glob("*.png.tmp"))), step_fn.averaged_weights():
             sampler(step)
+        if config.log_with:
+            _log_samples(accelerator, sampler.drawn, step)
 
     for m in step_fn.trained:
         m.train()
@@ -174,7 +183,7 @@ class _Progress:
     may be behind)."""
 
     def __init__(self, config, accelerator, events, step: int, bar: bool):
-        self.config, self.events, self.device = config, events, accelerator.device
+        self.config, self.events, self.accelerator, self.device = config, events, accelerator, accelerator.device
         self.every = max(1, config.steps // 100)
         self.t_last, self.step_last, self.seen_last = time.perf_counter(), step, 0
         self.data_s = 0.0  # host time spent assembling batches since the last event
@@ -198,6 +207,9 @@ class _Progress:
         loss_ema = losses.smoothed()
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss_ema:.4f}")
+        if self.config.log_with:
+            self.accelerator.log({"loss": loss, "loss_ema": loss_ema, "lr": step_fn.lr_scheduler.get_last_lr()[0]},
+                                 step=at)
         self.events.emit("progress", step=at, total=total, loss=loss, loss_ema=loss_ema,
                          lr=step_fn.lr_scheduler.get_last_lr()[0],
                          images_per_s=(seen_at - self.seen_last) / (now - self.t_last),
@@ -207,6 +219,18 @@ class _Progress:
                          # the step time, the GPU, which runs the previous step meanwhile, never waits on data
                          data_ms=1e3 * self.data_s / max(at - self.step_last, 1))
         self.t_last, self.step_last, self.seen_last, self.data_s = now, at, seen_at, 0.0
+
+
+def _log_samples(accelerator, drawn: list, step: int) -> None:
+    """The samples just drawn, as images in the trackers (tensorboard takes arrays, wandb PIL images)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({f"samples/{i}": np.asarray(image) for i, _, image in drawn}, step=step,
+                               dataformats="HWC")
+        else:
+            tracker.log_images({f"samples/{i}": [image] for i, _, image in drawn}, step=step)
 
 
 def _buckets(config, base, records, events) -> tuple[int, list, list]:
