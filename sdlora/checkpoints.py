@@ -15,7 +15,7 @@ from sdlora.errors import UserError
 from sdlora.atomic import write_atomic
 
 
-def save(accelerator, checkpoints: Path, step: int, trained, keep: int, run_dir: Path) -> None:
+def save(accelerator, checkpoints: Path, step: int, trained, keep: int, run_dir: Path, ema=None) -> None:
     """Write the state at `step` (accelerate's: optimizer, schedule, random states; and the adapters) into a temporary
     folder and rename it to `step-NNNNNN` once complete, so that a kill or a full disk mid-save never leaves a folder
     that looks resumable and is not (its sdlora.json lists its files). Then keep the newest `keep`."""
@@ -30,6 +30,10 @@ def save(accelerator, checkpoints: Path, step: int, trained, keep: int, run_dir:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             _save_adapters(trained, tmp / "adapters.safetensors")
+            if ema is not None:  # the average is state too: a resumed run goes on averaging
+                from safetensors.torch import save_file
+
+                save_file(ema.tensors(), str(tmp / "ema.safetensors"))
         accelerator.wait_for_everyone()  # every process's random states are in before the folder is listed
         if accelerator.is_main_process:
             files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
@@ -46,7 +50,7 @@ def save(accelerator, checkpoints: Path, step: int, trained, keep: int, run_dir:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(accelerator, checkpoints: Path, trained, events, batch_per_process: int) -> int:
+def resume(accelerator, checkpoints: Path, trained, events, batch_per_process: int, ema=None) -> int:
     """Load the newest usable checkpoint into the optimizer, schedule, random states and adapters; return its step,
     or 0 when there is none (the run starts over). A warning says what it resumed from, and what changed when the
     number of processes did."""
@@ -55,6 +59,13 @@ def resume(accelerator, checkpoints: Path, trained, events, batch_per_process: i
         return 0
     accelerator.load_state(str(last))
     _load_adapters(trained, last / "adapters.safetensors")
+    if ema is not None:
+        if not (last / "ema.safetensors").is_file():
+            raise UserError(f"{last.name} was saved without an EMA (ema_decay was 0)",
+                            "resume with the settings the run was started with, or start a new run")
+        from safetensors.torch import load_file
+
+        ema.load(load_file(str(last / "ema.safetensors")))
     saved_with = json.loads((last / "sdlora.json").read_text()).get("processes", 1)
     changed = "" if saved_with == accelerator.num_processes else \
         f"; it was saved with {saved_with} process(es), now {accelerator.num_processes}: the global batch is " \

@@ -104,6 +104,11 @@ class TrainConfig:
     sample_guidance: float = _knob(SAMPLE_GUIDANCE, "classifier-free guidance for samples")
     sample_scheduler: str = _knob(SAMPLE_SCHEDULER, "diffusers scheduler class used for samples")
     save_every: int = _knob(0, "save the adapter every N steps (0 = 4 times per run)")
+    ema_decay: float = _knob(0.0, "keep an exponential moving average of the adapter weights with this decay (e.g. "
+                                  "0.999; 0 = off): each save gets a *-ema.safetensors beside it")
+    ema_start: int = _knob(0, "EMA: average from this step on (before it the average follows the weights)")
+    ema_every: int = _knob(1, "EMA: update the average every N steps")
+    ema_samples: bool = _knob(False, "EMA: draw the samples with the averaged weights")
     log_with: str = _knob("", "also log loss, learning rate and samples to tensorboard or wandb (through accelerate; "
                               "pip install tensorboard / wandb); events.jsonl is written either way",
                           choices=("", "tensorboard", "wandb"))
@@ -154,6 +159,9 @@ class TrainConfig:
         need(self.keep_tags >= 0, "keep_tags", "must be 0 or more")
         need(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
         need(self.min_snr_gamma >= 0, "min_snr_gamma", "must be 0 (off) or more")
+        need(0 <= self.ema_decay < 1, "ema_decay", "must be 0 (off) to below 1, e.g. 0.999")
+        need(self.ema_every >= 1, "ema_every", "must be at least 1")
+        need(self.ema_start >= 0, "ema_start", "must be 0 or more")
         need(0 <= self.timestep_min <= 999, "timestep_min", "must be 0 to 999")
         need(self.timestep_min < self.timestep_max <= 1000, "timestep_max", "must be above timestep_min, at most 1000")
         need(self.resolution == 0 or self.resolution >= 64, "resolution", "must be 0 (model default) or at least 64")

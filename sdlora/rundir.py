@@ -43,7 +43,7 @@ class EventLog:
             tqdm.write(f"sample (step {event['step']}): {event['path']}")
         elif kind == "verify":
             ok = "ok" if event["ok"] else "FAILED"
-            tqdm.write(f"compatibility check {ok}: diffusers' loader took {event['keys_consumed']}/{event['keys_written']} "
+            tqdm.write(f"compatibility check {ok} ({Path(event['path']).name}): diffusers' loader took {event['keys_consumed']}/{event['keys_written']} "
                        f"keys; strength 0 = base (max diff {event['strength0_max_diff']:g})")
         elif kind in ("done", "stopped"):
             tqdm.write(f"{kind} at step {event['step']}: {event['path']}")

@@ -22,7 +22,8 @@ class Saves:
     every loss: it never keeps weights that a NaN has already reached."""
 
     def __init__(self, accelerator, config, base, family, trained, run_dir: Path, events, losses, *, resolution: int,
-                 num_images: int, tag_frequency: dict, epoch_batches: int, started_at: float, weights=None):
+                 num_images: int, tag_frequency: dict, epoch_batches: int, started_at: float, weights=None,
+                 ema=None):
         self.accelerator, self.config, self.base, self.family = accelerator, config, base, family
         self.trained, self.run_dir, self.events, self.losses = trained, run_dir, events, losses
         self.resolution, self.num_images, self.tag_frequency = resolution, num_images, tag_frequency
@@ -31,6 +32,7 @@ class Saves:
         # a context within which the adapters hold the weights to save (Step.averaged_weights); checkpoints keep the
         # optimizer's own
         self.weights = weights or contextlib.nullcontext
+        self.ema = ema  # an sdlora.ema.EMA: each file gets a *-ema.safetensors twin
 
     def save(self, step: int, final: bool = False) -> Path:
         config, run_dir = self.config, self.run_dir
@@ -53,9 +55,18 @@ class Saves:
                 diffusers_file = run_dir / "lora-diffusers.safetensors"
                 with writing(run_dir, size, run_dir, leftovers=[diffusers_file]), self.weights():  # written in place
                     write_diffusers_layout(diffusers_file, unet, text_encoders, config, family=self.base.family)
-            self.events.emit("save", step=step, path=str(path))
+            if self.ema is not None:
+                with self.ema.swapped():
+                    state = kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
+                                             sgm_unet=self.family.sgm_unet)
+                with writing(run_dir, size, run_dir):
+                    save_lora(ema_file(path), state, {**meta, "ss_output_name": ema_file(path).stem,
+                                                      "modelspec.title": f"{meta['modelspec.title']} (EMA)",
+                                                      "sdlora_ema_decay": str(config.ema_decay)})
+            self.events.emit("save", step=step, path=str(path),
+                             **({"ema_path": str(ema_file(path))} if self.ema is not None else {}))
         checkpoints.save(self.accelerator, run_dir / "checkpoints", step, self.trained, config.keep_checkpoints,
-                         run_dir)
+                         run_dir, ema=self.ema)
         if not final:
             self.losses.last_good = path
         return path
@@ -90,5 +101,16 @@ class Saves:
                              preloaded=self.fresh_base is not None)
             if not result["ok"]:
                 raise RuntimeError(f"export check failed for {path.name}: {result}")
+            if self.ema is not None:  # the EMA file is shared too: checked the same way
+                ema_result = verify(ema_file(path), self.config.base, base_config=self.config.base_config,
+                                    prediction_type=self.config.prediction_type)
+                self.events.emit("verify", **ema_result)
+                if not ema_result["ok"]:
+                    raise RuntimeError(f"export check failed for {ema_file(path).name}: {ema_result}")
             self.events.emit(kind, step=step, path=str(path))
         self.accelerator.wait_for_everyone()
+
+
+def ema_file(path: Path) -> Path:
+    """`lora.safetensors` -> `lora-ema.safetensors`: where a file's EMA twin is written."""
+    return path.with_name(f"{path.stem}-ema{path.suffix}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from sdlora.batches import Batches
 from sdlora.config import TrainConfig, optimizer_warnings
 from sdlora.control import Losses, Requests, StopSignals
 from sdlora.diskspace import disk_full, writing, written_folder
+from sdlora.ema import EMA
 from sdlora.errors import UserError
 from sdlora.memory import memory_defaults, used_gb
 from sdlora.models import load_base
@@ -103,13 +105,14 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     batches = Batches(config, data.records, bucket_of, pipe, family, step_fn.objective, accelerator)
     setup.lap("caches")
 
-    # 5. Resume: weights, optimizer, schedule; data order and noise are functions of (seed, step), so they follow.
+    # 5. Resume: weights, optimizer, schedule (and the EMA); data order and noise are functions of (seed, step).
+    ema = EMA(step_fn.params, config.ema_decay, config.ema_start, config.ema_every) if config.ema_decay else None
     step = checkpoints.resume(accelerator, run_dir / "checkpoints", step_fn.trained, events,
-                              config.batch_size * config.grad_accum) if resume else 0
+                              config.batch_size * config.grad_accum, ema=ema) if resume else 0
     losses, requests = Losses(accelerator.num_processes), Requests(accelerator, run_dir)
     saves = Saves(accelerator, config, base, family, step_fn.trained, run_dir, events, losses, resolution=resolution,
                   num_images=len(data.records), tag_frequency=ds.tag_frequency(data.records),
-                  epoch_batches=batches.per_epoch(), started_at=started_at, weights=step_fn.averaged_weights)
+                  epoch_batches=batches.per_epoch(), started_at=started_at, weights=step_fn.averaged_weights, ema=ema)
     # On a GPU the UNet's forward replays as CUDA graphs while sampling too (int8 layers cannot be captured).
     graphs = device.type == "cuda" and config.cuda_graphs and config.base_precision in ("auto", "fp8", "nf4")
     sampler = Sampler(accelerator, pipe, step_fn.trained, config,
@@ -137,7 +140,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         stage.now = f"drawing samples at step {step}"
         out_dir = run_dir / "samples"  # the sampler writes each image to a temporary name, then renames it
         with writing(out_dir, 3 * resolution**2 * len(sampler.prompts), run_dir,
-                     leftovers=lambda: list(out_dir.glob("*.png.tmp"))), step_fn.averaged_weights():
+                     leftovers=lambda: list(out_dir.glob("*.png.tmp"))), step_fn.averaged_weights(), \
+                ema.swapped() if ema is not None and config.ema_samples else contextlib.nullcontext():
             sampler(step)
         if config.log_with:
             _log_samples(accelerator, sampler.drawn, step)
@@ -174,6 +178,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         progress.data_s += time.perf_counter() - t_data
         losses.keep(step + 1, step_fn(micro_batches), batches.seen)
         step += 1
+        if ema is not None:
+            ema.update(step)
         progress(step, losses, step_fn)
 
 

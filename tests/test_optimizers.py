@@ -39,6 +39,12 @@ def test_each_optimizer_trains_and_is_named_in_the_file(tmp_path, shapes, optimi
         assert f.metadata()["ss_optimizer"] == kohya_name
         ups = [f.get_tensor(k) for k in f.keys() if k.endswith("lora_up.weight")]
     assert any(u.abs().sum() > 0 for u in ups)  # the adapter moved from its zero start
+    if optimizer == "adamw-schedulefree":  # the file holds its average, the checkpoint its training point
+        from safetensors.torch import load_file
+
+        training = load_file(str(run / "checkpoints" / "step-000004" / "adapters.safetensors"))
+        in_training = sum(t.double().abs().sum() for k, t in training.items() if ".lora_B." in k)
+        assert abs(sum(u.double().abs().sum() for u in ups) - in_training) > 1e-6 * in_training
 
 
 def test_optimizer_defaults_and_settings_that_fight_them():

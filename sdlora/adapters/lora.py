@@ -49,8 +49,10 @@ class LoRA:
         for key, layer in named_layers.items():
             down = layer.lora_A[ADAPTER].weight.detach()
             up = layer.lora_B[ADAPTER].weight.detach()
-            out[f"{key}.lora_down.weight"] = down.float().cpu().contiguous()
-            out[f"{key}.lora_up.weight"] = up.float().cpu().contiguous()
+            # copies: on the CPU .float().cpu() is the parameter itself, which training (or an average swapped
+            # out) changes in place before the file is written
+            out[f"{key}.lora_down.weight"] = down.float().cpu().clone(memory_format=torch.contiguous_format)
+            out[f"{key}.lora_up.weight"] = up.float().cpu().clone(memory_format=torch.contiguous_format)
             # every loader scales by alpha / rank; writing the trained alpha (not rank) keeps the strength right
             alpha = layer.lora_alpha[ADAPTER] if hasattr(layer, "lora_alpha") else layer.scaling[ADAPTER] * down.shape[0]
             out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
