@@ -26,6 +26,7 @@ def test_the_average_follows_its_formula_and_swapping_it_in_and_out_is_exact():
     assert p[0].item() == 16.0
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_a_run_with_ema_saves_and_checks_an_ema_twin_of_each_file_and_resumes_it(tmp_path):
     from sdlora.lora import read_lora
     from sdlora.train import train

@@ -9,6 +9,7 @@ from conftest import draw_dataset, need, small_config
 from sdlora.rundir import read_events
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_a_run_logs_loss_lr_and_samples_to_tensorboard(tmp_path):
     need("tensorboard", 'pip install tensorboard (or pip install -e ".[test-extra]")')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

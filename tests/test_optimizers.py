@@ -16,6 +16,7 @@ def shapes(tmp_path_factory):
     return draw_dataset(tmp_path_factory.mktemp("opt") / "shapes", n=4)
 
 
+@pytest.mark.slow  # trains the tiny model
 @pytest.mark.parametrize("optimizer, kohya_name", [
     ("prodigy", "prodigyopt.prodigy.Prodigy(d_coef=1.0,safeguard_warmup=True)"),
     ("adamw-schedulefree", "schedulefree.adamw_schedulefree.AdamWScheduleFree"),

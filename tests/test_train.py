@@ -509,6 +509,7 @@ def _fp32_norm(m, x):
     return f.layer_norm(x.float(), m.normalized_shape, m.weight.float(), m.bias.float(), m.eps)
 
 
+@pytest.mark.slow
 def test_a_frozen_text_encoder_with_shuffled_tags_encodes_each_steps_captions(tmp_path):
     """Shuffled tags change the captions every step, so they cannot be cached: the frozen text encoder encodes each
     step's captions, and only the UNet's adapter is trained and saved."""
