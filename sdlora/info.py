@@ -4,7 +4,6 @@ alphas, targets, trigger words, training settings, and whether its keys fit a gi
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field

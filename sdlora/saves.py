@@ -46,8 +46,7 @@ class Saves:
                                   prediction_type=self.base.prediction_type)
             unet, text_encoders = self.trained[0], self.trained[1:]
             with self.weights():
-                state = kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
-                                         sgm_unet=self.family.sgm_unet)
+                state = self._state_dict()
             size = sum(t.numel() * t.element_size() for t in state.values())
             with writing(run_dir, size, run_dir):
                 save_lora(path, state, meta)  # a temporary name, then the rename: a failed write keeps the last file
@@ -57,8 +56,7 @@ class Saves:
                     write_diffusers_layout(diffusers_file, unet, text_encoders, config, family=self.base.family)
             if self.ema is not None:
                 with self.ema.swapped():
-                    state = kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
-                                             sgm_unet=self.family.sgm_unet)
+                    state = self._state_dict()
                 with writing(run_dir, size, run_dir):
                     save_lora(ema_file(path), state, {**meta, "ss_output_name": ema_file(path).stem,
                                                       "modelspec.title": f"{meta['modelspec.title']} (EMA)",
@@ -70,6 +68,12 @@ class Saves:
         if not final:
             self.losses.last_good = path
         return path
+
+    def _state_dict(self) -> dict:
+        """The adapters as they are now, in the kohya layout (copies: the weights may change in place after)."""
+        unet, text_encoders = self.trained[0], self.trained[1:]
+        return kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
+                                sgm_unet=self.family.sgm_unet)
 
     def preload(self, pipe) -> None:
         """Start loading a fresh copy of the base for the final check in a background thread, when the host has the
