@@ -16,14 +16,24 @@ class Batches:
     """The inputs of every step, as a function of the step: `at(step)` gives this process's share of each of the
     step's micro-batches as dicts of tensors on the device (what `Step` takes).
 
-    Latents are cached once per image (and per flip) unless crops are random; text embeddings once when the text
-    encoders are frozen and captions do not change between steps (kohya refuses caching with shuffle for the same
-    reason). With several processes each encodes its share and they swap results, so every entry is computed once.
+    Latents (and loss masks, with masked_loss) are cached once per image (and per flip) unless crops are random; text
+    embeddings once when the text encoders are frozen and captions do not change between steps (kohya refuses caching
+    with shuffle for the same reason). With several processes each encodes its share and they swap results, so every
+    entry is computed once.
+
+    `reg_records`, the regularisation pictures, follow `records` in `self.records` (and `bucket_of` covers both):
+    each epoch holds every picture with its repeats and, beside them, reg pictures making up `config.reg_ratio` of
+    it; their samples' loss is weighted by `config.prior_loss_weight`.
     """
 
-    def __init__(self, config: TrainConfig, records, bucket_of, pipe, family, objective, accelerator):
-        self.config, self.records, self.bucket_of = config, records, bucket_of
+    def __init__(self, config: TrainConfig, records, bucket_of, pipe, family, objective, accelerator,
+                 reg_records=()):
+        self.config, self.records, self.bucket_of = config, list(records) + list(reg_records), bucket_of
+        self.reg_from = len(records)  # records from this index on are regularisation pictures
         self.samples = ds.expand_repeats(records)
+        if reg_records:
+            self.samples += [self.reg_from + i for i in
+                             ds.reg_samples(list(reg_records), len(self.samples), config.reg_ratio, config.seed)]
         self.family, self.objective, self.accelerator = family, objective, accelerator
         self.device = accelerator.device
         self.vae = pipe.vae
@@ -32,11 +42,11 @@ class Batches:
         self.processes = accelerator.num_processes
         self.seen = 0  # images trained so far, all processes together (a short batch counts what it holds)
         self.latents = _shared(accelerator, lambda share: cache_latents(
-            self.vae, records, bucket_of, config.flip, family, self.device, share)) \
+            self.vae, self.records, bucket_of, config.flip, family, self.device, share, masks=config.masked_loss)) \
             if config.cache_latents and not config.random_crop else None
         self.texts = None
         if not config.train_text_encoder and not config.shuffle_tags:
-            texts = sorted({r.caption for r in records} | {""})
+            texts = sorted({r.caption for r in self.records} | {""})
             self.texts = _shared(accelerator, lambda share: cache_text(
                 self.tokenizers, text_encoders, family, texts, self.device, share))
 
@@ -62,22 +72,33 @@ class Batches:
         config, device, family = self.config, self.device, self.family
         if self.latents is not None:
             flips = [config.flip and rng.random() < 0.5 for rng in rngs]
-            mean, std, time_ids = zip(*(self.latents[(i, f)] for i, f in zip(idx, flips)))
+            mean, std, time_ids, masks = zip(*(self.latents[(i, f)] for i, f in zip(idx, flips)))
             mean, std = torch.stack(mean), torch.stack(std)
             time_ids = torch.stack(time_ids) if time_ids[0] is not None else None
+            masks = torch.stack(masks) if config.masked_loss else None
         else:
-            images = [ds.prepare_image(self.records[i].image, self.bucket_of[i], random_crop=config.random_crop,
-                                       flip=config.flip, rng=rng) for i, rng in zip(idx, rngs)]
+            images = [ds.prepare_image_and_mask(self.records[i].image, self.records[i].mask if config.masked_loss
+                                                else None, self.bucket_of[i], random_crop=config.random_crop,
+                                                flip=config.flip, rng=rng) for i, rng in zip(idx, rngs)]
             pixels = torch.stack([im[0] for im in images]).to(device)
-            time_ids = [family.time_ids(im[2], im[1], self.bucket_of[i]) for im, i in zip(images, idx)]
+            time_ids = [family.time_ids(im[3], im[2], self.bucket_of[i]) for im, i in zip(images, idx)]
             time_ids = torch.stack(time_ids).to(device) if time_ids[0] is not None else None
             with torch.no_grad():
                 dist = self.vae.encode(pixels).latent_dist
             check_finite(dist.mean, ", ".join(self.records[i].name for i in idx))
             mean, std = dist.mean, dist.std
+            masks = torch.stack([latent_mask(im[1], mean.shape[-2:]) for im in images]).to(device) \
+                if config.masked_loss else None
         inputs = {"mean": mean, "std": std, **step_randomness(mean.shape[1:], gens, self.objective, device)}
         if time_ids is not None:  # SDXL also conditions on each image's size, crop and target size
             inputs["time_ids"] = time_ids
+        # Present in every batch of a run or in none: on a GPU they are inputs of the step's CUDA graph like the rest
+        if masks is not None:
+            inputs["mask"] = masks
+        if self.reg_from < len(self.records):
+            weights = torch.tensor([config.prior_loss_weight if i >= self.reg_from else 1.0 for i in idx])
+            inputs["loss_weight"] = weights.pin_memory().to(device, non_blocking=True) if device.type == "cuda" \
+                else weights
         if self.texts is not None:
             inputs["hidden"] = torch.stack([self.texts[c][0] for c in captions])
             if self.texts[captions[0]][1] is not None:
@@ -142,23 +163,35 @@ def cache_text(tokenizers, text_encoders, family, texts: list[str], device, shar
 
 
 @torch.no_grad()
-def cache_latents(vae, records, bucket_of, flip: bool, family, device, share=(0, 1)) -> dict:
-    """(record index, flipped) -> (mean, std, time_ids or None): the VAE's latent distribution of the image
-    centre-cropped to its bucket, and the family's size/crop conditioning. The VAE runs in fp32."""
+def cache_latents(vae, records, bucket_of, flip: bool, family, device, share=(0, 1), masks: bool = False) -> dict:
+    """(record index, flipped) -> (mean, std, time_ids or None, mask or None): the VAE's latent distribution of the
+    image centre-cropped to its bucket, the family's size/crop conditioning, and with `masks` the image's loss mask
+    cropped and flipped with it, at latent resolution (`latent_mask`). The VAE runs in fp32."""
     cache = {}
     rng = random.Random(0)
     for i, (record, bucket) in enumerate(zip(records, bucket_of)):
         if i % share[1] != share[0]:
             continue
-        pixels, crop_top_left, original_size = ds.prepare_image(record.image, bucket, random_crop=False, flip=False,
-                                                                rng=rng)
+        pixels, mask, crop_top_left, original_size = ds.prepare_image_and_mask(
+            record.image, record.mask if masks else None, bucket, random_crop=False, flip=False, rng=rng)
         time_ids = family.time_ids(original_size, crop_top_left, bucket)
-        variants = [(False, pixels)] + ([(True, pixels.flip(-1))] if flip else [])
-        for flipped, px in variants:
+        variants = [(False, pixels, mask)]
+        if flip:
+            variants.append((True, pixels.flip(-1), None if mask is None else mask.flip(-1)))
+        for flipped, px, m in variants:
             dist = vae.encode(px[None].to(device, torch.float32)).latent_dist
             check_finite(dist.mean, record.name)
-            cache[(i, flipped)] = (dist.mean[0], dist.std[0], None if time_ids is None else time_ids.to(device))
+            cache[(i, flipped)] = (dist.mean[0], dist.std[0], None if time_ids is None else time_ids.to(device),
+                                   latent_mask(m, dist.mean.shape[-2:]).to(device) if masks else None)
     return cache
+
+
+def latent_mask(mask: torch.Tensor | None, size) -> torch.Tensor:
+    """A loss mask (1, height, width) in pixels, as the weights of the latent pixels of `size` (height, width): the
+    mean of the pixels each one covers (kohya's "area" interpolation); ones for an image without a mask."""
+    if mask is None:
+        return torch.ones(1, *size)
+    return torch.nn.functional.interpolate(mask[None], size=tuple(size), mode="area")[0]
 
 
 def check_finite(latents: torch.Tensor, images: str) -> None:

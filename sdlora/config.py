@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdlora import examples
 from sdlora.errors import UserError
 
 
@@ -50,6 +51,15 @@ class TrainConfig:
     resolution: int = _knob(0, "training resolution in pixels; 0 = the base model's own (tiny 64, SD1 512, SDXL 1024)")
     random_crop: bool = _knob(False, "random instead of centre crops (turns off the latent cache)")
     flip: bool = _knob(False, "random horizontal flips; only for subjects without a handed side (text, asymmetry)")
+    masked_loss: bool = _knob(False, "weight each picture's loss by its mask, NAME_mask.png beside NAME.png (white = "
+                                     "learn, black = ignore, grey between); pictures without one train whole")
+    alpha_mask: bool = _knob(False, "with masked_loss: a picture's transparency is its mask where it has no mask file")
+    reg_data: str = _knob("", "regularisation pictures: a folder or .zip (in the app also a dataset's name) of class "
+                              "pictures with captions, repeat folders as in the dataset, trained beside it so the class "
+                              "keeps its look; empty = none")
+    reg_ratio: float = _knob(0.5, "share of each epoch's pictures drawn from reg_data (0.5 = as many as the dataset's "
+                                  "with repeats, kohya's way)")
+    prior_loss_weight: float = _knob(1.0, "loss weight of the reg_data pictures (kohya's prior_loss_weight)")
 
     # The adapter
     rank: int = _knob(16, "LoRA rank (dim): capacity of the adapter")
@@ -165,6 +175,14 @@ class TrainConfig:
         need(0 <= self.timestep_min <= 999, "timestep_min", "must be 0 to 999")
         need(self.timestep_min < self.timestep_max <= 1000, "timestep_max", "must be above timestep_min, at most 1000")
         need(self.resolution == 0 or self.resolution >= 64, "resolution", "must be 0 (model default) or at least 64")
+        need(not self.alpha_mask or self.masked_loss, "alpha_mask", "gives masks to masked_loss: turn masked_loss on too")
+        need(0 < self.reg_ratio < 1, "reg_ratio", "must be above 0 and below 1, e.g. 0.5")
+        need(self.prior_loss_weight >= 0, "prior_loss_weight", "must be 0 or more")
+        if self.reg_data:
+            reg = Path(examples.resolve(self.reg_data))
+            need(reg.exists(), "reg_data", "no such folder or .zip")
+            need(not self.dataset or reg.resolve() != Path(examples.resolve(self.dataset)).resolve(), "reg_data",
+                 "is the dataset itself: give a folder of other pictures of the same class")
         need(self.sample_every >= 0 and self.save_every >= 0, "sample_every", "must be 0 or more")
         need(self.sample_steps >= 1, "sample_steps", "must be at least 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")

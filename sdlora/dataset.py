@@ -1,4 +1,4 @@
-"""Ingest + validate images, captions (trigger, shuffle, dropout), aspect-ratio buckets."""
+"""Ingest + validate images, captions (trigger, shuffle, dropout) and loss masks, aspect-ratio buckets."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ MAX_IMAGE_BYTES = 200 * 2**20
 MAX_CAPTION_BYTES = 64 * 2**10
 MAX_METADATA_BYTES = 64 * 2**20
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya's "10_name" folder: 10 repeats per epoch
+MASK_SUFFIX = "_mask"  # a.png's loss mask is a_mask.png (any image type): grey levels are weights, white = 1
 _HINT_LAYOUT = (f"use a folder or .zip of {', '.join(sorted(IMAGE_EXTS))} images, each with an optional "
                 f"same-name .txt caption (a.png + a.txt) or a {METADATA_FILE} with file_name and text")
 
@@ -45,6 +46,7 @@ class Record:
     caption: str            # base caption, trigger included
     repeats: int            # N from a kohya-style "N_name" folder, else 1
     captioned: bool         # False when the caption came from the template
+    mask: Image.Image | None = None  # mode L, the image's size: the loss weight per pixel (255 = 1), or None
 
 
 @dataclass
@@ -56,9 +58,12 @@ class Ingested:
     root: str
 
 
-def ingest(source, *, trigger: str = "", caption_template: str = "a picture",
+def ingest(source, *, trigger: str = "", caption_template: str = "a picture", alpha_mask: bool = False,
            max_pixels: int = 64_000_000) -> Ingested:
-    """Read a dataset folder or .zip: validate and normalise every image, pair captions, add the trigger.
+    """Read a dataset folder or .zip: validate and normalise every image, pair captions and masks, add the trigger.
+
+    `NAME_mask.png` beside `NAME.png` is the picture's loss mask, never a picture itself; with `alpha_mask` a picture
+    without a mask file takes its transparency as its mask (a fully opaque one has none).
 
     Files that can't be used are listed in `rejected` with the reason; the rest goes on. Raises UserError
     when the source is missing, the archive is unsafe, metadata.jsonl is malformed, or no image is usable.
@@ -69,13 +74,13 @@ def ingest(source, *, trigger: str = "", caption_template: str = "a picture",
     """
     path = examples.locate(source)  # `example:NAME` is a dataset that ships with sdlora
     if path.is_dir():
-        return _ingest_files(str(source), _folder_files(path), [], trigger, caption_template, max_pixels)
+        return _ingest_files(str(source), _folder_files(path), [], trigger, caption_template, alpha_mask, max_pixels)
     if not zipfile.is_zipfile(path):
         raise UserError(f"not a folder or a .zip archive: {path}", _HINT_LAYOUT)
     rejected: list[tuple[str, str]] = []
     with zipfile.ZipFile(path) as archive:
         files = _zip_files(path, archive, rejected)
-        return _ingest_files(str(source), files, rejected, trigger, caption_template, max_pixels)
+        return _ingest_files(str(source), files, rejected, trigger, caption_template, alpha_mask, max_pixels)
 
 
 def _ignored(part: str) -> bool:
@@ -199,14 +204,27 @@ def _zip_files(path: Path, archive: zipfile.ZipFile, rejected) -> dict[str, _Rea
             for name, info in sorted(members.items())}
 
 
-def _ingest_files(source: str, files: dict, rejected: list, trigger: str, template: str,
+def is_mask(name: str) -> bool:
+    """Whether a file name is a loss mask's (`a_mask.png`) rather than a picture's."""
+    path = PurePosixPath(name)
+    return path.suffix.lower() in IMAGE_EXTS and path.stem.lower().endswith(MASK_SUFFIX)
+
+
+def mask_stem(name: str) -> str:
+    """The stem of the picture a mask file belongs to: "10_cat/a_mask.png" -> "10_cat/a"."""
+    return name[: -len(PurePosixPath(name).suffix) - len(MASK_SUFFIX)]
+
+
+def _ingest_files(source: str, files: dict, rejected: list, trigger: str, template: str, alpha_mask: bool,
                   max_pixels: int) -> Ingested:
     warnings: list[str] = []
     metadata = _read_metadata(source, files.pop(METADATA_FILE, None))
-    images, captions = [], {}
+    images, captions, masks = [], {}, {}
     for name in sorted(files):
         ext = PurePosixPath(name).suffix.lower()
-        if ext in IMAGE_EXTS:
+        if is_mask(name):
+            masks.setdefault(mask_stem(name), name)
+        elif ext in IMAGE_EXTS:
             images.append(name)
         elif ext in CAPTION_EXTS:
             captions.setdefault(name[: -len(ext)], {})[ext] = name
@@ -228,11 +246,14 @@ def _ingest_files(source: str, files: dict, rejected: list, trigger: str, templa
         except Exception as error:  # permissions, encrypted or damaged zip member
             rejected.append((name, f"could not read file: {error}"))
             continue
-        image = _load_image(data, max_pixels)
+        image = _load_image(data, max_pixels, keep_alpha=alpha_mask)
         if isinstance(image, str):
             rejected.append((name, image))
             continue
+        image, alpha = image
         stem = name[: -len(PurePosixPath(name).suffix)]
+        mask = _read_mask(masks[stem], files[masks[stem]], image.size, max_pixels, rejected, warnings) \
+            if stem in masks else alpha
         caption_file = next((captions[stem][e] for e in CAPTION_EXTS if e in captions.get(stem, {})), None)
         caption = metadata.get(name, "")
         if not caption and caption_file:
@@ -240,7 +261,7 @@ def _ingest_files(source: str, files: dict, rejected: list, trigger: str, templa
         if not caption:
             uncaptioned.append(name)
         records.append(Record(name, image, _with_trigger(caption or template, trigger), _repeats(name),
-                              captioned=bool(caption)))
+                              captioned=bool(caption), mask=mask))
 
     if not records:
         first = [f"{name}: {reason}" for name, reason in rejected if name in images][:3]
@@ -255,7 +276,40 @@ def _ingest_files(source: str, files: dict, rejected: list, trigger: str, templa
     orphans = sorted(n for stem, by_ext in captions.items() if stem not in image_stems for n in by_ext.values())
     if orphans:
         warnings.append(f"{_count(orphans, 'caption file')} no matching image (ignored): {_some(orphans)}")
+    lone_masks = sorted(name for stem, name in masks.items() if stem not in image_stems)
+    if lone_masks:  # a mask whose picture was renamed, or a picture named like a mask: never trained on
+        warnings.append(f"{_count(lone_masks, 'mask file')} no picture of the same name (ignored; a picture's "
+                        f"name must not end in {MASK_SUFFIX}): {_some(lone_masks)}")
     return Ingested(records, rejected, warnings, source)
+
+
+def _read_mask(name: str, read: _Reader, size: tuple[int, int], max_pixels: int, rejected: list,
+               warnings: list) -> Image.Image | None:
+    """The loss mask in file `name` as grey levels (mode L) of the picture's `size`; None, with the reason in
+    `rejected`, when it can't be used (the picture then trains unmasked, as a picture without a caption file trains
+    with the template). A mask of another size is stretched to the picture's, with a warning."""
+    try:
+        loaded = _load_image(read(MAX_IMAGE_BYTES), max_pixels)
+    except _TooLarge as error:
+        loaded = f"file too large: {error}, at most {_amount(MAX_IMAGE_BYTES)}"
+    except _Unreadable as error:
+        loaded = str(error)
+    except Exception as error:
+        loaded = f"could not read file: {error}"
+    if isinstance(loaded, str):
+        rejected.append((name, f"mask not used: {loaded}; picture used without it"))
+        return None
+    mask = loaded[0].convert("L")
+    if mask.size != size:
+        warnings.append(f"{name} is {mask.size[0]} x {mask.size[1]} pixels and its picture {size[0]} x {size[1]}: "
+                        "the mask was resized to the picture")
+        mask = mask.resize(size, Image.Resampling.BILINEAR)
+    return mask
+
+
+def has_masks(records) -> bool:
+    """Whether any record carries a loss mask."""
+    return any(record.mask is not None for record in records)
 
 
 def _count(names: list, noun: str) -> str:
@@ -341,8 +395,10 @@ def _repeats(name: str) -> int:
     return 1
 
 
-def _load_image(data: bytes, max_pixels: int) -> Image.Image | str:
-    """Decode and normalise one image file; returns an RGB image, or the reason it can't be used."""
+def _load_image(data: bytes, max_pixels: int,
+                keep_alpha: bool = False) -> tuple[Image.Image, Image.Image | None] | str:
+    """Decode and normalise one image file; returns (the RGB image, its alpha channel as mode L when `keep_alpha` and
+    some of it is transparent, else None), or the reason it can't be used."""
     if not data:
         return "empty file (0 bytes)"
     # PIL's own bomb guard warns or raises at a fixed size; ours checks the header against max_pixels instead.
@@ -375,7 +431,12 @@ def _load_image(data: bytes, max_pixels: int) -> Image.Image | str:
     except Exception as error:
         return f"unsupported colour mode {image.mode}: {error}"
     rgb.info = {}  # drop EXIF/ICC bytes we no longer need
-    return rgb
+    alpha = None
+    if keep_alpha and (image.mode in ("RGBA", "RGBa", "LA", "La", "PA", "P") or "transparency" in image.info):
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] == 255:  # fully opaque: no mask, as if the file had no alpha channel
+            alpha = None
+    return rgb, alpha
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -466,26 +527,67 @@ def prepare_image(image: Image.Image, bucket, *, random_crop: bool, flip: bool,
     Returns (pixels, crop_top_left, original_size): a float32 tensor (3, height, width) in [-1, 1], the
     (top, left) of the crop in the resized image, and the input's (height, width), as SDXL conditions on them.
     """
+    pixels, _, crop_top_left, original_size = prepare_image_and_mask(image, None, bucket, random_crop=random_crop,
+                                                                      flip=flip, rng=rng)
+    return pixels, crop_top_left, original_size
+
+
+def prepare_image_and_mask(image: Image.Image, mask: Image.Image | None, bucket, *, random_crop: bool, flip: bool,
+                           rng: random.Random):
+    """`prepare_image` of `image`, and the same resize, crop and flip of its loss `mask` (mode L, the image's size),
+    so the two stay aligned: (pixels, mask or None, crop_top_left, original_size), the mask a float32 tensor
+    (1, height, width) in [0, 1]. The random draws are those of `prepare_image`, mask or not."""
     bucket_w, bucket_h = bucket
     width, height = image.size
     scale = max(bucket_w / width, bucket_h / height)
     new_w, new_h = max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+        # bilinear, not Lanczos: its overshoot would push weights at a mask's edges past 0 and 1
+        mask = mask.resize((new_w, new_h), Image.Resampling.BILINEAR) if mask is not None else None
     if random_crop:
         top, left = rng.randint(0, new_h - bucket_h), rng.randint(0, new_w - bucket_w)
     else:
         top, left = (new_h - bucket_h) // 2, (new_w - bucket_w) // 2
-    pixels = np.asarray(image.crop((left, top, left + bucket_w, top + bucket_h)).convert("RGB"))
+    box = (left, top, left + bucket_w, top + bucket_h)
+    pixels = np.asarray(image.crop(box).convert("RGB"))
+    weights = np.array(mask.crop(box).convert("L"), dtype=np.float32)[None] / 255.0 if mask is not None else None
     if flip and rng.random() < 0.5:
         pixels = pixels[:, ::-1]
+        weights = weights[:, :, ::-1] if weights is not None else None
     tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float() / 127.5 - 1.0
-    return tensor, (top, left), (height, width)
+    if weights is not None:
+        weights = torch.from_numpy(np.ascontiguousarray(weights))
+    return tensor, weights, (top, left), (height, width)
 
 
 def expand_repeats(records: list[Record]) -> list[int]:
     """Record indices for one epoch, each repeated `repeats` times, in record order."""
     return [index for index, record in enumerate(records) for _ in range(record.repeats)]
+
+
+def reg_samples(reg_records: list[Record], train_samples: int, ratio: float, seed: int) -> list[int]:
+    """Indices into `reg_records` for one epoch: as many as make them `ratio` of the epoch's samples beside
+    `train_samples` training ones (0.5: as many as the training pictures, kohya's way). Each picture counts its
+    repeats; they are taken in an order shuffled by `seed` and cycled when more are needed than there are, so the
+    same pictures come every epoch (the epoch's buckets, and so its batches, stay the same) and a set larger than
+    needed contributes a random part of itself, not its first folder."""
+    assert 0 < ratio < 1, ratio
+    pool = expand_repeats(reg_records)
+    random.Random(seed).shuffle(pool)
+    count = max(1, round(train_samples * ratio / (1 - ratio)))
+    return [pool[j % len(pool)] for j in range(count)]
+
+
+def dataset_dirs(records: list[Record], root_name: str) -> dict:
+    """{folder: {"n_repeats": N, "img_count": pictures}} per folder holding pictures, kohya's `ss_dataset_dirs` /
+    `ss_reg_dataset_dirs` shape; pictures at the dataset's root count under `root_name`."""
+    dirs: dict[str, dict[str, int]] = {}
+    for record in records:
+        folder = str(PurePosixPath(record.name).parent)
+        info = dirs.setdefault(root_name if folder == "." else folder, {"n_repeats": record.repeats, "img_count": 0})
+        info["img_count"] += 1
+    return dirs
 
 
 def epoch_batches(buckets_per_sample: list[tuple[int, int]], batch_size: int,

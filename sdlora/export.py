@@ -20,7 +20,7 @@ VERIFY_ADAPTER = "sdlora_verify"
 
 def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: int, epochs: float, num_images: int,
                    tag_frequency: dict, started_at: float, title: str, precision: str,
-                   prediction_type: str | None = None) -> dict[str, str]:
+                   prediction_type: str | None = None, reg_dirs: dict | None = None) -> dict[str, str]:
     """The `ss_*` fields kohya's tools write and the `modelspec.*` fields of SAI's model spec; all strings.
 
     `epochs`: the passes over the dataset so far (0.1 for a run stopped early); kohya's `ss_epoch` counts the epoch
@@ -28,6 +28,9 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
     (accelerate's "no", "fp16" or "bf16"), not the setting "auto".
 
     `prediction_type` is the base's (an SDXL v-prediction model says so here); by default the family's.
+
+    `reg_dirs`: the regularisation pictures' folders, `sdlora.dataset.dataset_dirs`; kohya's `ss_num_reg_images`
+    counts them with their repeats, as kohya does.
     """
     fam = families.get(family)
     pred = prediction_type or fam.prediction_type
@@ -60,6 +63,13 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
         "ss_shuffle_caption": str(config.shuffle_tags),
         "ss_keep_tokens": str(config.keep_tags),
         "ss_flip_aug": str(config.flip),
+        # kohya's train_network.py writes no masked-loss field; ss_masked_loss is the one metadata viewers show
+        "ss_masked_loss": str(config.masked_loss),
+        "sdlora_alpha_mask": str(config.alpha_mask),
+        "ss_prior_loss_weight": str(config.prior_loss_weight),
+        "ss_num_reg_images": str(sum(d["n_repeats"] * d["img_count"] for d in (reg_dirs or {}).values())),
+        "ss_reg_dataset_dirs": json.dumps(reg_dirs or {}),
+        "sdlora_reg_ratio": str(config.reg_ratio if reg_dirs else 0),
         "ss_mixed_precision": precision,
         "ss_seed": str(config.seed),
         "ss_output_name": title,

@@ -29,7 +29,9 @@ _SETTINGS = [  # (metadata key, label) shown by `sdlora info`, in this order
     ("ss_unet_lr", "unet lr"), ("ss_text_encoder_lr", "text encoder lr"), ("ss_optimizer", "optimizer"),
     ("ss_lr_scheduler", "lr scheduler"), ("ss_network_dropout", "lora dropout"), ("ss_min_snr_gamma", "min-SNR gamma"),
     ("ss_noise_offset", "noise offset"), ("ss_caption_dropout_rate", "caption dropout"),
-    ("ss_shuffle_caption", "shuffle tags"), ("ss_flip_aug", "flip"), ("ss_mixed_precision", "mixed precision"),
+    ("ss_shuffle_caption", "shuffle tags"), ("ss_flip_aug", "flip"), ("ss_masked_loss", "masked loss"),
+    ("ss_num_reg_images", "reg images"), ("ss_prior_loss_weight", "prior loss weight"),
+    ("ss_mixed_precision", "mixed precision"),
     ("ss_seed", "seed"), ("modelspec.prediction_type", "prediction"), ("modelspec.date", "date"),
 ]
 

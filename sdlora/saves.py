@@ -23,11 +23,12 @@ class Saves:
 
     def __init__(self, accelerator, config, base, family, trained, run_dir: Path, events, losses, *, resolution: int,
                  num_images: int, tag_frequency: dict, epoch_batches: int, started_at: float, weights=None,
-                 ema=None):
+                 ema=None, reg_dirs: dict | None = None):
         self.accelerator, self.config, self.base, self.family = accelerator, config, base, family
         self.trained, self.run_dir, self.events, self.losses = trained, run_dir, events, losses
         self.resolution, self.num_images, self.tag_frequency = resolution, num_images, tag_frequency
         self.epoch_batches, self.started_at = epoch_batches, started_at
+        self.reg_dirs = reg_dirs or {}  # the regularisation pictures' folders (sdlora.dataset.dataset_dirs)
         self.fresh_base = None  # a future of a fresh copy of the base for the final check (see preload)
         # a context within which the adapters hold the weights to save (Step.averaged_weights); checkpoints keep the
         # optimizer's own
@@ -43,7 +44,7 @@ class Saves:
                                   epochs=step * config.grad_accum / self.epoch_batches, num_images=self.num_images,
                                   tag_frequency=self.tag_frequency, started_at=self.started_at,
                                   title=config.title or run_dir.name, precision=self.accelerator.mixed_precision,
-                                  prediction_type=self.base.prediction_type)
+                                  prediction_type=self.base.prediction_type, reg_dirs=self.reg_dirs)
             unet, text_encoders = self.trained[0], self.trained[1:]
             with self.weights():
                 state = self._state_dict()

@@ -110,9 +110,11 @@ class Step:
         self.autocast = AutocastKwargs(cache_enabled=False)
         self.run = Graphed(self.loss_and_grads, enabled=cuda_graphs, on_fail=on_fail)
 
-    def loss_and_grads(self, mean, std, eps, noise, timesteps, time_ids=None, hidden=None, pooled=None, **ids):
+    def loss_and_grads(self, mean, std, eps, noise, timesteps, time_ids=None, hidden=None, pooled=None, mask=None,
+                       loss_weight=None, **ids):
         """Sample the latents from their cached distribution, noise them, predict, weighted MSE against the
-        objective's target; return (loss, gradients of the adapter parameters)."""
+        objective's target; return (loss, gradients of the adapter parameters). `mask` (batch, 1, h, w): each latent
+        pixel's loss weight (masked_loss); `loss_weight` (batch,): each image's (prior_loss_weight for reg images)."""
         latents = ((mean + std * eps) * self.scaling_factor).to(self.weight_dtype)
         noisy_latents = self.objective.noisy(latents, noise, timesteps)
         target = self.objective.target(latents, noise, timesteps)
@@ -121,8 +123,16 @@ class Step:
                 hidden, pooled = self.family.encode(self.text_encoders, [ids[f"ids_{j}"] for j in range(len(ids))])
             model_pred = self.unet(noisy_latents, timesteps, hidden,
                                    added_cond_kwargs=self.family.denoiser_kwargs(pooled, time_ids)).sample
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (loss * self.objective.weights(timesteps)).mean()
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+        if mask is not None:
+            # kohya's apply_masked_loss: loss * mask, then the plain mean over every latent pixel. Not renormalised by
+            # the mask's area (sum(loss * mask) / sum(mask)): a picture trains in proportion to the part of it its
+            # mask keeps, learning rates carry over from kohya's recipes, and a nearly empty mask cannot blow up
+            loss = loss * mask
+        loss = loss.mean(dim=(1, 2, 3)) * self.objective.weights(timesteps)
+        if loss_weight is not None:  # kohya's loss_weights: prior_loss_weight for regularisation images, else 1
+            loss = loss * loss_weight
+        loss = loss.mean()
         scaler = self.accelerator.scaler  # fp16 only: scale the loss so small gradients do not underflow
         # zeros for adapters the loss does not reach (SDXL conditions on the penultimate layer of CLIP-L)
         grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, self.params,

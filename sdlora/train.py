@@ -80,8 +80,13 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     started_at, device = time.time(), accelerator.device
     setup = _SetupTimes()
 
-    # 1. Data: every image opened and checked once; captions fixed.
-    data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template)
+    # 1. Data: every image opened and checked once; captions fixed; loss masks paired; regularisation pictures (no
+    #    trigger: they show the class as the base draws it).
+    data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template,
+                     alpha_mask=config.alpha_mask)
+    reg = ds.ingest(config.reg_data, caption_template=config.caption_template, alpha_mask=config.alpha_mask) \
+        if config.reg_data else None
+    _check_masks(config, data)
     setup.lap("data")
     # 2. The base model: the frozen UNet and text encoders load as their files store them (build_step casts them where
     #    they run), the VAE in fp32. Buckets follow its resolution; on a GPU, memory settings its family and free memory.
@@ -91,7 +96,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     family, pipe = base.fam, base.pipe
     if device.type == "cuda" and config.auto_memory:
         config = memory_defaults(config, family, accelerator, events, run_dir)
-    resolution, buckets, bucket_of = _buckets(config, base, data.records, events)
+    reg_records = reg.records if reg else []
+    resolution, buckets, bucket_of = _buckets(config, base, data.records + reg_records, events)
     _warn_about_data(config, data, family.tokenizers(pipe)[0], events)
     setup.lap("load")
 
@@ -102,7 +108,9 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     setup.lap("models")
     # 4. Batches: latents and text embeddings cached where nothing changes them between steps.
     stage.now = "caching latents and text embeddings"
-    batches = Batches(config, data.records, bucket_of, pipe, family, step_fn.objective, accelerator)
+    batches = Batches(config, data.records, bucket_of, pipe, family, step_fn.objective, accelerator, reg_records)
+    if reg:
+        _warn_about_reg(reg, batches, events)
     setup.lap("caches")
 
     # 5. Resume: weights, optimizer, schedule (and the EMA); data order and noise are functions of (seed, step).
@@ -112,6 +120,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     losses, requests = Losses(accelerator.num_processes), Requests(accelerator, run_dir)
     saves = Saves(accelerator, config, base, family, step_fn.trained, run_dir, events, losses, resolution=resolution,
                   num_images=len(data.records), tag_frequency=ds.tag_frequency(data.records),
+                  reg_dirs=ds.dataset_dirs(reg_records, Path(reg.root).name) if reg else {},
                   epoch_batches=batches.per_epoch(), started_at=started_at, weights=step_fn.averaged_weights, ema=ema)
     # On a GPU the UNet's forward replays as CUDA graphs while sampling too (int8 layers cannot be captured).
     graphs = device.type == "cuda" and config.cuda_graphs and config.base_precision in ("auto", "fp8", "nf4")
@@ -131,6 +140,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     events.emit("start", config=config.__dict__, family=base.family, resolution=resolution,
                 buckets=len(buckets),
                 images=len(data.records), rejected=len(data.rejected), samples_per_epoch=len(batches.samples),
+                masked_images=sum(r.mask is not None for r in data.records) if config.masked_loss else 0,
+                reg_images=len(reg_records), reg_samples_per_epoch=sum(i >= batches.reg_from for i in batches.samples),
                 total_steps=config.steps, start_step=step, device=str(device), precision=accelerator.mixed_precision,
                 batch_per_gpu=config.batch_size, global_batch=config.batch_size * config.grad_accum * accelerator.num_processes,
                 base_storage=step_fn.base_storage, epochs=round(config.steps * config.grad_accum / batches.per_epoch(), 2),
@@ -256,6 +267,10 @@ def _warn_about_data(config, data, tokenizer, events) -> None:
     fight the optimizer, a missing trigger word, captions the text encoder will cut."""
     for w in data.warnings + optimizer_warnings(config):
         events.emit("warning", message=w)
+    masked = sum(r.mask is not None for r in data.records)
+    if masked and not config.masked_loss:
+        events.emit("warning", message=f"{masked} pictures have a mask ({ds.MASK_SUFFIX} file), and masked_loss is off: "
+                                       "they train whole (turn masked_loss on to use the masks)")
     for name, reason in data.rejected:
         events.emit("warning", message=f"skipped {name}: {reason}")
     records = data.records
@@ -265,6 +280,30 @@ def _warn_about_data(config, data, tokenizer, events) -> None:
     if long:
         events.emit("warning", message=f"{len(long)} captions are longer than {tokenizer.model_max_length - 2} tokens "
                                        f"and will be cut (e.g. {long[0]})")
+
+
+def _check_masks(config, data) -> None:
+    """masked_loss with no mask anywhere trains nothing differently: say so before any model loads."""
+    if config.masked_loss and not ds.has_masks(data.records):
+        where = "a mask file or transparency" if config.alpha_mask else "a mask file"
+        raise UserError(f"masked_loss is on, but no picture in {config.dataset} has {where}",
+                        f"put NAME{ds.MASK_SUFFIX}.png beside NAME.png (white = learn, black = ignore)"
+                        f"{'' if config.alpha_mask else ', turn alpha_mask on for transparent pictures'}"
+                        ", or turn masked_loss off")
+
+
+def _warn_about_reg(reg, batches, events) -> None:
+    """What ingest found and skipped in reg_data, said as for the dataset, and reg pictures an epoch leaves out (more
+    of them than reg_ratio asks for; kohya warns the same)."""
+    for w in reg.warnings:
+        events.emit("warning", message=f"reg_data: {w}")
+    for name, reason in reg.rejected:
+        events.emit("warning", message=f"reg_data: skipped {name}: {reason}")
+    unused = len(reg.records) - len({i for i in batches.samples if i >= batches.reg_from})
+    if unused:
+        events.emit("warning", message=f"reg_data: {unused} of its {len(reg.records)} pictures are never trained on "
+                                       f"(reg_ratio {batches.config.reg_ratio:g} takes fewer); raise reg_ratio or "
+                                       "use fewer reg pictures")
 
 
 class _Stage:

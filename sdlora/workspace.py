@@ -2,7 +2,8 @@
 
 ```
 WORKSPACE/
-  datasets/<name>/   images (PNG, as ingest normalised them) with same-name .txt captions; "N_name" folders repeat
+  datasets/<name>/   images (PNG, as ingest normalised them) with same-name .txt captions and NAME_mask.png loss
+                     masks (from uploaded mask files or the pictures' transparency); "N_name" folders repeat
   runs/<name>/       run directories (config.json, events.jsonl, samples/, checkpoints/, the LoRA files)
   exports/<run>/     files made for download
   loras/<name>.safetensors   LoRA files uploaded to stack with others in previews
@@ -92,7 +93,8 @@ def add_files(root: str | Path, name: str, files: list[str], *, max_unpacked: in
     No picture overwrites another: one whose name is taken, by another picture of this upload or by a different
     picture in the dataset, is saved as NAME-2.png (NAME-3.png...) with its caption beside it, and a warning says
     so. The same picture uploaded again replaces itself, so re-uploading it with a fixed caption updates the caption.
-    A caption goes with every picture of exactly its stem, as ingest pairs them: a.txt captions a.png and a.jpg."""
+    A caption goes with every picture of exactly its stem, as ingest pairs them: a.txt captions a.png and a.jpg; so
+    does a mask file (a_mask.png). A picture's transparency is saved as its mask (pictures are saved without it)."""
     dest = dataset_dir(root, name)
     paths = [Path(f) for f in files]
     archives = [f for f in paths if f.suffix.lower() == ".zip"]
@@ -105,14 +107,14 @@ def add_files(root: str | Path, name: str, files: list[str], *, max_unpacked: in
             continue
         if f.is_symlink() or not f.is_file():
             added.rejected.append((f.name, "not a regular file"))
-        else:
-            groups.setdefault(f.stem, []).append(f)
+        else:  # a mask joins its picture's stem
+            groups.setdefault(ds.mask_stem(f.name) if ds.is_mask(f.name) else f.stem, []).append(f)
     units = []  # (stem, [one picture, the captions of its stem, other files of its stem (with the first only)])
     for stem, group in groups.items():
-        pictures = [f for f in group if f.suffix.lower() in ds.IMAGE_EXTS]
+        pictures = [f for f in group if f.suffix.lower() in ds.IMAGE_EXTS and not ds.is_mask(f.name)]
         if not pictures:
             added.rejected += [(f.name, "no picture with the same name in this upload") for f in group]
-        texts = [f for f in group if f.suffix.lower() in ds.CAPTION_EXTS]
+        texts = [f for f in group if f.suffix.lower() in ds.CAPTION_EXTS or ds.is_mask(f.name)]
         others = [f for f in group if f not in pictures and f not in texts]
         units += [(stem, [picture, *texts, *(others if i == 0 else [])]) for i, picture in enumerate(pictures)]
     for batch in _batches(units):  # a few at a time: ingest holds every decoded picture in memory
@@ -155,7 +157,7 @@ def _add_loose(dest: Path, units: list, added: Added) -> None:
                 shutil.copyfile(f, Path(staging) / _staged(f))
                 shown[_staged(f)] = f.name
         try:
-            data = ds.ingest(staging)
+            data = ds.ingest(staging, alpha_mask=True)
         except UserError as e:
             if len(units) > 1:
                 for unit in units:
@@ -174,7 +176,7 @@ def _add_loose(dest: Path, units: list, added: Added) -> None:
 
 
 def _ingest(source, added: Added) -> ds.Ingested:
-    data = ds.ingest(source)
+    data = ds.ingest(source, alpha_mask=True)
     added.rejected += data.rejected
     added.warnings += data.warnings
     return data
@@ -210,6 +212,9 @@ def _write_record(dest: Path, record: ds.Record, added: Added, shown: str | None
         record.image.save(tmp, format="PNG")
     if record.captioned:
         write_atomic(image_path.with_suffix(".txt"), record.caption + "\n")
+    if record.mask is not None:
+        with atomic_path(image_path.with_name(image_path.stem + ds.MASK_SUFFIX + ".png")) as tmp:
+            record.mask.save(tmp, format="PNG")
     added.saved.append(rel)
     added.written.add(rel)
     if n > 1:
@@ -249,7 +254,8 @@ def copy_example(root: str | Path, example: str | Path) -> str:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in ds.IMAGE_EXTS and p.is_file()
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in ds.IMAGE_EXTS and not ds.is_mask(p.name)
+                  and p.is_file()
                   and not p.is_symlink() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -263,6 +269,13 @@ def captions(root: str | Path, name: str) -> list[tuple[str, Path, str]]:
         caption = ds.read_caption_file(image.with_suffix(".txt"), folder)  # as training will read it, or ''
         out.append((image.relative_to(folder).as_posix(), image, caption))
     return out
+
+
+def mask_file(image: Path) -> Path | None:
+    """The loss mask training pairs with picture `image` (NAME_mask.png beside NAME.png), or None."""
+    found = sorted(p for p in image.parent.glob(glob.escape(image.stem) + "_*")
+                   if ds.is_mask(p.name) and ds.mask_stem(p.name) == image.stem and p.is_file())
+    return found[0] if found else None
 
 
 def set_caption(root: str | Path, name: str, file: str, caption: str) -> None:
@@ -300,12 +313,15 @@ def edit_captions(root: str | Path, name: str, *, trigger: str = "", prefix: str
 
 
 def remove_image(root: str | Path, name: str, file: str) -> None:
-    """Delete one image and its caption from a dataset."""
+    """Delete one image, its caption and its mask from a dataset."""
     image = inside(dataset_dir(root, name), file)
     if image.suffix.lower() not in ds.IMAGE_EXTS or not image.is_file():
         raise UserError(f"no image {file!r} in dataset {name}", "click an image in the gallery first")
+    mask = mask_file(image)
     image.unlink()
     image.with_suffix(".txt").unlink(missing_ok=True)
+    if mask is not None:
+        mask.unlink()
 
 
 def dataset_counts(root: str | Path, name: str) -> tuple[int, int, int]:

@@ -55,7 +55,7 @@ def test_a_caption_edited_is_on_disk_and_in_the_gallery(ctx):
     assert (ws.dataset_dir(ctx.root, name) / file).with_suffix(".txt").read_text().strip() == "zxq, a knight in red"
     assert f"{file}: zxq, a knight in red" in [caption for _, caption in shown["gallery"]]
     assert shown["note"].endswith(f"Saved the caption of `{file}`.")
-    assert tab_pictures.pick_picture(ctx, {"name": name, "index": 999}) == {"file": "", "caption": ""}
+    assert tab_pictures.pick_picture(ctx, {"name": name, "index": 999}) == {"file": "", "caption": "", "mask": None}
 
     changed = tab_pictures.change_all(ctx, {"name": name, "trigger": " zkchar ", "prefix": "", "suffix": "",
                                             "find": "", "replace": ""})

@@ -36,7 +36,7 @@ def gallery_of(ctx: Context, name: str) -> tuple[list, str]:
 def show_dataset(ctx: Context, values: dict) -> dict:
     """The dataset `name` picked: its pictures, and no picture picked."""
     gallery, note = gallery_of(ctx, values["name"])
-    return {"gallery": gallery, "note": note, "file": "", "caption": ""}
+    return {"gallery": gallery, "note": note, "file": "", "caption": "", "mask": None}
 
 
 def add_pictures(ctx: Context, values: dict) -> dict:
@@ -66,13 +66,15 @@ def use_example(ctx: Context, values: dict) -> dict:
 
 
 def pick_picture(ctx: Context, values: dict) -> dict:
-    """The picture clicked in the gallery of dataset `name` (`index`) and its caption, for editing."""
+    """The picture clicked in the gallery of dataset `name` (`index`) and its caption, for editing, and its loss mask
+    where it has one."""
     items = ws.captions(ctx.root, values["name"])
     index = values["index"]
     if index is None or index >= len(items):
-        return {"file": "", "caption": ""}
-    file, _, caption = items[index]
-    return {"file": file, "caption": caption}
+        return {"file": "", "caption": "", "mask": None}
+    file, path, caption = items[index]
+    mask = ws.mask_file(path)
+    return {"file": file, "caption": caption, "mask": str(mask) if mask else None}
 
 
 def save_caption(ctx: Context, values: dict) -> dict:
@@ -88,7 +90,7 @@ def remove_picture(ctx: Context, values: dict) -> dict:
     name, file = values["name"], values["file"]
     ws.remove_image(ctx.root, name, file)
     gallery, note = gallery_of(ctx, name)
-    return {"gallery": gallery, "note": note + f"\n\nRemoved `{file}`.", "file": "", "caption": ""}
+    return {"gallery": gallery, "note": note + f"\n\nRemoved `{file}`.", "file": "", "caption": "", "mask": None}
 
 
 def change_all(ctx: Context, values: dict) -> dict:
@@ -119,7 +121,8 @@ def layout(ctx: Context) -> SimpleNamespace:
                                      info="ready-made pictures to try")
             ui.use_example = gr.Button("Use this example", scale=0, min_width=140)
         with gr.Row():
-            ui.uploads = gr.File(label="Drop pictures, caption .txt files (same name as the picture) or a .zip",
+            ui.uploads = gr.File(label="Drop pictures, caption .txt files (same name as the picture), masks "
+                                       "(NAME_mask.png) or a .zip",
                                  file_count="multiple", file_types=["image", ".txt", ".caption", ".zip"], scale=3,
                                  height=140)
             ui.add = gr.Button("Add to dataset", variant="primary", scale=1)
@@ -130,6 +133,9 @@ def layout(ctx: Context) -> SimpleNamespace:
             ui.picked = gr.Textbox(label="Picture", interactive=False, scale=1)
             ui.caption = gr.Textbox(label="Caption", scale=4, placeholder="what is in the picture, e.g. "
                                     "'zkstyle, a red fox in the snow'")
+            # NAME_mask.png beside the picture: what masked_loss learns from it (white) and ignores (black)
+            ui.mask = gr.Image(label="Mask (white = learned)", type="filepath", interactive=False, height=120,
+                               scale=1, min_width=120)
             with gr.Column(scale=1, min_width=140):
                 ui.save_caption = gr.Button("Save caption", variant="primary")
                 ui.remove = gr.Button("Remove picture", variant="stop", size="sm")
@@ -148,7 +154,7 @@ def wire(ctx: Context, page: SimpleNamespace) -> None:
     """Connect the tab's components to its handlers (`page`: every tab's components)."""
     ui, train = page.pictures, page.train
     shown = {"gallery": ui.gallery, "note": ui.note}
-    cleared = {"file": ui.picked, "caption": ui.caption}
+    cleared = {"file": ui.picked, "caption": ui.caption, "mask": ui.mask}
     follow = dict(inputs={"dataset": ui.dataset}, outputs={"dataset": train.dataset}, api_name=False)
     on(ui.dataset.change, ctx, show_dataset, {"name": ui.dataset}, {**shown, **cleared}, api_name="show_dataset")
     # a new dataset may keep the name typed before it existed (no change event): tell the Train tab too

@@ -48,6 +48,8 @@ LABELS = {
     "gradient_checkpointing": "Save memory (slower)", "cache_latents": "Cache encoded pictures",
     "sample_negative": "Sample negative prompt", "sample_guidance": "Sample guidance", "sample_scheduler": "Sampler",
     "keep_checkpoints": "Checkpoints kept", "export_diffusers": "Also write the diffusers version",
+    "masked_loss": "Masked loss", "alpha_mask": "Transparency as mask", "reg_data": "Regularisation pictures",
+    "reg_ratio": "Share of regularisation pictures", "prior_loss_weight": "Regularisation loss weight",
 }
 # The form's fields, in the order they are shown: the main knobs, then the rest as TrainConfig lists them.
 _SHOWN = [f for f in dataclasses.fields(TrainConfig) if f.name not in HIDDEN]
@@ -101,6 +103,8 @@ def form_config(ctx: Context, values: dict) -> TrainConfig:
         raise UserError("no dataset picked", "add pictures on the Pictures tab, then pick the dataset here")
     fields["dataset"] = str(ws.dataset_dir(ctx.root, values["dataset"]))
     fields["base"] = ws.resolve_base(ctx.models, values["base"])
+    if fields["reg_data"] in ws.dataset_names(ctx.root):  # a dataset of the Pictures tab, by its name
+        fields["reg_data"] = str(ws.dataset_dir(ctx.root, fields["reg_data"]))
     fields["sample_prompts"] = [p.strip() for p in (fields["sample_prompts"] or "").splitlines() if p.strip()]
     for name in fields:
         if fields[name] is None:
