@@ -269,8 +269,8 @@ def _warn_about_data(config, data, tokenizer, events) -> None:
         events.emit("warning", message=w)
     masked = sum(r.mask is not None for r in data.records)
     if masked and not config.masked_loss:
-        events.emit("warning", message=f"{masked} pictures have a mask ({ds.MASK_SUFFIX} file), and masked_loss is off: "
-                                       "they train whole (turn masked_loss on to use the masks)")
+        events.emit("warning", message=f"{masked} pictures have a mask file (NAME{ds.MASK_SUFFIX}.png) and masked_loss "
+                                       "is off: they train whole (turn masked_loss on to use the masks)")
     for name, reason in data.rejected:
         events.emit("warning", message=f"skipped {name}: {reason}")
     records = data.records
