@@ -1,8 +1,8 @@
 """Write the embedded tiny base model (random init) as a diffusers folder at `sdlora.tiny.MODEL_DIR`.
 
-The architecture is Stable Diffusion 1.x's, scaled down: an x8 AutoencoderKL (64 px -> 8x8x4 latents), a
-UNet2DConditionModel with cross-attention, a CLIP text encoder and the real CLIP BPE tokenizer (made by
-scripts/make_tokenizer.py). Weights are stored in fp16 to keep the package small; diffusers loads them as fp32.
+The architecture is Stable Diffusion 1.x's, scaled down: an x4 AutoencoderKL (64 px -> 16x16x4 latents: fine
+enough for lines a pixel wide and eyes with pupils, where an x8 one at 64 px loses them), a UNet2DConditionModel with
+cross-attention, a CLIP text encoder and the real CLIP BPE tokenizer (made by scripts/make_tokenizer.py). Weights are stored in fp16 to keep the package small; diffusers loads them as fp32.
 
     python scripts/make_tiny.py [--seed 0] [--tokenizer DIR]
 """
@@ -12,13 +12,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdlora.tiny import MODEL_DIR
 
 UNET = dict(
-    sample_size=8,
+    sample_size=16,
     in_channels=4,
     out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -33,9 +33,9 @@ VAE = dict(
     sample_size=64,
     in_channels=3,
     out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(32, 64, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3,  # two downsamplings: x4
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(64, 128, 128),
     layers_per_block=1,
     latent_channels=4,
     norm_num_groups=32,
@@ -54,7 +54,7 @@ TEXT = dict(
     pad_token_id=1,
     projection_dim=128,
 )
-# SD1.5's own scheduler settings (its model_index ships PNDM with these values).
+# SD1.5's own scheduler settings (its model_index ships PNDM with these values); the folder samples with Euler.
 SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -64,6 +64,8 @@ SCHEDULER = dict(
     set_alpha_to_one=False,
     steps_offset=1,
     prediction_type="epsilon",
+    timestep_spacing="leading",
+    clip_sample=False,  # as SD1.5's config says; DDIM's default (True) clips the predicted latents and ruins samples
 )
 
 
@@ -74,7 +76,7 @@ def build(seed: int, tokenizer_dir: Path) -> StableDiffusionPipeline:
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT)),
         tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
         unet=UNet2DConditionModel(**UNET),
-        scheduler=PNDMScheduler(**SCHEDULER),
+        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -155,10 +155,11 @@ def test_masks_are_cached_with_the_latents_at_latent_resolution(tiny, tmp_path):
     family = families.detect(tiny.pipe)
     cache = cache_latents(tiny.pipe.vae, records, [(64, 64)] * 2, True, family, torch.device("cpu"), masks=True)
     mean, _, _, mask = cache[(0, False)]
-    assert mask.shape == (1, *mean.shape[-2:]) == (1, 8, 8)
-    assert (mask[0, :, :4] == 1).all() and (mask[0, :, 4:] == 0).all()
+    side = 64 // tiny.pipe.vae_scale_factor  # latent side
+    assert mask.shape == (1, *mean.shape[-2:]) == (1, side, side)
+    assert (mask[0, :, :side // 2] == 1).all() and (mask[0, :, side // 2:] == 0).all()
     assert torch.equal(cache[(0, True)][3], mask.flip(-1))  # the flipped latents get the flipped mask
-    assert torch.equal(cache[(1, False)][3], torch.ones(1, 8, 8))  # no mask: ones
+    assert torch.equal(cache[(1, False)][3], torch.ones(1, side, side))  # no mask: ones
     assert cache_latents(tiny.pipe.vae, records, [(64, 64)] * 2, False, family, torch.device("cpu"))[(0, False)][3] \
         is None
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+from diffusers import (AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -44,7 +44,7 @@ def _render_chunk(seed: int):
 
 
 def render_pool(n: int, seed: int, workers: int):
-    """`n` world images as a uint8 (n, 64, 64, 3) array with their captions, deterministic in `seed`."""
+    """`n` world images (textures included) as a uint8 (n, 64, 64, 3) array with their captions, deterministic in `seed`."""
     seeds = [seed * 1_000_000 + i for i in range(math.ceil(n / _CHUNK))]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         parts = pool.map(_render_chunk, seeds, chunksize=4)
@@ -54,7 +54,8 @@ def render_pool(n: int, seed: int, workers: int):
 
 
 def heldout_scenes(n: int, seed: int = 0):
-    """Single-object scenes with full captions, from seeds the training pool never uses."""
+    """Single-object plain scenes with full captions, from seeds the training pool never uses (plain, so the
+    checker's colour and shape reading applies)."""
     rng = random.Random(EVAL_SEED_BASE + seed)
     scenes = [world.sample_scene(rng, max_objects=1) for _ in range(n)]
     return scenes, [world.caption(s) for s in scenes]
@@ -86,7 +87,8 @@ def save_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> None:
         vae=copy.deepcopy(vae).cpu(), text_encoder=copy.deepcopy(text_encoder).cpu(), tokenizer=tokenizer,
         # SD1.5's noise schedule, sampled with Euler: with PNDM (SD1.5's own default) this model follows prompts
         # clearly worse at 25 steps (docs/tiny-model.md)
-        unet=copy.deepcopy(unet).cpu(), scheduler=EulerDiscreteScheduler.from_config(PNDMScheduler(**SCHEDULER).config),
+        unet=copy.deepcopy(unet).cpu(),
+        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
@@ -177,10 +179,35 @@ def check_autoencoder(vae, device, n: int = 200) -> dict:
         checks = [checker.check(im, p) for im, p in zip(images, prompts)]
         for key in ("background_ok", "object_color_ok", "shape_ok"):
             result[f"{name}_{key[:-3]}"] = float(np.mean([c[key] for c in checks]))
-    grid = Image.new("RGB", (16 * 64, 2 * 64))
-    for i, im in enumerate(to_pil(torch.cat([x[:16], recon[:16]]))):
+    result.update(dataset_round_trips(vae, device))
+    # Rows: held-out originals, their reconstructions, then textured world images and theirs.
+    textured = to_pixels(torch.from_numpy(np.stack([np.asarray(im) for im in world.make_batch(16, EVAL_SEED_BASE)[0]]))
+                         .to(device))
+    with torch.no_grad():
+        textured_recon = vae.decode(vae.encode(textured).latent_dist.mode()).sample
+    grid = Image.new("RGB", (16 * 64, 4 * 64))
+    for i, im in enumerate(to_pil(torch.cat([x[:16], recon[:16], textured, textured_recon]))):
         grid.paste(im, ((i % 16) * 64, (i // 16) * 64))
     return result, grid
+
+
+DETAILS = {"style": "hatching_score", "character": "eye_pair_score"}  # each example dataset's defining detail
+
+
+def dataset_round_trips(vae, device, size: int = 64) -> dict:
+    """Each example dataset's detail score on its images at `size` px and on their autoencoder round trips."""
+    root = Path(__file__).resolve().parents[2] / "datasets"
+    result = {}
+    for name, score_name in DETAILS.items():
+        score = getattr(checker, score_name)
+        images = [Image.open(p).convert("RGB").resize((size, size), Image.LANCZOS)
+                  for p in sorted((root / name).glob("*.png"))]
+        x = to_pixels(torch.from_numpy(np.stack([np.asarray(im) for im in images])).to(device))
+        with torch.no_grad():
+            recon = to_pil(vae.decode(vae.encode(x).latent_dist.mode()).sample)
+        result[f"{name}_{score_name}_images"] = float(np.mean([score(im) for im in images]))
+        result[f"{name}_{score_name}_round_trips"] = float(np.mean([score(im) for im in recon]))
+    return result
 
 
 def main() -> None:
@@ -205,7 +232,11 @@ def main() -> None:
     ap.add_argument("--unet-seconds", type=float, help="cap the UNet stage at this wall time (fewer steps)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet and text encoder")
     ap.add_argument("--init", help="start from this diffusers folder (with --vae-steps 0: keep its VAE)")
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="with --init: train only the autoencoder's decoder; the latents, and so the UNet, stay valid")
     ap.add_argument("--object-weight", type=float, default=4.0, help="extra VAE loss weight on object pixels")
+    ap.add_argument("--texture-boost", type=float, default=3.0,
+                    help="autoencoder batches draw images with a named texture or eyes this many times more often")
     ap.add_argument("--pool", type=int, default=200_000, help="world images rendered once and sampled from")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes rendering the pool")
     ap.add_argument("--seed", type=int, default=0)
@@ -242,26 +273,35 @@ def main() -> None:
         vae = AutoencoderKL.from_pretrained(args.init, subfolder="vae").to(device, memory_format=torch.channels_last)
     else:
         vae = AutoencoderKL(**VAE).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if args.decoder_only:  # the encoder (and so every latent the UNet learned from) stays as it is
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=args.vae_lr, betas=(0.9, 0.99),
+                            weight_decay=0.0)
+    # Thin lines and eyes are the hardest part to reconstruct and a minority of the pool: show them more often.
+    words = world.OBJECT_PATTERNS + world.BACKGROUND_PATTERNS + ("eyes",)
+    textured = torch.tensor([any(w in c.split() for w in words) for c in captions], dtype=torch.float32)
+    vae_draw = (1 + args.texture_boost * textured).to(device)
     budget = Budget(args.vae_steps, args.vae_seconds)
     lr_sched = cosine_schedule(opt, args.warmup, budget.total)
     t, step = time.time(), 0
     while step < budget.total[0]:
         step += 1
-        x = to_pixels(images[torch.randint(len(images), (args.vae_batch,), device=device, generator=gen)])
+        x = to_pixels(images[torch.multinomial(vae_draw, args.vae_batch, replacement=True, generator=gen)])
         with autocast:
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(generator=gen)).sample.float()
-        # Objects cover a small part of each image: weigh their pixels up so small shapes keep colour and outline.
-        # Objects never touch the border, so the corner pixel is the background.
-        weight = 1 + args.object_weight * ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
+        # Objects and textures cover a small part of each image: weigh their pixels up so small shapes keep colour
+        # and outline and thin lines stay. The background is each image's median colour (textures cover under half).
+        median = x.flatten(2).median(dim=2).values[:, :, None, None]
+        weight = 1 + args.object_weight * ((x - median).abs().sum(1, keepdim=True) > 0.1).float()
         err = recon - x
         l1, mse, edge = (weight * err.abs()).mean(), (weight * err**2).mean(), _grad_l1(recon, x)
         kl = posterior.kl().float().mean()
         loss = l1 + mse + args.edge * edge + args.kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], 1.0)
         opt.step()
         lr_sched.step()
         budget.tick(step)
@@ -280,7 +320,8 @@ def main() -> None:
     lat_std = torch.cat([d.std.float() for d in dists])
     del dists
     sample = lat_mean[:20000] + lat_std[:20000] * torch.randn(lat_mean[:20000].shape, device=device, generator=gen)
-    scaling_factor = 1.0 / sample.std().item() if step else vae.config.scaling_factor  # keep an --init VAE's
+    # A new encoder gets its own scaling; an --init one (or a retrained decoder only) keeps its own.
+    scaling_factor = 1.0 / sample.std().item() if step and not args.decoder_only else vae.config.scaling_factor
     vae.register_to_config(scaling_factor=scaling_factor)
     ae_check, recon_grid = check_autoencoder(vae, device)
     recon_grid.save(out / "vae_recon.png")

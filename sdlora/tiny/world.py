@@ -1,4 +1,10 @@
-"""A procedural world of captioned images (coloured shapes on plain backgrounds) to pretrain the tiny base model on.
+"""A procedural world of captioned images (coloured shapes on backgrounds, some with textures) to pretrain the tiny
+base model on.
+
+Shapes and backgrounds come plain or with a texture the caption names: objects can be outlined, striped or dotted or
+have eyes ("a small striped red star with eyes"), backgrounds striped or dotted ("on a dotted blue background"). So
+the base can draw fine detail (lines a pixel wide, outlines, eyes with pupils) in general, and a LoRA can teach it a
+look made of such details. A texture is always named when it is drawn, so a prompt that names none gets plain shapes.
 
 Everything is deterministic: `sample_scene` draws from the `random.Random` it is given, `render` is a pure function
 of the scene, and `make_batch(n, seed)` always returns the same images and captions.
@@ -12,6 +18,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "ring")
@@ -51,6 +58,12 @@ POSITIONS = {
 }
 
 _PHRASES = {"center": "in the center", "left": "on the left", "right": "on the right"}
+INK = (20, 20, 20)  # outlines, stripes, dots and pupils (white on black shapes and backgrounds)
+OBJECT_PATTERNS = ("outlined", "striped", "dotted")
+BACKGROUND_PATTERNS = ("striped", "dotted")
+EYE_SHAPES = ("circle", "square", "heart", "diamond")  # shapes with room for two eyes side by side
+_PATTERN_P, _EYES_P, _BACKGROUND_PATTERN_P = 0.3, 0.12, 0.25  # how often sample_scene(patterns=True) adds each
+
 _JITTER = 0.02  # position jitter (fraction of the side) so the model sees more than nine exact spots
 _SCALE_JITTER = 0.1  # relative size jitter, for the same reason
 _RING_WIDTH = 0.42  # ring thickness as a fraction of its radius
@@ -66,12 +79,17 @@ class Obj:
     # every time.
     offset: tuple[float, float] = (0.0, 0.0)
     scale: float = 1.0
+    pattern: str | None = None  # one of OBJECT_PATTERNS
+    eyes: bool = False
+    look: tuple[float, float, float] = (0.0, 0.0, 0.0)  # texture geometry: see _texture(); for eyes the gaze
 
 
 @dataclass
 class Scene:
     objects: list[Obj] = field(default_factory=list)
     background: str = "white"
+    background_pattern: str | None = None  # one of BACKGROUND_PATTERNS
+    background_look: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def _centered(points):
@@ -122,8 +140,16 @@ def _gap_ok(a: Obj, b: Obj) -> bool:
     return math.hypot(ax - bx, ay - by) > reach
 
 
-def sample_scene(rng: random.Random, max_objects: int = 2) -> Scene:
-    """Draw a random scene of 1..max_objects non-touching objects, each coloured unlike the background."""
+def _look(rng: random.Random) -> tuple[float, float, float]:
+    """Random texture geometry: (direction or phase, spacing, width), read by _texture()."""
+    return (rng.random(), rng.uniform(4.0, 7.0), rng.uniform(0.9, 1.8))
+
+
+def sample_scene(rng: random.Random, max_objects: int = 2, patterns: bool = False) -> Scene:
+    """Draw a random scene of 1..max_objects non-touching objects, each coloured unlike the background.
+
+    With `patterns`, some objects get a texture or eyes and some backgrounds a texture (drawn after the plain
+    scene, so a seed gives the same shapes, colours and places either way)."""
     background = rng.choice(list(COLORS))
     object_colors = [c for c in COLORS if c != background]
     n = rng.randint(1, max_objects)
@@ -143,7 +169,78 @@ def sample_scene(rng: random.Random, max_objects: int = 2) -> Scene:
         tries += 1
         if tries % 20 == 0:  # the first object leaves no room (a large one in the center): start over
             objects = []
-    return Scene(objects=objects, background=background)
+    scene = Scene(objects=objects, background=background)
+    if patterns:
+        for obj in objects:
+            if rng.random() < _PATTERN_P:
+                obj.pattern, obj.look = rng.choice(OBJECT_PATTERNS), _look(rng)
+            if obj.shape in EYE_SHAPES and rng.random() < _EYES_P:
+                obj.eyes = True
+                obj.look = obj.look if obj.pattern else (rng.uniform(-1, 1), rng.uniform(-1, 1), 0.0)
+        if rng.random() < _BACKGROUND_PATTERN_P:
+            scene.background_pattern, scene.background_look = rng.choice(BACKGROUND_PATTERNS), _look(rng)
+    return scene
+
+
+def _ink(color: str) -> tuple[int, int, int]:
+    return COLORS["white"] if color == "black" else INK
+
+
+def _texture(kind: str, look: tuple[float, float, float], side: int, size: int) -> "np.ndarray":
+    """Boolean (side, side) mask of a texture drawn at `side` px for an image of `size` px: stripes in one of four
+    directions, or a grid of dots; spacing and width in output pixels, so they keep their look at any size."""
+    scale = side / size
+    spacing, width = look[1] * scale, look[2] * scale
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32)
+    if kind == "striped":
+        direction = int(look[0] * 4) % 4
+        along = (x + y, x - y, y, x)[direction]  # "/", "\", horizontal, vertical
+        # distance across the stripes is along / sqrt(2) for the diagonals: keep the spacing the same in every direction
+        step = spacing * (math.sqrt(2) if direction < 2 else 1.0)
+        return (along + look[0] * 1000.0) % step < width * (math.sqrt(2) if direction < 2 else 1.0)
+    if kind == "dotted":
+        phase = look[0] * spacing
+        dy, dx = (y + phase) % spacing - spacing / 2, (x + phase) % spacing - spacing / 2
+        return dy * dy + dx * dx < (0.6 * width) ** 2
+    raise ValueError(kind)
+
+
+def _dilate(mask: "np.ndarray", radius: int) -> "np.ndarray":
+    """Grow a boolean mask by a disk of `radius` pixels."""
+    grown = mask.copy()
+    h, w = mask.shape
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dx * dx + dy * dy <= radius * radius:
+                grown[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= \
+                    mask[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return grown
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: Obj, side: int, fill) -> tuple[float, float, float]:
+    """Draw one object's silhouette in `fill`; returns its centre and radius in pixels."""
+    px, py = POSITIONS[obj.position]
+    cx, cy = (px + obj.offset[0]) * side, (py + obj.offset[1]) * side
+    r = SIZES[obj.size] * obj.scale * side
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if obj.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif obj.shape == "ring":
+        draw.ellipse(box, outline=fill, width=max(1, round(_RING_WIDTH * r)))
+    else:
+        draw.polygon([(cx + x * r, cy + y * r) for x, y in _POLYGONS[obj.shape]], fill=fill)
+    return cx, cy, r
+
+
+def _draw_eyes(draw: ImageDraw.ImageDraw, obj: Obj, cx: float, cy: float, r: float) -> None:
+    """Two white eyes with pupils in the upper half of the object, looking where `obj.look` says."""
+    gaze_x, gaze_y = obj.look[0] * 0.08, obj.look[1] * 0.08
+    for side_x in (-0.36, 0.36):
+        ex, ey = cx + side_x * r, cy - 0.18 * r
+        draw.ellipse((ex - 0.25 * r, ey - 0.28 * r, ex + 0.25 * r, ey + 0.28 * r),
+                     fill=COLORS["white"] if obj.color != "white" else COLORS["gray"])
+        px, py = ex + gaze_x * r, ey + gaze_y * r
+        draw.ellipse((px - 0.12 * r, py - 0.12 * r, px + 0.12 * r, py + 0.12 * r), fill=INK)
 
 
 def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
@@ -152,20 +249,24 @@ def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
     Shapes are drawn at `size * supersample` and downsampled with LANCZOS, which antialiases the edges.
     """
     side = size * supersample
-    image = Image.new("RGB", (side, side), COLORS[scene.background])
-    draw = ImageDraw.Draw(image)
+    pixels = np.empty((side, side, 3), dtype=np.uint8)
+    pixels[:] = COLORS[scene.background]
+    if scene.background_pattern:
+        pixels[_texture(scene.background_pattern, scene.background_look, side, size)] = _ink(scene.background)
     for obj in scene.objects:
-        px, py = POSITIONS[obj.position]
-        cx, cy = (px + obj.offset[0]) * side, (py + obj.offset[1]) * side
-        r = SIZES[obj.size] * obj.scale * side
-        color = COLORS[obj.color]
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if obj.shape == "circle":
-            draw.ellipse(box, fill=color)
-        elif obj.shape == "ring":
-            draw.ellipse(box, outline=color, width=max(1, round(_RING_WIDTH * r)))
-        else:
-            draw.polygon([(cx + x * r, cy + y * r) for x, y in _POLYGONS[obj.shape]], fill=color)
+        silhouette = Image.new("L", (side, side), 0)
+        cx, cy, r = _draw_shape(ImageDraw.Draw(silhouette), obj, side, 255)
+        mask = np.asarray(silhouette) > 127
+        if obj.pattern == "outlined":  # a band of ink outside the edge, as an inked drawing has
+            pixels[_dilate(mask, max(1, round(obj.look[2] * side / size)))] = _ink(obj.color)
+        pixels[mask] = COLORS[obj.color]
+        if obj.pattern in ("striped", "dotted"):
+            pixels[mask & _texture(obj.pattern, obj.look, side, size)] = _ink(obj.color)
+        if obj.eyes:
+            image = Image.fromarray(pixels)
+            _draw_eyes(ImageDraw.Draw(image), obj, cx, cy, r)
+            pixels = np.array(image)
+    image = Image.fromarray(pixels)
     if supersample > 1:
         image = image.resize((size, size), Image.LANCZOS)
     return image
@@ -176,8 +277,10 @@ def _article(phrase: str) -> str:
 
 
 def _describe(obj: Obj, with_size=True, with_color=True, with_position=True) -> str:
-    words = ([obj.size] if with_size else []) + ([obj.color] if with_color else []) + [obj.shape]
-    text = _article(" ".join(words))
+    # The texture is named whenever the object is, so a prompt without one asks for a plain shape.
+    words = ([obj.size] if with_size else []) + ([obj.pattern] if obj.pattern else []) \
+        + ([obj.color] if with_color else []) + [obj.shape]
+    text = _article(" ".join(words)) + (" with eyes" if obj.eyes else "")
     if with_position:
         text += " " + _PHRASES.get(obj.position, "at the " + obj.position)
     return text
@@ -190,11 +293,13 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
     about half the captions are partial ("a red star", "a star on a blue background", "a blue background") so the
     model also learns short prompts; whatever a partial caption leaves out was random in the scene anyway.
     """
-    background = f"{_article(scene.background)} background"
+    background = _article(" ".join(filter(None, [scene.background_pattern, scene.background]))) + " background"
     if rng is None or rng.random() < 0.5:
         return " and ".join(_describe(o) for o in scene.objects) + " on " + background
     first = scene.objects[0]
     kind = rng.randrange(5)
+    if kind == 1 and scene.background_pattern:  # a textured background is always named
+        kind = 3
     if kind == 0:
         return background
     if kind == 1:
@@ -244,12 +349,12 @@ def parse_prompt(prompt: str) -> dict:
     }
 
 
-def make_batch(n: int, seed: int, size: int = 64) -> tuple[list[Image.Image], list[str]]:
+def make_batch(n: int, seed: int, size: int = 64, patterns: bool = True) -> tuple[list[Image.Image], list[str]]:
     """`n` random scenes rendered at `size` px with their (sometimes partial) captions, deterministic in `seed`."""
     rng = random.Random(seed)
     images, captions = [], []
     for _ in range(n):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, patterns=patterns)
         images.append(render(scene, size))
         captions.append(caption(scene, rng))
     return images, captions
