@@ -6,8 +6,9 @@ then score generations at strengths 0, 0.5 and 1 with the model-free scores in s
 Each dataset is trained by the quickstart command itself (`sdlora train datasets/NAME --base tiny --trigger T --out
 RUN`, default settings unless --steps is given), timed from start to exit. Then, for held-out prompts led by the
 trigger, one image per prompt and strength (25 steps, guidance 5, 64 px, seed = prompt index) is scored with the
-dataset's score (`style_score` with the prompt, `character_score`) and with the detail detectors (`hatching_score`,
-`eye_pair_score`). For scale, the same scores of the dataset's own images (at 64 px) and of their round trips
+dataset's score (`style_score` with the prompt, `character_score`), with the detail detectors (`hatching_score`,
+`eye_pair_score`) and by whether the detail is there at all (`detail_present`). The same prompts without the trigger,
+at strength 0 and 1, say how much the LoRA changes what it should leave alone. For scale, the same scores of the dataset's own images (at 64 px) and of their round trips
 through the base model's autoencoder (the most any LoRA on this base can draw) are recorded too.
 
 Writes the numbers as JSON (--out), a strength grid per dataset (docs/quickstart-NAME-grid.png, columns strength
@@ -70,13 +71,31 @@ def summary(values: list[float]) -> dict:
 
 def measure(prev: Previewer, lora: str, name: str, prompts: list[str], strengths=STRENGTHS,
             steps: int = STEPS, guidance: float = GUIDANCE) -> dict:
-    """Scores of one image per prompt (seed = its index) at each strength: {strength: {score, detail}}."""
-    out = {}
+    """Scores of one image per prompt (seed = its index) at each strength: {strength: {score, detail, present}},
+    `present` the share of images that show the dataset's detail (checker.detail_present)."""
+    out, images_at = {}, {}
     for s in strengths:
         prev.set_loras([(lora, s)])
-        images = prev.images(prompts, list(range(len(prompts))), steps=steps, guidance_scale=guidance)
+        images = images_at[s] = prev.images(prompts, list(range(len(prompts))), steps=steps, guidance_scale=guidance)
         out[f"{s:g}"] = {"score": summary([score(name, im, p) for im, p in zip(images, prompts)]),
-                         "detail": summary([detail(name, im) for im in images])}
+                         "detail": summary([detail(name, im) for im in images]),
+                         "present": round(float(np.mean([checker.detail_present(name, im) for im in images])), 4)}
+    return out, images_at
+
+
+def without_trigger(prev: Previewer, lora: str, name: str, prompts: list[str], trigger: str) -> dict:
+    """The same prompts with the trigger taken out, at strength 0 and 1: how much the LoRA changes what it should
+    leave alone (the detail's presence and score, and the mean pixel change, 0-255)."""
+    plain = [p.replace(f"{trigger}, ", "") for p in prompts]
+    out, images = {}, {}
+    for s in (0.0, 1.0):
+        prev.set_loras([(lora, s)])
+        images[s] = prev.images(plain, list(range(len(plain))), steps=STEPS, guidance_scale=GUIDANCE)
+        out[f"{s:g}"] = {"score": summary([score(name, im, p) for im, p in zip(images[s], plain)]),
+                         "present": round(float(np.mean([checker.detail_present(name, im) for im in images[s]])), 4)}
+    change = [np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean()
+              for a, b in zip(images[0.0], images[1.0])]
+    out["mean_pixel_change"] = round(float(np.mean(change)), 2)
     return out
 
 
@@ -100,7 +119,8 @@ def references(prev: Previewer, name: str, picture: Path | None = None) -> dict:
         sheet = grid([images[:8], trips[:8]], [""] * 8)
         sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(picture)
     return {kind: {"score": summary([score(name, im, c) for im, c in zip(group, captions)]),
-                   "detail": summary([detail(name, im) for im in group])}
+                   "detail": summary([detail(name, im) for im in group]),
+                   "present": round(float(np.mean([checker.detail_present(name, im) for im in group])), 4)}
             for kind, group in (("dataset", images), ("autoencoder_round_trip", trips))}
 
 
@@ -159,8 +179,12 @@ def main() -> None:
         lora = str(run / "lora.safetensors")
         prompts = prompts_for(name, trigger, args.prompts)
         t1 = time.time()
-        entry["strengths"] = measure(prev, lora, name, prompts)
+        entry["strengths"], with_trigger = measure(prev, lora, name, prompts)
         entry["generate_wall_s"] = round(time.time() - t1, 1)
+        entry["without_trigger"] = without_trigger(prev, lora, name, prompts, trigger)
+        trigger_change = [np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean()
+                          for a, b in zip(with_trigger[0.0], with_trigger[1.0])]
+        entry["with_trigger_mean_pixel_change"] = round(float(np.mean(trigger_change)), 2)
         entry["load_after_generate"] = load()
         picture = Path(args.grids) / f"quickstart-{name}-round-trip.png" if args.grids else None
         entry["references"] = references(prev, name, picture)
@@ -180,7 +204,12 @@ def main() -> None:
               f"; dataset {r['dataset']['score']['mean']:.3f}, "
               f"round trip {r['autoencoder_round_trip']['score']['mean']:.3f}; "
               f"detail at 1 {s['1']['detail']['mean']:.3f} (dataset {r['dataset']['detail']['mean']:.3f}, "
-              f"round trip {r['autoencoder_round_trip']['detail']['mean']:.3f})", flush=True)
+              f"round trip {r['autoencoder_round_trip']['detail']['mean']:.3f}); detail present at 0 / 0.5 / 1 = " +
+              " / ".join(f"{s[k]['present']:.0%}" for k in s) +
+              f" (round trips {r['autoencoder_round_trip']['present']:.0%}); without the trigger at 1: "
+              f"{entry['without_trigger']['1']['present']:.0%}, pixel change "
+              f"{entry['without_trigger']['mean_pixel_change']} (with it {entry['with_trigger_mean_pixel_change']})",
+              flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
 

@@ -1,10 +1,12 @@
 """Write the embedded tiny base model (random init) as a diffusers folder at `sdlora.tiny.MODEL_DIR`.
 
-The architecture is Stable Diffusion 1.x's, scaled down: an x4 AutoencoderKL (64 px -> 16x16x4 latents: fine
-enough for lines a pixel wide and eyes with pupils, where an x8 one at 64 px loses them), a UNet2DConditionModel with
-cross-attention, a CLIP text encoder and the real CLIP BPE tokenizer (made by scripts/make_tokenizer.py). Weights are stored in fp16 to keep the package small; diffusers loads them as fp32.
+The architecture is Stable Diffusion 1.x's, scaled down: an AutoencoderKL, a UNet2DConditionModel with
+cross-attention, a CLIP text encoder and the real CLIP BPE tokenizer (made by scripts/make_tokenizer.py). Two sizes
+(ARCHITECTURES): "x8", the shipped one (64 px -> 8x8x4 latents), and "x4" (64 px -> 16x16x4 latents: fine enough for
+eyes with pupils, four times the UNet's work per image; sdlora/tiny/NOTES.md has what it measured). Weights are
+stored in fp16 to keep the package small; diffusers loads them as fp32.
 
-    python scripts/make_tiny.py [--seed 0] [--tokenizer DIR]
+    python scripts/make_tiny.py [--arch x8] [--seed 0] [--tokenizer DIR]
 """
 
 import argparse
@@ -18,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sdlora.tiny import MODEL_DIR
 
 UNET = dict(
-    sample_size=16,
+    sample_size=8,
     in_channels=4,
     out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -33,14 +35,21 @@ VAE = dict(
     sample_size=64,
     in_channels=3,
     out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 3,  # two downsamplings: x4
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(64, 128, 128),
+    down_block_types=("DownEncoderBlock2D",) * 4,  # three downsamplings: x8
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 64, 64, 64),
     layers_per_block=1,
     latent_channels=4,
     norm_num_groups=32,
     scaling_factor=0.18215,
 )
+# (UNet, VAE) by name; the same UNet runs at 16x16 under an autoencoder that downsamples twice.
+ARCHITECTURES = {
+    "x8": (UNET, VAE),
+    "x4": (dict(UNET, sample_size=16),
+           dict(VAE, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                block_out_channels=(64, 128, 128))),
+}
 TEXT = dict(
     vocab_size=49408,
     hidden_size=128,
@@ -69,13 +78,14 @@ SCHEDULER = dict(
 )
 
 
-def build(seed: int, tokenizer_dir: Path) -> StableDiffusionPipeline:
+def build(seed: int, tokenizer_dir: Path, arch: str = "x8") -> StableDiffusionPipeline:
     torch.manual_seed(seed)
+    unet, vae = ARCHITECTURES[arch]
     return StableDiffusionPipeline(
-        vae=AutoencoderKL(**VAE),
+        vae=AutoencoderKL(**vae),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT)),
         tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
-        unet=UNet2DConditionModel(**UNET),
+        unet=UNet2DConditionModel(**unet),
         scheduler=EulerDiscreteScheduler.from_config(SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
@@ -85,12 +95,13 @@ def build(seed: int, tokenizer_dir: Path) -> StableDiffusionPipeline:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="x8", choices=list(ARCHITECTURES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=str(Path(MODEL_DIR) / "tokenizer"))
     args = ap.parse_args()
     tmp = Path(MODEL_DIR + ".new")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = build(args.seed, Path(args.tokenizer))
+    pipe = build(args.seed, Path(args.tokenizer), args.arch)
     pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
     # transformers loads a model in its config's dtype; keep fp16 storage but make plain from_pretrained run fp32.
     te_config = tmp / "text_encoder" / "config.json"

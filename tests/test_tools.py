@@ -243,9 +243,7 @@ def test_resize_fixed_rank_same_rank_and_energy(loras, previewer, tmp_path, caps
 
     diffs = {k: np.abs(v - full).mean() for k, v in (("rank 2", r2), ("rank 4", r4), ("energy 0.9", e9))}
     print(f"\nLoRA effect {effect:.2f}; resized vs original preview: " + ", ".join(f"{k} {v:.3f}" for k, v in diffs.items()))
-    # rank 2 and energy 0.9 keep each module's delta to within about sqrt(0.1) ~ 0.32 of it: the image moves by about
-    # that share of the LoRA's whole effect, not more
-    assert diffs["rank 4"] < 0.05 and diffs["rank 2"] < 0.4 * effect and diffs["energy 0.9"] < 0.4 * effect
+    assert diffs["rank 4"] < 0.05 and diffs["rank 2"] < 0.25 * effect and diffs["energy 0.9"] < 0.25 * effect
 
 
 def test_info_on_our_file_and_a_hand_written_one(loras, tmp_path, capsys):

@@ -139,3 +139,37 @@ def test_committed_datasets_match_the_script(tmp_path):
         captions = [(tmp_path / name / f).read_text() for f in made if f.endswith(".txt")]
         trigger = {"style": "zkstyle, ", "character": "zqchar, "}[name]
         assert all(c.startswith(trigger) and c.endswith(" background\n") for c in captions)
+
+
+def test_textures_are_drawn_only_when_named():
+    rng = random.Random(11)
+    words = world.OBJECT_PATTERNS + world.BACKGROUND_PATTERNS + ("eyes",)
+    textured = 0
+    for _ in range(400):
+        scene = world.sample_scene(rng, patterns=True)
+        for text in (world.caption(scene), world.caption(scene, rng)):
+            if "background" in text and scene.background_pattern:
+                assert f"{scene.background_pattern} {scene.background} background" in text
+            first = scene.objects[0]
+            described = text.split(" and ")[0].split(" on ")[0]  # the first object's words
+            if first.shape in described:
+                assert (first.pattern or "") in described and (" with eyes" in described) == first.eyes
+            parsed = world.parse_prompt(text)
+            assert parsed["background"] in (None, scene.background) and parsed["shape"] in (None, first.shape)
+        textured += any(w in world.caption(scene).split() for w in words)
+    assert 80 < textured < 300  # some scenes textured, most plain
+    # Without patterns a seed draws exactly the plain scenes it always drew (the example datasets depend on it).
+    assert [world.caption(world.sample_scene(random.Random(s))) for s in range(20)] == \
+        [world.caption(world.sample_scene(random.Random(s), patterns=False)) for s in range(20)]
+
+
+def test_detail_scores_read_the_worlds_textures_and_the_datasets():
+    hatched = world.Scene([world.Obj("circle", "red", "small", "center")], "yellow", "striped", (0.1, 5.0, 1.0))
+    plain = world.Scene([world.Obj("circle", "red", "large", "center", eyes=True)], "yellow")
+    assert checker.hatching_score(world.render(hatched)) > checker.HATCHING_PRESENT  # direction 0: "/" lines
+    assert checker.eye_pair_score(world.render(plain)) > checker.EYES_PRESENT
+    plain.objects[0].eyes = False
+    assert not checker.detail_present("character", world.render(plain))
+    assert not checker.detail_present("style", world.render(plain))
+    for name in ("style", "character"):
+        assert all(checker.detail_present(name, im) for im in _dataset(name)), name

@@ -3,7 +3,7 @@ the text encoder together. Writes a diffusers folder (fp16 storage, fp32 on a pl
 
     python -m sdlora.tiny.pretrain --out DIR [--vae-steps N --unet-steps M --batch B --seed S]
 
-The architecture is `scripts/make_tiny.py`'s (UNET, VAE, TEXT, SCHEDULER). Images come from `world.make_batch`,
+The architecture is `scripts/make_tiny.py`'s (ARCHITECTURES[--arch], TEXT, SCHEDULER). Images come from `world.make_batch`,
 rendered once into a pool held on the device as uint8 (rendering is CPU-bound; the pool is made by all cores).
 Besides the model folder, DIR gets `pretrain_log.json` (every logged loss, the timings and the autoencoder check)
 and `vae_recon.png` (held-out images over their reconstructions).
@@ -32,7 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sdlora.tiny import MODEL_DIR, checker, world
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from make_tiny import SCHEDULER, TEXT, UNET, VAE  # noqa: E402  the one description of the architecture
+from make_tiny import ARCHITECTURES, SCHEDULER, TEXT  # noqa: E402  the one description of the architecture
 
 _CHUNK = 500  # images per pool-rendering task; chunk i is make_batch(_CHUNK, seed * 1_000_000 + i)
 EVAL_SEED_BASE = 10**9  # held-out scenes (the autoencoder check here, eval.py) draw from seeds at or above this
@@ -231,6 +231,8 @@ def main() -> None:
     ap.add_argument("--vae-seconds", type=float, help="cap the autoencoder stage at this wall time (fewer steps)")
     ap.add_argument("--unet-seconds", type=float, help="cap the UNet stage at this wall time (fewer steps)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet and text encoder")
+    ap.add_argument("--arch", default="x8", choices=list(ARCHITECTURES),
+                    help="autoencoder factor (scripts/make_tiny.py): x8 (8x8 latents, shipped) or x4 (16x16)")
     ap.add_argument("--init", help="start from this diffusers folder (with --vae-steps 0: keep its VAE)")
     ap.add_argument("--decoder-only", action="store_true",
                     help="with --init: train only the autoencoder's decoder; the latents, and so the UNet, stay valid")
@@ -272,7 +274,7 @@ def main() -> None:
     if args.init:
         vae = AutoencoderKL.from_pretrained(args.init, subfolder="vae").to(device, memory_format=torch.channels_last)
     else:
-        vae = AutoencoderKL(**VAE).to(device, memory_format=torch.channels_last)
+        vae = AutoencoderKL(**ARCHITECTURES[args.arch][1]).to(device, memory_format=torch.channels_last)
     if args.decoder_only:  # the encoder (and so every latent the UNet learned from) stays as it is
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
@@ -333,7 +335,7 @@ def main() -> None:
         unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder", dtype=torch.float32)
     else:
-        unet = UNet2DConditionModel(**UNET)
+        unet = UNet2DConditionModel(**ARCHITECTURES[args.arch][0])
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT))
     unet, text_encoder = unet.to(device), text_encoder.to(device)
     noise_scheduler = DDPMScheduler(**{k: SCHEDULER[k] for k in ("num_train_timesteps", "beta_start", "beta_end",
