@@ -401,7 +401,8 @@ FAMILY_DATA = {
     "name": str, "label": str, "group": str, "arch": str, "resolution": int, "prediction_type": str,
     "cross_attention_dim": int, "pipeline": str, "pipeline_kwargs": Mapping, "text_encoders": Mapping,
     "text_encoder_aliases": Mapping, "tokenizer_components": tuple, "sgm_unet": bool, "original_text_encoders": tuple,
-    "added_conditioning": bool, "memory_rows": tuple, "unet_targets": Mapping, "text_targets": Mapping,
+    "added_conditioning": bool, "clip_skip": int, "clip_skip_fixed": bool, "memory_rows": tuple,
+    "unet_targets": Mapping, "text_targets": Mapping,
     "base_model_version": str, "architecture": str, "implementation": str, "v2": bool,
 }
 # Functions: the ones a family module fills in, then the ones every Family has from its data.
@@ -409,7 +410,7 @@ FAMILY_FUNCTIONS = ("encode", "encode_prompt", "time_ids", "denoiser_kwargs", "c
                     "detect_pipeline", "detect_folder", "detect_checkpoint", "detect_denoiser", "detect_lora",
                     "read_version", "read_architecture")
 FAMILY_METHODS = ("tokenizers", "text_encoder_models", "memory_defaults", "kohya_prefixes", "kohya_unet_name",
-                  "kohya_text_encoder_name", "lora_metadata")
+                  "kohya_text_encoder_name", "lora_metadata", "resolve_clip_skip", "prompt_kwargs")
 
 
 def test_every_family_provides_what_a_family_must():
