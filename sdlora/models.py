@@ -68,7 +68,8 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
         raise UserError(f"prediction_type = {prediction_type!r}: must be auto, epsilon or v_prediction",
                         "fix --prediction-type")
     if zero_terminal_snr not in ZERO_TERMINAL_SNR:
-        raise UserError(f"zero_terminal_snr = {zero_terminal_snr!r}: must be auto, on or off", "fix --zero-terminal-snr")
+        raise UserError(f"zero_terminal_snr = {zero_terminal_snr!r}: must be auto, on or off",
+                        "fix --zero-terminal-snr")
     override = None if prediction_type == "auto" else prediction_type
     ztsnr = {"on": True, "off": False}.get(zero_terminal_snr)
     vae_dtype = vae_dtype or dtype

@@ -103,7 +103,8 @@ class Saves:
         if self.accelerator.is_main_process:
             t = time.perf_counter()
             result = verify(path, self.config.base, base_config=self.config.base_config,
-                            prediction_type=self.config.prediction_type, zero_terminal_snr=self.config.zero_terminal_snr,
+                            prediction_type=self.config.prediction_type,
+                            zero_terminal_snr=self.config.zero_terminal_snr,
                             base=self.fresh_base.result() if self.fresh_base is not None else None)
             self.events.emit("verify", **result, seconds=round(time.perf_counter() - t, 2),
                              preloaded=self.fresh_base is not None)

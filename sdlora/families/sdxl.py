@@ -87,7 +87,8 @@ SDXL = Family(
                             ("text_encoder_2", "openclip", "conditioner.embedders.1.model.")),
     # SDXL was trained on both encoders' penultimate layer: kohya ignores --clip_skip for it (sdxl_train_util.py) and
     # AUTOMATIC1111 does unless an experimental option is on, so a LoRA trained on another layer would be used on this
-    added_conditioning=True, clip_skip=2, clip_skip_fixed=True, memory_rows=MEMORY_1024, unet_targets=UNET_TARGETS, text_targets=TEXT_TARGETS,
+    added_conditioning=True, clip_skip=2, clip_skip_fixed=True, memory_rows=MEMORY_1024, unet_targets=UNET_TARGETS,
+    text_targets=TEXT_TARGETS,
     base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base",
     implementation="https://github.com/Stability-AI/generative-models", v2=False,
     encode=encode, encode_prompt=encode_prompt, time_ids=time_ids, denoiser_kwargs=denoiser_kwargs,
