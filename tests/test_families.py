@@ -561,9 +561,6 @@ def test_a_v_pred_ztsnr_single_file_loads_with_its_schedule(models, vpred_ztsnr,
     off = load_base(str(path), base_config=str(folder), zero_terminal_snr="off")
     assert off.prediction_type == "v_prediction" and not off.zero_terminal_snr
     assert not off.pipe.scheduler.config.rescale_betas_zero_snr
-    with pytest.raises(UserError, match="zero_terminal_snr needs a v-prediction base") as err:
-        load_base(str(folder), zero_terminal_snr="on")
-    assert "\n" not in str(err.value) and "--prediction-type v_prediction" in err.value.hint
 
 
 def test_v_pred_ztsnr_objective_trains_the_last_timestep_with_finite_weights(vpred_ztsnr):
@@ -745,3 +742,7 @@ def test_a_lora_trains_on_a_v_pred_ztsnr_base_with_the_preset_and_merges_back(vp
         assert {"v_pred", "ztsnr"} <= set(f.keys())
     info = inspect_checkpoint(merged)
     assert (info.prediction_type, info.zero_terminal_snr) == ("v_prediction", True)
+    # zero terminal SNR on an epsilon base is refused when it loads (a config value says on, the folder says nothing)
+    with pytest.raises(UserError, match="zero_terminal_snr needs a v-prediction base") as err:
+        load_base(str(folder), zero_terminal_snr="on")
+    assert "\n" not in str(err.value) and "--prediction-type v_prediction" in err.value.hint
