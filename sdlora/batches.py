@@ -45,10 +45,11 @@ class Batches:
             self.vae, self.records, bucket_of, config.flip, family, self.device, share, masks=config.masked_loss)) \
             if config.cache_latents and not config.random_crop else None
         self.texts = None
+        self.clip_skip = family.resolve_clip_skip(config.clip_skip)
         if not config.train_text_encoder and not config.shuffle_tags:
             texts = sorted({r.caption for r in self.records} | {""})
             self.texts = _shared(accelerator, lambda share: cache_text(
-                self.tokenizers, text_encoders, family, texts, self.device, share))
+                self.tokenizers, text_encoders, family, texts, self.device, share, self.clip_skip))
 
     def per_epoch(self) -> int:
         """Batches in one epoch (of batch_size x processes images; a bucket's last one may be short)."""
@@ -153,12 +154,14 @@ def token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cache_text(tokenizers, text_encoders, family, texts: list[str], device, share=(0, 1)) -> dict:
-    """caption -> (encoder_hidden_states, pooled or None) for this process's share of the captions."""
+def cache_text(tokenizers, text_encoders, family, texts: list[str], device, share=(0, 1), clip_skip: int = 0) -> dict:
+    """caption -> (encoder_hidden_states, pooled or None) for this process's share of the captions, from the text
+    encoders' layer `clip_skip` (0: the family's own)."""
     texts = texts[share[0]::share[1]]
     if not texts:
         return {}
-    hidden, pooled = family.encode(text_encoders, [token_ids(tokenizer, texts, device) for tokenizer in tokenizers])
+    hidden, pooled = family.encode(text_encoders, [token_ids(tokenizer, texts, device) for tokenizer in tokenizers],
+                                   clip_skip or family.clip_skip)
     return {text: (hidden[i], None if pooled is None else pooled[i]) for i, text in enumerate(texts)}
 
 

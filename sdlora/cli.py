@@ -16,7 +16,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from sdlora import examples
-from sdlora.config import PRESETS, SAMPLE_GUIDANCE, SAMPLE_SCHEDULER, SAMPLE_STEPS, TrainConfig, build_config
+from sdlora.config import (PRESET_HELP, PRESETS, SAMPLE_GUIDANCE, SAMPLE_SCHEDULER, SAMPLE_STEPS, TrainConfig,
+                           build_config)
 from sdlora.errors import UserError
 
 # Flags whose names differ from the field (the brief's exact forms) or that take a list.
@@ -51,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder or .zip of images with .txt captions, or an example: example:character, example:style")
     t.add_argument("--out", help="run folder to create (lora.safetensors, samples/, events.jsonl...)")
     t.add_argument("--run-dir", help="train the run whose config.json is already in this folder")
-    t.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset's values")
+    t.add_argument("--preset", choices=sorted(PRESETS), metavar="PRESET",
+                   help="start from a preset's values: " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
     t.add_argument("--config", help="a config.json to start from")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default=SAMPLE_SCHEDULER,
                    help="a diffusers scheduler class, e.g. DPMSolverMultistepScheduler, UniPCMultistepScheduler")
     g.add_argument("--size", type=int, default=0, help="width and height in pixels (0 = the model's own)")
+    g.add_argument("--guidance-rescale", type=float, default=-1.0,
+                   help="guidance rescale (-1 = 0.7 on a zero-terminal-SNR base, else 0)")
+    g.add_argument("--clip-skip", type=int, default=0,
+                   help="text-encoder layer from the end (1 = last, 2 = penultimate); 0 = what the LoRAs were trained "
+                        "with, else the base's own")
+    g.add_argument("--prediction-type", choices=("auto", "epsilon", "v_prediction"), default="auto",
+                   help="what the base predicts; auto = what its files say")
+    g.add_argument("--zero-terminal-snr", choices=("auto", "on", "off"), default="auto",
+                   help="the base's noise schedule ends at zero SNR; auto = what its files say")
     g.add_argument("--grid", metavar="S1,S2,...", help="make a grid across these strengths for the first --lora")
     g.add_argument("--seeds", type=int, default=1, help="rows of the --grid, seeds seed..seed+N-1")
     g.add_argument("--out", required=True, help="PNG file to write")
@@ -182,9 +193,10 @@ def _generate(args) -> int:
 
     _quiet_loading()
     loras = [_lora_spec(spec, args.strength) for spec in args.lora]
-    prev = Previewer(args.base)
+    prev = Previewer(args.base, prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr)
     kw = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
-              width=args.size or None, height=args.size or None)
+              width=args.size or None, height=args.size or None, guidance_rescale=args.guidance_rescale,
+              clip_skip=args.clip_skip)
     if args.grid:
         if not loras:
             raise UserError("--grid needs a --lora", "add --lora FILE")

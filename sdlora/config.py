@@ -43,6 +43,14 @@ class TrainConfig:
     prediction_type: str = _knob("auto", "what the base predicts; auto = its scheduler config, or for a single file what "
                                          "the file shows (SD2 768 models: v_prediction)",
                                  choices=("auto", "epsilon", "v_prediction"))
+    zero_terminal_snr: str = _knob("auto", "noise schedule rescaled so its last timestep is pure noise (Lin et al. "
+                                           "2023; NoobAI-XL v-pred and other ZTSNR bases; needs v_prediction): auto = "
+                                           "as the base says (a single file's ztsnr key, a folder's scheduler config)",
+                                   choices=("auto", "on", "off"))
+    clip_skip: int = _knob(0, "text-encoder layer to condition on, counted from the end as AUTOMATIC1111 and kohya "
+                              "count it: 1 = last, 2 = penultimate (NovelAI-lineage SD1 anime models); 0 = the base's "
+                              "own (SD1/SD2 1; SDXL always 2, both encoders' penultimate, which is why kohya ignores it "
+                              "there)")
     trigger: str = _knob("", "trigger word put first in every caption (added where a caption lacks it)")
     caption_template: str = _knob("a picture", "caption for images without a .txt file (after the trigger)")
     shuffle_tags: bool = _knob(False, "shuffle comma-separated tags each step (tag captions only; never sentences)")
@@ -112,6 +120,9 @@ class TrainConfig:
     sample_seed: int = _knob(0, "seed for the first sample prompt; the next prompts use seed+1, seed+2...")
     sample_steps: int = _knob(SAMPLE_STEPS, "inference steps for samples")
     sample_guidance: float = _knob(SAMPLE_GUIDANCE, "classifier-free guidance for samples")
+    sample_guidance_rescale: float = _knob(-1.0, "guidance rescale for samples (Lin et al. 2023, against the "
+                                                 "overexposure strong guidance gives a zero-terminal-SNR base); "
+                                                 "-1 = auto: 0.7 on a zero-terminal-SNR base, else 0")
     sample_scheduler: str = _knob(SAMPLE_SCHEDULER, "diffusers scheduler class used for samples")
     save_every: int = _knob(0, "save the adapter every N steps (0 = 4 times per run)")
     ema_decay: float = _knob(0.0, "keep an exponential moving average of the adapter weights with this decay (e.g. "
@@ -185,6 +196,11 @@ class TrainConfig:
                  "is the dataset itself: give a folder of other pictures of the same class")
         need(self.sample_every >= 0 and self.save_every >= 0, "sample_every", "must be 0 or more")
         need(self.sample_steps >= 1, "sample_steps", "must be at least 1")
+        need(self.sample_guidance_rescale == -1 or 0 <= self.sample_guidance_rescale <= 1, "sample_guidance_rescale",
+             "must be 0 to 1, or -1 (auto)")
+        need(0 <= self.clip_skip <= 12, "clip_skip", "must be 0 (the base's own) or 1 to 12 (1 = the last layer)")
+        need(self.zero_terminal_snr != "on" or self.prediction_type != "epsilon", "zero_terminal_snr",
+             "needs v-prediction (at zero SNR the noise is the whole input): set prediction_type v_prediction or auto")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -194,6 +210,10 @@ class TrainConfig:
 
         if not self.sample_scheduler.endswith("Scheduler") or not hasattr(diffusers, self.sample_scheduler):
             need(False, "sample_scheduler", "not a diffusers scheduler class (e.g. EulerDiscreteScheduler)")
+        if self.zero_terminal_snr == "on":  # with auto, the loaded base tells (sdlora.models.check_sampler)
+            from sdlora.models import check_sampler
+
+            check_sampler(self.sample_scheduler, {"rescale_betas_zero_snr": True})
         if self.base_precision != "auto":  # a mode this machine cannot run (no bitsandbytes, no CPU kernel) stops here
             import torch
 
@@ -250,10 +270,31 @@ def _typed(name: str, value):
 
 # Presets are plain field values applied over the defaults (see docs in README). Numbers from field practice:
 # hollowstrawberry's SD1.5 recipe (dim 16 / alpha 8, UNet 5e-4, TE 1e-4), "TE can be 0 for a style".
+#
+# The SDXL anime presets are for bases trained on booru tags (Illustrious, NoobAI-XL, Pony Diffusion V6 XL): tag
+# captions shuffled behind the trigger, at 1024, SDXL's fixed CLIP skip 2 (what these bases' cards ask for), no noise
+# offset (a v-prediction zero-terminal-SNR base needs none: its schedule already reaches pure noise, Lin et al. 2023)
+# and the UNet only, as OneTrainer's and kohya_ss's SDXL presets train it.
+_ANIME_TAGS = {"resolution": 1024, "shuffle_tags": True, "keep_tags": 1, "clip_skip": 2, "noise_offset": 0.0,
+               "targets": "attn-mlp", "train_text_encoder": False, "rank": 16, "alpha": 8.0}
 PRESETS: dict[str, dict] = {
     "quick": {"steps": 100, "sample_every": 50, "save_every": 50},
     "character": {"targets": "attn-mlp", "train_text_encoder": True, "rank": 16, "alpha": 8.0},
     "style": {"targets": "attn-mlp", "train_text_encoder": False, "caption_dropout": 0.05, "rank": 16, "alpha": 8.0},
+    "sdxl-anime-tags": _ANIME_TAGS,
+    "sdxl-anime-vpred": {**_ANIME_TAGS, "prediction_type": "v_prediction", "zero_terminal_snr": "on"},
+    # Pony-style bases: the same tag captions; a style learns from every picture, so some steps drop the caption
+    "sdxl-pony-style": {**_ANIME_TAGS, "caption_dropout": 0.05},
+}
+# One line each, for `sdlora train --help`, the app and the README.
+PRESET_HELP: dict[str, str] = {
+    "quick": "100 steps to see the whole path work",
+    "character": "a person or creature: attention and MLP layers, text encoder on",
+    "style": "a look: attention and MLP layers, text encoder off, 5% caption dropout",
+    "sdxl-anime-tags": "SDXL bases trained on booru tags (Illustrious, NoobAI-XL epsilon): 1024, shuffled tag "
+                       "captions, clip skip 2, no noise offset",
+    "sdxl-anime-vpred": "the same for v-prediction zero-terminal-SNR bases (NoobAI-XL v-pred)",
+    "sdxl-pony-style": "a style on Pony-style SDXL bases: tag captions, clip skip 2, 5% caption dropout",
 }
 
 

@@ -20,7 +20,8 @@ VERIFY_ADAPTER = "sdlora_verify"
 
 def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: int, epochs: float, num_images: int,
                    tag_frequency: dict, started_at: float, title: str, precision: str,
-                   prediction_type: str | None = None, reg_dirs: dict | None = None) -> dict[str, str]:
+                   prediction_type: str | None = None, zero_terminal_snr: bool = False, clip_skip: int = 0,
+                   reg_dirs: dict | None = None) -> dict[str, str]:
     """The `ss_*` fields kohya's tools write and the `modelspec.*` fields of SAI's model spec; all strings.
 
     `epochs`: the passes over the dataset so far (0.1 for a run stopped early); kohya's `ss_epoch` counts the epoch
@@ -28,6 +29,8 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
     (accelerate's "no", "fp16" or "bf16"), not the setting "auto".
 
     `prediction_type` is the base's (an SDXL v-prediction model says so here); by default the family's.
+    `zero_terminal_snr`: the base's schedule was rescaled to zero terminal SNR. `clip_skip`: the text-encoder layer
+    trained on (1 = last); 0 = the family's own.
 
     `reg_dirs`: the regularisation pictures' folders, `sdlora.dataset.dataset_dirs`; kohya's `ss_num_reg_images`
     counts them with their repeats, as kohya does.
@@ -55,6 +58,12 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_optimizer": _optimizer_name(config),
         "ss_min_snr_gamma": str(config.min_snr_gamma),
+        # kohya's train_network.py writes ss_zero_terminal_snr and ss_clip_skip; ss_v_parameterization is its
+        # argument's name, which metadata readers (LoRA viewers, model managers) look for beside
+        # modelspec.prediction_type. No loader configures itself from a LoRA's metadata: these say how to use it.
+        "ss_v_parameterization": str(pred == "v_prediction"),
+        "ss_zero_terminal_snr": str(zero_terminal_snr),
+        "ss_clip_skip": str(clip_skip or fam.clip_skip),
         "ss_noise_offset": str(config.noise_offset),
         "ss_debiased_estimation": str(config.debiased_estimation),
         "ss_min_timestep": str(config.timestep_min),
@@ -134,7 +143,7 @@ def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: 
 
 @torch.no_grad()
 def verify(path: str | Path, base_spec: str, *, base_config: str = "", prediction_type: str = "auto",
-           base: Base | None = None) -> dict:
+           zero_terminal_snr: str = "auto", base: Base | None = None) -> dict:
     """Reload `path` through diffusers' `load_lora_weights` into a fresh copy of the base and check that every key
     landed (same weights, same alpha/rank scale) and that strength 0 gives back the base model's output exactly.
 
@@ -143,7 +152,8 @@ def verify(path: str | Path, base_spec: str, *, base_config: str = "", predictio
     """
     state, metadata = read_lora(path)
     if base is None:
-        base = load_base(base_spec, base_config=base_config, prediction_type=prediction_type)
+        base = load_base(base_spec, base_config=base_config, prediction_type=prediction_type,
+                         zero_terminal_snr=zero_terminal_snr)
     check_lora_fits(Path(path).name, state, metadata, base)
     pipe, fam = base.pipe, base.fam
     gen = torch.Generator("cpu").manual_seed(0)

@@ -12,7 +12,7 @@ from sdlora.config import SAMPLE_GUIDANCE, SAMPLE_SCHEDULER, SAMPLE_STEPS
 from sdlora.errors import UserError
 from sdlora.info import check_plain_lora
 from sdlora.lora import check_lora_fits, read_lora
-from sdlora.models import Base, load_base
+from sdlora.models import Base, check_sampler, load_base, sample_guidance_rescale
 
 
 class Previewer:
@@ -21,14 +21,17 @@ class Previewer:
     keep_loaded = 8  # LoRAs kept loaded for quick switching; beyond that the least recently used is dropped
 
     def __init__(self, base: str | Base, device: str | None = None, *, base_config: str = "",
-                 prediction_type: str = "auto"):
-        """`base` as `--base` takes it (or a loaded Base); `base_config` and `prediction_type` as in `load_base`."""
-        self.base = load_base(base, base_config=base_config, prediction_type=prediction_type) \
-            if isinstance(base, str) else base
+                 prediction_type: str = "auto", zero_terminal_snr: str = "auto"):
+        """`base` as `--base` takes it (or a loaded Base); `base_config`, `prediction_type` and `zero_terminal_snr`
+        as in `load_base`."""
+        self.base = load_base(base, base_config=base_config, prediction_type=prediction_type,
+                              zero_terminal_snr=zero_terminal_snr) if isinstance(base, str) else base
         self.pipe = self.base.pipe
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pipe.to(self.device)
         self._loaded: dict[str, str] = {}  # file identity -> adapter name
+        self._clip_skips: dict[str, int] = {}  # adapter name -> the clip skip its file says it was trained with
+        self._active: list[tuple[str, float]] = []  # (adapter name, strength) in use
 
     def set_loras(self, loras: list[tuple[str, float]]) -> None:
         """Use these (file, strength) pairs from now on; files already loaded are only re-weighted."""
@@ -37,6 +40,7 @@ class Previewer:
             names.append(self._load(path))
             weights.append(float(strength))
         self._drop_unused(keep=set(names))
+        self._active = list(zip(names, weights))
         if names:
             self.pipe.set_adapters(names, adapter_weights=weights)
         elif self._loaded:
@@ -63,6 +67,8 @@ class Previewer:
                 raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
                                 "check that the LoRA was made for this model family (SD1, SD2 or SDXL)") from None
             self._loaded[key] = name
+            if metadata.get("ss_clip_skip", "").isdigit():  # kohya writes "None" when it was not set
+                self._clip_skips[name] = int(metadata["ss_clip_skip"])
         self._loaded[key] = self._loaded.pop(key)  # most recently used last
         return self._loaded[key]
 
@@ -78,25 +84,35 @@ class Previewer:
     @torch.no_grad()
     def image(self, prompt: str, *, negative_prompt: str = "", seed: int = 0, steps: int = SAMPLE_STEPS,
               guidance_scale: float = SAMPLE_GUIDANCE, scheduler: str = SAMPLE_SCHEDULER, width: int | None = None,
-              height: int | None = None) -> Image.Image:
+              height: int | None = None, guidance_rescale: float = -1.0, clip_skip: int = 0) -> Image.Image:
         """One image; `torch.Generator("cpu").manual_seed(seed)` as the training samples use."""
         return self.images([prompt], [seed], negative_prompt=negative_prompt, steps=steps,
-                           guidance_scale=guidance_scale, scheduler=scheduler, width=width, height=height)[0]
+                           guidance_scale=guidance_scale, scheduler=scheduler, width=width, height=height,
+                           guidance_rescale=guidance_rescale, clip_skip=clip_skip)[0]
 
     def images(self, prompts: list[str], seeds: list[int], *, negative_prompt: str = "", steps: int = SAMPLE_STEPS,
                guidance_scale: float = SAMPLE_GUIDANCE, scheduler: str = SAMPLE_SCHEDULER, width: int | None = None,
-               height: int | None = None) -> list[Image.Image]:
+               height: int | None = None, guidance_rescale: float = -1.0, clip_skip: int = 0) -> list[Image.Image]:
         """One image per (prompt, seed), drawn as one batch: each starts from its own seed's noise, as `image`
-        would draw it alone (up to the last bit of float rounding), in a fraction of the time on a CPU."""
+        would draw it alone (up to the last bit of float rounding), in a fraction of the time on a CPU.
+
+        As the training samples draw them: the scheduler keeps the base's schedule settings (a zero-terminal-SNR
+        base's rescaled betas and trailing spacing); `guidance_rescale` -1 is the base's own (0.7 on a
+        zero-terminal-SNR base, else 0); `clip_skip` 0 is what the LoRAs in use were trained with (their
+        `ss_clip_skip`), else the base's own."""
         import diffusers
 
         if not hasattr(diffusers, scheduler):
             raise UserError(f"unknown scheduler {scheduler!r}", "use a diffusers scheduler class name such as EulerDiscreteScheduler")
+        check_sampler(scheduler, self.pipe.scheduler.config)
         self.pipe.scheduler = getattr(diffusers, scheduler).from_config(self.pipe.scheduler.config)
-        size = self.base.resolution
-        return self.pipe(list(prompts), negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-                         num_inference_steps=steps, guidance_scale=guidance_scale, width=width or size,
-                         height=height or size,
+        fam, size = self.base.fam, self.base.resolution
+        trained_with = next((self._clip_skips[n] for n, s in self._active if s and n in self._clip_skips), 0)
+        clip_skip = fam.resolve_clip_skip(clip_skip or trained_with)
+        text = fam.prompt_kwargs(self.pipe, list(prompts), [negative_prompt] * len(prompts), self.device, clip_skip)
+        return self.pipe(**text, num_inference_steps=steps, guidance_scale=guidance_scale,
+                         guidance_rescale=sample_guidance_rescale(guidance_rescale, self.pipe.scheduler.config),
+                         width=width or size, height=height or size,
                          generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
 
     def strength_grid(self, lora: str, prompt: str, strengths=(0.0, 0.5, 1.0), seeds=(0, 1), **kw) -> Image.Image:

@@ -32,7 +32,8 @@ _SETTINGS = [  # (metadata key, label) shown by `sdlora info`, in this order
     ("ss_shuffle_caption", "shuffle tags"), ("ss_flip_aug", "flip"), ("ss_masked_loss", "masked loss"),
     ("ss_num_reg_images", "reg images"), ("ss_prior_loss_weight", "prior loss weight"),
     ("ss_mixed_precision", "mixed precision"),
-    ("ss_seed", "seed"), ("modelspec.prediction_type", "prediction"), ("modelspec.date", "date"),
+    ("ss_seed", "seed"), ("modelspec.prediction_type", "prediction"), ("ss_zero_terminal_snr", "zero terminal SNR"),
+    ("ss_clip_skip", "clip skip"), ("modelspec.date", "date"),
 ]
 
 

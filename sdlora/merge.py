@@ -72,6 +72,8 @@ def merge(base: str | Base, loras: list[tuple[str, float]], out: str | Path, fmt
         state = {k: v.to(dtype).contiguous() for k, v in original_layout(pipe, base.fam).items()}
         if base.prediction_type == "v_prediction":
             state["v_pred"] = torch.tensor([])  # ComfyUI marks (and detects) v-prediction checkpoints this way
+            if base.zero_terminal_snr:  # and a zero-terminal-SNR schedule beside it (comfy/supported_models.py)
+                state["ztsnr"] = torch.tensor([])
         save_lora(out, state, meta)
     return {"out": str(out), "format": fmt, "precision": precision, "family": base.family,
             "loras": [{"file": n, "strength": s, "modules": len(a.modules)} for n, a, s in adapters],

@@ -18,6 +18,11 @@ CONFIGS_DIR = Path(__file__).parent / "configs"  # per-architecture configs + to
 
 TINY_RESOLUTION = 64
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# A zero-terminal-SNR base (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"): its
+# noise schedule is rescaled so the last timestep is pure noise (sec. 3.1), sampling starts from that last timestep
+# (trailing spacing, sec. 3.3), and guidance is rescaled against overexposure (sec. 3.4; 0.7 is the paper's value).
+ZTSNR_SCHEDULER = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+ZTSNR_GUIDANCE_RESCALE = 0.7
 
 
 @dataclass
@@ -27,6 +32,11 @@ class Base:
     name: str  # what the user gave, for metadata
     resolution: int  # the family's native training resolution
     prediction_type: str  # "epsilon" or "v_prediction", from the scheduler config (or the override)
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the base's noise schedule ends at zero SNR (its scheduler config says so, or the override did)."""
+        return zero_terminal_snr(self.pipe.scheduler.config)
 
     @property
     def fam(self) -> Family:
@@ -39,7 +49,8 @@ class Base:
 
 
 def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str = "",
-              prediction_type: str = "auto", vae_dtype: torch.dtype | None = None, as_stored: bool = False) -> Base:
+              prediction_type: str = "auto", zero_terminal_snr: str = "auto", vae_dtype: torch.dtype | None = None,
+              as_stored: bool = False) -> Base:
     """Load `spec` ('tiny', a diffusers folder, a .safetensors/.ckpt file or a hub id) as a diffusers pipeline.
 
     `dtype`: the UNet's and text encoders'; `vae_dtype` (default: `dtype`): the VAE's. Training loads its frozen
@@ -49,12 +60,18 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
 
     A single file takes its architecture (configs, tokenizers) from `base_config` (a diffusers folder or a cached hub
     id) or, by default, from the configs that ship with sdlora for the family its weights show: no network needed.
-    `prediction_type` ('epsilon'/'v_prediction') overrides what the scheduler config or the checkpoint suggests.
+    `prediction_type` ('epsilon'/'v_prediction') overrides what the scheduler config or the checkpoint suggests;
+    `zero_terminal_snr` ('on'/'off') likewise overrides the scheduler config's `rescale_betas_zero_snr` or a single
+    file's `ztsnr` key.
     """
     if prediction_type not in ("auto", *PREDICTION_TYPES):
         raise UserError(f"prediction_type = {prediction_type!r}: must be auto, epsilon or v_prediction",
                         "fix --prediction-type")
+    if zero_terminal_snr not in ZERO_TERMINAL_SNR:
+        raise UserError(f"zero_terminal_snr = {zero_terminal_snr!r}: must be auto, on or off",
+                        "fix --zero-terminal-snr")
     override = None if prediction_type == "auto" else prediction_type
+    ztsnr = {"on": True, "off": False}.get(zero_terminal_snr)
     vae_dtype = vae_dtype or dtype
     dtypes = dtype if vae_dtype == dtype else {"vae": vae_dtype, "default": dtype}  # diffusers: a dtype per component
     if spec == "tiny":
@@ -62,7 +79,7 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
 
         tiny = families.get(families.TINY)
         pipe = _pipeline_class(tiny).from_pretrained(MODEL_DIR, **_pipeline_kwargs(tiny, dtypes))
-        return _base(pipe, spec, override, TINY_RESOLUTION)
+        return _base(pipe, spec, override, ztsnr, TINY_RESOLUTION)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -71,14 +88,14 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
         family = families.detect_folder(json.loads((path / "model_index.json").read_text()))
         if as_stored and (stored := stored_dtypes(path, ["unet", *family.text_encoders.values()])):
             dtypes = {"default": dtype, "vae": vae_dtype, **stored}
-        return _base(_from_folder(str(path), family, dtypes), spec, override)
+        return _base(_from_folder(str(path), family, dtypes), spec, override, ztsnr)
     if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         if not path.is_file():
             raise UserError(f"base model file not found: {spec}", "check the path")
-        pipe, suggested = _from_single_file(path, dtype, base_config, vae_dtype)
-        return _base(pipe, spec, override or suggested)
+        pipe, suggested, suggested_ztsnr = _from_single_file(path, dtype, base_config, vae_dtype)
+        return _base(pipe, spec, override or suggested, suggested_ztsnr if ztsnr is None else ztsnr)
     if spec.count("/") == 1 and not path.exists():
-        return _base(_from_hub(spec, dtypes), spec, override)
+        return _base(_from_hub(spec, dtypes), spec, override, ztsnr)
     raise UserError(f"base model not found: {spec}", "use 'tiny', a diffusers folder, a .safetensors file or a hub id")
 
 
@@ -142,6 +159,7 @@ class CheckpointInfo:
     arch: str  # the layout of the weights: a Family.arch ("sd1", "sd2" or "sdxl")
     prediction_type: str | None  # what the file itself says or suggests; None = nothing either way
     why: str  # how prediction_type was found, for the start event
+    zero_terminal_snr: bool | None = None  # the file says its schedule ends at zero SNR; None = it says nothing
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
@@ -165,6 +183,10 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
     # v-prediction is a training choice the weights do not show by shape: look for what the file says.
     if "v_pred" in keys:  # ComfyUI writes an empty `v_pred` tensor into v-prediction checkpoints it saves
+        # and reads an empty `ztsnr` beside it as a zero-terminal-SNR schedule (comfy/supported_models.py,
+        # SDXL.model_type: "Some zsnr anime checkpoints", NoobAI-XL v-pred among them); without v_pred it ignores ztsnr
+        if "ztsnr" in keys:
+            return CheckpointInfo(arch, "v_prediction", "the checkpoint has v_pred and ztsnr keys", True)
         return CheckpointInfo(arch, "v_prediction", "the checkpoint has a v_pred key")
     spec_type = metadata.get("modelspec.prediction_type", "")
     if spec_type:
@@ -256,7 +278,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
     pred = info.prediction_type
     if pred is None and not base_config:
         pred = family.prediction_type  # the shipped configs say so too; SD2 always gets an answer from inspect_checkpoint
-    return pipe, pred
+    return pipe, pred, info.zero_terminal_snr
 
 
 # --- hub ids ----------------------------------------------------------------------------------------------------
@@ -289,13 +311,53 @@ def _from_hub(repo_id: str, dtype: torch.dtype | dict):
         raise UserError(f"could not download {repo_id}: {_first_line(e)[:200]}", f"check the id and the network, or {hint}") from None
 
 
-def _base(pipe, name: str, prediction_type: str | None, resolution: int | None = None) -> Base:
+def _base(pipe, name: str, prediction_type: str | None, ztsnr: bool | None, resolution: int | None = None) -> Base:
+    settings = {}
     if prediction_type and pipe.scheduler.config.get("prediction_type", "epsilon") != prediction_type:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+        settings["prediction_type"] = prediction_type
+    if ztsnr is not None and ztsnr != zero_terminal_snr(pipe.scheduler.config):
+        settings.update(ZTSNR_SCHEDULER if ztsnr else {"rescale_betas_zero_snr": False})
+    if settings:  # the scheduler config carries them to the training objective and every sampler made from it
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **settings)
+    if zero_terminal_snr(pipe.scheduler.config) and pipe.scheduler.config.get("prediction_type") != "v_prediction":
+        # at zero SNR the noise is the whole input: predicting it says nothing about the image (Lin et al. 2023, 3.2)
+        raise UserError(f"{name}: zero_terminal_snr needs a v-prediction base, and this one predicts epsilon",
+                        "set --prediction-type v_prediction, or --zero-terminal-snr off")
     family = families.detect(pipe)
     pipe.set_progress_bar_config(disable=True)
     return Base(pipe=pipe, family=family.name, name=name, resolution=resolution or family.resolution,
                 prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
+
+
+ZERO_TERMINAL_SNR = ("auto", "on", "off")
+
+
+def zero_terminal_snr(scheduler_config) -> bool:
+    """Whether a scheduler config describes a zero-terminal-SNR schedule (diffusers' `rescale_betas_zero_snr`)."""
+    return bool(scheduler_config.get("rescale_betas_zero_snr", False))
+
+
+def sample_guidance_rescale(value: float, scheduler_config) -> float:
+    """The guidance rescale to sample with: `value`, or for -1 (auto) 0.7 on a zero-terminal-SNR base, else 0."""
+    if value >= 0:
+        return value
+    return ZTSNR_GUIDANCE_RESCALE if zero_terminal_snr(scheduler_config) else 0.0
+
+
+def check_sampler(name: str, scheduler_config) -> None:
+    """A UserError when the diffusers scheduler class `name` cannot draw from a zero-terminal-SNR base: one without
+    `rescale_betas_zero_snr` would quietly sample from the schedule the base was not trained on."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not zero_terminal_snr(scheduler_config):
+        return
+    if "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+        raise UserError(f"sampler {name} cannot draw from a zero-terminal-SNR base (it has no rescale_betas_zero_snr)",
+                        "use EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler, "
+                        "DPMSolverMultistepScheduler or UniPCMultistepScheduler")
 
 
 def _first_line(e: Exception) -> str:

@@ -8,7 +8,9 @@ import torch
 class DDPM:
     """The denoising objective of SD1/SD2/SDXL (DDPM training, as diffusers' examples train it): a random timestep
     per image, noise added by the scheduler, the target the noise itself (epsilon) or the velocity (v-prediction),
-    Min-SNR-gamma loss weights and optional offset noise.
+    Min-SNR-gamma loss weights and optional offset noise. A zero-terminal-SNR base (its scheduler config's
+    `rescale_betas_zero_snr`, Lin et al. 2023) trains on the rescaled schedule: at the last timestep, 999, the noisy
+    input is the noise alone and the v target is minus the latents.
 
     The step calls `noisy`, `target` and `weights` on the device and may be replayed as a CUDA graph, so they never
     wait for the host; `draw` runs on the host with each image's own generator. Another objective (flow matching:
@@ -21,6 +23,8 @@ class DDPM:
 
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
         self.prediction_type = self.scheduler.config.prediction_type
+        # epsilon at zero SNR weighs 0/0 below and teaches nothing; loading refuses it (sdlora.models)
+        assert self.prediction_type == "v_prediction" or not self.scheduler.config.rescale_betas_zero_snr
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.min_snr_gamma, self.noise_offset, self.debiased = min_snr_gamma, noise_offset, debiased
         # timesteps are drawn from [first, last): all of them unless a range is set
@@ -53,7 +57,11 @@ class DDPM:
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Each image's loss weight: Min-SNR-gamma (Hang et al. 2023, https://arxiv.org/abs/2303.09556, as in
         diffusers' examples) and/or debiased estimation (Yu et al. 2024, https://arxiv.org/abs/2310.08442, as kohya
-        applies it: 1/sqrt(SNR), 1/(SNR + 1) for v-prediction, the SNR capped at 1000); ones when neither is on."""
+        applies it: 1/sqrt(SNR), 1/(SNR + 1) for v-prediction, the SNR capped at 1000); ones when neither is on.
+
+        For v-prediction both divide by SNR + 1, never by the SNR, so the zero SNR of a zero-terminal-SNR schedule's
+        last timestep gives finite weights: min-SNR's min(SNR, gamma) / (SNR + 1) is 0 there, as in kohya's
+        apply_snr_weight and diffusers' train_text_to_image.py."""
         if not self.min_snr_gamma and not self.debiased:
             return torch.ones_like(timesteps, dtype=torch.float32)
         from diffusers.training_utils import compute_snr

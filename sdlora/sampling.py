@@ -11,6 +11,11 @@ from sdlora.atomic import atomic_path
 from sdlora.graphs import Graphed
 
 
+# The scheduler settings a sample event records beside the scheduler's name: what a plain diffusers scheduler made from
+# the base's own config needs besides (`from_config(config, **scheduler_config)`) to draw the same image.
+SCHEDULE_SETTINGS = ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing")
+
+
 class Sampler:
     """Draws the run's samples with the adapters as trained (strength 1) into `run_dir/samples`, a `sample` event
     each (prompt, seed, steps, guidance, scheduler, size: what plain diffusers needs to redo it).
@@ -22,7 +27,14 @@ class Sampler:
 
     def __init__(self, accelerator, pipe, trained, config, prompts: list[str], resolution: int, run_dir: Path, events,
                  graphs: "SampleGraphs | None" = None):
+        from sdlora import families
+        from sdlora.models import sample_guidance_rescale
+
         self.accelerator, self.pipe, self.trained, self.config = accelerator, pipe, trained, config
+        # as training encodes the captions; guidance rescale as the base's schedule wants it
+        self.family = families.detect(pipe)
+        self.clip_skip = self.family.resolve_clip_skip(config.clip_skip)
+        self.guidance_rescale = sample_guidance_rescale(config.sample_guidance_rescale, pipe.scheduler.config)
         self.prompts, self.resolution, self.run_dir, self.events = prompts, resolution, Path(run_dir), events
         self.graphs, self.low_memory = graphs, False
         self.drawn = []  # (index, prompt, image) of the last round
@@ -34,7 +46,8 @@ class Sampler:
         if not self.accelerator.is_main_process:
             return
         config, prompts, events = self.config, self.prompts, self.events
-        # the trained models are the pipeline's own (adapters added in place): only the scheduler differs
+        # the trained models are the pipeline's own (adapters added in place): only the scheduler differs; it keeps the
+        # base's schedule settings (a zero-terminal-SNR base's rescaled betas and trailing spacing, sdlora.models)
         scheduler = getattr(diffusers, config.sample_scheduler).from_config(self.pipe.scheduler.config)
         sampler = type(self.pipe)(**{**self.pipe.components, "scheduler": scheduler})
         sampler.set_progress_bar_config(disable=True)
@@ -72,17 +85,20 @@ class Sampler:
                 events.emit("sample", step=step, path=str(path), prompt=prompt,
                             negative_prompt=config.sample_negative, seed=seed, steps=config.sample_steps,
                             guidance_scale=config.sample_guidance, scheduler=config.sample_scheduler,
-                            width=self.resolution, height=self.resolution, strength=1.0)
+                            width=self.resolution, height=self.resolution, strength=1.0,
+                            guidance_rescale=self.guidance_rescale, clip_skip=self.clip_skip,
+                            scheduler_config={k: scheduler.config.get(k) for k in SCHEDULE_SETTINGS})
             first += len(chunk)
         for m in self.trained:
             m.train()
 
     def _draw(self, sampler, chunk: list[str], seeds: list[int]) -> list:
         config, graphs = self.config, None if self.low_memory else self.graphs
-        negative = [config.sample_negative] * len(chunk) if config.sample_negative else None
         with self.accelerator.autocast(), graphs.replaying() if graphs is not None else contextlib.nullcontext():
-            latents = sampler(chunk, negative_prompt=negative, num_inference_steps=config.sample_steps,
-                              guidance_scale=config.sample_guidance, width=self.resolution, height=self.resolution,
+            text = self.family.prompt_kwargs(sampler, chunk, [config.sample_negative] * len(chunk),
+                                             self.accelerator.device, self.clip_skip)
+            latents = sampler(**text, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
+                              guidance_rescale=self.guidance_rescale, width=self.resolution, height=self.resolution,
                               output_type="latent",
                               generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
         return [decode(sampler, latents[i:i + 1], tiled=self.low_memory) for i in range(len(chunk))]

@@ -44,7 +44,9 @@ class Saves:
                                   epochs=step * config.grad_accum / self.epoch_batches, num_images=self.num_images,
                                   tag_frequency=self.tag_frequency, started_at=self.started_at,
                                   title=config.title or run_dir.name, precision=self.accelerator.mixed_precision,
-                                  prediction_type=self.base.prediction_type, reg_dirs=self.reg_dirs)
+                                  prediction_type=self.base.prediction_type,
+                                  zero_terminal_snr=self.base.zero_terminal_snr,
+                                  clip_skip=self.family.resolve_clip_skip(config.clip_skip), reg_dirs=self.reg_dirs)
             unet, text_encoders = self.trained[0], self.trained[1:]
             with self.weights():
                 state = self._state_dict()
@@ -91,7 +93,8 @@ class Saves:
             return
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sdlora-verify-base")
         self.fresh_base = pool.submit(load_base, self.config.base, base_config=self.config.base_config,
-                                      prediction_type=self.config.prediction_type)
+                                      prediction_type=self.config.prediction_type,
+                                      zero_terminal_snr=self.config.zero_terminal_snr)
         pool.shutdown(wait=False)
 
     def check(self, path: Path, kind: str, step: int) -> None:
@@ -101,6 +104,7 @@ class Saves:
             t = time.perf_counter()
             result = verify(path, self.config.base, base_config=self.config.base_config,
                             prediction_type=self.config.prediction_type,
+                            zero_terminal_snr=self.config.zero_terminal_snr,
                             base=self.fresh_base.result() if self.fresh_base is not None else None)
             self.events.emit("verify", **result, seconds=round(time.perf_counter() - t, 2),
                              preloaded=self.fresh_base is not None)
@@ -108,7 +112,8 @@ class Saves:
                 raise RuntimeError(f"export check failed for {path.name}: {result}")
             if self.ema is not None:  # the EMA file is shared too: checked the same way
                 ema_result = verify(ema_file(path), self.config.base, base_config=self.config.base_config,
-                                    prediction_type=self.config.prediction_type)
+                                    prediction_type=self.config.prediction_type,
+                                    zero_terminal_snr=self.config.zero_terminal_snr)
                 self.events.emit("verify", **ema_result)
                 if not ema_result["ok"]:
                     raise RuntimeError(f"export check failed for {ema_file(path).name}: {ema_result}")

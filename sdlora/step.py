@@ -86,7 +86,7 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
                      timestep_range=(config.timestep_min, config.timestep_max)).to(device)
     return Step(accelerator, family, unet, text_encoders, unet_params, te_params, optimizer, lr_scheduler, objective,
                 vae.config.scaling_factor, dtype, cuda_graphs=device.type == "cuda" and config.cuda_graphs,
-                on_fail=on_fail, base_storage=base_storage)
+                on_fail=on_fail, base_storage=base_storage, clip_skip=family.resolve_clip_skip(config.clip_skip))
 
 
 class Step:
@@ -96,7 +96,8 @@ class Step:
     overhead-bound LoRA step spends most of its time on."""
 
     def __init__(self, accelerator, family, unet, text_encoders, unet_params, te_params, optimizer, lr_scheduler,
-                 objective, scaling_factor: float, dtype, cuda_graphs: bool, on_fail=None, base_storage: str = ""):
+                 objective, scaling_factor: float, dtype, cuda_graphs: bool, on_fail=None, base_storage: str = "",
+                 clip_skip: int = 0):
         from accelerate.utils import AutocastKwargs
 
         self.accelerator, self.family, self.unet = accelerator, family, unet
@@ -106,6 +107,7 @@ class Step:
         self.optimizer, self.lr_scheduler, self.objective = optimizer, lr_scheduler, objective
         self.scaling_factor, self.weight_dtype = scaling_factor, dtype
         self.base_storage = base_storage  # what the frozen base takes, as sdlora.quantize reports it
+        self.clip_skip = clip_skip or family.clip_skip  # the text encoders' layer the captions are encoded from
         # no autocast weight cache: a CUDA graph cannot hold tensors cached outside it
         self.autocast = AutocastKwargs(cache_enabled=False)
         self.run = Graphed(self.loss_and_grads, enabled=cuda_graphs, on_fail=on_fail)
@@ -120,7 +122,8 @@ class Step:
         target = self.objective.target(latents, noise, timesteps)
         with self.accelerator.autocast(self.autocast):
             if ids:  # captions not cached: encode their token ids here (through the text encoders' adapters)
-                hidden, pooled = self.family.encode(self.text_encoders, [ids[f"ids_{j}"] for j in range(len(ids))])
+                hidden, pooled = self.family.encode(self.text_encoders, [ids[f"ids_{j}"] for j in range(len(ids))],
+                                                    self.clip_skip)
             model_pred = self.unet(noisy_latents, timesteps, hidden,
                                    added_cond_kwargs=self.family.denoiser_kwargs(pooled, time_ids)).sample
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")

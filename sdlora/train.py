@@ -18,7 +18,7 @@ from sdlora.diskspace import disk_full, writing, written_folder
 from sdlora.ema import EMA
 from sdlora.errors import UserError
 from sdlora.memory import memory_defaults, used_gb
-from sdlora.models import load_base
+from sdlora.models import check_sampler, load_base
 from sdlora.atomic import write_atomic
 from sdlora.rundir import CONTROL_FILES, EventLog
 from sdlora.sampling import SampleGraphs, Sampler
@@ -92,8 +92,10 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     #    they run), the VAE in fp32. Buckets follow its resolution; on a GPU, memory settings its family and free memory.
     stage.now = "loading the base model"
     base = load_base(config.base, weight_dtype(accelerator), vae_dtype=torch.float32, base_config=config.base_config,
-                     prediction_type=config.prediction_type, as_stored=True)
+                     prediction_type=config.prediction_type, zero_terminal_snr=config.zero_terminal_snr, as_stored=True)
     family, pipe = base.fam, base.pipe
+    clip_skip = family.resolve_clip_skip(config.clip_skip)  # settings this base cannot use stop here, before any work
+    check_sampler(config.sample_scheduler, pipe.scheduler.config)
     if device.type == "cuda" and config.auto_memory:
         config = memory_defaults(config, family, accelerator, events, run_dir)
     reg_records = reg.records if reg else []
@@ -138,6 +140,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         accelerator.init_trackers(run_dir.name, config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
                                                         for k, v in config.__dict__.items()})
     events.emit("start", config=config.__dict__, family=base.family, resolution=resolution,
+                prediction_type=base.prediction_type, zero_terminal_snr=base.zero_terminal_snr, clip_skip=clip_skip,
                 buckets=len(buckets),
                 images=len(data.records), rejected=len(data.rejected), samples_per_epoch=len(batches.samples),
                 masked_images=sum(r.mask is not None for r in data.records) if config.masked_loss else 0,

@@ -64,9 +64,11 @@ def render_sample(pipe, event):
     import numpy as np
     import torch
 
-    pipe.scheduler = getattr(diffusers, event["scheduler"]).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, event["scheduler"]).from_config(pipe.scheduler.config,
+                                                                        **event.get("scheduler_config", {}))
     return np.asarray(pipe(event["prompt"], negative_prompt=event["negative_prompt"] or None,
                            num_inference_steps=event["steps"], guidance_scale=event["guidance_scale"],
+                           guidance_rescale=event.get("guidance_rescale", 0.0),
                            width=event["width"], height=event["height"],
                            generator=torch.Generator("cpu").manual_seed(event["seed"])).images[0], dtype=np.float32)
 

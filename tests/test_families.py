@@ -401,7 +401,8 @@ FAMILY_DATA = {
     "name": str, "label": str, "group": str, "arch": str, "resolution": int, "prediction_type": str,
     "cross_attention_dim": int, "pipeline": str, "pipeline_kwargs": Mapping, "text_encoders": Mapping,
     "text_encoder_aliases": Mapping, "tokenizer_components": tuple, "sgm_unet": bool, "original_text_encoders": tuple,
-    "added_conditioning": bool, "memory_rows": tuple, "unet_targets": Mapping, "text_targets": Mapping,
+    "added_conditioning": bool, "clip_skip": int, "clip_skip_fixed": bool, "memory_rows": tuple,
+    "unet_targets": Mapping, "text_targets": Mapping,
     "base_model_version": str, "architecture": str, "implementation": str, "v2": bool,
 }
 # Functions: the ones a family module fills in, then the ones every Family has from its data.
@@ -409,7 +410,7 @@ FAMILY_FUNCTIONS = ("encode", "encode_prompt", "time_ids", "denoiser_kwargs", "c
                     "detect_pipeline", "detect_folder", "detect_checkpoint", "detect_denoiser", "detect_lora",
                     "read_version", "read_architecture")
 FAMILY_METHODS = ("tokenizers", "text_encoder_models", "memory_defaults", "kohya_prefixes", "kohya_unet_name",
-                  "kohya_text_encoder_name", "lora_metadata")
+                  "kohya_text_encoder_name", "lora_metadata", "resolve_clip_skip", "prompt_kwargs")
 
 
 def test_every_family_provides_what_a_family_must():
@@ -529,3 +530,219 @@ def test_no_module_outside_families_branches_on_a_family():
         if not path.relative_to(root).as_posix().startswith("families/"):
             hits += _family_branches(path)
     assert not hits, "ask the family object (sdlora.families) instead:\n" + "\n".join(hits)
+
+
+# --- v-prediction zero-terminal-SNR bases (NoobAI-XL v-pred style), CLIP skip, the SDXL anime presets ---------------
+
+@pytest.fixture(scope="module")
+def vpred_ztsnr(models, tmp_path_factory):
+    """(single file, its diffusers config folder, the loaded Base): the small SDXL model as a single file carrying the
+    empty `v_pred` and `ztsnr` tensors ComfyUI writes into (and reads from) such checkpoints."""
+    folder, single = models["sdxl"]
+    with safe_open(str(single), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    path = tmp_path_factory.mktemp("vpred") / "vpred-ztsnr.safetensors"
+    save_file({**state, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, str(path))
+    return path, folder, load_base(str(path), base_config=str(folder))
+
+
+def test_a_v_pred_ztsnr_single_file_loads_with_its_schedule(models, vpred_ztsnr, tmp_path):
+    path, folder, base = vpred_ztsnr
+    info = inspect_checkpoint(path)
+    assert (info.arch, info.prediction_type, info.zero_terminal_snr) == ("sdxl", "v_prediction", True)
+    assert base.prediction_type == "v_prediction" and base.zero_terminal_snr
+    assert base.pipe.scheduler.config.rescale_betas_zero_snr and base.pipe.scheduler.config.timestep_spacing == "trailing"
+    # ComfyUI reads ztsnr only beside v_pred (comfy/supported_models.py, SDXL.model_type)
+    ztsnr_only = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+                  "conditioner.embedders.1.model.ln_final.weight": torch.zeros(8), "ztsnr": torch.tensor([])}
+    save_file(ztsnr_only, str(tmp_path / "z.safetensors"))
+    assert inspect_checkpoint(tmp_path / "z.safetensors").zero_terminal_snr is None
+    # a config value overrides the file: off, or on for a folder whose scheduler config does not say so
+    off = load_base(str(path), base_config=str(folder), zero_terminal_snr="off")
+    assert off.prediction_type == "v_prediction" and not off.zero_terminal_snr
+    assert not off.pipe.scheduler.config.rescale_betas_zero_snr
+
+
+def test_v_pred_ztsnr_objective_trains_the_last_timestep_with_finite_weights(vpred_ztsnr):
+    from diffusers import DDPMScheduler
+
+    from sdlora.objectives import DDPM
+
+    base = vpred_ztsnr[2]
+    objective = DDPM(base.pipe.scheduler.config, min_snr_gamma=5.0)
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert objective.scheduler.alphas_cumprod[-1] == 0 and objective.scheduler.alphas_cumprod[-2] > 0
+    assert torch.equal(objective.scheduler.alphas_cumprod, reference.alphas_cumprod)
+    assert (objective.first, objective.last) == (0, 1000)  # drawn from [0, 1000): 999 included
+    last_only = DDPM(base.pipe.scheduler.config, timestep_range=(999, None))
+    assert last_only.draw((4, 8, 8), [torch.Generator().manual_seed(i) for i in range(3)])["timesteps"].tolist() == [999] * 3
+
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    timesteps = torch.tensor([999, 500, 0])
+    assert torch.equal(objective.noisy(latents, noise, timesteps)[0], noise[0])  # pure noise at the last timestep
+    target = objective.target(latents, noise, timesteps)
+    assert torch.equal(target, reference.get_velocity(latents, noise, timesteps))
+    assert torch.equal(target[0], -latents[0])  # v = sqrt(a) * noise - sqrt(1 - a) * x0 with a = 0
+
+    ts = torch.tensor([999, 998, 500, 0])
+    weights = objective.weights(ts)
+    assert torch.isfinite(weights).all() and weights[0] == 0 and (weights[1:] > 0).all()  # min(SNR, 5) / (SNR + 1)
+    debiased = DDPM(base.pipe.scheduler.config, min_snr_gamma=5.0, debiased=True).weights(ts)
+    assert torch.isfinite(debiased).all()
+    assert DDPM(base.pipe.scheduler.config, debiased=True).weights(ts)[0] == 1.0  # 1 / (SNR + 1) at SNR 0
+
+
+def test_samples_and_previews_of_a_ztsnr_base_use_its_schedule_and_guidance_rescale(vpred_ztsnr, tmp_path):
+    import diffusers
+    from accelerate import Accelerator
+    from PIL import Image
+
+    from sdlora.config import TrainConfig
+    from sdlora.generate import Previewer
+    from sdlora.rundir import EventLog
+    from sdlora.sampling import Sampler
+
+    path, folder, base = vpred_ztsnr
+    config = TrainConfig(dataset="-", sample_steps=3, resolution=64)
+    Sampler(Accelerator(cpu=True), base.pipe, [], config, ["a red square"], 64, tmp_path, EventLog(tmp_path))(0)
+    (event,) = [e for e in read_events(tmp_path) if e["type"] == "sample"]
+    assert event["guidance_rescale"] == 0.7 and event["clip_skip"] == 2
+    assert event["scheduler_config"] == {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                                         "timestep_spacing": "trailing"}
+    # plain diffusers, from the folder (an epsilon config) and what the event records, draws the same image
+    plain = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
+    plain.set_progress_bar_config(disable=True)
+    sample = np.asarray(Image.open(event["path"]), dtype=np.float32)
+    assert np.abs(render_sample(plain, event) - sample).mean() < 1.0
+    assert plain.scheduler.timesteps[0] == 999  # trailing spacing starts from the pure-noise timestep
+
+    prev = Previewer(base, device="cpu")
+    image = prev.image("a red square", steps=3, width=64, height=64)
+    assert prev.pipe.guidance_rescale == 0.7 and prev.pipe.scheduler.timesteps[0] == 999
+    assert np.abs(np.asarray(image, dtype=np.float32) - sample).mean() < 1.0  # previews draw as the samples do
+    prev.image("a red square", steps=3, width=64, height=64, guidance_rescale=0.0)
+    assert prev.pipe.guidance_rescale == 0.0
+    with pytest.raises(UserError, match="PNDMScheduler cannot draw from a zero-terminal-SNR base"):
+        prev.image("a red square", steps=3, scheduler="PNDMScheduler")
+
+
+def test_clip_skip_encodes_as_diffusers_and_reaches_the_batch(tmp_path):
+    from accelerate import Accelerator
+
+    from sdlora import dataset as ds
+    from sdlora.batches import Batches, batch_at
+    from conftest import small_config
+    from sdlora.generate import Previewer
+    from sdlora.objectives import DDPM
+
+    base = load_base("tiny")
+    pipe, fam = base.pipe, base.fam
+    prompt = "a red circle"
+    skipped, _ = fam.encode_prompt(pipe, prompt, "cpu", 2)
+    # diffusers' own clip_skip path reads text_encoder.text_model.final_layer_norm, a name transformers 5 dropped
+    # (huggingface/diffusers#14124): give the model that name back so the reference is diffusers' computation
+    object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)
+    try:
+        reference, _ = pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=1)  # diffusers counts from 0
+    finally:
+        del pipe.text_encoder.__dict__["text_model"]
+    assert torch.equal(skipped, reference)
+    assert not torch.allclose(skipped, fam.encode_prompt(pipe, prompt, "cpu", 1)[0])
+    assert torch.equal(fam.prompt_kwargs(pipe, [prompt], [""], "cpu", 2)["prompt_embeds"], skipped)
+
+    data_dir = draw_dataset(tmp_path / "data", n=2, size=64)
+    data = ds.ingest(data_dir, trigger="zxq")
+    config = small_config(data_dir, clip_skip=2, train_text_encoder=False, batch_size=2)
+    bucket_of = [(64, 64)] * len(data.records)
+    batches = Batches(config, data.records, bucket_of, pipe, fam, DDPM(pipe.scheduler.config), Accelerator(cpu=True))
+    (inputs,) = batches.at(0)
+    captions = [c for _, c, _, _ in batch_at(0, config, batches.records, batches.samples, bucket_of)]
+    assert torch.allclose(inputs["hidden"], fam.encode_prompt(pipe, captions, "cpu", 2)[0], atol=1e-5)
+
+    prev = Previewer(base, device="cpu")
+    one, two = (np.asarray(prev.image(prompt, steps=2, clip_skip=k), dtype=np.float32) for k in (1, 2))
+    assert np.abs(one - two).mean() > 1.0
+    assert families.get("sd1").resolve_clip_skip(0) == 1 and families.get("sdxl").resolve_clip_skip(0) == 2
+    with pytest.raises(UserError, match="SDXL always conditions on CLIP layer 2 from the end") as err:
+        families.get("sdxl").resolve_clip_skip(1)
+    assert "\n" not in str(err.value) and err.value.hint
+
+
+def test_metadata_says_v_pred_ztsnr_and_clip_skip():
+    from sdlora.config import TrainConfig
+    from sdlora.export import kohya_metadata
+
+    def meta(family, **kw):
+        return kohya_metadata(TrainConfig(dataset="-"), family=family, resolution=64, step=1, epochs=1.0, num_images=1,
+                              tag_frequency={}, started_at=0.0, title="t", precision="no", **kw)
+
+    vpred = meta("sdxl", prediction_type="v_prediction", zero_terminal_snr=True)
+    assert (vpred["modelspec.prediction_type"], vpred["ss_v_parameterization"], vpred["ss_zero_terminal_snr"],
+            vpred["ss_clip_skip"]) == ("v", "True", "True", "2")
+    plain = meta("sd1", clip_skip=2)
+    assert (plain["modelspec.prediction_type"], plain["ss_v_parameterization"], plain["ss_zero_terminal_snr"],
+            plain["ss_clip_skip"]) == ("epsilon", "False", "False", "2")
+    assert meta("sd1")["ss_clip_skip"] == "1"
+
+
+def test_presets_load_and_validate_and_new_knobs_refuse_bad_values():
+    from sdlora.config import PRESET_HELP, PRESETS, TrainConfig, build_config
+
+    assert set(PRESET_HELP) == set(PRESETS) >= {"sdxl-anime-tags", "sdxl-anime-vpred", "sdxl-pony-style"}
+    for name in PRESETS:
+        build_config(name, dataset="-").validate()
+    vpred = build_config("sdxl-anime-vpred", dataset="-")
+    assert (vpred.prediction_type, vpred.zero_terminal_snr, vpred.clip_skip, vpred.resolution) == \
+        ("v_prediction", "on", 2, 1024)
+    assert vpred.shuffle_tags and vpred.keep_tags == 1 and vpred.noise_offset == 0
+    for values, message in (({"prediction_type": "epsilon", "zero_terminal_snr": "on"}, "needs v-prediction"),
+                            ({"zero_terminal_snr": "on", "sample_scheduler": "PNDMScheduler"},
+                             "cannot draw from a zero-terminal-SNR base"),
+                            ({"zero_terminal_snr": "yes"}, "must be one of auto, on, off"),
+                            ({"sample_guidance_rescale": 1.5}, "must be 0 to 1, or -1"),
+                            ({"clip_skip": 13}, "1 to 12")):
+        with pytest.raises(UserError, match=message) as err:
+            TrainConfig(dataset="-", **values).validate()
+        assert "\n" not in str(err.value) and err.value.hint
+
+
+@pytest.mark.slow
+def test_a_lora_trains_on_a_v_pred_ztsnr_base_with_the_preset_and_merges_back(vpred_ztsnr, tmp_path):
+    """A few steps with the sdxl-anime-vpred preset on the small SDXL single file with v_pred and ztsnr keys: the run
+    says what it found, the loss stays finite, samples rescale guidance, the file's metadata says v and ZTSNR, and a
+    merged checkpoint carries both keys for ComfyUI."""
+    from sdlora.cli import main
+    from sdlora.merge import merge
+
+    path, folder, _ = vpred_ztsnr
+    data = draw_dataset(tmp_path / "data", n=4, size=80)
+    for txt in data.glob("*.txt"):  # tag captions, as the preset expects
+        txt.write_text(txt.read_text().replace(" on a ", ", ").replace("a ", "", 1))
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--preset", "sdxl-anime-vpred", "--base", str(path), "--base-config",
+                 str(folder), "--out", str(run), "--resolution", "64", "--steps", "3", "--batch-size", "2",
+                 "--rank", "4", "--alpha", "2", "--trigger", "zxq", "--sample-every", "3", "--sample-steps", "2",
+                 "--unet-lr", "1e-2", "--train-text-encoder", "--quiet"]) == 0
+    events = read_events(run)
+    start = next(e for e in events if e["type"] == "start")
+    assert (start["prediction_type"], start["zero_terminal_snr"], start["clip_skip"]) == ("v_prediction", True, 2)
+    assert all(np.isfinite(e["loss"]) for e in events if e["type"] == "progress")
+    assert next(e for e in events if e["type"] == "verify")["ok"]
+    assert all(e["guidance_rescale"] == 0.7 for e in events if e["type"] == "sample")
+    with safe_open(str(run / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["modelspec.prediction_type"], meta["ss_v_parameterization"], meta["ss_zero_terminal_snr"],
+            meta["ss_clip_skip"], meta["ss_shuffle_caption"]) == ("v", "True", "True", "2", "True")
+
+    merged = tmp_path / "merged.safetensors"
+    merge(load_base(str(path), base_config=str(folder)), [(str(run / "lora.safetensors"), 1.0)], merged)
+    with safe_open(str(merged), "pt") as f:
+        assert {"v_pred", "ztsnr"} <= set(f.keys())
+    info = inspect_checkpoint(merged)
+    assert (info.prediction_type, info.zero_terminal_snr) == ("v_prediction", True)
+    # zero terminal SNR on an epsilon base is refused when it loads (a config value says on, the folder says nothing)
+    with pytest.raises(UserError, match="zero_terminal_snr needs a v-prediction base") as err:
+        load_base(str(folder), zero_terminal_snr="on")
+    assert "\n" not in str(err.value) and "--prediction-type v_prediction" in err.value.hint

@@ -21,7 +21,9 @@ from sdlora.atomic import write_atomic
 from sdlora.config import PRESETS, TrainConfig, build_config, optimizer_warnings
 from sdlora.errors import UserError
 
-PRESET_CHOICES = [("Style", "style"), ("Character", "character"), ("Quick test", "quick")]
+PRESET_CHOICES = [("Style", "style"), ("Character", "character"), ("Quick test", "quick"),
+                  ("SDXL anime, tags", "sdxl-anime-tags"), ("SDXL anime, v-pred", "sdxl-anime-vpred"),
+                  ("SDXL Pony style", "sdxl-pony-style")]
 FIRST_PRESET = "quick"
 # A tiny-model step on a laptop CPU, measured: ~0.1 s at 4 pictures a step, plus ~15 s to start and sample.
 TINY_CPU_SPEED = (40.0, 15.0)
@@ -47,6 +49,8 @@ LABELS = {
     "warmup_fraction": "Warmup", "min_snr_gamma": "Min-SNR gamma", "mixed_precision": "Precision",
     "gradient_checkpointing": "Save memory (slower)", "cache_latents": "Cache encoded pictures",
     "sample_negative": "Sample negative prompt", "sample_guidance": "Sample guidance", "sample_scheduler": "Sampler",
+    "sample_guidance_rescale": "Sample guidance rescale", "clip_skip": "CLIP skip",
+    "zero_terminal_snr": "Zero terminal SNR",
     "keep_checkpoints": "Checkpoints kept", "export_diffusers": "Also write the diffusers version",
     "masked_loss": "Masked loss", "alpha_mask": "Transparency as mask", "reg_data": "Regularisation pictures",
     "reg_ratio": "Share of regularisation pictures", "prior_loss_weight": "Regularisation loss weight",
@@ -347,7 +351,8 @@ def _field_input(f: dataclasses.Field, value):
         return gr.Number(value=value, label=label, info=info, precision=0, minimum=0)
     if isinstance(default, float):
         step = 1e-5 if f.name.endswith("_lr") else 0.5 if f.name == "alpha" else 0.01
-        return gr.Number(value=value, label=label, info=info, step=step, minimum=0)
+        # a default of -1 means auto (sample_guidance_rescale): the box must take it
+        return gr.Number(value=value, label=label, info=info, step=step, minimum=-1 if default < 0 else 0)
     if isinstance(default, list):
         return gr.Textbox(value=value, label=label, info=f"{info}; one prompt a line", lines=2)
     return gr.Textbox(value=value, label=label, info=info)

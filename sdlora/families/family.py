@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from sdlora.errors import UserError
 from sdlora.families import naming
 
 
@@ -31,6 +32,10 @@ class Family:
     # in original single-file checkpoints: (component, its naming.TEXT_ENCODER_LAYOUTS kind, its key prefix)
     original_text_encoders: tuple[tuple[str, str, str], ...]
     added_conditioning: bool  # the denoiser takes more than the text states: time_ids/denoiser_kwargs make it
+    # CLIP skip as AUTOMATIC1111 and kohya count it (1 = the last layer, 2 = the penultimate): the layer the family's
+    # pipelines condition on by default, and whether it is the only one its loaders use
+    clip_skip: int
+    clip_skip_fixed: bool
     memory_rows: tuple[tuple[float, int, bool, str], ...]  # (free GiB at least, batch, checkpointing, base precision)
     unet_targets: Mapping[str, list[str]]  # LoRA preset -> layer names in the denoiser
     text_targets: Mapping[str, list[str]]  # LoRA preset -> layer names in the text encoders
@@ -42,8 +47,10 @@ class Family:
     v2: bool  # kohya's ss_v2
 
     # --- functions
-    encode: Callable  # (text_encoders, ids) -> (encoder_hidden_states, pooled or None), as the pipelines encode
-    encode_prompt: Callable  # (pipe, prompt, device) -> (encoder_hidden_states, pooled or None), the pipeline's own
+    # (text_encoders, ids, clip_skip) -> (encoder_hidden_states, pooled or None), as the pipelines encode
+    encode: Callable
+    # (pipe, prompt(s), device, clip_skip) -> (encoder_hidden_states, pooled or None), from the text as pipelines do
+    encode_prompt: Callable
     time_ids: Callable  # (original_size, crop_top_left, bucket) -> size conditioning Tensor, or None
     denoiser_kwargs: Callable  # (pooled, time_ids) -> the UNet's added_cond_kwargs, or None
     checkpoint_prediction: Callable  # (tensor) -> (prediction_type, why) read off a single file's weights, or None
@@ -76,6 +83,30 @@ class Family:
             if free_gib >= need:
                 return batch_size, checkpointing, base_precision
         raise AssertionError("the last row needs 0 GiB")
+
+    def resolve_clip_skip(self, value: int) -> int:
+        """The CLIP skip a run uses: `value`, or for 0 the family's own; a UserError for one its loaders never use."""
+        if value == 0:
+            return self.clip_skip
+        if self.clip_skip_fixed and value != self.clip_skip:
+            raise UserError(f"clip_skip = {value}: {self.label} always conditions on CLIP layer {self.clip_skip} from "
+                            "the end (kohya and AUTOMATIC1111 ignore clip skip there)",
+                            f"use --clip-skip {self.clip_skip} or 0 for {self.label}")
+        return value
+
+    def prompt_kwargs(self, pipe, prompts: list[str], negatives: list[str], device, clip_skip: int) -> dict:
+        """What a pipeline call takes for `prompts` and `negatives` at `clip_skip`: the prompts themselves at the
+        family's own layer, else the embeddings encode_prompt makes (diffusers 0.42's own clip_skip fails under
+        transformers 5: huggingface/diffusers#14124; it also leaves the negative prompt unskipped, and AUTOMATIC1111
+        skips both)."""
+        if clip_skip == self.clip_skip:
+            return {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
+        hidden, pooled = self.encode_prompt(pipe, prompts, device, clip_skip)
+        negative_hidden, negative_pooled = self.encode_prompt(pipe, negatives, device, clip_skip)
+        out = {"prompt_embeds": hidden, "negative_prompt_embeds": negative_hidden}
+        if pooled is not None:
+            out.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
+        return out
 
     def kohya_prefixes(self) -> dict[str, str]:
         """Every kohya text-encoder prefix a loader maps onto this family (its own, then the aliases) -> component."""

@@ -8,14 +8,28 @@ from sdlora.families.family import Family, no_prediction
 from sdlora.families.targets import TEXT_TARGETS, UNET_TARGETS
 
 
-def encode(text_encoders: list, ids: list[torch.Tensor]) -> tuple[torch.Tensor, None]:
-    """The text encoder's last hidden state, as StableDiffusionPipeline.encode_prompt (no pooled embedding)."""
-    return text_encoders[0](ids[0])[0], None
+def encode(text_encoders: list, ids: list[torch.Tensor], clip_skip: int = 1) -> tuple[torch.Tensor, None]:
+    """The text encoder's last hidden state, as StableDiffusionPipeline.encode_prompt (no pooled embedding). With
+    `clip_skip` N > 1, the output of the N-th layer from the end through the final layer norm, as AUTOMATIC1111
+    (sd_hijack_clip.py), kohya (train_util.get_hidden_states) and diffusers (encode_prompt's clip_skip = N - 1) do."""
+    text_encoder = text_encoders[0]
+    if clip_skip == 1:
+        return text_encoder(ids[0])[0], None
+    hidden = text_encoder(ids[0], output_hidden_states=True).hidden_states[-clip_skip]
+    # transformers 5 keeps CLIPTextModel's final_layer_norm on the model itself; 4.x under text_model
+    final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return final_layer_norm(hidden), None
 
 
-def encode_prompt(pipe, prompt: str, device) -> tuple[torch.Tensor, None]:
-    hidden, _ = pipe.encode_prompt(prompt, device, 1, False)
-    return hidden, None
+def encode_prompt(pipe, prompt, device, clip_skip: int = 1) -> tuple[torch.Tensor, None]:
+    """The pipeline's own encode_prompt at the default layer; at another, its tokenization and `encode`."""
+    if clip_skip == 1:
+        hidden, _ = pipe.encode_prompt(prompt, device, 1, False)
+        return hidden, None
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return encode([pipe.text_encoder], [ids], clip_skip)
 
 
 def time_ids(original_size, crop_top_left, bucket) -> None:
@@ -106,6 +120,9 @@ def _family(name, label, arch, resolution, prediction_type, cross_attention_dim,
         text_encoders={"lora_te_": "text_encoder"}, text_encoder_aliases={"lora_te1_": "lora_te_"},
         tokenizer_components=("tokenizer",), sgm_unet=False,
         original_text_encoders=(("text_encoder", text_encoder_kind, text_encoder_key),), added_conditioning=False,
+        # SD2's converted text encoder already ends one layer early (the original conditions on OpenCLIP's penultimate
+        # layer), so its last layer, 1, is its own too; NovelAI-lineage SD1 anime models use 2
+        clip_skip=1, clip_skip_fixed=False,
         memory_rows=memory_rows, unet_targets=UNET_TARGETS, text_targets=TEXT_TARGETS,
         base_model_version=base_model_version, architecture=architecture, implementation="diffusers", v2=v2,
         encode=encode, encode_prompt=encode_prompt, time_ids=time_ids, denoiser_kwargs=denoiser_kwargs,

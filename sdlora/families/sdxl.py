@@ -9,19 +9,22 @@ from sdlora.families.family import Family, no_prediction
 from sdlora.families.targets import TEXT_TARGETS, UNET_TARGETS
 
 
-def encode(text_encoders: list, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both encoders' penultimate hidden states side by side, and the second encoder's pooled projection
-    (diffusers' StableDiffusionXLPipeline.encode_prompt)."""
+def encode(text_encoders: list, ids: list[torch.Tensor], clip_skip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both encoders' penultimate hidden states (clip_skip 2, the only one SDXL's loaders use) side by side, with no
+    final layer norm, and the second encoder's pooled projection (diffusers' StableDiffusionXLPipeline.encode_prompt).
+    """
     hidden, pooled = [], None
     for token_ids, text_encoder in zip(ids, text_encoders):
         out = text_encoder(token_ids, output_hidden_states=True)
         pooled = out[0]  # the last encoder's is the one used: CLIPTextModelWithProjection's text_embeds
-        hidden.append(out.hidden_states[-2])
+        hidden.append(out.hidden_states[-clip_skip])
     return torch.cat(hidden, dim=-1), pooled
 
 
-def encode_prompt(pipe, prompt: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
+def encode_prompt(pipe, prompt, device, clip_skip: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    # diffusers counts SDXL's clip_skip from the penultimate layer (hidden_states[-(clip_skip + 2)])
+    hidden, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False,
+                                              clip_skip=None if clip_skip == 2 else clip_skip - 2)
     return hidden, pooled
 
 
@@ -82,7 +85,10 @@ SDXL = Family(
     # the prefixes diffusers' single-file loader strips (diffusers/loaders/single_file_utils.py)
     original_text_encoders=(("text_encoder", "clip", "conditioner.embedders.0.transformer."),
                             ("text_encoder_2", "openclip", "conditioner.embedders.1.model.")),
-    added_conditioning=True, memory_rows=MEMORY_1024, unet_targets=UNET_TARGETS, text_targets=TEXT_TARGETS,
+    # SDXL was trained on both encoders' penultimate layer: kohya ignores --clip_skip for it (sdxl_train_util.py) and
+    # AUTOMATIC1111 does unless an experimental option is on, so a LoRA trained on another layer would be used on this
+    added_conditioning=True, clip_skip=2, clip_skip_fixed=True, memory_rows=MEMORY_1024, unet_targets=UNET_TARGETS,
+    text_targets=TEXT_TARGETS,
     base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base",
     implementation="https://github.com/Stability-AI/generative-models", v2=False,
     encode=encode, encode_prompt=encode_prompt, time_ids=time_ids, denoiser_kwargs=denoiser_kwargs,
