@@ -1,7 +1,8 @@
 """Do the training options run under the CUDA-graph step, and train as the eager step does?
 
 For each option (masked loss with regularisation pictures, Prodigy, schedule-free AdamW, Adafactor, EMA, debiased
-estimation with a timestep range, and plain AdamW for reference) the tiny base trains the same short run twice on one
+estimation with a timestep range, clip skip, v-prediction with a zero-terminal-SNR schedule, and plain AdamW for
+reference) the tiny base trains the same short run twice on one
 GPU, with `cuda_graphs` on and off, same seed, through sdlora's own entry point. Recorded per run: how many step
 graphs were captured (0 = the step ran eagerly), any warning, the wall time, and every step's loss; compared: the
 largest per-step loss difference between the two runs, relative to the loss.
@@ -36,6 +37,9 @@ CASES = {
     "adafactor": {"optimizer": "adafactor"},
     "ema": {"ema_decay": 0.99},
     "debiased + timestep range": {"debiased_estimation": True, "timestep_min": 200, "timestep_max": 900},
+    "clip skip 2": {"clip_skip": 2},
+    # the tiny base predicts epsilon; trained as v-prediction with a zero-terminal-SNR schedule, it runs that code path
+    "v-prediction, zero terminal SNR": {"prediction_type": "v_prediction", "zero_terminal_snr": "on"},
 }
 
 
