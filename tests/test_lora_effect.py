@@ -41,7 +41,7 @@ def test_lora_carries_its_look_and_strength_blends_it(name, margin, tmp_path, pr
     config = build_config(dataset=str(ROOT / "datasets" / name), base="tiny", trigger=trigger, steps=120,
                           unet_lr=2e-3, lr_scheduler="constant", sample_every=120, save_every=120, sample_steps=1)
     lora = train(config, tmp_path / "run", progress_bar=False)
-    scores = bench.measure(previewer, str(lora), name, bench.prompts_for(name, trigger, 10), steps=12)
+    scores, _ = bench.measure(previewer, str(lora), name, bench.prompts_for(name, trigger, 10), steps=12)
     s0, s_half, s1 = (scores[k]["score"]["mean"] for k in ("0", "0.5", "1"))
     print(f"{name}: score at strength 0 / 0.5 / 1 = {s0:.3f} / {s_half:.3f} / {s1:.3f}")
     assert s1 > s0 + margin, "at strength 1 the dataset's look is not there (or strength 0 already has it)"
