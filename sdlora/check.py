@@ -370,7 +370,7 @@ def _tags(records, leave_out: set[str]) -> list[Finding]:
         for tag in set(tags):
             counts[tag] = counts.get(tag, 0) + 1
     everywhere = sorted(t for t, c in counts.items() if c == len(captioned) and t not in leave_out)
-    common = sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))[:10]
+    common = sorted(((t, c) for t, c in counts.items() if t not in leave_out), key=lambda tc: (-tc[1], tc[0]))[:10]
     out = [Finding("tags", "info", [], "most frequent tags: " + ", ".join(f"{t} ({c})" for t, c in common),
                    "prune tags that name what the trigger should carry")]
     if everywhere:
@@ -390,7 +390,8 @@ def _rounds(records, pictures, buckets, steps: int, batch_size: int, grad_accum:
     per_step = batch_size * grad_accum
     repeats = sorted({r.repeats for r in records})
     seen = {n: rounds * n for n in repeats}
-    times = ", ".join(f"{seen[n]:.0f} times" + (f" ({n} repeats)" if len(repeats) > 1 else "") for n in repeats)
+    times = ", ".join(f"{seen[n]:.0f} times" + ((f" ({n} repeats)" if n > 1 else " (no repeat folder)")
+                                                 if len(repeats) > 1 else "") for n in repeats)
     message = (f"{steps} steps of {per_step} pictures: {rounds:.1f} rounds of {len(samples)} pictures "
                f"({batches} batches a round); each picture is seen about {times}")
     low, high = min(seen.values()), max(seen.values())
