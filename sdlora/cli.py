@@ -1,4 +1,4 @@
-"""The command line: `sdlora train | generate | runs | app | merge | resize | info`; user errors print one line and exit 2."""
+"""The command line: `sdlora train | check | generate | runs | app | merge | resize | info`; user errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -60,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--gpus", type=int, default=1,
                    help="train one run data-parallel over this many GPUs (through accelerate launch)")
     _add_config_flags(t)
+
+    c = sub.add_parser("check", help="check a dataset for what makes a LoRA disappoint: duplicates, small, enlarged, "
+                                     "cropped or blurry pictures, captions, how often each picture is seen")
+    c.add_argument("dataset", help="folder or .zip of images with .txt captions, or an example such as example:style")
+    c.add_argument("--trigger", default="", help="the trigger word the run will use")
+    c.add_argument("--resolution", type=int, default=0, help="training resolution (0 = the base model's own)")
+    c.add_argument("--base", default="tiny",
+                   help="base model: tiny, sd1, sd2, sdxl, a diffusers folder or a .safetensors checkpoint")
+    c.add_argument("--steps", type=int, default=0, help="with --batch-size: how often the run shows each picture")
+    c.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="pictures per step")
+    c.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
 
     g = sub.add_parser("generate", help="make an image with a base model and LoRAs at chosen strengths",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_spare(main)
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "generate": _generate, "runs": _runs, "merge": _merge, "resize": _resize,
+        return {"train": _train, "check": _check, "generate": _generate, "runs": _runs, "merge": _merge, "resize": _resize,
                 "info": _info}[args.command](args)
     except UserError as e:
         print(f"sdlora: error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
@@ -177,6 +188,25 @@ def _train(args) -> int:
 
     _quiet_loading()
     train(config, run_dir, resume=args.resume, progress_bar=not args.quiet)
+    return 0
+
+
+def _check(args) -> int:
+    from sdlora import dataset as ds
+    from sdlora.check import check_dataset, summary
+
+    if args.steps < 0 or args.batch_size < 1 or args.grad_accum < 1:
+        raise UserError("--steps must be 0 or more, --batch-size and --grad-accum at least 1", "fix the numbers")
+    data = ds.ingest(examples.locate(args.dataset))
+    findings = check_dataset(data, trigger=args.trigger, resolution=args.resolution, base=args.base, steps=args.steps,
+                             batch_size=args.batch_size, grad_accum=args.grad_accum)
+    for name, reason in data.rejected:
+        print(f"skipped  {name}: {reason}")
+    for warning in data.warnings:
+        print(f"note     {warning}")
+    for finding in findings:
+        print(f"{finding.severity:8s} {finding.message}" + (f"\n         -> {finding.hint}" if finding.hint else ""))
+    print(summary(findings, len(data.records)))
     return 0
 
 

@@ -12,6 +12,7 @@ import torch
 from sdlora import checkpoints
 from sdlora import dataset as ds
 from sdlora.batches import Batches
+from sdlora.check import check_dataset
 from sdlora.config import TrainConfig, optimizer_warnings
 from sdlora.control import Losses, Requests, StopSignals
 from sdlora.diskspace import disk_full, writing, written_folder
@@ -100,7 +101,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         config = memory_defaults(config, family, accelerator, events, run_dir)
     reg_records = reg.records if reg else []
     resolution, buckets, bucket_of = _buckets(config, base, data.records + reg_records, events)
-    _warn_about_data(config, data, family.tokenizers(pipe)[0], events)
+    _warn_about_data(config, data, family.tokenizers(pipe)[0], events, resolution, buckets, accelerator.num_processes)
     setup.lap("load")
 
     # 3. Models on the device, adapters, optimizer, schedule, objective and the step (bench/train_speed.py times it).
@@ -265,9 +266,10 @@ def _buckets(config, base, records, events) -> tuple[int, list, list]:
     return resolution, buckets, [ds.nearest_bucket(*r.image.size, buckets) for r in records]
 
 
-def _warn_about_data(config, data, tokenizer, events) -> None:
+def _warn_about_data(config, data, tokenizer, events, resolution, buckets, processes=1) -> None:
     """Warnings the run's events carry about its data and settings: what ingest found and skipped, settings that
-    fight the optimizer, a missing trigger word, captions the text encoder will cut."""
+    fight the optimizer, and the dataset check's findings (sdlora.check: duplicates, small, enlarged, cropped or blurry
+    pictures, the trigger word, captions the text encoder will cut, how often each picture is seen)."""
     for w in data.warnings + optimizer_warnings(config):
         events.emit("warning", message=w)
     masked = sum(r.mask is not None for r in data.records)
@@ -276,13 +278,12 @@ def _warn_about_data(config, data, tokenizer, events) -> None:
                                        "is off: they train whole (turn masked_loss on to use the masks)")
     for name, reason in data.rejected:
         events.emit("warning", message=f"skipped {name}: {reason}")
-    records = data.records
-    if not config.trigger.strip() and ds.common_first_word([r.caption for r in records]) is None:
-        events.emit("warning", message=ds.NO_TRIGGER)
-    long = [r.name for r in records if len(tokenizer(r.caption).input_ids) > tokenizer.model_max_length]
-    if long:
-        events.emit("warning", message=f"{len(long)} captions are longer than {tokenizer.model_max_length - 2} tokens "
-                                       f"and will be cut (e.g. {long[0]})")
+    findings = check_dataset(data, trigger=config.trigger, resolution=resolution, steps=config.steps,
+                             batch_size=config.batch_size * processes, grad_accum=config.grad_accum,
+                             tokenizer=tokenizer, buckets=buckets)
+    for finding in findings:
+        events.emit("warning", message=str(finding), check=finding.kind, severity=finding.severity,
+                    files=finding.files)
 
 
 def _check_masks(config, data) -> None:

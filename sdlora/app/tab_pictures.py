@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import gradio as gr
 
 from sdlora import examples as bundled
+from sdlora import check
+from sdlora import dataset as ds
 from sdlora import workspace as ws
 from sdlora.app import tab_train
 from sdlora.app.context import Context
@@ -108,6 +110,32 @@ def change_all(ctx: Context, values: dict) -> dict:
     return result
 
 
+def check_pictures(ctx: Context, values: dict) -> dict:
+    """Check the pictures and captions of dataset `name` for what makes a LoRA disappoint, with the Train tab's
+    `trigger`, `base`, `resolution`, `steps`, `batch_size` and `grad_accum`: the findings as Markdown."""
+    name = values["name"]
+    if not name or name not in ws.dataset_names(ctx.root):
+        raise UserError("no dataset picked", "pick a dataset with pictures first")
+    number = lambda key, default: int(float(values.get(key) or default))  # noqa: E731 - form fields may be text
+    base = values.get("base") or "tiny"
+    on_disk = ctx.models / base
+    base = str(on_disk) if base != "tiny" and on_disk.exists() else base
+    resolution, said = number("resolution", 0), ""
+    if not resolution:
+        try:
+            resolution = check.base_resolution(base)
+        except UserError:  # a hub id: its size is known only once loaded
+            resolution, said = 512, " (512 px assumed; set the resolution on the Train tab to check at another)"
+    data = ds.ingest(ws.dataset_dir(ctx.root, name))  # captions as written: the trigger is not added yet
+    findings = check.check_dataset(data, trigger=values.get("trigger") or "", resolution=resolution, base=base,
+                                   steps=number("steps", 0), batch_size=number("batch_size", 1),
+                                   grad_accum=number("grad_accum", 1))
+    lines = [f"**Check of {name}** at {resolution} px{said}: {check.summary(findings, len(data.records))}."]
+    lines += [f"- **{f.severity}**: {f.message}" + (f" — {f.hint}" if f.hint else "") for f in findings]
+    lines += [f"- skipped `{n}`: {why}" for n, why in data.rejected]
+    return {"findings": "\n".join(lines) if findings or data.rejected else lines[0] + " Nothing to fix."}
+
+
 # ---- layout and wiring --------------------------------------------------------------------------------------------
 
 def layout(ctx: Context) -> SimpleNamespace:
@@ -147,6 +175,10 @@ def layout(ctx: Context) -> SimpleNamespace:
                 ui.bulk_find = gr.Textbox(label="Find")
                 ui.bulk_replace = gr.Textbox(label="Replace with")
             ui.bulk = gr.Button("Change all captions")
+        with gr.Accordion("Check pictures", open=False):
+            ui.check = gr.Button("Check pictures")
+            ui.findings = gr.Markdown("Finds duplicates, small, enlarged, cropped or blurry pictures and caption "
+                                      "problems, with the Train tab's trigger word, resolution and steps.")
     return ui
 
 
@@ -176,3 +208,7 @@ def wire(ctx: Context, page: SimpleNamespace) -> None:
        {"name": ui.dataset, "trigger": ui.bulk_trigger, "prefix": ui.bulk_prefix, "suffix": ui.bulk_suffix,
         "find": ui.bulk_find, "replace": ui.bulk_replace},
        {**shown, "trigger": train.form["trigger"]}, api_name="change_all")
+    on(ui.check.click, ctx, check_pictures,
+       {"name": ui.dataset, "trigger": train.form["trigger"], "base": train.base,
+        "resolution": train.form["resolution"], "steps": train.form["steps"], "batch_size": train.form["batch_size"],
+        "grad_accum": train.form["grad_accum"]}, {"findings": ui.findings}, api_name="check_pictures")
