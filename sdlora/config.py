@@ -70,9 +70,16 @@ class TrainConfig:
     prior_loss_weight: float = _knob(1.0, "loss weight of the reg_data pictures (kohya's prior_loss_weight)")
 
     # The adapter
+    adapter: str = _knob("lora", "adapter type: lora; locon also adapts the UNet's ResNet convolutions (textures and "
+                                 "styles); dora learns each output channel's magnitude apart (fidelity at low rank)",
+                         choices=("lora", "locon", "dora"))
     rank: int = _knob(16, "LoRA rank (dim): capacity of the adapter")
     alpha: float = _knob(8.0, "LoRA alpha; the update is scaled by alpha/rank, so LR and alpha travel together")
     lora_dropout: float = _knob(0.0, "dropout inside the LoRA layers")
+    conv_rank: int = _knob(8, "locon: rank of the ResNet 3x3 convolutions (kohya's conv_dim)")
+    conv_alpha: float = _knob(4.0, "locon: alpha of the ResNet 3x3 convolutions (kohya's conv_alpha)")
+    use_rslora: bool = _knob(False, "scale updates by alpha/sqrt(rank) instead of alpha/rank (rsLoRA): high ranks "
+                                    "keep learning at the same learning rate")
     targets: str = _knob("attn", "layers to adapt: attention only, or attention + MLP (kohya's default)",
                          choices=("attn", "attn-mlp"))
     train_text_encoder: bool = _knob(True, "also train a LoRA on the text encoder(s)")
@@ -171,6 +178,8 @@ class TrainConfig:
         need(self.rank >= 1, "rank", "must be at least 1")
         need(self.alpha > 0, "alpha", "must be positive")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        need(self.conv_rank >= 1, "conv_rank", "must be at least 1")
+        need(self.conv_alpha > 0, "conv_alpha", "must be positive")
         need(self.steps >= 1, "steps", "must be at least 1")
         need(self.batch_size >= 1, "batch_size", "must be at least 1")
         need(self.grad_accum >= 1, "grad_accum", "must be at least 1")

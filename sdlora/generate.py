@@ -60,6 +60,11 @@ class Previewer:
                 raise UserError(f"{p.name} is not a readable .safetensors LoRA file: {str(e).splitlines()[0][:200]}",
                                 "give the path of a LoRA .safetensors file") from None
             check_plain_lora(p.name, state)  # say what a LoHa/LoKr file is, before diffusers fails on its keys
+            if any(k.endswith(".dora_scale") for k in state):
+                # diffusers 0.42 drops dora_scale and would draw a plain LoRA instead: refuse rather than mislead
+                raise UserError(f"{p.name} is a DoRA file, which diffusers' loader reads without its magnitudes",
+                                f"merge it into the base (sdlora merge BASE {p.name}) and preview that, or use "
+                                "ComfyUI/Forge, which read DoRA")
             check_lora_fits(p.name, state, metadata, self.base)
             try:
                 self.pipe.load_lora_weights(str(p), adapter_name=name)

@@ -41,7 +41,7 @@ _SETTINGS = [  # (metadata key, label) shown by `sdlora info`, in this order
 class Adapter:
     """A LoRA file, one entry per adapted module, named in the kohya layout whatever layout the file uses."""
 
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # kohya name -> (down, up, alpha)
+    modules: dict[str, tuple]  # kohya name -> (down, up, alpha), and dora_scale 4th for a DoRA module
     metadata: dict[str, str]
     layout: str  # "kohya" or "diffusers" (peft keys, `lora_A`/`lora_B`)
     stray: list[str] = field(default_factory=list)  # keys that belong to no module: loaders choke on these
@@ -80,7 +80,7 @@ def guessed_family(adapter: Adapter) -> str | None:
     the UNet's cross-attention width (attn2 to_k input; the tiny model's 128 tells nothing)."""
     family = families.from_lora_names(list(adapter.modules))
     if family is None:
-        widths = {down.shape[1] for n, (down, _, _) in adapter.modules.items() if n.endswith("attn2_to_k")}
+        widths = {w[0].shape[1] for n, w in adapter.modules.items() if n.endswith("attn2_to_k")}
         family = next((f for w in widths if (f := families.of_width(w))), None)
     return family.name if family else None
 
@@ -107,7 +107,7 @@ def base_modules(pipe, family: str) -> dict[str, torch.nn.Module]:
 def fit(adapter: Adapter, table: dict[str, torch.nn.Module]) -> dict:
     """Which modules land on the base: `mapped` names, `missing` (no such layer), `wrong_shape` (name, lora, layer)."""
     mapped, missing, wrong = [], [], []
-    for name, (down, up, _) in adapter.modules.items():
+    for name, (down, up, *_) in adapter.modules.items():
         layer = table.get(name)
         if layer is None:
             missing.append(name)
@@ -139,9 +139,9 @@ def describe(path: str | Path, base=None) -> dict:
     """Everything `sdlora info` prints, as a dict. `base`: a spec or a loaded `Base` to check the keys against."""
     adapter = read_adapter(path)
     meta = adapter.metadata
-    ranks = Counter(down.shape[0] for down, _, _ in adapter.modules.values())
-    alphas = Counter(alpha for _, _, alpha in adapter.modules.values())
-    conv3x3 = sum(down.dim() == 4 and down.shape[-1] > 1 for down, _, _ in adapter.modules.values())
+    ranks = Counter(w[0].shape[0] for w in adapter.modules.values())
+    alphas = Counter(w[2] for w in adapter.modules.values())
+    conv3x3 = sum(w[0].dim() == 4 and w[0].shape[-1] > 1 for w in adapter.modules.values())
     unet = [n for n in adapter.modules if n.startswith("lora_unet_")]
     te = [n for n in adapter.modules if not n.startswith("lora_unet_")]
     tags = Counter()
@@ -161,8 +161,9 @@ def describe(path: str | Path, base=None) -> dict:
         "family": stated.name if stated else guessed_family(adapter),
         "family_source": "metadata" if stated else "key shapes",
         "ranks": dict(sorted(ranks.items())), "alphas": dict(sorted(alphas.items())),
-        "scales": sorted({round(a / d.shape[0], 6) for d, _, a in adapter.modules.values()}),
-        "conv3x3_modules": conv3x3,
+        "scales": sorted({round(w[2] / w[0].shape[0], 6) for w in adapter.modules.values()}),
+        "conv3x3_modules": conv3x3, "dora_modules": sum(len(w) > 3 for w in adapter.modules.values()),
+        "network": meta.get("ss_network_module", ""), "network_args": meta.get("ss_network_args", ""),
         "unet": _targets(unet, UNET_TARGETS), "text_encoder": _targets(te, TEXT_TARGETS),
         "trigger": meta.get("modelspec.trigger_phrase", ""),
         "top_tags": [t for t, _ in tags.most_common(5)],
@@ -205,6 +206,11 @@ def format_info(info: dict, limit: int = 10) -> str:
                      f"most common one to every module; `sdlora resize FILE --rank {top}` writes one alpha, same function")
     if info["conv3x3_modules"]:
         lines.append(f"conv 3x3:      {info['conv3x3_modules']} modules (LoCon)")
+    if info["dora_modules"]:
+        lines.append(f"DoRA:          {info['dora_modules']} modules with a magnitude (dora_scale); diffusers does not "
+                     "read it, ComfyUI, Forge and LyCORIS do")
+    if info["network"]:
+        lines.append(f"network:       {info['network']}" + (f" {info['network_args']}" if info["network_args"] else ""))
     lines.append(f"trigger:       {info['trigger'] or '(none in the metadata)'}")
     if info["top_tags"]:
         lines.append("top tags:      " + "; ".join(info["top_tags"]))

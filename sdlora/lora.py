@@ -26,11 +26,17 @@ def kohya_state_dict(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Mo
     `sgm_unet` (Family.sgm_unet) names UNet modules in the original block numbering, as kohya does for SDXL
     (docs/lora-format.md, Keys); otherwise they keep their diffusers paths.
     """
+    return adapter.state_dict(kohya_modules(unet, text_encoders, sgm_unet, adapter))
+
+
+def kohya_modules(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module], sgm_unet: bool = False,
+                  adapter: AdapterType = LORA) -> dict[str, torch.nn.Module]:
+    """kohya name -> adapter layer, for the UNet and the text encoders as `kohya_state_dict` names them."""
     modules = {kohya_name(KOHYA_UNET, unet_module_name(path, unet.config, sgm_unet)): layer
                for path, layer in adapter.layers(unet).items()}
     for prefix, te in text_encoders.items():
         modules.update({kohya_text_encoder_name(prefix, path): layer for path, layer in adapter.layers(te).items()})
-    return adapter.state_dict(modules)
+    return modules
 
 
 def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

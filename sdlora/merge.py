@@ -55,7 +55,9 @@ def merge(base: str | Base, loras: list[tuple[str, float]], out: str | Path, fmt
         for key, weights in adapter.modules.items():
             layer = table[key]
             changed.add(id(layer))
-            delta = LORA.delta(weights, strength)
+            # DoRA's change depends on the weight it lands on: the layer as the files before left it, as ComfyUI
+            # applies patches one after another
+            delta = LORA.delta(weights, strength, base_weight=layer.weight)
             layer.weight += delta.reshape(layer.weight.shape).to(layer.weight.dtype)
     dtype = PRECISIONS[precision]
     meta = {"modelspec.sai_model_spec": "1.0.1",

@@ -39,7 +39,7 @@ def resize(path: str | Path, out: str | Path, rank: int | None = None, energy: f
         raise UserError(f"{Path(path).name} has {len(adapter.stray)} keys outside any LoRA module, e.g. {adapter.stray[0]}",
                         "`sdlora info` lists them; only clean LoRA files can be resized")
     plans = {}
-    for name, (down, up, alpha) in sorted(adapter.modules.items()):
+    for name, (down, up, alpha, *_) in sorted(adapter.modules.items()):
         r = down.shape[0]
         # SVD of up @ down through QR of the thin factors: exact, and O((out + in) r^2) instead of a full SVD
         qu, ru = torch.linalg.qr(up.flatten(1).double())
@@ -53,12 +53,16 @@ def resize(path: str | Path, out: str | Path, rank: int | None = None, energy: f
     top = max(k for _, _, _, k, _ in plans.values())
     # One alpha for the whole file, not kohya's alpha*k/r per module: diffusers 0.42 gives every module the most
     # common alpha when alphas differ, so each module's own factor goes into its weights instead.
-    ratio = Counter(alpha / down.shape[0] for down, _, alpha in adapter.modules.values()).most_common(1)[0][0] or 1.0
+    ratio = Counter(w[2] / w[0].shape[0] for w in adapter.modules.values()).most_common(1)[0][0] or 1.0
     new_alpha = ratio * top  # alpha/rank of the file's full-rank modules = the trained alpha/rank
     state, rows = {}, []
     for name, (u, s, vh, k, total) in plans.items():
-        down, up, alpha = adapter.modules[name]
+        down, up, alpha, *dora = adapter.modules[name]
         r = down.shape[0]
+        if dora:
+            # DoRA: W' = m * (W + dW) / |W + dW|. The magnitude m is kept as trained and the reader renormalises, so
+            # only the direction's change dW is approximated; rel_error is that of dW, not of W' (which needs the base)
+            state[f"{name}.dora_scale"] = dora[0]
         root = (s[:k] * (alpha / r) / ratio * k / top).sqrt()  # (new_alpha/k) up' down' = (alpha/r) U_k S_k V_k^T
         new_up = (u[:, :k] * root).reshape(up.shape[0], k, *up.shape[2:])
         new_down = (root[:, None] * vh[:k]).reshape(k, *down.shape[1:])

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from sdlora import checkpoints
+from sdlora import adapters, checkpoints
 from sdlora.diskspace import writing
-from sdlora.export import kohya_metadata, verify, write_diffusers_layout
-from sdlora.lora import kohya_state_dict, save_lora
+from sdlora.export import check_file, kohya_metadata, verify, write_diffusers_layout
+from sdlora.lora import kohya_modules, kohya_state_dict, save_lora
 from sdlora.models import load_base
 
 
@@ -76,7 +76,7 @@ class Saves:
         """The adapters as they are now, in the kohya layout (copies: the weights may change in place after)."""
         unet, text_encoders = self.trained[0], self.trained[1:]
         return kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
-                                sgm_unet=self.family.sgm_unet)
+                                sgm_unet=self.family.sgm_unet, adapter=adapters.get(self.config.adapter))
 
     def preload(self, pipe) -> None:
         """Start loading a fresh copy of the base for the final check in a background thread, when the host has the
@@ -106,6 +106,14 @@ class Saves:
                             prediction_type=self.config.prediction_type,
                             zero_terminal_snr=self.config.zero_terminal_snr,
                             base=self.fresh_base.result() if self.fresh_base is not None else None)
+            # and the file read back by the adapter type's own reader against the trained layers themselves: each
+            # module's change at strength 1 (DoRA's magnitudes too, which diffusers does not read), none at 0
+            unet, text_encoders = self.trained[0], self.trained[1:]
+            adapter = adapters.get(self.config.adapter)
+            with self.weights():
+                result["file_check"] = check_file(path, kohya_modules(
+                    unet, dict(zip(self.base.text_encoders(), text_encoders)), self.family.sgm_unet, adapter), adapter)
+            result["ok"] = result["ok"] and result["file_check"]["ok"]
             self.events.emit("verify", **result, seconds=round(time.perf_counter() - t, 2),
                              preloaded=self.fresh_base is not None)
             if not result["ok"]:

@@ -11,7 +11,8 @@ from peft.tuners.lora import LoraLayer
 from sdlora.config import TrainConfig
 from sdlora.graphs import Graphed
 from sdlora import families
-from sdlora.adapters.lora import LORA
+from sdlora import adapters
+from sdlora.families.targets import UNET_CONV3X3_TARGETS, UNET_CONV_OTHER_TARGETS
 from sdlora.objectives import DDPM
 from sdlora.quantize import quantize_base
 
@@ -41,13 +42,16 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
         model.to(device)  # by device only: a dtype would undo the fp8 storage
 
     torch.manual_seed(config.seed)
-    unet_params = LORA.attach(unet, family.unet_targets[config.targets], rank=config.rank, alpha=config.alpha,
-                              dropout=config.lora_dropout)
+    adapter = adapters.get(config.adapter)
+    unet_targets, conv_targets = unet_adapter_targets(family, config)
+    unet_params = adapter.attach(unet, unet_targets, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
+                                 conv_targets=conv_targets, conv_rank=config.conv_rank, conv_alpha=config.conv_alpha,
+                                 rslora=config.use_rslora)
     te_params = []
     if config.train_text_encoder:
         for text_encoder in text_encoders:
-            te_params += LORA.attach(text_encoder, family.text_targets[config.targets], rank=config.rank,
-                                     alpha=config.alpha, dropout=config.lora_dropout)
+            te_params += adapter.attach(text_encoder, family.text_targets[config.targets], rank=config.rank,
+                                        alpha=config.alpha, dropout=config.lora_dropout, rslora=config.use_rslora)
     if dtype != torch.float32:
         for model in (unet, *text_encoders):
             _norms_in_compute_dtype(model)
@@ -87,6 +91,15 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
     return Step(accelerator, family, unet, text_encoders, unet_params, te_params, optimizer, lr_scheduler, objective,
                 vae.config.scaling_factor, dtype, cuda_graphs=device.type == "cuda" and config.cuda_graphs,
                 on_fail=on_fail, base_storage=base_storage, clip_skip=family.resolve_clip_skip(config.clip_skip))
+
+
+def unet_adapter_targets(family, config: TrainConfig) -> tuple[list[str], list[str]]:
+    """(layers at the run's rank, 3x3 convolutions at conv_rank) of the UNet for the run's adapter type: LoCon adds
+    the ResNet blocks' layers as kohya's conv_dim does (sdlora.families.targets)."""
+    targets = list(family.unet_targets[config.targets])
+    if not adapters.get(config.adapter).conv:
+        return targets, []
+    return targets + UNET_CONV_OTHER_TARGETS, list(UNET_CONV3X3_TARGETS)
 
 
 class Step:

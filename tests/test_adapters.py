@@ -2,6 +2,7 @@
 and with its own file layout on the tiny model."""
 
 import inspect
+import json
 
 import pytest
 import torch
@@ -69,3 +70,150 @@ def test_lora_parameters_come_from_its_layers_and_its_file_gives_its_weight_chan
         probe = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(2))
         added = layer(probe) - layer.base_layer(probe)
     assert torch.allclose(probe @ lora.delta(weights).T, added, atol=1e-6)
+
+
+def _perturbed(kind, unet, **kw):
+    """`kind`'s layers on the UNet's attention (and LoCon's convolutions), every trained tensor moved off its start."""
+    from sdlora.families.targets import UNET_CONV3X3_TARGETS, UNET_CONV_OTHER_TARGETS
+
+    adapter = adapters.get(kind)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"] + (UNET_CONV_OTHER_TARGETS if adapter.conv else [])
+    params = adapter.attach(unet, targets, rank=4, alpha=2.0, conv_targets=UNET_CONV3X3_TARGETS if adapter.conv else [],
+                            conv_rank=2, conv_alpha=3.0, **kw)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    return adapter, params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,rslora", [("locon", True), ("dora", False)])
+def test_locon_and_dora_files_give_the_trained_layers_change(kind, rslora, tmp_path):
+    """Written in the kohya/LyCORIS layout and read back, each module changes its layer's output as the trained layer
+    does (conv 3x3 at conv rank and alpha; rsLoRA's alpha/sqrt(rank) written as an alpha loaders scale by alpha/rank;
+    DoRA's magnitude per output channel); strength 0 is the base."""
+    from sdlora.export import check_file
+    from sdlora.lora import kohya_modules, kohya_state_dict, save_lora
+
+    unet = load_base("tiny").pipe.unet
+    x = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
+         torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        base = unet(*x).sample
+    adapter, params = _perturbed(kind, unet, rslora=rslora)
+    assert {id(p) for p in params} == {id(p) for p in unet.parameters() if p.requires_grad}
+    state = kohya_state_dict(unet, {}, adapter=adapter)
+    path = tmp_path / "a.safetensors"
+    save_lora(path, state, adapter.metadata(rank=4, alpha=2.0, dropout=0.0, conv_rank=2, conv_alpha=3.0, rslora=rslora))
+    result = check_file(path, kohya_modules(unet, {}, adapter=adapter), adapter)
+    assert result["ok"] and result["modules"] == len(adapter.layers(unet)), result
+
+    # the layout, by an independent reading of the formulas
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    if kind == "locon":
+        layer = adapter.layers(unet)["down_blocks.0.resnets.0.conv1"]
+        out, inp, kh, kw = layer.get_base_layer().weight.shape
+        assert state[f"{conv}.lora_down.weight"].shape == (2, inp, kh, kw) and kh == 3  # (rank, in, kh, kw)
+        assert state[f"{conv}.lora_up.weight"].shape == (out, 2, 1, 1)
+        assert float(state[f"{conv}.alpha"]) == pytest.approx(3.0 * 2 ** 0.5)  # rsLoRA: alpha * sqrt(conv rank)
+        assert f"lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_down.weight" in state
+        w = (state[f"{conv}.lora_up.weight"].flatten(1) @ state[f"{conv}.lora_down.weight"].flatten(1)) \
+            * float(state[f"{conv}.alpha"]) / 2
+        probe = torch.randn(1, inp, 6, 6)
+        with torch.no_grad():
+            added = layer(probe) - layer.get_base_layer()(probe)
+        assert torch.allclose(torch.nn.functional.conv2d(probe, w.reshape(layer.get_base_layer().weight.shape),
+                                                         padding=1), added, atol=1e-5)
+    else:
+        name, path_ = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", \
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+        layer = adapter.layers(unet)[path_]
+        weight = layer.get_base_layer().weight
+        assert state[f"{name}.dora_scale"].shape == (weight.shape[0], 1)  # per output channel, LyCORIS wd_on_output
+        v = weight + state[f"{name}.lora_up.weight"] @ state[f"{name}.lora_down.weight"] * float(state[f"{name}.alpha"]) / 4
+        probe = torch.randn(3, weight.shape[1])
+        with torch.no_grad():
+            wanted = layer(probe) - layer.get_base_layer()(probe)
+        dora_weight = state[f"{name}.dora_scale"] * v / v.norm(dim=1, keepdim=True)
+        assert torch.allclose(probe @ (dora_weight - weight).T, wanted, atol=1e-5)
+    with torch.no_grad():
+        adapter.set_strength(unet, 0.0)
+        assert torch.equal(unet(*x).sample, base)
+
+
+def test_metadata_of_each_type_is_what_kohya_and_lycoris_write():
+    lora = adapters.get("lora").metadata(rank=8, alpha=4.0, dropout=0.0, conv_rank=4, conv_alpha=2.0)
+    assert lora["ss_network_module"] == "networks.lora" and "ss_network_args" not in lora
+    locon = adapters.get("locon").metadata(rank=8, alpha=4.0, dropout=0.0, conv_rank=4, conv_alpha=2.0)
+    assert locon["ss_network_module"] == "networks.lora"
+    assert json.loads(locon["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0"}
+    dora = adapters.get("dora").metadata(rank=8, alpha=4.0, dropout=0.0, rslora=True)
+    assert dora["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(dora["ss_network_args"]) == {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+    assert float(dora["ss_network_alpha"]) == pytest.approx(4.0 * 8 ** 0.5)  # the alpha in the file's tensors
+    assert json.loads(dora["sdlora_rslora"]) == {"alpha": 4.0}
+
+
+def test_locon_names_convolutions_as_kohya_does_for_sdxl():
+    """On the SDXL-like model kohya names the ResNet layers in the original block numbering: conv1 -> in_layers_2,
+    conv2 -> out_layers_3, conv_shortcut -> skip_connection, time_emb_proj -> emb_layers_1, the down/upsamplers
+    input_blocks_N_0_op / output_blocks_N_M_conv."""
+    from sdlora.lora import kohya_state_dict
+    from test_families import build_pipeline
+
+    unet = build_pipeline("sdxl").unet
+    _perturbed("locon", unet)
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+             for k in kohya_state_dict(unet, {}, sgm_unet=True, adapter=adapters.get("locon"))}
+    for expected in ("lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_1_0_out_layers_3",
+                     "lora_unet_input_blocks_1_0_emb_layers_1", "lora_unet_input_blocks_3_0_op",
+                     "lora_unet_input_blocks_4_0_skip_connection", "lora_unet_middle_block_0_in_layers_2",
+                     "lora_unet_output_blocks_2_2_conv", "lora_unet_output_blocks_0_0_skip_connection"):
+        assert expected in names, (expected, sorted(n for n in names if "attn" not in n)[:12])
+    assert not any("resnets" in n or "down_blocks" in n for n in names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["locon", "dora"])
+def test_each_type_trains_verifies_merges_and_resizes(kind, tmp_path, dataset_dir):
+    """A 3-step run per type: the verify event passes (diffusers' loader, and the file against the trained layers);
+    merging at strength 1 lowers the denoising loss on the pictures and equals the file loaded by diffusers (LoCon);
+    info and resize read the file."""
+    from conftest import small_config
+    from sdlora.info import describe
+    from sdlora.merge import merge
+    from sdlora.resize import resize
+    from sdlora.rundir import read_events
+    from sdlora.train import train
+    from test_train import _denoising_loss
+
+    run = tmp_path / kind
+    train(small_config(dataset_dir, steps=3, adapter=kind, sample_every=0, save_every=0, train_text_encoder=False,
+                       unet_lr=3e-3, use_rslora=kind == "locon"), run, progress_bar=False)
+    verify = next(e for e in read_events(run) if e["type"] == "verify")
+    assert verify["ok"] and verify["file_check"]["ok"] and verify["file_check"]["modules"] > 0, verify
+    assert ("note" in verify) == (kind == "dora")
+    file = run / "lora.safetensors"
+    info = describe(file)
+    assert (info["conv3x3_modules"] > 0) == (kind == "locon") and (info["dora_modules"] > 0) == (kind == "dora")
+
+    base = load_base("tiny")
+    before = _denoising_loss(base.pipe, dataset_dir, n_t=4)
+    x = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
+         torch.randn(1, 77, base.pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)))
+    if kind == "locon":
+        loaded = load_base("tiny").pipe
+        loaded.load_lora_weights(str(file))
+        with torch.no_grad():
+            unmerged = loaded.unet(*x).sample
+    merge(base, [(str(file), 1.0)], tmp_path / "merged.safetensors", precision="fp32")
+    after = _denoising_loss(base.pipe, dataset_dir, n_t=4)
+    assert after < before, (before, after)
+    if kind == "locon":
+        with torch.no_grad():
+            assert torch.allclose(base.pipe.unet(*x).sample, unmerged, atol=1e-4)
+
+    rows = resize(file, tmp_path / "small.safetensors", rank=2)
+    assert rows and all(r["new_rank"] <= 2 for r in rows)
+    small = describe(tmp_path / "small.safetensors")
+    assert small["dora_modules"] == info["dora_modules"] and small["conv3x3_modules"] == info["conv3x3_modules"]

@@ -8,11 +8,11 @@ DoRA, ...) is one more module here.
 
 from __future__ import annotations
 
-from sdlora.adapters.lora import LORA
+from sdlora.adapters.lora import DORA, LOCON, LORA
 from sdlora.adapters.type import AdapterType
 from sdlora.errors import UserError
 
-TYPES: dict[str, AdapterType] = {t.name: t for t in (LORA,)}
+TYPES: dict[str, AdapterType] = {t.name: t for t in (LORA, LOCON, DORA)}
 
 
 def get(name: str) -> AdapterType:

@@ -1,8 +1,10 @@
-"""LoRA (peft's layers): W' = W + strength * alpha/r * up @ down, in the kohya layout (lora_down, lora_up, alpha)."""
+"""LoRA, LoCon and DoRA (peft's layers): W' = W + strength * alpha/r * up @ down in the kohya layout (lora_down,
+lora_up, alpha), convolutions too for LoCon, and DoRA's magnitude as LyCORIS writes it (dora_scale)."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import torch
@@ -14,23 +16,35 @@ from sdlora.families.naming import KOHYA_UNET, kohya_name, kohya_text_encoder_na
 
 ADAPTER = "default"  # peft's adapter name for the one sdlora trains
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+DORA_SUFFIX = ".dora_scale"
 
 
 class LoRA:
-    name = "lora"
-    network_module = "networks.lora"
-    key_suffixes = KOHYA_SUFFIXES
+    """LoRA, and the two types that share its layers and file layout: LoCon (`conv`: the UNet's ResNet convolutions
+    too, kohya's conv_dim) and DoRA (`dora`: peft's use_dora, a trained magnitude per output channel, `dora_scale`)."""
+
+    def __init__(self, name: str = "lora", *, conv: bool = False, dora: bool = False):
+        self.name, self.conv, self.dora = name, conv, dora
+        # LoCon files are kohya's networks.lora with conv_dim; DoRA files are LyCORIS's (kohya has no DoRA)
+        self.network_module = "lycoris.kohya" if dora else "networks.lora"
+        self.key_suffixes = KOHYA_SUFFIXES + ((DORA_SUFFIX,) if dora else ())
 
     def attach(self, model: torch.nn.Module, targets: list[str], *, rank: int, alpha: float,
-               dropout: float = 0.0) -> list[torch.nn.Parameter]:
+               dropout: float = 0.0, conv_targets: list[str] = (), conv_rank: int = 0, conv_alpha: float = 0.0,
+               rslora: bool = False) -> list[torch.nn.Parameter]:
         """peft LoRA layers on `targets` (Gaussian down, zero up: a fresh adapter leaves the output as it was); the
-        base frozen, the adapter's parameters fp32 (updates would vanish in fp16)."""
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                            init_lora_weights="gaussian")
+        base frozen, the adapter's parameters fp32 (updates would vanish in fp16). `conv_targets` take `conv_rank`
+        and `conv_alpha` (LoCon's 3x3 convolutions, through peft's rank_pattern/alpha_pattern); `rslora` scales by
+        alpha/sqrt(rank). DoRA's magnitudes start at the base weights' row norms (peft), so it too starts as the base."""
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                            target_modules=[*targets, *conv_targets], init_lora_weights="gaussian",
+                            rank_pattern={t: conv_rank for t in conv_targets},
+                            alpha_pattern={t: conv_alpha for t in conv_targets}, use_dora=self.dora, use_rslora=rslora)
         model.requires_grad_(False)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         params = [p for layer in self.layers(model).values()
-                  for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)]
+                  for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
+                            *((layer.lora_magnitude_vector[ADAPTER].weight,) if self.dora else ()))]
         for p in params:
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -43,6 +57,11 @@ class LoRA:
     def set_strength(self, model: torch.nn.Module, strength: float) -> None:
         for layer in self.layers(model).values():
             layer.set_scale(ADAPTER, strength)
+            if self.dora:
+                # peft's DoRA keeps its magnitude at scale 0 (m/|W| times the base output): strength 0 turns the
+                # layer off instead, so that 0 is the base as for every other type. Between 0 and 1 peft scales the
+                # direction's update; files merged or loaded by LyCORIS/ComfyUI blend W + s * (W_dora - W).
+                layer.enable_adapters(strength != 0)
 
     def state_dict(self, named_layers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -54,20 +73,34 @@ class LoRA:
             out[f"{key}.lora_down.weight"] = down.float().cpu().clone(memory_format=torch.contiguous_format)
             out[f"{key}.lora_up.weight"] = up.float().cpu().clone(memory_format=torch.contiguous_format)
             # every loader scales by alpha / rank; writing the trained alpha (not rank) keeps the strength right
-            alpha = layer.lora_alpha[ADAPTER] if hasattr(layer, "lora_alpha") else layer.scaling[ADAPTER] * down.shape[0]
+            rank = down.shape[0]
+            alpha = layer.lora_alpha[ADAPTER] if hasattr(layer, "lora_alpha") else layer.scaling[ADAPTER] * rank
+            if getattr(layer, "use_rslora", {}).get(ADAPTER, False):
+                # rsLoRA scales by alpha/sqrt(rank); no loader knows it, so the file's alpha is alpha*sqrt(rank),
+                # which every loader's alpha/rank turns back into the trained scale
+                alpha = alpha * math.sqrt(rank)
             out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+            if self.dora:
+                # peft's magnitude is per output channel (the row norms of W + scale * up @ down; Linear (out,),
+                # Conv2d (1, out, 1, 1)). LyCORIS writes it as `dora_scale` shaped (out, 1) / (out, 1, 1, 1) with
+                # wd_on_output=True (lycoris/modules/locon.py), and ComfyUI takes a first dimension equal to the
+                # weight's as the output axis (comfy/weight_adapter/base.py, weight_decompose).
+                magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach()
+                out[f"{key}{DORA_SUFFIX}"] = magnitude.float().cpu().reshape(up.shape[0], *[1] * (down.dim() - 1)) \
+                    .clone(memory_format=torch.contiguous_format)
         return out
 
     def read(self, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict | None:
-        """{"modules": kohya name -> (down, up, alpha), "layout": "kohya" or "diffusers", "stray": [keys]}: a
-        kohya-layout file, or a diffusers/peft-layout one (`lora_A`/`lora_B`) named the kohya way; None when a file
-        without `lora_A`/`lora_B` keys holds no kohya LoRA module."""
+        """{"modules": kohya name -> (down, up, alpha) (and dora_scale, 4th, for DoRA modules), "layout": "kohya" or
+        "diffusers", "stray": [keys]}: a kohya/LyCORIS-layout file (LoRA, LoCon, DoRA), or a diffusers/peft-layout
+        one (`lora_A`/`lora_B`) named the kohya way; None when a file without `lora_A`/`lora_B` keys holds no kohya
+        LoRA module."""
         if any(".lora_A." in k or ".lora_B." in k for k in state):
             return _read_peft(state, metadata)
         names: dict[str, dict[str, torch.Tensor]] = {}
         stray = []
         for key, value in state.items():
-            suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
+            suffix = next((s for s in (*KOHYA_SUFFIXES, DORA_SUFFIX) if key.endswith(s)), None)
             name = key[: -len(suffix)] if suffix else ""
             if suffix and name.startswith((KOHYA_UNET, *families.kohya_text_encoder_prefixes())) and "." not in name:
                 names.setdefault(name, {})[suffix] = value
@@ -81,16 +114,43 @@ class LoRA:
             down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
             # every loader uses alpha = rank (scale 1) when `.alpha` is missing
             alpha = float(parts[".alpha"]) if ".alpha" in parts else float(down.shape[0])
-            modules[name] = (down, up, alpha)
+            modules[name] = (down, up, alpha) + ((parts[DORA_SUFFIX],) if DORA_SUFFIX in parts else ())
         return {"modules": modules, "layout": "kohya", "stray": sorted(stray)} if modules else None
 
-    def delta(self, weights, strength: float = 1.0) -> torch.Tensor:
-        down, up, alpha = weights
-        return (up.flatten(1).float() @ down.flatten(1).float()) * (strength * alpha / down.shape[0])
+    def delta(self, weights, strength: float = 1.0, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """For a DoRA module (a 4th weight, dora_scale) `base_weight` is needed: its change depends on the base."""
+        down, up, alpha = weights[:3]
+        change = (up.flatten(1).float() @ down.flatten(1).float()) * (alpha / down.shape[0])
+        if len(weights) < 4:
+            return change * strength
+        # DoRA (LyCORIS's apply_weight_decompose with wd_on_output, peft's DoraLinearLayer): W' = m * V / |V|_row,
+        # V = W + change, the norm over each output channel's inputs; strength s gives W + s * (W' - W) as LyCORIS
+        # and ComfyUI apply it.
+        assert base_weight is not None, "a DoRA module's change needs the base weight"
+        base = base_weight.flatten(1).float()
+        merged = base + change
+        magnitude = weights[3].reshape(-1, 1).float()
+        return strength * (magnitude * merged / merged.norm(dim=1, keepdim=True) - base)
 
-    def metadata(self, *, rank: int, alpha: float, dropout: float) -> dict[str, str]:
-        return {"ss_network_module": self.network_module, "ss_network_dim": str(rank),
-                "ss_network_alpha": str(alpha), "ss_network_dropout": str(dropout)}
+    def metadata(self, *, rank: int, alpha: float, dropout: float, conv_rank: int = 0, conv_alpha: float = 0.0,
+                 rslora: bool = False) -> dict[str, str]:
+        """With `rslora` the alphas written are the ones in the file's `.alpha` keys (alpha * sqrt(rank))."""
+        def written(a, r):
+            return a * math.sqrt(r) if rslora else a
+
+        args = {}
+        if self.dora:  # as LyCORIS records a run of `--network_module lycoris.kohya --network_args algo=lora dora_wd=True`
+            args = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+        if self.conv:  # kohya's networks.lora records its network_args as strings
+            args.update(conv_dim=str(conv_rank), conv_alpha=str(written(conv_alpha, conv_rank)))
+        meta = {"ss_network_module": self.network_module, "ss_network_dim": str(rank),
+                "ss_network_alpha": str(written(alpha, rank)), "ss_network_dropout": str(dropout),
+                "sdlora_adapter": self.name}
+        if args:
+            meta["ss_network_args"] = json.dumps(args)
+        if rslora:
+            meta["sdlora_rslora"] = json.dumps({"alpha": alpha, **({"conv_alpha": conv_alpha} if self.conv else {})})
+        return meta
 
 
 def _read_peft(state: dict, metadata: dict) -> dict:
@@ -126,3 +186,5 @@ def _read_peft(state: dict, metadata: dict) -> dict:
 
 
 LORA = LoRA()
+LOCON = LoRA("locon", conv=True)
+DORA = LoRA("dora", dora=True)

@@ -9,3 +9,10 @@ TEXT_TARGETS = {
     "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "attn-mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
+
+# LoCon: kohya's networks/lora.py with conv_dim also adapts every Linear/Conv2d inside the UNet's ResnetBlock2D,
+# Downsample2D and Upsample2D (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3). The 3x3 convolutions take conv_dim/conv_alpha;
+# the 1x1 shortcut and the time-embedding Linear take the network's rank and alpha, as kohya's create_modules does.
+# Module-name suffixes, as peft matches a list of target_modules.
+UNET_CONV3X3_TARGETS = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"]
+UNET_CONV_OTHER_TARGETS = ["conv_shortcut", "time_emb_proj"]
