@@ -174,46 +174,62 @@ def test_locon_names_convolutions_as_kohya_does_for_sdxl():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["locon", "dora"])
-def test_each_type_trains_verifies_merges_and_resizes(kind, tmp_path, dataset_dir):
-    """A 3-step run per type: the verify event passes (diffusers' loader, and the file against the trained layers);
-    merging at strength 1 lowers the denoising loss on the pictures and equals the file loaded by diffusers (LoCon);
-    info and resize read the file."""
+def test_a_locon_run_verifies_merges_as_diffusers_loads_it_and_resizes(tmp_path, dataset_dir):
+    """A 2-step LoCon run (rsLoRA scaling): the verify event passes (diffusers' loader, and the file against the
+    trained layers); the checkpoint merged at strength 1 equals the base with the file loaded by diffusers; info and
+    resize read the file. (DoRA's file against its trained layers: the test above; DoRA training runs the same path.)"""
     from conftest import small_config
     from sdlora.info import describe
     from sdlora.merge import merge
     from sdlora.resize import resize
     from sdlora.rundir import read_events
     from sdlora.train import train
-    from test_train import _denoising_loss
 
-    run = tmp_path / kind
-    train(small_config(dataset_dir, steps=3, adapter=kind, sample_every=0, save_every=0, train_text_encoder=False,
-                       unet_lr=3e-3, use_rslora=kind == "locon"), run, progress_bar=False)
+    run = tmp_path / "locon"
+    train(small_config(dataset_dir, steps=2, adapter="locon", sample_every=0, save_every=0, train_text_encoder=False,
+                       unet_lr=3e-3, use_rslora=True), run, progress_bar=False)
     verify = next(e for e in read_events(run) if e["type"] == "verify")
     assert verify["ok"] and verify["file_check"]["ok"] and verify["file_check"]["modules"] > 0, verify
-    assert ("note" in verify) == (kind == "dora")
+    assert "note" not in verify
     file = run / "lora.safetensors"
     info = describe(file)
-    assert (info["conv3x3_modules"] > 0) == (kind == "locon") and (info["dora_modules"] > 0) == (kind == "dora")
+    assert info["conv3x3_modules"] > 0 and info["dora_modules"] == 0
 
     base = load_base("tiny")
-    before = _denoising_loss(base.pipe, dataset_dir, n_t=4)
     x = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
          torch.randn(1, 77, base.pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)))
-    if kind == "locon":
-        loaded = load_base("tiny").pipe
-        loaded.load_lora_weights(str(file))
-        with torch.no_grad():
-            unmerged = loaded.unet(*x).sample
+    loaded = load_base("tiny").pipe
+    loaded.load_lora_weights(str(file))
+    with torch.no_grad():
+        unmerged, plain = loaded.unet(*x).sample, base.pipe.unet(*x).sample
     merge(base, [(str(file), 1.0)], tmp_path / "merged.safetensors", precision="fp32")
-    after = _denoising_loss(base.pipe, dataset_dir, n_t=4)
-    assert after < before, (before, after)
-    if kind == "locon":
-        with torch.no_grad():
-            assert torch.allclose(base.pipe.unet(*x).sample, unmerged, atol=1e-4)
+    with torch.no_grad():
+        merged = base.pipe.unet(*x).sample
+    assert (unmerged - plain).abs().max() > 1e-3  # the file changes the UNet at all
+    assert torch.allclose(merged, unmerged, atol=1e-4)
 
     rows = resize(file, tmp_path / "small.safetensors", rank=2)
     assert rows and all(r["new_rank"] <= 2 for r in rows)
-    small = describe(tmp_path / "small.safetensors")
-    assert small["dora_modules"] == info["dora_modules"] and small["conv3x3_modules"] == info["conv3x3_modules"]
+    assert describe(tmp_path / "small.safetensors")["conv3x3_modules"] == info["conv3x3_modules"]
+
+
+@pytest.mark.slow
+def test_a_dora_run_verifies_its_file_and_says_what_diffusers_leaves_out(tmp_path, dataset_dir):
+    """A 2-step DoRA run: the file against the trained layers passes; the verify event notes that diffusers' loader
+    leaves DoRA's magnitudes out; info counts the modules; resize keeps the magnitudes."""
+    from conftest import small_config
+    from sdlora.info import describe
+    from sdlora.resize import resize
+    from sdlora.rundir import read_events
+    from sdlora.train import train
+
+    run = tmp_path / "dora"
+    train(small_config(dataset_dir, steps=2, adapter="dora", sample_every=0, save_every=0, train_text_encoder=False,
+                       unet_lr=3e-3), run, progress_bar=False)
+    verify = next(e for e in read_events(run) if e["type"] == "verify")
+    assert verify["ok"] and verify["file_check"]["ok"] and verify["file_check"]["modules"] > 0, verify
+    assert "dora_scale" in verify["note"]
+    info = describe(run / "lora.safetensors")
+    assert info["dora_modules"] > 0 and info["conv3x3_modules"] == 0
+    resize(run / "lora.safetensors", tmp_path / "small.safetensors", rank=2)
+    assert describe(tmp_path / "small.safetensors")["dora_modules"] == info["dora_modules"]
