@@ -116,8 +116,10 @@ def base_resolution(base: str) -> int:
         from sdlora.models import inspect_checkpoint
 
         info = inspect_checkpoint(path)
-        family = families.of_arch(info.arch)
-        return 768 if info.prediction_type == "v_prediction" and info.arch == "sd2" else family.resolution
+        # the family of this layout that predicts what the file says (SD2 v-prediction: 768)
+        family = next((f for f in families.FAMILIES.values()
+                       if f.arch == info.arch and f.prediction_type == info.prediction_type), families.of_arch(info.arch))
+        return family.resolution
     raise UserError(f"cannot tell the resolution of base {base!r} without loading it",
                     f"give --resolution, or --base as tiny, {', '.join(families.FAMILIES)}, a diffusers folder or a "
                     f".safetensors file")
@@ -132,7 +134,7 @@ def base_tokenizer(base: str):
     from sdlora.models import CONFIGS_DIR
     from sdlora.tiny import MODEL_DIR
 
-    folder = CONFIGS_DIR / "sd1" / "tokenizer"
+    folder = CONFIGS_DIR / families.get(families.TINY).arch / "tokenizer"  # SD1's CLIP tokenizer
     if base == "tiny":
         folder = Path(MODEL_DIR) / "tokenizer"
     elif base in families.FAMILIES:
