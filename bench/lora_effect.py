@@ -93,10 +93,14 @@ def without_trigger(prev: Previewer, lora: str, name: str, prompts: list[str], t
         images[s] = prev.images(plain, list(range(len(plain))), steps=STEPS, guidance_scale=GUIDANCE)
         out[f"{s:g}"] = {"score": summary([score(name, im, p) for im, p in zip(images[s], plain)]),
                          "present": round(float(np.mean([checker.detail_present(name, im) for im in images[s]])), 4)}
-    change = [np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean()
-              for a, b in zip(images[0.0], images[1.0])]
-    out["mean_pixel_change"] = round(float(np.mean(change)), 2)
+    out["mean_pixel_change"] = pixel_change(images[0.0], images[1.0])
     return out
+
+
+def pixel_change(before: list[Image.Image], after: list[Image.Image]) -> float:
+    """Mean absolute pixel difference (0-255) between two lists of images, pair by pair."""
+    return round(float(np.mean([np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean()
+                                for a, b in zip(before, after)])), 2)
 
 
 @torch.no_grad()
@@ -182,9 +186,7 @@ def main() -> None:
         entry["strengths"], with_trigger = measure(prev, lora, name, prompts)
         entry["generate_wall_s"] = round(time.time() - t1, 1)
         entry["without_trigger"] = without_trigger(prev, lora, name, prompts, trigger)
-        trigger_change = [np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean()
-                          for a, b in zip(with_trigger[0.0], with_trigger[1.0])]
-        entry["with_trigger_mean_pixel_change"] = round(float(np.mean(trigger_change)), 2)
+        entry["with_trigger_mean_pixel_change"] = pixel_change(with_trigger[0.0], with_trigger[1.0])
         entry["load_after_generate"] = load()
         picture = Path(args.grids) / f"quickstart-{name}-round-trip.png" if args.grids else None
         entry["references"] = references(prev, name, picture)

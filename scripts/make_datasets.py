@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so it runs from a checkout, installed or not
-from sdlora.tiny.world import COLORS, POSITIONS, Obj, Scene, caption, render, sample_scene
+from sdlora.tiny.world import COLORS, POSITIONS, Obj, Scene, caption, dilate, render, sample_scene
 
 SIZE = 128  # saved image side
 COUNT = 20  # images per dataset
@@ -28,19 +28,6 @@ def _save(out: Path, index: int, image: Image.Image, text: str) -> None:
     # Plain PNG with no metadata: Pillow writes no timestamp, so the bytes depend on the pixels only.
     image.save(out / f"{index:02d}.png", format="PNG", optimize=True)
     (out / f"{index:02d}.txt").write_text(text + "\n", encoding="utf-8")
-
-
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Grow a boolean mask by a disk of `radius` pixels."""
-    grown = mask.copy()
-    h, w = mask.shape
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if dx * dx + dy * dy > radius * radius:
-                continue
-            grown[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= \
-                mask[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return grown
 
 
 def style_image(scene: Scene) -> Image.Image:
@@ -55,7 +42,7 @@ def style_image(scene: Scene) -> Image.Image:
     silhouette = Scene([Obj(o.shape, "white", o.size, o.position, o.offset, o.scale) for o in scene.objects], "black")
     mask = np.asarray(render(silhouette, side, supersample=1).convert("L")) > 127
     pixels = np.array(image)
-    pixels[_dilate(mask, 3 * _SS)] = _INK
+    pixels[dilate(mask, 3 * _SS)] = _INK
     pixels[mask] = np.asarray(render(scene, side, supersample=1))[mask]
     return Image.fromarray(pixels).resize((SIZE, SIZE), Image.LANCZOS)
 

@@ -319,11 +319,6 @@ def _blur(pictures: list[_Picture]) -> list[Finding]:
                     "the LoRA learns blur as part of the look; replace or leave them out")]
 
 
-def _split_tags(caption: str) -> list[str]:
-    """Comma-separated tags, as caption shuffling splits them."""
-    return [tag.strip() for tag in caption.split(",") if tag.strip()]
-
-
 def _has_word(caption: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", caption, re.IGNORECASE) is not None
 
@@ -352,7 +347,7 @@ def _captions(records, trigger: str, tokenizer) -> list[Finding]:
     elif first is None:
         out.append(Finding("trigger", "warning", [], ds.NO_TRIGGER))  # it says what to do
     else:
-        missing = [n for n, c in zip(names, captions) if (_split_tags(c) or [""])[0].lower() != first]
+        missing = [n for n, c in zip(names, captions) if (ds.split_tags(c) or [""])[0].lower() != first]
         if missing:
             out.append(Finding("trigger", "warning", missing,
                                f"{len(missing)} caption(s) do not start with '{first}' as the others do: "
@@ -372,7 +367,7 @@ def _tags(records, leave_out: set[str]) -> list[Finding]:
     """For tag captions (most with three or more comma-separated tags): the most frequent tags, and those on every
     picture, which the LoRA ties to the trigger."""
     captioned = [r for r in records if r.captioned]
-    tag_lists = [[t.lower() for t in _split_tags(r.caption)] for r in captioned]
+    tag_lists = [[t.lower() for t in ds.split_tags(r.caption)] for r in captioned]
     if len(captioned) < 3 or sum(len(t) >= 3 for t in tag_lists) * 2 < len(tag_lists):
         return []
     counts: dict[str, int] = {}

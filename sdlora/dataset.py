@@ -475,7 +475,7 @@ def build_caption(caption: str, *, shuffle: bool, keep_tags: int, dropout: float
     Always draws exactly one `rng.random()` for dropout, so runs with the same seed see the same captions.
     """
     if shuffle:
-        tags = _tags(caption)
+        tags = split_tags(caption)
         rest = tags[keep_tags:]
         rng.shuffle(rest)
         if len(tags) > 1:
@@ -483,7 +483,8 @@ def build_caption(caption: str, *, shuffle: bool, keep_tags: int, dropout: float
     return "" if rng.random() < dropout else caption
 
 
-def _tags(caption: str) -> list[str]:
+def split_tags(caption: str) -> list[str]:
+    """A caption's comma-separated tags, stripped, empty ones left out (as caption shuffling splits them)."""
     return [tag.strip() for tag in caption.split(",") if tag.strip()]
 
 
@@ -616,7 +617,7 @@ NO_TRIGGER = ("no trigger word, and the captions do not start with one: what the
 def common_first_word(captions: list[str], share: float = 0.8) -> str | None:
     """The first tag (the text before the first comma) that at least `share` of the captions start with, as they
     start with a trigger word; else None."""
-    firsts = [(_tags(c) or [""])[0].lower() for c in captions]
+    firsts = [(split_tags(c) or [""])[0].lower() for c in captions]
     tag = max(set(firsts), key=firsts.count) if firsts else ""
     return tag if tag and firsts.count(tag) >= share * len(firsts) else None
 
@@ -630,6 +631,6 @@ def tag_frequency(records) -> dict:
     for record in records:
         folder = record.name.split("/")[0] if "/" in record.name else "dataset"
         counts = frequency.setdefault(folder, {})
-        for tag in _tags(record.caption):
+        for tag in split_tags(record.caption):
             counts[tag] = counts.get(tag, 0) + 1
     return frequency

@@ -186,7 +186,7 @@ def _ink(color: str) -> tuple[int, int, int]:
     return COLORS["white"] if color == "black" else INK
 
 
-def _texture(kind: str, look: tuple[float, float, float], side: int, size: int) -> "np.ndarray":
+def _texture(kind: str, look: tuple[float, float, float], side: int, size: int) -> np.ndarray:
     """Boolean (side, side) mask of a texture drawn at `side` px for an image of `size` px: stripes in one of four
     directions, or a grid of dots; spacing and width in output pixels, so they keep their look at any size."""
     scale = side / size
@@ -205,7 +205,7 @@ def _texture(kind: str, look: tuple[float, float, float], side: int, size: int) 
     raise ValueError(kind)
 
 
-def _dilate(mask: "np.ndarray", radius: int) -> "np.ndarray":
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """Grow a boolean mask by a disk of `radius` pixels."""
     grown = mask.copy()
     h, w = mask.shape
@@ -258,7 +258,7 @@ def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
         cx, cy, r = _draw_shape(ImageDraw.Draw(silhouette), obj, side, 255)
         mask = np.asarray(silhouette) > 127
         if obj.pattern == "outlined":  # a band of ink outside the edge, as an inked drawing has
-            pixels[_dilate(mask, max(1, round(obj.look[2] * side / size)))] = _ink(obj.color)
+            pixels[dilate(mask, max(1, round(obj.look[2] * side / size)))] = _ink(obj.color)
         pixels[mask] = COLORS[obj.color]
         if obj.pattern in ("striped", "dotted"):
             pixels[mask & _texture(obj.pattern, obj.look, side, size)] = _ink(obj.color)
