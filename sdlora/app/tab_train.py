@@ -4,6 +4,7 @@ progress, loss and samples from its run folder."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -417,9 +418,12 @@ def wire(ctx: Context, page: SimpleNamespace) -> None:
     shown = {"progress": ui.progress, "status": ui.status, "loss": ui.loss, "samples": ui.samples}
     # .input: a click, never the page setting the radio to a run's preset on load
     on(ui.preset.input, ctx, choose_preset, {"preset": ui.preset}, ui.form, api_name=False)
-    for i, name in enumerate(("dataset", "base", "steps", "batch_size", "grad_accum", "gpus", "trigger")):
-        on(form[name].change, ctx, plan, form, {"plan": ui.plan}, as_set=True, show_progress="hidden",
-           api_name="plan" if i == 0 else False)
+    # one listener for every field the plan reads: its calls queue one after another, so the plan always shows the
+    # last values (a listener per field could finish an older call last)
+    read = ("dataset", "base", "steps", "batch_size", "grad_accum", "gpus", "trigger")
+    changes = [form[name].change for name in read]
+    on(functools.partial(gr.on, changes), ctx, plan, form, {"plan": ui.plan}, as_set=True, show_progress="hidden",
+       trigger_mode="always_last", api_name="plan")
     # the Pictures tab's dataset list changes: keep this tab's in step
     on(page.pictures.dataset.change, ctx, follow_dataset, {"dataset": page.pictures.dataset}, {"dataset": ui.dataset},
        api_name=False)
