@@ -1,4 +1,4 @@
-"""The command line: `sdlora train | check | generate | runs | app | merge | resize | info`; user errors print one line and exit 2."""
+"""The command line: `sdlora train | check | tags | generate | runs | app | merge | resize | info`; user errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -71,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=0, help="with --batch-size: how often the run shows each picture")
     c.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="pictures per step")
     c.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+
+    tg = sub.add_parser("tags", help="list a dataset's caption tags, or remove, replace or add tags in every caption "
+                                     "(shows the change; --write writes it)")
+    tg.add_argument("dataset", help="folder of images with .txt captions")
+    tg.add_argument("--remove", default="", help="comma-separated tags to remove")
+    tg.add_argument("--replace", action="append", default=[], metavar="OLD=NEW",
+                    help="replace tag OLD with NEW (NEW empty: remove it); give it again for more")
+    tg.add_argument("--add", default="", help="comma-separated tags to add where missing")
+    tg.add_argument("--at", choices=["start", "end"], default="end",
+                    help="where added tags go (start: after the trigger word)")
+    tg.add_argument("--trigger", default="", help="the trigger word, kept first when tags are added at the start")
+    tg.add_argument("--write", action="store_true", help="write the changed captions (without it, only show them)")
 
     g = sub.add_parser("generate", help="make an image with a base model and LoRAs at chosen strengths",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -149,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_spare(main)
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "check": _check, "generate": _generate, "runs": _runs, "merge": _merge, "resize": _resize,
-                "info": _info}[args.command](args)
+        return {"train": _train, "check": _check, "tags": _tags, "generate": _generate, "runs": _runs,
+                "merge": _merge, "resize": _resize, "info": _info}[args.command](args)
     except UserError as e:
         print(f"sdlora: error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
         return 2
@@ -207,6 +219,41 @@ def _check(args) -> int:
     for finding in findings:
         print(f"{finding.severity:8s} {finding.message}" + (f"\n         -> {finding.hint}" if finding.hint else ""))
     print(summary(findings, len(data.records)))
+    return 0
+
+
+def _tags(args) -> int:
+    from sdlora import tags
+    from sdlora.workspace import folder_captions, write_caption
+
+    folder = examples.locate(args.dataset)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder", "unpack the .zip first: tags are edited in .txt files")
+    items = [(file, caption) for file, _, caption in folder_captions(folder)]
+    replace = []
+    for pair in args.replace:
+        old, sep, new = pair.partition("=")
+        if not sep:
+            raise UserError(f"--replace {pair!r} has no '='",
+                            "write it as OLD=NEW, e.g. --replace 'blue_hair=blue hair'")
+        replace.append((old, new))
+    edit = tags.TagEdit(remove=tags.parse(args.remove), replace=tuple(replace), add=tags.parse(args.add), at=args.at,
+                        trigger=args.trigger)
+    if edit.is_empty():
+        counts = tags.frequencies([caption for _, caption in items])
+        print(f"{len(counts)} tags in {len(items)} captions (pictures holding each):")
+        for tag, n in counts:
+            print(f"{n:6d}  {tag}")
+        return 0
+    if args.write and examples.resolve(args.dataset) != args.dataset:
+        raise UserError("the bundled examples are not edited in place", "copy the example's folder and edit the copy")
+    changes = tags.preview(items, edit)
+    for change in changes:
+        print(f"{change.file}\n  before: {change.before}\n  after:  {change.after}")
+        if args.write:
+            write_caption(folder, change.file, change.after)
+    verb = "changed" if args.write else "would change (add --write to write them)"
+    print(f"{len(changes)} of {len(items)} captions {verb}")
     return 0
 
 

@@ -261,7 +261,11 @@ def _images(folder: Path) -> list[Path]:
 
 def captions(root: str | Path, name: str) -> list[tuple[str, Path, str]]:
     """(file name in the dataset, image path, caption) for every image of dataset `name`."""
-    folder = dataset_dir(root, name)
+    return folder_captions(dataset_dir(root, name))
+
+
+def folder_captions(folder: Path) -> list[tuple[str, Path, str]]:
+    """(file name in the folder, image path, caption) for every image in a dataset folder."""
     if not folder.is_dir():
         return []
     out = []
@@ -280,10 +284,14 @@ def mask_file(image: Path) -> Path | None:
 
 def set_caption(root: str | Path, name: str, file: str, caption: str) -> None:
     """Write one image's caption (an empty caption removes the .txt, so the run's caption template applies)."""
-    folder = dataset_dir(root, name)
+    write_caption(dataset_dir(root, name), file, caption, name)
+
+
+def write_caption(folder: Path, file: str, caption: str, name: str = "") -> None:
+    """Write the caption of picture `file` of a dataset folder (empty: remove its .txt)."""
     image = inside(folder, file)
     if image.suffix.lower() not in ds.IMAGE_EXTS or not image.is_file():
-        raise UserError(f"no image {file!r} in dataset {name}", "click an image in the gallery first")
+        raise UserError(f"no image {file!r} in dataset {name or folder}", "click an image in the gallery first")
     txt = image.with_suffix(".txt")
     caption = " ".join(caption.split())
     if caption:

@@ -1,15 +1,17 @@
-"""The Pictures tab: datasets, their pictures and captions, uploads, the bundled examples and changing every caption
-at once."""
+"""The Pictures tab: datasets, their pictures and captions, uploads, the bundled examples, changing every caption
+at once and editing tags across captions."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import gradio as gr
+import pandas as pd
 
 from sdlora import examples as bundled
 from sdlora import check
 from sdlora import dataset as ds
+from sdlora import tags as tag_edits
 from sdlora import workspace as ws
 from sdlora.app import tab_train
 from sdlora.app.context import Context
@@ -110,6 +112,58 @@ def change_all(ctx: Context, values: dict) -> dict:
     return result
 
 
+def count_tags(ctx: Context, values: dict) -> dict:
+    """The tags of dataset `name`'s captions, most common first, as Markdown."""
+    name = values["name"]
+    if not name or name not in ws.dataset_names(ctx.root):
+        raise UserError("no dataset picked", "pick a dataset with pictures first")
+    items = ws.captions(ctx.root, name)
+    counts = tag_edits.frequencies([caption for _, _, caption in items])
+    if not counts:
+        return {"tags": f"**{name}** has no captions yet."}
+    shown = ", ".join(f"{tag} ({n})" for tag, n in counts[:60])
+    more = f", and {len(counts) - 60} more" if len(counts) > 60 else ""
+    return {"tags": f"**{len(counts)} tags** in {len(items)} captions (pictures holding each): {shown}{more}"}
+
+
+def _tag_edit(values: dict) -> tag_edits.TagEdit:
+    old, new = (values.get("replace") or "").strip(), (values.get("with_") or "").strip()
+    if new and not old:
+        raise UserError("nothing to replace", "type the tag to replace next to what replaces it")
+    return tag_edits.TagEdit(remove=tag_edits.parse(values.get("remove")), replace=((old, new),) if old else (),
+                             add=tag_edits.parse(values.get("add")), at=values.get("at") or "end",
+                             trigger=values.get("trigger") or "")
+
+
+def _tag_changes(ctx: Context, values: dict) -> tuple[str, list]:
+    name = values["name"]
+    if not name or name not in ws.dataset_names(ctx.root):
+        raise UserError("no dataset picked", "pick a dataset with pictures first")
+    items = [(file, caption) for file, _, caption in ws.captions(ctx.root, name)]
+    return name, tag_edits.preview(items, _tag_edit(values))
+
+
+def preview_tags(ctx: Context, values: dict) -> dict:
+    """What the tag edit (`remove`, `replace` ... `with_`, `add` at `at`, after the `trigger`) would do to dataset
+    `name`'s captions: the captions that change, before and after. Nothing is written."""
+    name, changes = _tag_changes(ctx, values)
+    table = pd.DataFrame([(c.file, c.before, c.after) for c in changes], columns=["Picture", "Before", "After"])
+    said = f"{len(changes)} captions would change. Press **Apply** to write them." if changes else \
+        "No caption would change."
+    return {"changes": table, "tags_note": said}
+
+
+def apply_tags(ctx: Context, values: dict) -> dict:
+    """Make the tag edit (as `preview_tags` shows it) in every caption of dataset `name`."""
+    name, changes = _tag_changes(ctx, values)
+    for change in changes:
+        ws.set_caption(ctx.root, name, change.file, change.after)
+    gallery, note = gallery_of(ctx, name)
+    return {"gallery": gallery, "note": note + f"\n\nChanged the tags of {len(changes)} captions.",
+            "changes": pd.DataFrame(columns=["Picture", "Before", "After"]),
+            "tags_note": f"Changed {len(changes)} captions.", **count_tags(ctx, {"name": name})}
+
+
 def check_pictures(ctx: Context, values: dict) -> dict:
     """Check the pictures and captions of dataset `name` for what makes a LoRA disappoint, with the Train tab's
     `trigger`, `base`, `resolution`, `steps`, `batch_size` and `grad_accum`: the findings as Markdown."""
@@ -175,6 +229,21 @@ def layout(ctx: Context) -> SimpleNamespace:
                 ui.bulk_find = gr.Textbox(label="Find")
                 ui.bulk_replace = gr.Textbox(label="Replace with")
             ui.bulk = gr.Button("Change all captions")
+        with gr.Accordion("Edit tags", open=False):
+            ui.tags = gr.Markdown("Tags are the comma-separated parts of captions.")
+            ui.count_tags = gr.Button("Show tags", size="sm")
+            with gr.Row():
+                ui.tags_remove = gr.Textbox(label="Remove tags", info="comma-separated")
+                ui.tags_replace = gr.Textbox(label="Replace tag")
+                ui.tags_with = gr.Textbox(label="With", info="empty removes it")
+                ui.tags_add = gr.Textbox(label="Add tags", info="comma-separated, where missing")
+                ui.tags_at = gr.Radio(["start", "end"], value="end", label="Add at",
+                                      info="start: after the trigger word")
+            with gr.Row():
+                ui.tags_preview = gr.Button("Preview")
+                ui.tags_apply = gr.Button("Apply to all captions", variant="primary")
+            ui.tags_note = gr.Markdown()
+            ui.tags_changes = gr.Dataframe(headers=["Picture", "Before", "After"], interactive=False, wrap=True)
         with gr.Accordion("Check pictures", open=False):
             ui.check = gr.Button("Check pictures")
             ui.findings = gr.Markdown("Finds duplicates, small, enlarged, cropped or blurry pictures and caption "
@@ -208,6 +277,13 @@ def wire(ctx: Context, page: SimpleNamespace) -> None:
        {"name": ui.dataset, "trigger": ui.bulk_trigger, "prefix": ui.bulk_prefix, "suffix": ui.bulk_suffix,
         "find": ui.bulk_find, "replace": ui.bulk_replace},
        {**shown, "trigger": train.form["trigger"]}, api_name="change_all")
+    on(ui.count_tags.click, ctx, count_tags, {"name": ui.dataset}, {"tags": ui.tags}, api_name="count_tags")
+    edit = {"name": ui.dataset, "remove": ui.tags_remove, "replace": ui.tags_replace, "with_": ui.tags_with,
+            "add": ui.tags_add, "at": ui.tags_at, "trigger": train.form["trigger"]}
+    on(ui.tags_preview.click, ctx, preview_tags, edit, {"changes": ui.tags_changes, "tags_note": ui.tags_note},
+       api_name="preview_tags")
+    on(ui.tags_apply.click, ctx, apply_tags, edit,
+       {**shown, "changes": ui.tags_changes, "tags_note": ui.tags_note, "tags": ui.tags}, api_name="apply_tags")
     on(ui.check.click, ctx, check_pictures,
        {"name": ui.dataset, "trigger": train.form["trigger"], "base": train.base,
         "resolution": train.form["resolution"], "steps": train.form["steps"], "batch_size": train.form["batch_size"],
