@@ -1,4 +1,4 @@
-"""The command line: `sdlora train | check | tags | generate | runs | app | merge | resize | info`; user errors print one line and exit 2."""
+"""The command line: `sdlora train | eval | check | tags | generate | runs | app | merge | resize | info`; user errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--gpus", type=int, default=1,
                    help="train one run data-parallel over this many GPUs (through accelerate launch)")
     _add_config_flags(t)
+
+    e = sub.add_parser("eval", help="measure every save of a run (what it learned, how much it changes prompts "
+                                    "without the trigger) and say which save and strength to use")
+    e.add_argument("run", help="a run folder (sdlora train --out)")
+    e.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
 
     c = sub.add_parser("check", help="check a dataset for what makes a LoRA disappoint: duplicates, small, enlarged, "
                                      "cropped or blurry pictures, captions, how often each picture is seen")
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_spare(main)
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "check": _check, "tags": _tags, "generate": _generate, "runs": _runs,
+        return {"train": _train, "eval": _eval, "check": _check, "tags": _tags, "generate": _generate, "runs": _runs,
                 "merge": _merge, "resize": _resize, "info": _info}[args.command](args)
     except UserError as e:
         print(f"sdlora: error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
@@ -219,6 +224,15 @@ def _check(args) -> int:
     for finding in findings:
         print(f"{finding.severity:8s} {finding.message}" + (f"\n         -> {finding.hint}" if finding.hint else ""))
     print(summary(findings, len(data.records)))
+    return 0
+
+
+def _eval(args) -> int:
+    from sdlora.evaluate import evaluate_run
+
+    _quiet_loading()
+    _, best = evaluate_run(args.run, device=args.device)
+    print(f"use: {best.reason}")
     return 0
 
 

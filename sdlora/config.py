@@ -141,6 +141,10 @@ class TrainConfig:
                               "pip install tensorboard / wandb); events.jsonl is written either way",
                           choices=("", "tensorboard", "wandb"))
     keep_checkpoints: int = _knob(2, "resumable checkpoints kept (older ones are deleted)")
+    evaluate: bool = _knob(True, "at every save, measure what the LoRA learned and how much it changes prompts without "
+                                 "the trigger; at the end, say which save and strength to use")
+    eval_holdout: int = _knob(-1, "pictures kept out of training to measure learning on (-1 = a few when the dataset "
+                                  "has 30 or more, else none: training pictures are measured instead)")
     export_diffusers: bool = _knob(False, "also write the adapter in the diffusers/peft layout")
     title: str = _knob("", "title written into the file's metadata (default: the run's name)")
     description: str = _knob("", "description written into the file's metadata")
@@ -211,6 +215,7 @@ class TrainConfig:
         need(self.zero_terminal_snr != "on" or self.prediction_type != "epsilon", "zero_terminal_snr",
              "needs v-prediction (at zero SNR the noise is the whole input): set prediction_type v_prediction or auto")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
+        need(self.eval_holdout >= -1, "eval_holdout", "must be -1 (automatic), 0 or more")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

@@ -45,6 +45,11 @@ class EventLog:
             ok = "ok" if event["ok"] else "FAILED"
             tqdm.write(f"compatibility check {ok} ({Path(event['path']).name}): diffusers' loader took {event['keys_consumed']}/{event['keys_written']} "
                        f"keys; strength 0 = base (max diff {event['strength0_max_diff']:g})")
+        elif kind == "eval":
+            tqdm.write(f"eval (step {event['step']}, {event['on']}): learned {event['learned']:.0%} of the base's "
+                       f"loss at strength {event['suggested_strength']:g}, bleed {event['bleed']:.0%}")
+        elif kind == "recommend":
+            tqdm.write(f"use: {event['reason']}")
         elif kind in ("done", "stopped"):
             tqdm.write(f"{kind} at step {event['step']}: {event['path']}")
 

@@ -35,7 +35,8 @@ class Saves:
         self.weights = weights or contextlib.nullcontext
         self.ema = ema  # an sdlora.ema.EMA: each file gets a *-ema.safetensors twin
 
-    def save(self, step: int, final: bool = False) -> Path:
+    def save(self, step: int, final: bool = False, metadata: dict | None = None) -> Path:
+        """Write the adapters as they are (`metadata`: fields added to the file's, e.g. the suggested strength)."""
         config, run_dir = self.config, self.run_dir
         path = run_dir / ("lora.safetensors" if final else f"lora-step-{step:06d}.safetensors")
         self.losses.read(wait=True)  # never save weights that a NaN has already reached
@@ -47,6 +48,7 @@ class Saves:
                                   prediction_type=self.base.prediction_type,
                                   zero_terminal_snr=self.base.zero_terminal_snr,
                                   clip_skip=self.family.resolve_clip_skip(config.clip_skip), reg_dirs=self.reg_dirs)
+            meta.update(metadata or {})
             unet, text_encoders = self.trained[0], self.trained[1:]
             with self.weights():
                 state = self._state_dict()

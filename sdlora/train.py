@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from sdlora import checkpoints
+from sdlora import adapters, checkpoints
 from sdlora import dataset as ds
+from sdlora import evaluate
 from sdlora.batches import Batches
 from sdlora.check import check_dataset
 from sdlora.config import TrainConfig, optimizer_warnings
@@ -87,6 +88,9 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
                      alpha_mask=config.alpha_mask)
     reg = ds.ingest(config.reg_data, caption_template=config.caption_template, alpha_mask=config.alpha_mask) \
         if config.reg_data else None
+    # pictures kept out of training, to measure what each save learned on (sdlora.evaluate)
+    data.records, heldout = evaluate.split(data.records, config.eval_holdout, config.seed) if config.evaluate \
+        else (data.records, [])
     _check_masks(config, data)
     setup.lap("data")
     # 2. The base model: the frozen UNet and text encoders load as their files store them (build_step casts them where
@@ -134,6 +138,11 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     # goes on, from a quarter of the way (at most 100 steps in): the first steps (eager calls, a CUDA graph capture
     # per bucket shape), the caches and the first samples need the host, and the load would hold Python's lock.
     preload_at = step + min(100, (config.steps - step) // 4) if device.type == "cuda" else None
+    # What each save learned and broke, from the base predictions on fixed inputs (main process: forwards only).
+    evaluator = _evaluator(config, step_fn, family, pipe, data.records, heldout, resolution, accelerator) \
+        if config.evaluate and accelerator.is_main_process else None
+    measures = evaluate.earlier_measures(run_dir, step) if evaluator is not None and step else []
+    setup.lap("eval")
     sample_every = config.sample_every or max(1, config.steps // 4)
     save_every = config.save_every or max(1, config.steps // 4)
     progress = _Progress(config, accelerator, events, step, progress_bar)
@@ -144,12 +153,35 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
                 prediction_type=base.prediction_type, zero_terminal_snr=base.zero_terminal_snr, clip_skip=clip_skip,
                 buckets=len(buckets),
                 images=len(data.records), rejected=len(data.rejected), samples_per_epoch=len(batches.samples),
+                held_out=len(heldout),
                 masked_images=sum(r.mask is not None for r in data.records) if config.masked_loss else 0,
                 reg_images=len(reg_records), reg_samples_per_epoch=sum(i >= batches.reg_from for i in batches.samples),
                 total_steps=config.steps, start_step=step, device=str(device), precision=accelerator.mixed_precision,
                 batch_per_gpu=config.batch_size, global_batch=config.batch_size * config.grad_accum * accelerator.num_processes,
                 base_storage=step_fn.base_storage, epochs=round(config.steps * config.grad_accum / batches.per_epoch(), 2),
                 setup_s=setup.times, bucket_sizes={f"{w}x{h}": bucket_of.count((w, h)) for w, h in sorted(set(bucket_of))})
+
+    def measured(step: int, final: bool = False) -> dict:
+        """Measure the adapters as they are now (an `eval` event); the save's metadata: its suggested strength, and on
+        the final file the recommendation over every save."""
+        if evaluator is None:
+            return {}
+        stage.now = f"measuring the LoRA at step {step}"
+        path = run_dir / ("lora.safetensors" if final else f"lora-step-{step:06d}.safetensors")
+        t = time.perf_counter()
+        with step_fn.averaged_weights():
+            measure = evaluator.measure(step)
+        measures.append(measure)
+        events.emit("eval", **evaluate.event(measure, str(path), evaluator.on), seconds=time.perf_counter() - t)
+        meta = {"sdlora_suggested_strength": f"{measure.suggested():g}"}
+        if final:
+            best = evaluate.recommend(measures, lambda at: "lora (the final save)" if at == step
+                                      else f"lora-step-{at:06d}")
+            file = run_dir / ("lora.safetensors" if best.step == step else f"lora-step-{best.step:06d}.safetensors")
+            events.emit("recommend", path=str(file), step=best.step, strength=best.strength,
+                        learned_share=best.learned_share, bleed=best.bleed, reason=best.reason, on=evaluator.on)
+            meta["sdlora_recommendation"] = best.reason
+        return meta
 
     def draw_samples(step: int) -> None:
         stage.now = f"drawing samples at step {step}"
@@ -172,7 +204,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         draw = step % sample_every == 0 or done or sample_now
         if stop_now or done:  # the final file first: drawing its samples cannot lose it
             stage.now = "saving the final file"
-            path = saves.save(step, final=True)
+            path = saves.save(step, final=True, metadata=measured(step, final=True))
             if draw:
                 draw_samples(step)
             saves.check(path, "stopped" if stop_now else "done", step)
@@ -180,8 +212,9 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         if draw:
             draw_samples(step)
         if step > 0 and (step % save_every == 0 or save_now):
+            metadata = measured(step)
             stage.now = f"saving at step {step}"
-            saves.save(step)
+            saves.save(step, metadata=metadata)
         if preload_at is not None and step >= preload_at and accelerator.is_main_process:
             saves.preload(pipe)
             preload_at = None
@@ -196,6 +229,21 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         if ema is not None:
             ema.update(step)
         progress(step, losses, step_fn)
+
+
+def _evaluator(config, step_fn, family, pipe, records, heldout, resolution, accelerator) -> evaluate.Evaluator:
+    """The run's measures (sdlora.evaluate) on its own models: strength set on the adapters in place."""
+    kind = adapters.get(config.adapter)
+
+    def set_strength(strength: float) -> None:
+        for model in step_fn.trained:
+            kind.set_strength(model, strength)
+    return evaluate.Evaluator(
+        unet=step_fn.unet, text_encoders=step_fn.text_encoders, tokenizers=family.tokenizers(pipe), family=family,
+        vae=pipe.vae, objective=step_fn.objective, scaling_factor=step_fn.scaling_factor, set_strength=set_strength,
+        records=records, heldout=heldout, trigger=config.trigger, resolution=resolution, clip_skip=step_fn.clip_skip,
+        seed=config.seed, device=accelerator.device, dtype=step_fn.weight_dtype, batch_size=config.batch_size,
+        autocast=lambda: accelerator.autocast(step_fn.autocast))
 
 
 class _Progress:

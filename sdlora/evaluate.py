@@ -1,0 +1,328 @@
+"""What a save learned and what it broke, measured with the base model the run already holds, and which save and
+strength to use.
+
+Every measure is deterministic (fixed pictures, timesteps and noise), so saves compare:
+- *learned*: the share of the base model's denoising loss the LoRA removes on pictures it must reproduce (a held-out
+  split when the dataset is large enough, else the training pictures, and the event says which), at each strength;
+- *bleed*: how much the LoRA changes the denoiser's prediction for prompts without the trigger word (the captions
+  with it taken out, and a few generic prompts), relative to how much it changes it for the captions with it;
+- *overfit*: the held-out loss risen above its lowest while the training pictures' loss kept falling.
+A strength changes the adapters in place (the run's own, or a file loaded into a pipeline); 0 is the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdlora import dataset as ds
+
+STRENGTHS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+GENERIC_PROMPTS = ("a picture", "a photo of a cat", "a landscape painting")
+EVAL_PICTURES = 4  # pictures whose loss is measured (held out, or from the training set)
+TIMESTEP_FRACTIONS = (0.125, 0.375, 0.625, 0.875)  # the noise levels, as fractions of the training schedule
+BLEED_FRACTIONS = (0.375, 0.625)
+NEAR_BEST = 0.95  # a strength within this share of a save's best learned is as good, and a lower one is preferred
+SHORTLIST = 0.9  # saves within this share of the best learned are candidates; the least bleed wins
+OVERFIT_RISE = 0.02  # the held-out loss this far above its lowest, with the training loss lower: overfit
+
+
+def split(records: list, holdout: int, seed: int) -> tuple[list, list]:
+    """(training records, held-out records). `holdout` -1: a few pictures held out when there are 30 or more
+    (5%, 2 to 8), else none; 0: none; N: N pictures (at least 4 left to train on)."""
+    n = len(records)
+    if holdout < 0:
+        holdout = min(8, max(2, n // 20)) if n >= 30 else 0
+    holdout = max(0, min(holdout, n - 4))
+    if not holdout:
+        return records, []
+    picked = set(random.Random(seed).sample(range(n), holdout))
+    return [r for i, r in enumerate(records) if i not in picked], [r for i, r in enumerate(records) if i in picked]
+
+
+def without_trigger(caption: str, trigger: str) -> str:
+    """`caption` with the trigger word and the comma after it taken out."""
+    if not trigger:
+        return caption
+    out = re.sub(rf"(?<!\w){re.escape(trigger)}(?!\w)\s*,?\s*", "", caption).strip().strip(",").strip()
+    return out or "a picture"
+
+
+@dataclass
+class Measure:
+    """One save's measures: per strength, `learned` (share of the base loss removed) and `bleed` (change without the
+    trigger / change with it); the held-out and training pictures' loss at strength 1."""
+
+    step: int
+    strengths: dict[float, dict] = field(default_factory=dict)
+    heldout_loss: float | None = None
+    train_loss: float | None = None
+    overfit: bool | None = None
+
+    def suggested(self) -> float:
+        """The lowest strength whose learned is within NEAR_BEST of this save's best."""
+        best = max(m["learned"] for m in self.strengths.values())
+        return min(s for s, m in self.strengths.items() if m["learned"] >= NEAR_BEST * best)
+
+
+class Evaluator:
+    """The fixed inputs of a run's measures, and the base model's predictions on them (strength 0), computed once."""
+
+    def __init__(self, *, unet, text_encoders, tokenizers, family, vae, objective, scaling_factor: float,
+                 set_strength, records, heldout, trigger: str, resolution: int, clip_skip: int, seed: int,
+                 device, dtype=torch.float32, batch_size: int = 8, autocast=contextlib.nullcontext):
+        self.unet, self.text_encoders, self.tokenizers, self.family = unet, text_encoders, tokenizers, family
+        self.objective, self.set_strength, self.device, self.dtype = objective, set_strength, device, dtype
+        # as many pictures a forward as training takes, more where they are small (64 px: 32)
+        self.clip_skip, self.autocast = clip_skip, autocast
+        self.batch_size = max(1, batch_size, 32 * 64 * 64 // resolution ** 2)
+        self.on = "held-out pictures" if heldout else "training pictures"
+        rng = random.Random(seed)
+        learn = list(heldout)[:EVAL_PICTURES] or rng.sample(list(records), min(EVAL_PICTURES, len(records)))
+        train = rng.sample(list(records), min(EVAL_PICTURES, len(records))) if heldout else []
+        bucket = (resolution, resolution)  # every picture centre-cropped to the square: one shape, one batch
+        self.time_ids = family.time_ids((resolution, resolution), (0, 0), bucket)
+        gen = torch.Generator().manual_seed(seed)
+        total = objective.num_train_timesteps
+
+        def inputs(recs, fractions):
+            latents = self._latents(vae, recs, bucket, scaling_factor)
+            rows = []
+            for i, rec in enumerate(recs):
+                for f in fractions:
+                    noise = torch.randn(latents.shape[1:], generator=gen).to(device, dtype)
+                    rows.append((latents[i], noise, int(f * total), rec.caption))
+            return rows
+
+        self.learn = inputs(learn, TIMESTEP_FRACTIONS)
+        self.train = inputs(train, TIMESTEP_FRACTIONS)
+        # the same noisy latents with the captions, and with prompts that lack the trigger word
+        self.bleed_with = inputs(learn, BLEED_FRACTIONS)
+        self.bleed_without = [(lat, noise, t, without_trigger(caption, trigger))
+                              for lat, noise, t, caption in self.bleed_with] if trigger else []
+        self.bleed_without += [(lat, noise, t, prompt) for lat, noise, t, _ in self.bleed_with[:len(BLEED_FRACTIONS)]
+                               for prompt in GENERIC_PROMPTS]
+        self.models = [unet, *text_encoders]
+        self.base = self._run(lambda: {name: self._predict(rows, 0.0) for name, rows in self._sets().items()})
+
+    def _run(self, compute):
+        """`compute()` with every model in eval mode (no adapter dropout), each put back as it was."""
+        modes = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+        try:
+            with self.autocast():
+                return compute()
+        finally:
+            for m, mode in zip(self.models, modes):
+                m.train(mode)
+
+    def _sets(self) -> dict:
+        return {"learn": self.learn, "train": self.train, "with": self.bleed_with, "without": self.bleed_without}
+
+    @torch.no_grad()
+    def _latents(self, vae, recs, bucket, scaling_factor) -> torch.Tensor:
+        pixels = torch.stack([ds.prepare_image(r.image, bucket, random_crop=False, flip=False,
+                                               rng=random.Random(0))[0] for r in recs]) if recs else None
+        if pixels is None:
+            return torch.empty(0)
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return (dist.mean.float() * scaling_factor).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def _predict(self, rows: list, strength: float) -> torch.Tensor:
+        """The denoiser's predictions for `rows` with the adapters at `strength` (fp32, on the device)."""
+        if not rows:
+            return torch.empty(0)
+        self.set_strength(strength)
+        try:
+            prompts = list(dict.fromkeys(r[3] for r in rows))  # each prompt encoded once
+            hidden, pooled = self.family.encode(self.text_encoders, [ids.to(self.device) for ids in self._ids(prompts)],
+                                                self.clip_skip)
+            where = {p: i for i, p in enumerate(prompts)}
+            out = []
+            for i in range(0, len(rows), self.batch_size):
+                chunk = rows[i:i + self.batch_size]
+                pick = torch.tensor([where[r[3]] for r in chunk], device=self.device)
+                t = torch.tensor([r[2] for r in chunk], device=self.device)
+                noisy = self.objective.noisy(torch.stack([r[0] for r in chunk]), torch.stack([r[1] for r in chunk]), t)
+                time_ids = None if self.time_ids is None else self.time_ids.to(self.device).expand(len(chunk), -1)
+                pred = self.unet(noisy, t, hidden[pick].to(self.dtype), added_cond_kwargs=self.family.denoiser_kwargs(
+                    None if pooled is None else pooled[pick].to(self.dtype), time_ids)).sample
+                out.append(pred.float())
+            return torch.cat(out)
+        finally:
+            self.set_strength(1.0)
+
+    def _ids(self, prompts: list[str]) -> list[torch.Tensor]:
+        return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids for tok in self.tokenizers]
+
+    def _loss(self, rows: list, pred: torch.Tensor) -> float:
+        latents = torch.stack([r[0] for r in rows])
+        noise = torch.stack([r[1] for r in rows])
+        t = torch.tensor([r[2] for r in rows], device=self.device)
+        target = self.objective.target(latents, noise, t).float()
+        return float(((pred - target) ** 2).mean())
+
+    def measure(self, step: int, strengths=STRENGTHS) -> Measure:
+        """The measures of the adapters as they are now."""
+        return self._run(lambda: self._measure(step, strengths))
+
+    def _measure(self, step: int, strengths) -> Measure:
+        result = Measure(step)
+        base_learn = self._loss(self.learn, self.base["learn"])
+        for s in strengths:
+            preds = {name: self._predict(rows, s) for name, rows in self._sets().items()}
+            changed = {k: float(((preds[k] - self.base[k]) ** 2).mean()) for k in ("with", "without")}
+            result.strengths[float(s)] = {
+                "learned": 1 - self._loss(self.learn, preds["learn"]) / base_learn,
+                "bleed": changed["without"] / max(changed["with"], 1e-12),
+            }
+            if s == 1.0:
+                loss = self._loss(self.learn, preds["learn"])
+                if self.train:
+                    result.heldout_loss, result.train_loss = loss, self._loss(self.train, preds["train"])
+        return result
+
+
+def earlier_measures(run_dir: str | Path, step: int) -> list[Measure]:
+    """The measures a run's `eval` events hold up to `step` (a resumed run's saves before it), the last per step."""
+    from sdlora.rundir import read_events
+
+    found = {}
+    for e in read_events(run_dir):
+        if e["type"] == "eval" and e["step"] <= step:
+            found[e["step"]] = Measure(e["step"], {float(r["strength"]): {"learned": r["learned"], "bleed": r["bleed"]}
+                                                   for r in e["strengths"]}, e.get("heldout_loss"), e.get("train_loss"))
+    return [found[k] for k in sorted(found)]
+
+
+def mark_overfit(measures: list[Measure]) -> None:
+    """Set each measure's `overfit` from the ones before it: its held-out loss more than OVERFIT_RISE above the lowest
+    so far while its training loss is below the one there. None without held-out pictures."""
+    best = None
+    for m in measures:
+        if m.heldout_loss is None:
+            m.overfit = None
+            continue
+        if best is None or m.heldout_loss < best.heldout_loss:
+            best = m
+        m.overfit = m.heldout_loss > best.heldout_loss * (1 + OVERFIT_RISE) and m.train_loss < best.train_loss
+
+
+@dataclass
+class Recommendation:
+    step: int
+    strength: float
+    learned_share: float  # of the best learned over every save and strength
+    bleed: float
+    reason: str
+
+
+def recommend(measures: list[Measure], name_of) -> Recommendation:
+    """The save and strength to use: among saves that do not overfit, those within SHORTLIST of the best learned
+    (each at its suggested strength); of these the one that bleeds least. `name_of(step)`: a save's file name."""
+    mark_overfit(measures)
+    fine = [m for m in measures if not m.overfit] or list(measures)
+    picks = {m.step: (m.suggested(), m.strengths[m.suggested()]) for m in fine}
+    best = max(p[1]["learned"] for p in picks.values())
+    shortlist = [m for m in fine if best <= 0 or picks[m.step][1]["learned"] >= SHORTLIST * best]
+    chosen = min(shortlist, key=lambda m: (picks[m.step][1]["bleed"], m.step))
+    strength, numbers = picks[chosen.step]
+    share = numbers["learned"] / best if best > 0 else 0.0
+    reason = f"{name_of(chosen.step)} at {strength:g}: {share:.0%} of the best learned, bleed {numbers['bleed']:.0%}"
+    later = [m for m in measures if m.step > chosen.step]
+    if any(m.overfit for m in later):
+        reason += "; later saves overfit"
+    elif any(m in shortlist for m in later):
+        reason += "; later saves bleed more"
+    elif later:
+        reason += "; later saves learned less"
+    if best <= 0:
+        reason += " (no save lowered the loss: train longer or at a higher learning rate)"
+    return Recommendation(chosen.step, strength, share, numbers["bleed"], reason)
+
+
+def event(measure: Measure, path: str, on: str) -> dict:
+    """The `eval` event's fields for one save."""
+    return {"step": measure.step, "path": path, "on": on, "suggested_strength": measure.suggested(),
+            "learned": measure.strengths[measure.suggested()]["learned"],
+            "bleed": measure.strengths[measure.suggested()]["bleed"],
+            "strengths": [{"strength": s, **m} for s, m in sorted(measure.strengths.items())],
+            "heldout_loss": measure.heldout_loss, "train_loss": measure.train_loss}
+
+
+def save_name(path: Path) -> str:
+    """How a recommendation names a save file."""
+    return "lora (the final save)" if path.name == "lora.safetensors" else path.stem
+
+
+def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -> tuple[list, Recommendation]:
+    """Measure every save of a finished (or stopped) run from its files, with the base its config names, and write
+    the `eval` events and the `recommend` event to the run's events. Files diffusers' loader reads (LoRA, LoCon)."""
+    from sdlora.config import TrainConfig
+    from sdlora.errors import UserError
+    from sdlora.lora import read_lora
+    from sdlora.models import load_base
+    from sdlora.objectives import DDPM
+    from sdlora.rundir import EventLog
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # one adapter per save, on purpose
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.json)", "give the folder `sdlora train --out` made")
+    saves = sorted(run_dir.glob("lora-step-*.safetensors"))
+    saves = [p for p in saves if not p.stem.endswith("-ema")] + \
+        ([run_dir / "lora.safetensors"] if (run_dir / "lora.safetensors").is_file() else [])
+    if not saves:
+        raise UserError(f"no saved LoRA in {run_dir}", "train first, or wait for the run's first save")
+    config = TrainConfig.from_file(run_dir / "config.json")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    say(f"loading {config.base} and {len(saves)} saves")
+    base = load_base(config.base, base_config=config.base_config, prediction_type=config.prediction_type,
+                     zero_terminal_snr=config.zero_terminal_snr)
+    pipe, family = base.pipe.to(device), base.fam
+    names, steps = [], {}
+    for i, path in enumerate(saves):
+        state, metadata = read_lora(path)
+        steps[int(metadata.get("ss_steps") or i)] = path
+        if any(k.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".dora_scale")) for k in state):
+            raise UserError(f"{path.name} is of a type diffusers' loader cannot apply at a strength",
+                            "its measures are taken while training (evaluate on); see the run's eval events")
+        pipe.load_lora_weights(str(path), adapter_name=f"save{i}")
+        names.append(f"save{i}")
+    current = [names[0]]
+
+    def set_strength(strength: float) -> None:
+        pipe.set_adapters(names, adapter_weights=[strength if n == current[0] else 0.0 for n in names])
+    data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template)
+    records, heldout = split(data.records, config.eval_holdout, config.seed)
+    resolution = config.resolution or base.resolution
+    evaluator = Evaluator(unet=pipe.unet, text_encoders=family.text_encoder_models(pipe),
+                          tokenizers=family.tokenizers(pipe), family=family, vae=pipe.vae,
+                          objective=DDPM(pipe.scheduler.config).to(device), scaling_factor=pipe.vae.config.scaling_factor,
+                          set_strength=set_strength, records=records, heldout=heldout, trigger=config.trigger,
+                          resolution=resolution, clip_skip=family.resolve_clip_skip(config.clip_skip), seed=config.seed,
+                          device=torch.device(device), batch_size=config.batch_size)
+    events = EventLog(run_dir)
+    measures = []
+    for name, (step, path) in zip(names, steps.items()):
+        current[0] = name
+        measure = evaluator.measure(step)
+        measures.append(measure)
+        events.emit("eval", **event(measure, str(path), evaluator.on), source="sdlora eval")
+        say(f"{save_name(path)}: learned {measure.strengths[measure.suggested()]['learned']:.1%} at strength "
+            f"{measure.suggested():g}, bleed {measure.strengths[measure.suggested()]['bleed']:.0%}")
+    best = recommend(measures, lambda at: save_name(steps[at]))
+    events.emit("recommend", path=str(steps[best.step]), step=best.step, strength=best.strength,
+                learned_share=best.learned_share, bleed=best.bleed, reason=best.reason, on=evaluator.on,
+                source="sdlora eval")
+    return measures, best
