@@ -56,8 +56,11 @@ def share(run_dir: str | Path, file: str, out: str | Path, *, title: str, trigge
         made.files.append(out / sample_name)
         shutil.copyfile(samples[0]["path"], made.files[-1])
     config = json.loads((run_dir / "config.json").read_text())
+    measured = next((e for e in reversed(events) if e["type"] == "eval" and Path(e["path"]).name == file), None)
+    best = next((e for e in reversed(events) if e["type"] == "recommend"), None)
     made.card = model_card(title=title, trigger=trigger, description=description, config=config,
-                           file_name=made.files[0].name, step=step, samples=samples, sample_file=sample_name)
+                           file_name=made.files[0].name, step=step, samples=samples, sample_file=sample_name,
+                           measured=measured, recommended=best is not None and Path(best["path"]).name == file)
     if readme:
         made.files.append(out / f"{stem}-README.md")
         made.files[-1].write_text(made.card, encoding="utf-8")
@@ -97,10 +100,13 @@ def _data_sha256(path: Path) -> str:
 
 
 def model_card(*, title: str, trigger: str, description: str, config: dict, file_name: str, step: int | None,
-               samples: list[dict], sample_file: str | None = None) -> str:
-    """A short markdown model card: trigger words, base model, how to use, key settings, sample prompts and seeds.
+               samples: list[dict], sample_file: str | None = None, measured: dict | None = None,
+               recommended: bool = False) -> str:
+    """A short markdown model card: trigger words, base model, suggested strength, how to use, key settings, sample
+    prompts and seeds.
 
-    `config` is the run's config.json; `samples` its `sample` events at the exported step.
+    `config` is the run's config.json; `samples` its `sample` events at the exported step; `measured` the file's `eval`
+    event (sdlora.evaluate), `recommended` whether the run recommends this file.
     """
     base = config.get("base", "")
     base_name = "sdlora tiny (SD1-family test model)" if base == "tiny" else Path(base).name or base
@@ -120,10 +126,18 @@ def model_card(*, title: str, trigger: str, description: str, config: dict, file
         f"- **Trigger words:** {trigger or '(none: the LoRA applies without one)'}",
         f"- **Base model:** {base_name}",
         f"- **File:** `{file_name}`" + (f" (saved at step {step})" if step is not None else ""),
+    ]
+    strength = measured["suggested_strength"] if measured else 0.8
+    if measured:
+        lines.append(f"- **Suggested strength:** {strength:g} (measured by sdlora on the {measured['on']}: it removes "
+                     f"{measured['learned']:.0%} of the base model's error there; prompts without the trigger change "
+                     f"{measured['bleed']:.0%} as much as prompts with it"
+                     + ("; the save this run recommends)" if recommended else ")"))
+    lines += [
         "",
         "## How to use",
         "",
-        f"- AUTOMATIC1111 / Forge: put the file in `models/Lora` and add `<lora:{Path(file_name).stem}:0.8>` "
+        f"- AUTOMATIC1111 / Forge: put the file in `models/Lora` and add `<lora:{Path(file_name).stem}:{strength:g}>` "
         "to the prompt" + (f" together with `{trigger}`." if trigger else "."),
         "- ComfyUI: put it in `models/loras` and use a *Load LoRA* node.",
         "- InvokeAI: install it from the model manager.",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import draw_dataset
-from sdlora import examples
+from sdlora import examples, rundir
 from sdlora import workspace as ws
 from sdlora.app import run_files, tab_export, tab_pictures, tab_train, tab_try
 from sdlora.app.context import Context
@@ -162,8 +162,13 @@ def test_a_short_run_previewed_and_exported(ctx):
     assert tab_train.poll(ctx, {"run": "short-run", "followed": "short-run", "seen": seen}) == \
         {"followed": "short-run", "seen": seen}  # nothing new: nothing sent
 
+    # each save measured (learned, bleed); the one to use, at its strength, is said and picked on Try it and Download
+    assert list(shown["evals"]["step"]) == [2, 2, 4, 4] and set(shown["evals"]["measure"]) == {"learned", "bleed"}
+    (best,) = [e for e in rundir.read_events(ws.run_dir(ctx.root, "short-run")) if e["type"] == "recommend"]
+    assert f"**Use {best['reason'].split(':')[0]}**" in shown["status"]
     picked = run_files.pick_run(ctx, {"run": "short-run"})
-    assert picked["file"].choices[0] == "lora-step-000002.safetensors" and picked["file"].value == "lora.safetensors"
+    assert picked["file"].choices[0] == "lora-step-000002.safetensors"
+    assert (picked["file"].value, picked["strength"]) == (best["path"].rsplit("/", 1)[1], best["strength"])
     assert picked["trigger"] == "zkchar" and picked["title"] == "short-run"
     values = {"run": "short-run", "file": "lora.safetensors", "upload": None, "base": "tiny", "prompt": PROMPT,
               "negative": "", "seed": 0, "steps": 4, "guidance": 7.0}
@@ -182,4 +187,5 @@ def test_a_short_run_previewed_and_exported(ctx):
                                    "with_sample": True, "with_card": True})
     assert [p.rsplit("/", 1)[1] for p in made["files"]] == ["Knight.safetensors", "Knight-sample.png",
                                                              "Knight-README.md"]
-    assert "# Knight" in made["card"] and made["warnings"]  # no diffusers version was asked for before training
+    assert "# Knight" in made["card"] and made["warnings"]
+    assert "- **Suggested strength:** " in made["card"]  # no diffusers version was asked for before training

@@ -231,13 +231,26 @@ def view(ctx: Context, run: str) -> dict:
                         for k, label in (("loss", "loss"), ("loss_ema", "smoothed"))])
     samples = sorted((e for e in events if e["type"] == "sample"), key=lambda e: (e["step"], e["path"]))
     gallery = [(e["path"], f"step {e['step']}: {e['prompt']}") for e in samples if Path(e["path"]).is_file()]
-    return {"progress": bar, "status": _status_text(run, run_dir, state, events), "loss": loss, "samples": gallery}
+    return {"progress": bar, "status": _status_text(run, run_dir, state, events), "loss": loss, "samples": gallery,
+            "evals": _eval_frame(events)}
+
+
+def _eval_frame(events: list[dict]) -> pd.DataFrame | None:
+    """Each save's measures (its last `eval` event): learned at its suggested strength and bleed, in percent."""
+    last = {e["step"]: e for e in events if e["type"] == "eval"}
+    rows = [(step, 100 * e[k], label) for step, e in sorted(last.items())
+            for k, label in (("learned", "learned"), ("bleed", "bleed"))]
+    if not rows:
+        return None
+    return pd.DataFrame(rows, columns=["step", "percent", "measure"]).astype(
+        {"step": "int64", "percent": "float64", "measure": "str"})
 
 
 def show_run(ctx: Context, values: dict) -> dict:
     run = values["run"]
     if not run or not ws.run_dir(ctx.root, run).is_dir():
-        return {"progress": "", "status": "No run yet.", "loss": _loss_frame([]), "samples": [], "seen": ""}
+        return {"progress": "", "status": "No run yet.", "loss": _loss_frame([]), "samples": [], "evals": None,
+                "seen": ""}
     return {**view(ctx, run), "seen": f"{run}:shown"}
 
 
@@ -322,6 +335,11 @@ def _status_text(run: str, run_dir: Path, state: str, events: list[dict]) -> str
         log = _log_tail(run_dir)
         text = f"**{run}** could not start. The end of its log:\n```\n{log}\n```" if log \
             else f"**{run}** has not started."
+    if state in ("done", "stopped"):
+        best = next((e for e in reversed(events) if e["type"] == "recommend"), None)
+        if best:
+            text += (f"\n\n**Use {best['reason'].split(':')[0]}** ({best['reason'].split(': ', 1)[1]}; measured on "
+                     f"{best['on']}). Try it and Download start with it.")
     if warnings:
         text += "\n\nNotes from the run:\n" + "\n".join(f"- {w}" for w in warnings[-5:])
     return text
@@ -402,9 +420,15 @@ def layout(ctx: Context) -> SimpleNamespace:
                 ui.progress = gr.HTML("<div class='sdl-progress'><p></p></div>")
                 ui.status = gr.Markdown("No run yet.")
         with gr.Row():
-            ui.loss = gr.LinePlot(None, x="step", y="loss", color="curve", height=260, scale=2,
-                                  color_map={"loss": "#9ca3af", "smoothed": "#f97316"},
-                                  label="Loss: grey each step, orange smoothed (lower is better)")
+            with gr.Column(scale=2):
+                ui.loss = gr.LinePlot(None, x="step", y="loss", color="curve", height=260,
+                                      color_map={"loss": "#9ca3af", "smoothed": "#f97316"},
+                                      label="Loss: grey each step, orange smoothed (lower is better)")
+                ui.evals = gr.LinePlot(None, x="step", y="percent", color="measure", height=200,
+                                       color_map={"learned": "#16a34a", "bleed": "#dc2626"},
+                                       label="Each save, in %: learned (green: the base's error it removes on "
+                                             "your pictures, higher is better) and bleed (red: how much it changes "
+                                             "prompts without the trigger, against with it; lower is better)")
             ui.samples = gr.Gallery(label="Samples as it trains (step 0 = before training)", columns=4, height=300,
                                     scale=3, object_fit="contain")
     return ui
@@ -415,7 +439,7 @@ def wire(ctx: Context, page: SimpleNamespace) -> None:
     states `followed` (the run the page last followed) and `seen` (what the run view shows))."""
     ui = page.train
     form = {"dataset": ui.dataset, "base": ui.base, "run_name": ui.run_name, "gpus": ui.gpus, **ui.form}
-    shown = {"progress": ui.progress, "status": ui.status, "loss": ui.loss, "samples": ui.samples}
+    shown = {"progress": ui.progress, "status": ui.status, "loss": ui.loss, "samples": ui.samples, "evals": ui.evals}
     # .input: a click, never the page setting the radio to a run's preset on load
     on(ui.preset.input, ctx, choose_preset, {"preset": ui.preset}, ui.form, api_name=False)
     # one listener for every field the plan reads: its calls queue one after another, so the plan always shows the

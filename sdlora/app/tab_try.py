@@ -240,7 +240,8 @@ def wire(ctx: Context, page: SimpleNamespace) -> None:
     on(page.train.run.change, ctx, run_files.follow, {"run": page.train.run}, {"run": (ui.run, export.run)},
        api_name=False)
     on(ui.run.change, ctx, run_files.pick_run, {"run": ui.run},
-       {"file": (ui.file, export.file), "prompt": ui.prompt, "negative": ui.negative, "title": export.title,
+       {"file": (ui.file, export.file), "strength": ui.strength, "prompt": ui.prompt, "negative": ui.negative,
+        "title": export.title,
         "trigger": export.trigger, "description": export.description}, api_name=False)
     generation = {"prompt": ui.prompt, "negative": ui.negative, "seed": ui.seed, "steps": ui.steps,
                   "guidance": ui.guidance}
