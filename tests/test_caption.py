@@ -198,3 +198,49 @@ def test_an_image_to_text_model_drafts_a_sentence_per_picture(build, tmp_path, c
     drafts = [caption_of(data, i) for i in (1, 2)]
     assert all(d.startswith("zq, ") and len(d) > len("zq, ") for d in drafts), drafts  # random weights: any words
     assert open_captioner(str(tmp_path / "model")).modes == ("sentence",)
+
+
+# ---- the app ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_app_drafts_in_a_process_shows_the_drafts_and_saves_them(tmp_path):
+    """Draft in the Pictures tab: the job runs as its own process (`sdlora caption`), the timer shows its drafts
+    beside the pictures, nothing is saved until the drafts are, and a caption that was there stays."""
+    import time
+
+    from sdlora import workspace as ws
+    from sdlora.app import tab_pictures
+    from sdlora.app.context import Context
+
+    ctx = Context.create(tmp_path / "workspace", gpus=0)
+    try:
+        scenes = world_dataset(ws.dataset_dir(ctx.root, "shapes"), n=3, captioned=[0])
+        values = {"name": "shapes", "captioner": "tiny-world", "mode": "", "overwrite": False, "trigger": "zq",
+                  "prefix": "", "suffix": "", "drop": ""}
+        assert tab_pictures.draft_captions(ctx, values)["draft_note"].startswith("Drafting captions for **shapes**")
+        with pytest.raises(UserError, match="captions for shapes are being drafted"):
+            tab_pictures.draft_captions(ctx, values)
+        deadline, shown = time.time() + 120, {"draft_seen": ""}
+        while time.time() < deadline:
+            shown = {**shown, **tab_pictures.poll_drafts(ctx, {"name": "shapes", "seen": shown["draft_seen"]})}
+            if shown["draft_note"].startswith("**"):
+                break
+            time.sleep(0.5)
+        assert shown["draft_note"].startswith("**2 drafts.**") and "1 pictures that have a caption" in \
+            shown["draft_note"], shown["draft_note"]
+        assert shown["table"] == [[f"{i}.png", "", f"zq, {world.caption(scenes[i])}"] for i in (1, 2)]
+        assert [label for _, label in shown["drafts"]] == [f"{f}: {c}" for f, _, c in shown["table"]]
+        assert tab_pictures.poll_drafts(ctx, {"name": "shapes", "seen": shown["draft_seen"]}) == \
+            {"draft_seen": shown["draft_seen"]}  # nothing new: nothing sent
+        assert not (ws.dataset_dir(ctx.root, "shapes") / "1.txt").exists()  # nothing saved before review
+
+        picked = tab_pictures.pick_draft(ctx, {"name": "shapes", "table": shown["table"], "index": 1})
+        assert picked == {"file": "2.png", "caption": shown["table"][1][2], "mask": None}
+        table = [["0.png", "my own words", "zq, redrafted"], ["1.png", "", "zq, edited by hand"], shown["table"][1]]
+        saved = tab_pictures.save_drafts(ctx, {"name": "shapes", "table": table, "overwrite": False})
+        assert saved["note"].endswith("Saved 2 drafted captions. Kept 1 captions that were there (tick overwrite "
+                                      "to replace them).")
+        assert [c for _, _, c in ws.captions(ctx.root, "shapes")] == \
+            ["my own words", "zq, edited by hand", shown["table"][1][2]]
+    finally:
+        ctx.children.end_all(grace=10, say=lambda _: None)
