@@ -74,7 +74,7 @@ def test_the_command_writes_a_caption_per_picture_and_keeps_those_there(tmp_path
         assert caption_of(data, i) == f"zqchar, {o.size} {o.color} {o.shape}, {scenes[i].background} background"
 
     assert main(["caption", str(data), "--captioner", "tiny-world", "--overwrite", "--dry-run"]) == 0
-    assert capsys.readouterr().out.splitlines()[1] == f"1.png: {world.caption(scenes[1])}"
+    assert capsys.readouterr().out.splitlines()[1] == f"[2/4] 1.png: {world.caption(scenes[1])}"
     assert caption_of(data, 1) == "my own words"  # a dry run writes nothing
     assert main(["caption", str(data), "--captioner", "tiny-world", "--overwrite", "--prefix", "zqchar"]) == 0
     assert caption_of(data, 1) == f"zqchar, {world.caption(scenes[1])}"

@@ -1,4 +1,4 @@
-"""Transformers image-to-text captioners (Florence-2, BLIP and their kind): the model's own processor and `generate`,
+"""Transformers image-to-text captioners (Florence-2 and BLIP models): the model's own processor and `generate`,
 decoded to one sentence per picture; batched in bf16 on a GPU."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 from sdlora.errors import UserError
 
 # model_type -> the text each picture is captioned with (None: the picture alone). Florence-2 takes a task token.
-PROMPTS = {"florence2": "<DETAILED_CAPTION>", "blip": None, "blip-2": None, "git": None}
+# Only these two are tested (tests/test_caption.py); another kind is one line here once it is.
+PROMPTS = {"florence2": "<DETAILED_CAPTION>", "blip": None}
 MAX_NEW_TOKENS = 75  # what CLIP's text encoder reads of a caption
 
 

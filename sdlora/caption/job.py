@@ -50,7 +50,7 @@ def draft(dataset, captioner, *, mode: str | None = None, overwrite: bool = Fals
     """Caption the pictures of the folder `dataset` that have no caption (all of them with `overwrite`) with
     `captioner` (an opened one), in `mode` (sentence or tags; None: the captioner's own), each finished by
     sdlora.caption.finish. `write`: write NAME.txt beside each picture; otherwise only return the drafts. `say`
-    gets one line per picture."""
+    gets a line per picture (`[3/20] NAME: caption`) and per note."""
     mode = mode or captioner.modes[0]
     if mode not in captioner.modes:
         raise UserError(f"{captioner.name} writes {' or '.join(captioner.modes)}, not {mode}",
@@ -78,7 +78,7 @@ def draft(dataset, captioner, *, mode: str | None = None, overwrite: bool = Fals
             if events:
                 events.emit("caption", file=record.name, caption=caption, old=old)
             if say:
-                say(f"{record.name}: {caption}")
+                say(f"[{len(drafts)}/{len(todo)}] {record.name}: {caption}")
         if events:
             events.emit("progress", done=len(drafts), total=len(todo), skipped=len(data.records) - len(todo))
     if events:
