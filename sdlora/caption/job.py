@@ -35,6 +35,7 @@ def run(dataset, captioner: str, *, job_dir=None, general_threshold: float = GEN
         Path(job_dir).mkdir(parents=True, exist_ok=True)
         events.emit("start", dataset=str(dataset), captioner=captioner)
     try:
+        _writable(dataset, options.get("write", True))  # said before a model loads for minutes
         opened = open_captioner(captioner, general_threshold=general_threshold,
                                 character_threshold=character_threshold, batch_size=batch_size)
         return draft(dataset, opened, events=events, say=say, **options)

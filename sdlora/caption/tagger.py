@@ -37,9 +37,9 @@ class Tagger:
         self.thresholds = {GENERAL: general_threshold, CHARACTER: character_threshold}
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(folder / "model.onnx") if (folder / "model.onnx").is_file()
+        self.model = ort.InferenceSession(str(folder / "model.onnx") if (folder / "model.onnx").is_file()
                                             else str(models[0]), providers=providers)
-        put = self.session.get_inputs()[0]
+        put = self.model.get_inputs()[0]
         self.input = put.name
         self.side = put.shape[1] if isinstance(put.shape[1], int) else SIDE
         fixed = put.shape[0] if isinstance(put.shape[0], int) and put.shape[0] > 0 else 0  # some take one batch size
@@ -49,7 +49,7 @@ class Tagger:
         out = []
         for start in range(0, len(images), self.batch_size):
             batch = np.stack([prepare(image, self.side) for image in images[start:start + self.batch_size]])
-            probs = self.session.run(None, {self.input: batch})[0]
+            probs = self.model.run(None, {self.input: batch})[0]
             if probs.shape[-1] != len(self.tags):
                 raise UserError(f"{self.name} gives {probs.shape[-1]} scores for {len(self.tags)} tags",
                                 "use the selected_tags.csv that came with the model")
