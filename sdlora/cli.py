@@ -1,4 +1,5 @@
-"""The command line: `sdlora train | check | caption | generate | runs | app | merge | resize | info`; user errors print one line and exit 2."""
+"""The command line: `sdlora train | check | caption | generate | runs | app | merge | resize | info`; user errors print
+one line and exit 2."""
 
 from __future__ import annotations
 
@@ -171,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_spare(main)
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "check": _check, "caption": _caption, "generate": _generate, "runs": _runs, "merge": _merge, "resize": _resize,
-                "info": _info}[args.command](args)
+        return {"train": _train, "check": _check, "caption": _caption, "generate": _generate, "runs": _runs,
+                "merge": _merge, "resize": _resize, "info": _info}[args.command](args)
     except UserError as e:
         print(f"sdlora: error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
         return 2

@@ -4,7 +4,6 @@ written, the captions kept, the trigger, dropped tags and thresholds."""
 
 import random
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -111,8 +110,8 @@ def tagger_dir(tmp_path_factory):
             return torch.stack(columns, dim=1)
 
     folder = tmp_path_factory.mktemp("tagger")
-    torch.onnx.export(Scores().eval(), (torch.zeros(2, 448, 448, 3),), str(folder / "model.onnx"), input_names=["input"],
-                      output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.onnx.export(Scores().eval(), (torch.zeros(2, 448, 448, 3),), str(folder / "model.onnx"),
+                      input_names=["input"], output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},))
     rows = ["tag_id,name,category,count"] + [f"{i},{name},{category},100" for i, (name, category, _) in enumerate(TAGS)]
     (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n")
     return folder
