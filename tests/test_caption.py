@@ -243,3 +243,24 @@ def test_the_app_drafts_in_a_process_shows_the_drafts_and_saves_them(tmp_path):
             ["my own words", "zq, edited by hand", shown["table"][1][2]]
     finally:
         ctx.children.end_all(grace=10, say=lambda _: None)
+
+
+def test_the_app_offers_the_captioners_at_hand_and_takes_no_other_path(tmp_path):
+    from sdlora import workspace as ws
+    from sdlora.app import tab_pictures
+    from sdlora.app.context import Context
+
+    models = tmp_path / "models"
+    (models / "my-tagger").mkdir(parents=True)
+    (models / "my-tagger" / "selected_tags.csv").write_text("tag_id,name,category,count\n")
+    (models / "a-base").mkdir()
+    (models / "a-base" / "model_index.json").write_text("{}")
+    assert [value for _, value in ws.captioners(models)][:2] == ["tiny-world", "my-tagger"]  # no base models
+    assert ws.resolve_captioner(models, "my-tagger") == str(models / "my-tagger")
+    assert ws.resolve_captioner(models, "org/captioner") == "org/captioner"  # a hub id: the job looks in the cache
+    for value in (str(models / "my-tagger"), "../models/my-tagger", "/etc"):
+        with pytest.raises(UserError, match="not found"):
+            ws.resolve_captioner(models, value)
+    ctx = Context.create(tmp_path / "workspace", models, gpus=0)
+    with pytest.raises(UserError, match="no dataset picked"):
+        tab_pictures.draft_captions(ctx, {"name": "missing", "captioner": "tiny-world"})
