@@ -149,11 +149,10 @@ def draft_captions(ctx: Context, values: dict) -> dict:
     with ctx.start_lock:
         if job_dir.is_dir() and rundir.status(job_dir) == "running":
             raise UserError(f"captions for {name} are being drafted", "wait for the drafts")
-        options = [f"--captioner={captioner}", "--dry-run"] + (["--overwrite"] if values["overwrite"] else []) + \
-            ([f"--mode={values['mode']}"] if values["mode"] else []) + \
-            [f"--{key}={values[field].strip()}" for key, field in
-             (("trigger", "trigger"), ("prefix", "prefix"), ("suffix", "suffix"), ("drop-tags", "drop"))
-             if (values[field] or "").strip()]
+        flags = {"mode": values["mode"], "trigger": values["trigger"], "prefix": values["prefix"],
+                 "suffix": values["suffix"], "drop-tags": values["drop"]}
+        options = [f"--captioner={captioner}", "--dry-run", *(["--overwrite"] if values["overwrite"] else []),
+                   *(f"--{flag}={value.strip()}" for flag, value in flags.items() if (value or "").strip())]
         ctx.start_caption(ws.dataset_dir(ctx.root, name), job_dir, options)
     return {"draft_note": f"Drafting captions for **{name}**: loading the captioner…", "drafts": [],
             "table": [], "draft_seen": ""}
