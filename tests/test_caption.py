@@ -225,7 +225,7 @@ def test_the_app_drafts_in_a_process_shows_the_drafts_and_saves_them(tmp_path):
             if shown["draft_note"].startswith("**"):
                 break
             time.sleep(0.5)
-        assert shown["draft_note"].startswith("**2 drafts.**") and "1 pictures that have a caption" in \
+        assert shown["draft_note"].startswith("**2 drafts.**") and "Pictures with a caption left alone: 1" in \
             shown["draft_note"], shown["draft_note"]
         assert shown["table"] == [[f"{i}.png", "", f"zq, {world.caption(scenes[i])}"] for i in (1, 2)]
         assert [label for _, label in shown["drafts"]] == [f"{f}: {c}" for f, _, c in shown["table"]]
@@ -237,8 +237,8 @@ def test_the_app_drafts_in_a_process_shows_the_drafts_and_saves_them(tmp_path):
         assert picked == {"file": "2.png", "caption": shown["table"][1][2], "mask": None}
         table = [["0.png", "my own words", "zq, redrafted"], ["1.png", "", "zq, edited by hand"], shown["table"][1]]
         saved = tab_pictures.save_drafts(ctx, {"name": "shapes", "table": table, "overwrite": False})
-        assert saved["note"].endswith("Saved 2 drafted captions. Kept 1 captions that were there (tick overwrite "
-                                      "to replace them).")
+        assert saved["note"].endswith("Saved drafts: 2. Captions kept as they were: 1 (tick overwrite to replace "
+                                      "them).")
         assert [c for _, _, c in ws.captions(ctx.root, "shapes")] == \
             ["my own words", "zq, edited by hand", shown["table"][1][2]]
     finally:

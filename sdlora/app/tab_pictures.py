@@ -196,10 +196,9 @@ def show_drafts(ctx: Context, name: str) -> dict:
             "Drafting: loading the captioner…"
     elif state == "done":
         skipped = progress[-1]["skipped"] if progress else 0
-        note = f"**{len(drafts)} drafts.** Check them, edit any in the table, then save." if drafts else \
-            "No picture needed a caption."
-        note += f" {skipped} pictures that have a caption were left alone (tick overwrite to redraft them)." \
-            if skipped else ""
+        note = f"**{len(drafts)} draft{'s' * (len(drafts) != 1)}.** Check them, edit any in the table, then save." \
+            if drafts else "No picture needed a caption."
+        note += f" Pictures with a caption left alone: {skipped} (tick overwrite to redraft them)." if skipped else ""
     else:
         error = next((e["message"] for e in reversed(events) if e["type"] == "error"), None)
         note = f"Drafting failed: {error or _log_tail(job_dir)}"
@@ -228,8 +227,8 @@ def save_drafts(ctx: Context, values: dict) -> dict:
         ws.set_caption(ctx.root, name, file, str(caption))
         saved += 1
     gallery, note = gallery_of(ctx, name)
-    said = f"Saved {saved} drafted captions." + (f" Kept {kept} captions that were there (tick overwrite to replace "
-                                                 f"them)." if kept else "")
+    said = f"Saved drafts: {saved}." + (f" Captions kept as they were: {kept} (tick overwrite to replace them)."
+                                        if kept else "")
     return {"gallery": gallery, "note": note + "\n\n" + said}
 
 
