@@ -1,4 +1,5 @@
-"""The command line: `sdlora train | eval | check | tags | generate | runs | app | merge | resize | info`; user errors print one line and exit 2."""
+"""The command line: `sdlora train | eval | check | tags | caption | generate | runs | app | merge | resize | info`;
+user errors print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from sdlora import examples
+from sdlora.caption import CHARACTER_THRESHOLD, GENERAL_THRESHOLD, MODES
 from sdlora.config import (PRESET_HELP, PRESETS, SAMPLE_GUIDANCE, SAMPLE_SCHEDULER, SAMPLE_STEPS, TrainConfig,
                            build_config)
 from sdlora.errors import UserError
@@ -88,6 +90,27 @@ def _parser() -> argparse.ArgumentParser:
                     help="where added tags go (start: after the trigger word)")
     tg.add_argument("--trigger", default="", help="the trigger word, kept first when tags are added at the start")
     tg.add_argument("--write", action="store_true", help="write the changed captions (without it, only show them)")
+
+    d = sub.add_parser("caption", help="draft a .txt caption for each picture with a captioner (pictures that have "
+                                       "one are left alone unless --overwrite)")
+    d.add_argument("dataset", help="folder of images (captions are written beside them), or an example with --dry-run")
+    d.add_argument("--captioner", required=True,
+                   help="tiny-world (the tiny model's own world, no download), florence2, blip, wd14, a hub id in the "
+                        "local Hugging Face cache, or a folder holding a model")
+    d.add_argument("--mode", choices=MODES, help="sentence captions or comma-separated tags (default: what the "
+                                                 "captioner writes)")
+    d.add_argument("--overwrite", action="store_true", help="also redraft pictures that have a caption")
+    d.add_argument("--trigger", default="", help="put this word first in every caption")
+    d.add_argument("--prefix", default="", help="text after the trigger, before the draft")
+    d.add_argument("--suffix", default="", help="text at the end")
+    d.add_argument("--drop-tags", default="", metavar="A,B", help="comma-separated tags to leave out")
+    d.add_argument("--general-threshold", type=float, default=GENERAL_THRESHOLD,
+                   help="taggers: the least score a general tag needs")
+    d.add_argument("--character-threshold", type=float, default=CHARACTER_THRESHOLD,
+                   help="taggers: the least score a character tag needs")
+    d.add_argument("--batch-size", type=int, default=0, help="pictures at a time (0 = 16 on a GPU, 4 on the CPU)")
+    d.add_argument("--dry-run", action="store_true", help="print the drafts, write no file")
+    d.add_argument("--job-dir", help="also report progress and drafts to DIR/events.jsonl (the app follows it)")
 
     g = sub.add_parser("generate", help="make an image with a base model and LoRAs at chosen strengths",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -166,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve_spare(main)
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "check": _check, "tags": _tags, "generate": _generate, "runs": _runs,
+        return {"train": _train, "eval": _eval, "check": _check, "tags": _tags, "caption": _caption,
+                "generate": _generate, "runs": _runs,
                 "merge": _merge, "resize": _resize, "info": _info}[args.command](args)
     except UserError as e:
         print(f"sdlora: error: {e.message}" + (f" (hint: {e.hint})" if e.hint else ""), file=sys.stderr)
@@ -268,6 +292,22 @@ def _tags(args) -> int:
             write_caption(folder, change.file, change.after)
     verb = "changed" if args.write else "would change (add --write to write them)"
     print(f"{len(changes)} of {len(items)} captions {verb}")
+    return 0
+
+
+def _caption(args) -> int:
+    from sdlora.caption import job, split_list
+
+    if args.batch_size < 0 or not (0 <= args.general_threshold <= 1 and 0 <= args.character_threshold <= 1):
+        raise UserError("--batch-size must be 0 or more, thresholds between 0 and 1", "fix the numbers")
+    _quiet_loading()
+    drafts = job.run(args.dataset, args.captioner, job_dir=args.job_dir, general_threshold=args.general_threshold,
+                     character_threshold=args.character_threshold, batch_size=args.batch_size, mode=args.mode,
+                     overwrite=args.overwrite, write=not args.dry_run, trigger=args.trigger, prefix=args.prefix,
+                     suffix=args.suffix, drop_tags=split_list(args.drop_tags), say=print)
+    done = "drafted (nothing written)" if args.dry_run else "written"
+    print(f"{len(drafts)} caption{'s' * (len(drafts) != 1)} {done}" +
+          ("" if args.overwrite else "; pictures with a caption left alone (--overwrite redrafts them)"))
     return 0
 
 

@@ -6,6 +6,7 @@ WORKSPACE/
                      masks (from uploaded mask files or the pictures' transparency); "N_name" folders repeat
   runs/<name>/       run directories (config.json, events.jsonl, samples/, checkpoints/, the LoRA files)
   exports/<run>/     files made for download
+  captions/<name>/   the last caption-drafting job of dataset <name> (events.jsonl with its drafts, pid, log.txt)
   loras/<name>.safetensors   LoRA files uploaded to stack with others in previews
 ```
 Every name that arrives from a form is reduced to a slug and every path is resolved under the workspace, so no
@@ -345,6 +346,61 @@ def dataset_counts(root: str | Path, name: str) -> tuple[int, int, int]:
                 break
         per_epoch += repeats
     return len(items), sum(1 for _, _, c in items if c), per_epoch
+
+
+def caption_job_dir(root: str | Path, name: str) -> Path:
+    """The folder of dataset `name`'s caption-drafting job (it may not exist yet)."""
+    return _named(root, "captions", name)
+
+
+def captioners(models_dir: str | Path | None) -> list[tuple[str, str]]:
+    """(label, value) of the captioners on offer: the tiny world's describer, captioner folders under `models_dir`
+    and captioners already in the Hugging Face cache (a WD14-style tagger, or a model sdlora.caption runs)."""
+    from sdlora.caption import TINY_WORLD
+
+    found = [("tiny-world (built in, for the example pictures)", TINY_WORLD)]
+    if models_dir and Path(models_dir).is_dir():
+        for folder in sorted(p for p in Path(models_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if _captioner_files({f.name: f for f in folder.iterdir()}):
+                found.append((f"{folder.name} (folder)", folder.name))
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = [r for r in scan_cache_dir().repos if r.repo_type == "model"]
+    except Exception:
+        repos = []
+    for repo in sorted(repos, key=lambda r: r.repo_id):
+        if _captioner_files({f.file_name: f.file_path for rev in repo.revisions for f in rev.files}):
+            found.append((f"{repo.repo_id} (downloaded)", repo.repo_id))
+    return found
+
+
+def _captioner_files(files: dict) -> bool:
+    """Whether files (name -> path) are a tagger's or a captioning model's (config.json's model_type says)."""
+    from sdlora.caption.image_to_text import PROMPTS
+
+    if "selected_tags.csv" in files:
+        return True
+    try:
+        return json.loads(Path(files["config.json"]).read_text()).get("model_type") in PROMPTS
+    except (KeyError, OSError, ValueError, AttributeError):
+        return False
+
+
+def resolve_captioner(models_dir: str | Path | None, value: str) -> str:
+    """The captioner a job gets for what the form holds: tiny-world or a short name, a folder under `models_dir`, or
+    a hub id; never any other path."""
+    from sdlora.caption import KNOWN, TINY_WORLD
+
+    value = (value or "").strip()
+    if value == TINY_WORLD or value in KNOWN:
+        return value
+    if models_dir and value and slug(value) == value and (Path(models_dir) / value).is_dir():
+        return str(inside(models_dir, value))
+    if _HUB_ID.match(value) and ".." not in value and not Path(value).exists():
+        return value
+    raise UserError(f"captioner {value!r} not found",
+                    "pick one from the list, put a captioner folder into the models folder, or type a hub id")
 
 
 # ---- runs ----------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ def visible_gpus() -> int:
 @dataclass
 class Context:
     """One page's shared state. Everything lives on disk in the workspace except what a process holds: the
-    training processes started (in `children`), the spare waiting for the next run, and the loaded previewers."""
+    training processes and caption jobs started (in `children`), the spare waiting for the next run, and the loaded
+    previewers."""
 
     root: Path  # the workspace: datasets/, runs/, exports/, loras/ (sdlora.workspace)
     models: Path  # the folder of base models on offer
@@ -63,6 +64,11 @@ class Context:
         if gpus == 1:
             self.spare = None  # taken, or found dead and replaced by a fresh process
         threading.Thread(target=self._after, args=(process,), daemon=True).start()
+
+    def start_caption(self, dataset: Path, job_dir: Path, options: list[str]) -> None:
+        """Start drafting the captions of `dataset` (`sdlora caption` with `options`), reporting to `job_dir`."""
+        process = self.children.add(launch.start_caption(dataset, job_dir, options), "caption")
+        threading.Thread(target=process.wait, daemon=True).start()  # reaped, so its pid dies with it
 
     def _after(self, process) -> None:
         """Reap a run's process, so its pid dies with it; then start the next spare."""

@@ -1,5 +1,5 @@
 """The Pictures tab: datasets, their pictures and captions, uploads, the bundled examples, changing every caption
-at once and editing tags across captions."""
+at once, editing tags across captions, and captions drafted by a captioner (a job process), reviewed, then saved."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pandas as pd
 from sdlora import examples as bundled
 from sdlora import check
 from sdlora import dataset as ds
+from sdlora import rundir
 from sdlora import tags as tag_edits
 from sdlora import workspace as ws
 from sdlora.app import tab_train
@@ -190,6 +191,112 @@ def check_pictures(ctx: Context, values: dict) -> dict:
     return {"findings": "\n".join(lines) if findings or data.rejected else lines[0] + " Nothing to fix."}
 
 
+def draft_captions(ctx: Context, values: dict) -> dict:
+    """Start drafting captions for dataset `name` with `captioner`, in a process of its own: `mode` (sentence, tags
+    or '' for the captioner's own), `trigger`, `prefix`, `suffix`, `drop` (tags, comma-separated); pictures that
+    have a caption only with `overwrite`. Nothing is saved until the drafts are."""
+    name = values["name"]
+    if not name or name not in ws.dataset_names(ctx.root):
+        raise UserError("no dataset picked", "pick a dataset with pictures first")
+    captioner = ws.resolve_captioner(ctx.models, values["captioner"])
+    job_dir = ws.caption_job_dir(ctx.root, name)
+    with ctx.start_lock:
+        if job_dir.is_dir() and rundir.status(job_dir) == "running":
+            raise UserError(f"captions for {name} are being drafted", "wait for the drafts")
+        flags = {"mode": values["mode"], "trigger": values["trigger"], "prefix": values["prefix"],
+                 "suffix": values["suffix"], "drop-tags": values["drop"]}
+        options = [f"--captioner={captioner}", "--dry-run", *(["--overwrite"] if values["overwrite"] else []),
+                   *(f"--{flag}={value.strip()}" for flag, value in flags.items() if (value or "").strip())]
+        ctx.start_caption(ws.dataset_dir(ctx.root, name), job_dir, options)
+    return {"draft_note": f"Drafting captions for **{name}**: loading the captioner…", "drafts": [],
+            "table": [], "draft_seen": ""}
+
+
+def poll_drafts(ctx: Context, values: dict) -> dict:
+    """The page's timer: the drafting job of dataset `name`, its progress and the drafts so far, when it changed since
+    `seen`."""
+    name, seen = values["name"], values["seen"]
+    try:
+        job_dir = ws.caption_job_dir(ctx.root, name) if name else None
+    except UserError:  # a name being typed
+        job_dir = None
+    if job_dir is None or not job_dir.is_dir():
+        return {"draft_note": "", "drafts": [], "table": [], "draft_seen": ""} if seen else {"draft_seen": seen}
+    events_file = job_dir / "events.jsonl"
+    size = events_file.stat().st_size if events_file.exists() else 0
+    signature = f"{name}:{size}:{rundir.status(job_dir)}"
+    if signature == seen:
+        return {"draft_seen": seen}
+    return {**show_drafts(ctx, name), "draft_seen": signature}
+
+
+def show_drafts(ctx: Context, name: str) -> dict:
+    """The drafts of dataset `name`'s last job beside their pictures (a gallery and a table to edit), and how it
+    stands."""
+    job_dir = ws.caption_job_dir(ctx.root, name)
+    events = rundir.read_events(job_dir)
+    state = rundir.status(job_dir)
+    if not events and state != "running" and not (job_dir / "log.txt").is_file():
+        return {"draft_note": "", "drafts": [], "table": []}
+    drafts = [e for e in events if e["type"] == "caption"]
+    folder = ws.dataset_dir(ctx.root, name)
+    gallery = [(str(folder / e["file"]), f"{e['file']}: {e['caption']}") for e in drafts
+               if (folder / e["file"]).is_file()]
+    table = [[e["file"], e["old"], e["caption"]] for e in drafts]
+    progress = [e for e in events if e["type"] == "progress"]
+    notes = "".join(f"\n\nNote: {e['message']}" for e in events if e["type"] == "warning")
+    if state == "running":
+        note = f"Drafting: {progress[-1]['done']} of {progress[-1]['total']} pictures…" if progress else \
+            "Drafting: loading the captioner…"
+    elif state == "done":
+        skipped = progress[-1]["skipped"] if progress else 0
+        note = f"**{len(drafts)} draft{'s' * (len(drafts) != 1)}.** Check them, edit any in the table, then save." \
+            if drafts else "No picture needed a caption."
+        note += f" Pictures with a caption left alone: {skipped} (tick overwrite to redraft them)." if skipped else ""
+    else:
+        error = next((e["message"] for e in reversed(events) if e["type"] == "error"), None)
+        note = f"Drafting failed: {error or _log_tail(job_dir)}"
+    return {"draft_note": note + notes, "drafts": gallery, "table": table}
+
+
+def _log_tail(job_dir) -> str:
+    log = job_dir / "log.txt"
+    lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+    return lines[-1] if lines else "the process ended"
+
+
+def save_drafts(ctx: Context, values: dict) -> dict:
+    """Save the drafts in `table` (rows of picture, caption now, draft; as edited) as the captions of dataset `name`;
+    a picture that has a caption keeps it unless `overwrite`."""
+    name = values["name"]
+    rows = [r for r in (values["table"] or []) if len(r) >= 3 and r[0] and str(r[2]).strip()]
+    if not rows:
+        raise UserError("no drafts to save", "draft captions first")
+    now = {file: caption for file, _, caption in ws.captions(ctx.root, name)}
+    saved = kept = 0
+    for file, _, caption in rows:
+        if now.get(file) and not values["overwrite"]:
+            kept += 1
+            continue
+        ws.set_caption(ctx.root, name, file, str(caption))
+        saved += 1
+    gallery, note = gallery_of(ctx, name)
+    said = f"Saved drafts: {saved}." + (f" Captions kept as they were: {kept} (tick overwrite to replace them)."
+                                        if kept else "")
+    return {"gallery": gallery, "note": note + "\n\n" + said}
+
+
+def pick_draft(ctx: Context, values: dict) -> dict:
+    """The draft clicked (`index` into the `table` of dataset `name`), put in the caption editor to save alone."""
+    rows = values["table"] or []
+    index = values["index"]
+    if index is None or index >= len(rows):
+        return {}
+    file = rows[index][0]
+    mask = ws.mask_file(ws.inside(ws.dataset_dir(ctx.root, values["name"]), file))
+    return {"file": file, "caption": rows[index][2], "mask": str(mask) if mask else None}
+
+
 # ---- layout and wiring --------------------------------------------------------------------------------------------
 
 def layout(ctx: Context) -> SimpleNamespace:
@@ -244,6 +351,27 @@ def layout(ctx: Context) -> SimpleNamespace:
                 ui.tags_apply = gr.Button("Apply to all captions", variant="primary")
             ui.tags_note = gr.Markdown()
             ui.tags_changes = gr.Dataframe(headers=["Picture", "Before", "After"], interactive=False, wrap=True)
+        with gr.Accordion("Draft captions", open=False):
+            with gr.Row():
+                ui.captioner = gr.Dropdown(ws.captioners(ctx.models), value="tiny-world", label="Captioner",
+                                           allow_custom_value=True, scale=2,
+                                           info="downloaded models, folders in the models folder, or a hub id")
+                ui.draft_mode = gr.Dropdown([("what the captioner writes", ""), ("sentences", "sentence"),
+                                             ("tags", "tags")], value="", label="Write", scale=1)
+                ui.draft_overwrite = gr.Checkbox(label="Also redraft pictures that have a caption", scale=1)
+            with gr.Row():
+                ui.draft_trigger = gr.Textbox(label="Trigger word", info="put first")
+                ui.draft_prefix = gr.Textbox(label="Add at the start")
+                ui.draft_suffix = gr.Textbox(label="Add at the end")
+                ui.draft_drop = gr.Textbox(label="Leave out tags", placeholder="e.g. simple background, solo")
+            ui.draft = gr.Button("Draft captions")
+            ui.draft_note = gr.Markdown("")
+            ui.drafts = gr.Gallery(label="Drafts (click one to edit and save it alone)", columns=8, height=240,
+                                   allow_preview=False, object_fit="contain")
+            ui.draft_table = gr.Dataframe(headers=["Picture", "Caption now", "Draft"], type="array",
+                                          interactive=True, wrap=True, label="Drafts (edit any before saving)")
+            ui.save_drafts = gr.Button("Save drafts", variant="primary")
+            ui.draft_seen = gr.State("")  # what the drafts show (see poll_drafts)
         with gr.Accordion("Check pictures", open=False):
             ui.check = gr.Button("Check pictures")
             ui.findings = gr.Markdown("Finds duplicates, small, enlarged, cropped or blurry pictures and caption "
@@ -284,6 +412,19 @@ def wire(ctx: Context, page: SimpleNamespace) -> None:
        api_name="preview_tags")
     on(ui.tags_apply.click, ctx, apply_tags, edit,
        {**shown, "changes": ui.tags_changes, "tags_note": ui.tags_note, "tags": ui.tags}, api_name="apply_tags")
+    drafted = {"draft_note": ui.draft_note, "drafts": ui.drafts, "table": ui.draft_table}
+    on(ui.draft.click, ctx, draft_captions,
+       {"name": ui.dataset, "captioner": ui.captioner, "mode": ui.draft_mode, "overwrite": ui.draft_overwrite,
+        "trigger": ui.draft_trigger, "prefix": ui.draft_prefix, "suffix": ui.draft_suffix, "drop": ui.draft_drop},
+       {**drafted, "draft_seen": ui.draft_seen}, api_name="draft_captions")
+    on(page.timer.tick, ctx, poll_drafts, {"name": ui.dataset, "seen": ui.draft_seen},
+       {**drafted, "draft_seen": ui.draft_seen}, show_progress="hidden", api_name=False)
+    on(ui.save_drafts.click, ctx, save_drafts, {"name": ui.dataset, "table": ui.draft_table,
+                                                "overwrite": ui.draft_overwrite}, shown, api_name="save_drafts")
+
+    def select_draft(name, table, evt: gr.SelectData):  # the draft clicked comes with the event
+        return call(ctx, pick_draft, {"name": name, "table": table, "index": evt.index}, cleared)
+    ui.drafts.select(select_draft, [ui.dataset, ui.draft_table], components(cleared), api_name=False)
     on(ui.check.click, ctx, check_pictures,
        {"name": ui.dataset, "trigger": train.form["trigger"], "base": train.base,
         "resolution": train.form["resolution"], "steps": train.form["steps"], "batch_size": train.form["batch_size"],

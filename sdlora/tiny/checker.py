@@ -8,6 +8,7 @@ by `world.py` (blurred and noised like a small diffusion model's samples) and ca
 """
 
 import functools
+import math
 import random
 from collections import deque
 
@@ -19,6 +20,7 @@ from sdlora.tiny import world
 _NAMES = list(world.COLORS)
 _PALETTE = np.array([world.COLORS[n] for n in _NAMES], dtype=np.float32)
 _CROP = 16  # side of the resampled silhouette the shape classifier sees
+_SMALL_REACH = 0.153  # between 1.1 x 0.13 (the largest small circle) and 0.82 x 0.9 x 0.22 (the smallest large square)
 
 
 def _nearest(rgb, exclude=()) -> str:
@@ -26,6 +28,13 @@ def _nearest(rgb, exclude=()) -> str:
     for name in exclude:
         dist[_NAMES.index(name)] = np.inf
     return _NAMES[int(np.argmin(dist))]
+
+
+def _nearest_all(rgb: np.ndarray, exclude: str) -> np.ndarray:
+    """The palette name nearest to each of (N, 3) colours, `exclude` left out."""
+    dist = np.linalg.norm(rgb[:, None, :] - _PALETTE[None], axis=2)
+    dist[:, _NAMES.index(exclude)] = np.inf
+    return np.array(_NAMES)[np.argmin(dist, axis=1)]
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -216,6 +225,39 @@ def check(image: Image.Image, prompt: str) -> dict:
         "object_color": color,
         "shape": shape,
     }
+
+
+
+def read_scene(image: Image.Image) -> world.Scene:
+    """The plain scene an image shows, as `world.render` would have drawn it: the background colour and each object's
+    colour, shape, size and place, largest object first (textures and eyes are not read). `world.caption` of it is
+    the caption the world would give the image when everything is read right."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    side = max(pixels.shape[:2])
+    bg_rgb = _background(pixels)
+    background = _nearest(bg_rgb)
+    objects, boxes = [], []
+    for color, rgb, comp in _objects(pixels, bg_rgb, background):
+        if comp.sum() < 12:  # as in _analyse: well below the smallest world object
+            continue
+        ys, xs = np.nonzero(comp)
+        box = (xs.min(), ys.min(), xs.max(), ys.max())
+        if any(b[0] <= box[0] and b[1] <= box[1] and b[2] >= box[2] and b[3] >= box[3] for b in boxes):
+            continue  # inside a larger object (a pupil in an eye the background colour): part of it
+        boxes.append(box)
+        centre = ((xs.min() + xs.max() + 1) / 2 / side, (ys.min() + ys.max() + 1) / 2 / side)
+        # Half the bounding box over the side: from 0.82 (square) to 1 (circle) times the drawn radius, which is the
+        # size's radius within 10% (world._SCALE_JITTER); the largest small object and the smallest large one
+        # straddle this.
+        reach = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) / 2 / side
+        size = "small" if reach < _SMALL_REACH else "large"
+        position = min(world.POSITIONS, key=lambda p: math.dist(world.POSITIONS[p], centre))
+        # the colour most of the object has (the median of its far pixels, `_objects`' reading, is an eye's white on
+        # a creature's body)
+        names, counts = np.unique(_nearest_all(pixels[comp], exclude=background), return_counts=True)
+        color = str(names[np.argmax(counts)]) if counts.max() > 0.5 * comp.sum() else color
+        objects.append(world.Obj(_classify_shape(_shape_features(pixels, bg_rgb, rgb, comp)), color, size, position))
+    return world.Scene(objects=objects, background=background)
 
 
 # What the two example datasets look like, and what of it the tiny model can draw at all.
