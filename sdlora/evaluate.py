@@ -13,6 +13,7 @@ A strength changes the adapters in place (the run's own, or a file loaded into a
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -65,9 +66,12 @@ class Measure:
     overfit: bool | None = None
 
     def suggested(self) -> float:
-        """The lowest strength whose learned is within NEAR_BEST of this save's best."""
-        best = max(m["learned"] for m in self.strengths.values())
-        return min(s for s, m in self.strengths.items() if m["learned"] >= NEAR_BEST * best)
+        """The lowest strength whose learned is within NEAR_BEST of this save's best (1 when none is a number)."""
+        learned = {s: m["learned"] for s, m in self.strengths.items() if math.isfinite(m["learned"])}
+        if not learned:
+            return 1.0
+        best = max(learned.values())
+        return min(s for s, value in learned.items() if value >= NEAR_BEST * best)
 
 
 class Evaluator:

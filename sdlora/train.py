@@ -167,6 +167,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         if evaluator is None:
             return {}
         stage.now = f"measuring the LoRA at step {step}"
+        losses.read(wait=True)  # a NaN already in the weights stops the run here, as a save would
         path = run_dir / ("lora.safetensors" if final else f"lora-step-{step:06d}.safetensors")
         t = time.perf_counter()
         with step_fn.averaged_weights():

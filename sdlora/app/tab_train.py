@@ -57,6 +57,7 @@ LABELS = {
     "keep_checkpoints": "Checkpoints kept", "export_diffusers": "Also write the diffusers version",
     "masked_loss": "Masked loss", "alpha_mask": "Transparency as mask", "reg_data": "Regularisation pictures",
     "reg_ratio": "Share of regularisation pictures", "prior_loss_weight": "Regularisation loss weight",
+    "evaluate": "Measure each save (and say which to use)", "eval_holdout": "Pictures kept out to measure on",
 }
 # The form's fields, in the order they are shown: the main knobs, then the rest as TrainConfig lists them.
 _SHOWN = [f for f in dataclasses.fields(TrainConfig) if f.name not in HIDDEN]
@@ -368,8 +369,8 @@ def _field_input(f: dataclasses.Field, value):
         return gr.Checkbox(value=value, label=label, info=info)
     if f.metadata.get("choices"):
         return gr.Dropdown(list(f.metadata["choices"]), value=value, label=label, info=info)
-    if isinstance(default, int):
-        return gr.Number(value=value, label=label, info=info, precision=0, minimum=0)
+    if isinstance(default, int):  # a default of -1 means automatic (eval_holdout): the box must take it
+        return gr.Number(value=value, label=label, info=info, precision=0, minimum=-1 if default < 0 else 0)
     if isinstance(default, float):
         step = 1e-5 if f.name.endswith("_lr") else 0.5 if f.name == "alpha" else 0.01
         # a default of -1 means auto (sample_guidance_rescale): the box must take it
