@@ -1,10 +1,11 @@
 """Write the embedded tiny base model (random init) as a diffusers folder at `sdlora.tiny.MODEL_DIR`.
 
 The architecture is Stable Diffusion 1.x's, scaled down: an AutoencoderKL, a UNet2DConditionModel with
-cross-attention, a CLIP text encoder and the real CLIP BPE tokenizer (made by scripts/make_tokenizer.py). Two sizes
-(ARCHITECTURES): "x8", the shipped one (64 px -> 8x8x4 latents), and "x4" (64 px -> 16x16x4 latents: fine enough for
-eyes with pupils, four times the UNet's work per image; sdlora/tiny/NOTES.md has what it measured). Weights are
-stored in fp16 to keep the package small; diffusers loads them as fp32.
+cross-attention, a CLIP text encoder and the real CLIP BPE tokenizer (made by scripts/make_tokenizer.py). Sizes
+(ARCHITECTURES): "x8", the shipped one (64 px -> 8x8x4 latents), "x4" (64 px -> 16x16x4 latents: fine enough for
+eyes with pupils, four times the UNet's work per image; sdlora/tiny/NOTES.md has what it measured) and "x4c8"
+(16x16x8 latents: room for 1-px lines; the UNet's step costs about what x4's does). Weights are stored in fp16 to keep
+the package small; diffusers loads them as fp32.
 
     python scripts/make_tiny.py [--arch x8] [--seed 0] [--tokenizer DIR]
 """
@@ -44,11 +45,13 @@ VAE = dict(
     scaling_factor=0.18215,
 )
 # (UNet, VAE) by name; the same UNet runs at 16x16 under an autoencoder that downsamples twice.
+_X4_VAE = dict(VAE, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+               block_out_channels=(64, 128, 128))
 ARCHITECTURES = {
     "x8": (UNET, VAE),
-    "x4": (dict(UNET, sample_size=16),
-           dict(VAE, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                block_out_channels=(64, 128, 128))),
+    "x4": (dict(UNET, sample_size=16), _X4_VAE),
+    # 8 latent channels: a 4x4 pixel patch (48 numbers) into 8, where x4 packs it into 4 and x8 an 8x8 patch into 4
+    "x4c8": (dict(UNET, sample_size=16, in_channels=8, out_channels=8), dict(_X4_VAE, latent_channels=8)),
 }
 TEXT = dict(
     vocab_size=49408,
