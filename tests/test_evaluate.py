@@ -2,11 +2,12 @@
 the save and strength it recommends and why, the held-out split, and where the user reads it."""
 
 import json
+import math
 
 import pytest
 from safetensors import safe_open
 
-from sdlora import examples
+from sdlora import adapters, examples
 from sdlora.cli import main
 from sdlora.evaluate import Measure, recommend, split, without_trigger
 from sdlora.rundir import read_events
@@ -82,3 +83,18 @@ def test_evaluation_can_be_turned_off(tmp_path):
                  "--sample-every", "100", "--batch-size", "1", "--no-evaluate", "--quiet"]) == 0
     assert not any(e["type"] in ("eval", "recommend") for e in read_events(run))
     assert json.loads((run / "config.json").read_text())["evaluate"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", sorted(adapters.TYPES))
+def test_every_adapter_type_is_measured(tmp_path, dataset_dir, adapter):
+    from conftest import small_config
+    from sdlora.train import train
+
+    run = tmp_path / adapter
+    train(small_config(dataset_dir, steps=3, adapter=adapter, sample_every=100, save_every=100, unet_lr=1e-2),
+          run, progress_bar=False)
+    measured = [e for e in read_events(run) if e["type"] == "eval"][-1]
+    numbers = [r[k] for r in measured["strengths"] for k in ("learned", "bleed")]
+    assert len(numbers) == 12 and all(math.isfinite(n) for n in numbers) and measured["learned"] > 0
+    assert any(e["type"] == "recommend" for e in read_events(run))

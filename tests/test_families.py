@@ -166,6 +166,10 @@ def test_trained_lora_loads_in_plain_diffusers_and_reproduces_the_samples(models
     assert not any("memory defaults" in e.get("message", "") for e in events)
     verify = next(e for e in events if e["type"] == "verify")
     assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"]
+    # the run measured its save with the family's own text encoding and conditioning, and said what to use
+    (measured,) = [e for e in events if e["type"] == "eval"]
+    assert measured["learned"] > 0 and measured["bleed"] >= 0
+    assert next(e for e in events if e["type"] == "recommend")["reason"].startswith("lora (the final save) at ")
 
     with safe_open(str(run / "lora.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
