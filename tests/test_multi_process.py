@@ -33,6 +33,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, dataset_di
     starts = [e for e in events if e["type"] == "start"]
     assert len(starts) == 1 and starts[0]["batch_per_gpu"] == 2 and starts[0]["global_batch"] == 4
     assert [e["type"] for e in events].count("done") == 1
+    # the main process measures each save once (the measures are forwards only: the other process goes on)
+    assert [e["step"] for e in events if e["type"] == "eval"] == [3, 6]
+    assert [e["type"] for e in events].count("recommend") == 1
     assert sorted(p.name for p in two.glob("lora*.safetensors")) == ["lora-step-000003.safetensors", "lora.safetensors"]
     a, _ = read_lora(tmp_path / "one" / "lora.safetensors")
     b, _ = read_lora(two / "lora.safetensors")
