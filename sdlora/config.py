@@ -105,6 +105,15 @@ class TrainConfig:
                                              "the nearly clean timesteps; combines with min-SNR")
     timestep_min: int = _knob(0, "train on noise levels from this timestep (0-999)")
     timestep_max: int = _knob(1000, "... up to, not including, this one (1-1000); e.g. 500-1000 for composition only")
+    # flow matching (SD3.5): diffusers' train_dreambooth_lora_sd3.py's weighting_scheme, split into its two parts
+    flow_timestep_sampling: str = _knob("logit_normal", "flow matching (SD3.5): how noise levels are drawn; "
+                                        "logit_normal (SD3's), mode or uniform",
+                                        choices=("logit_normal", "mode", "uniform"))
+    flow_logit_mean: float = _knob(0.0, "flow matching: logit_normal's mean")
+    flow_logit_std: float = _knob(1.0, "flow matching: logit_normal's standard deviation")
+    flow_mode_scale: float = _knob(1.29, "flow matching: mode sampling's scale (SD3 paper, section 3.1)")
+    flow_loss_weighting: str = _knob("none", "flow matching: each image's loss weight by its noise level; none, "
+                                             "sigma_sqrt (1/sigma^2) or cosmap", choices=("none", "sigma_sqrt", "cosmap"))
     mixed_precision: str = _knob("auto", "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU",
                                  choices=("auto", "no", "fp16", "bf16"))
     base_precision: str = _knob("auto", "how the frozen base (UNet, text encoders) is stored while the LoRA trains in "
@@ -189,6 +198,7 @@ class TrainConfig:
         need(self.keep_tags >= 0, "keep_tags", "must be 0 or more")
         need(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
         need(self.min_snr_gamma >= 0, "min_snr_gamma", "must be 0 (off) or more")
+        need(self.flow_logit_std > 0, "flow_logit_std", "must be positive")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be 0 (off) to below 1, e.g. 0.999")
         need(self.ema_every >= 1, "ema_every", "must be at least 1")
         need(self.ema_start >= 0, "ema_start", "must be 0 or more")
