@@ -100,6 +100,8 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
         "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
     }
+    if fam.peft_names:  # the file's lora_B holds alpha / rank (sdlora.families.naming.peft_layout)
+        meta["sdlora_alpha_in_weights"] = "True"
     return meta
 
 

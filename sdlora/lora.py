@@ -86,9 +86,15 @@ def check_lora_fits(name: str, state: dict[str, torch.Tensor] | None, metadata: 
         raise UserError(f"{name} is a LoRA for {made_for.label}, and the base model is {fam.label}", hint)
 
     state = state or {}  # None: the caller maps every shape onto the base itself
-    denoiser = fam.denoiser_of(base.pipe).config
-    base_width = denoiser.get("cross_attention_dim") or denoiser.get("joint_attention_dim")
+    names = {k.split(".lora_")[0].rsplit(".alpha", 1)[0] for k in state}
+    shown = families.from_lora_names(names)
+    if shown is not None and shown.group != fam.group and (shown.peft_names or fam.peft_names):
+        # a transformer's names (SD3.5) and a UNet's never match: say so before a loader fails on them
+        raise UserError(f"{name} is a LoRA for {shown.group}, and the base model is {fam.label}", hint)
+    base_width = fam.denoiser_of(base.pipe).config.get("cross_attention_dim")  # None: no UNet cross-attention
     for key, tensor in state.items():
+        if base_width is None:
+            break
         if key.endswith(("attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight", "attn2_to_v.lora_down.weight")):
             width = tensor.shape[1]
             if width != base_width:

@@ -133,12 +133,13 @@ def _family(name, label, memory_rows, version, architecture) -> Family:
         original_text_encoders=(("text_encoder", "clip", "text_encoders.clip_l.transformer."),
                                 ("text_encoder_2", "clip", "text_encoders.clip_g.transformer."),
                                 ("text_encoder_3", "t5", "text_encoders.t5xxl.transformer.")),
-        # the pipelines condition on both CLIPs' penultimate layer; kohya's SD3 training does too
-        added_conditioning=True, denoiser="transformer", latent_multiple=2, objective="flow",
+        # no size conditioning (the pooled text goes to the transformer through `predict`); the pipelines condition on
+        # both CLIPs' penultimate layer, and kohya's SD3 training does too
+        added_conditioning=False, denoiser="transformer", latent_multiple=2, objective="flow",
         frozen_text_encoders=("text_encoder_3",), token_lengths=(0, 0, T5_TOKENS),
         clip_skip=2, clip_skip_fixed=True, memory_rows=memory_rows, unet_targets=TRANSFORMER_TARGETS,
         text_targets=TEXT_TARGETS, base_model_version=version, architecture=architecture,
-        implementation="https://github.com/Stability-AI/sd3.5", v2=False,
+        implementation="diffusers", v2=False,
         encode=encode, encode_prompt=encode_prompt, time_ids=time_ids, denoiser_kwargs=denoiser_kwargs,
         predict=predict, checkpoint_prediction=no_prediction, detect_pipeline=detect_pipeline,
         detect_folder=detect_folder, detect_checkpoint=detect_checkpoint, detect_denoiser=detect_denoiser,
