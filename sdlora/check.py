@@ -112,6 +112,8 @@ def base_resolution(base: str) -> int:
         unet = json.loads((path / "unet" / "config.json").read_text())
         vae = json.loads((path / "vae" / "config.json").read_text())
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    if (path / "model_index.json").is_file():  # a transformer family's folder (SD3.5): the family's resolution
+        return families.detect_folder(json.loads((path / "model_index.json").read_text())).resolution
     if path.is_file():
         from sdlora.models import inspect_checkpoint
 

@@ -56,7 +56,8 @@ class TrainConfig:
     shuffle_tags: bool = _knob(False, "shuffle comma-separated tags each step (tag captions only; never sentences)")
     keep_tags: int = _knob(1, "tags kept in place at the front when shuffling (1 keeps the trigger first)")
     caption_dropout: float = _knob(0.0, "chance of training a step with an empty caption; 0.05-0.1 helps styles")
-    resolution: int = _knob(0, "training resolution in pixels; 0 = the base model's own (tiny 64, SD1 512, SDXL 1024)")
+    resolution: int = _knob(0, "training resolution in pixels; 0 = the base model's own (tiny 64, SD1 512, SDXL "
+                                 "and SD3.5 1024)")
     random_crop: bool = _knob(False, "random instead of centre crops (turns off the latent cache)")
     flip: bool = _knob(False, "random horizontal flips; only for subjects without a handed side (text, asymmetry)")
     masked_loss: bool = _knob(False, "weight each picture's loss by its mask, NAME_mask.png beside NAME.png (white = "
@@ -304,6 +305,11 @@ PRESETS: dict[str, dict] = {
     "sdxl-anime-vpred": {**_ANIME_TAGS, "prediction_type": "v_prediction", "zero_terminal_snr": "on"},
     # Pony-style bases: the same tag captions; a style learns from every picture, so some steps drop the caption
     "sdxl-pony-style": {**_ANIME_TAGS, "caption_dropout": 0.05},
+    # SD3.5 (flow matching): diffusers' train_dreambooth_lora_sd3.py trains the joint attention (image and text
+    # streams) at 1e-4 with logit-normal noise levels and no loss weighting; no min-SNR (flow matching has no SNR)
+    "sd3.5-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16, "alpha": 8.0,
+                    "unet_lr": 1e-4, "min_snr_gamma": 0.0, "caption_dropout": 0.05,
+                    "flow_timestep_sampling": "logit_normal", "flow_loss_weighting": "none"},
 }
 # One line each, for `sdlora train --help`, the app and the README.
 PRESET_HELP: dict[str, str] = {
@@ -314,6 +320,7 @@ PRESET_HELP: dict[str, str] = {
                        "captions, clip skip 2, no noise offset",
     "sdxl-anime-vpred": "the same for v-prediction zero-terminal-SNR bases (NoobAI-XL v-pred)",
     "sdxl-pony-style": "a style on Pony-style SDXL bases: tag captions, clip skip 2, 5% caption dropout",
+    "sd3.5-style": "a style on SD3.5 Medium/Large: 1024, joint attention, lr 1e-4, logit-normal noise levels",
 }
 
 

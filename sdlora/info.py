@@ -91,12 +91,20 @@ def base_modules(pipe, family: str) -> dict[str, torch.nn.Module]:
     fam = families.get(family)
     table: dict[str, torch.nn.Module] = {}
     layers = (torch.nn.Linear, torch.nn.Conv2d)
-    unet_layers = [(path, m) for path, m in pipe.unet.named_modules() if isinstance(m, layers)]
+    denoiser = fam.denoiser_of(pipe)
+    unet_layers = [(path, m) for path, m in denoiser.named_modules() if isinstance(m, layers)]
+    if fam.peft_names:  # SD3.5: the files' own names, diffusers' (`transformer.<path>`, `text_encoder.<path>`)
+        for path, m in unet_layers:
+            table[fam.kohya_unet_name(path, denoiser.config)] = m
+        for prefix, te in zip(fam.text_encoders, fam.text_encoder_models(pipe)):
+            table.update({fam.kohya_text_encoder_name(prefix, path): m for path, m in te.named_modules()
+                          if isinstance(m, layers)})
+        return table
     for path, m in unet_layers:
         table[kohya_name(KOHYA_UNET, path)] = m
     if fam.sgm_unet:
         for path, m in unet_layers:
-            table[fam.kohya_unet_name(path, pipe.unet.config)] = m
+            table[fam.kohya_unet_name(path, denoiser.config)] = m
     for prefix, component in fam.kohya_prefixes().items():
         for path, m in getattr(pipe, component).named_modules():
             if isinstance(m, layers):

@@ -80,7 +80,7 @@ def check_lora_fits(name: str, state: dict[str, torch.Tensor] | None, metadata: 
     hint = f"use it with a base model of its own family, or pick a LoRA made for {fam.label}"
     made_for = families.stated(metadata)
     foreign = metadata.get("modelspec.architecture", "").split("/")[0]
-    if made_for is None and foreign and not foreign.startswith("stable-diffusion"):  # flux, sd3, ...
+    if made_for is None and foreign and not foreign.startswith("stable-diffusion"):  # flux, ...
         raise UserError(f"{name} is a LoRA for {foreign}, and the base model is {fam.label}", hint)
     if made_for is not None and made_for.arch != fam.arch:
         raise UserError(f"{name} is a LoRA for {made_for.label}, and the base model is {fam.label}", hint)

@@ -90,7 +90,8 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     objective = objectives.make(family, pipe.scheduler.config, config, device)
     return Step(accelerator, family, unet, family.encoders(pipe), unet_params, te_params, optimizer, lr_scheduler,
-                objective, (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0), dtype, cuda_graphs=device.type == "cuda" and config.cuda_graphs,
+                objective, (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0), dtype,
+                cuda_graphs=device.type == "cuda" and config.cuda_graphs,
                 on_fail=on_fail, base_storage=base_storage, clip_skip=family.resolve_clip_skip(config.clip_skip))
 
 

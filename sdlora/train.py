@@ -261,19 +261,17 @@ def _log_samples(accelerator, drawn: list, step: int) -> None:
             tracker.log_images({f"samples/{i}": [image] for i, _, image in drawn}, step=step)
 
 
+@contextlib.contextmanager
 def _on_device(models: list, device):
     """Within: `models` (SD3's T5, kept off the GPU while the step runs) on `device`, for the samples' prompts."""
-    @contextlib.contextmanager
-    def moved():
-        away = [m for m in models if m.device != device]
+    away = [m for m in models if m.device != device]
+    for m in away:
+        m.to(device)
+    try:
+        yield
+    finally:
         for m in away:
-            m.to(device)
-        try:
-            yield
-        finally:
-            for m in away:
-                m.to("cpu")
-    return moved()
+            m.to("cpu")
 
 
 def _check_objective(config, family, events) -> None:
@@ -295,6 +293,10 @@ def _check_objective(config, family, events) -> None:
     if ignored:
         events.emit("warning", message=f"{', '.join(ignored)}: DDPM settings, unused by {family.label}'s flow matching "
                                        "(see flow_timestep_sampling and flow_loss_weighting)")
+    sampler = family.sampler(config.sample_scheduler)
+    if sampler != config.sample_scheduler and config.sample_scheduler != defaults.sample_scheduler:
+        events.emit("warning", message=f"sample_scheduler {config.sample_scheduler} cannot draw {family.label} (a "
+                                       f"flow-matching model): samples use {sampler}")
 
 
 def _buckets(config, base, records, events) -> tuple[int, list, list]:
