@@ -126,13 +126,16 @@ def fit(adapter: Adapter, table: dict[str, torch.nn.Module]) -> dict:
     return {"mapped": mapped, "missing": sorted(missing), "wrong_shape": sorted(wrong)}
 
 
-_KNOWN_LAYERS = sorted({t for ts in (*UNET_TARGETS.values(), *TEXT_TARGETS.values()) for t in ts}, key=len, reverse=True)
+_KNOWN_LAYERS = sorted({t for f in families.FAMILIES.values() for ts in (*f.unet_targets.values(),
+                                                                          *f.text_targets.values()) for t in ts},
+                       key=len, reverse=True)
 
 
 def _kind(name: str) -> str:
-    """`lora_unet_..._attn1_to_out_0` -> `to_out.0`; the layer's own name, as UNET_TARGETS/TEXT_TARGETS spell it."""
+    """`lora_unet_..._attn1_to_out_0` -> `to_out.0`; the layer's own name, as UNET_TARGETS/TEXT_TARGETS spell it.
+    Names in diffusers' layout (SD3.5: `transformer.transformer_blocks.0.attn.to_out.0`) keep their dots."""
     for target in _KNOWN_LAYERS:
-        if name.endswith("_" + target.replace(".", "_")):
+        if name.endswith("_" + target.replace(".", "_")) or name.endswith("." + target):
             return target
     return name.rsplit("_", 1)[-1]
 
@@ -150,8 +153,9 @@ def describe(path: str | Path, base=None) -> dict:
     ranks = Counter(w[0].shape[0] for w in adapter.modules.values())
     alphas = Counter(w[2] for w in adapter.modules.values())
     conv3x3 = sum(w[0].dim() == 4 and w[0].shape[-1] > 1 for w in adapter.modules.values())
-    unet = [n for n in adapter.modules if n.startswith("lora_unet_")]
-    te = [n for n in adapter.modules if not n.startswith("lora_unet_")]
+    denoiser = ("lora_unet_", "transformer.")  # kohya's prefix; diffusers' for SD3.5
+    unet = [n for n in adapter.modules if n.startswith(denoiser)]
+    te = [n for n in adapter.modules if not n.startswith(denoiser)]
     tags = Counter()
     for per_dir in json.loads(meta.get("ss_tag_frequency", "{}") or "{}").values():
         tags.update(per_dir)
@@ -164,6 +168,7 @@ def describe(path: str | Path, base=None) -> dict:
         except (KeyError, ValueError):
             pass
     stated = families.stated(meta)
+    fam = stated or (families.get(guessed_family(adapter)) if guessed_family(adapter) else None)
     info = {
         "file": str(path), "layout": adapter.layout, "title": meta.get("modelspec.title") or meta.get("ss_output_name", ""),
         "family": stated.name if stated else guessed_family(adapter),
@@ -172,7 +177,8 @@ def describe(path: str | Path, base=None) -> dict:
         "scales": sorted({round(w[2] / w[0].shape[0], 6) for w in adapter.modules.values()}),
         "conv3x3_modules": conv3x3, "dora_modules": sum(len(w) > 3 for w in adapter.modules.values()),
         "network": meta.get("ss_network_module", ""), "network_args": meta.get("ss_network_args", ""),
-        "unet": _targets(unet, UNET_TARGETS), "text_encoder": _targets(te, TEXT_TARGETS),
+        "unet": _targets(unet, fam.unet_targets if fam else UNET_TARGETS),
+        "text_encoder": _targets(te, fam.text_targets if fam else TEXT_TARGETS),
         "trigger": meta.get("modelspec.trigger_phrase", ""),
         "top_tags": [t for t, _ in tags.most_common(5)],
         "settings": settings, "stray_keys": adapter.stray,

@@ -129,6 +129,17 @@ def test_sd3_family_is_told_from_folders_files_and_lora_names(sd3_model, tmp_pat
     assert families.stated({"modelspec.architecture": "stable-diffusion-v3.5-medium/lora"}) is fam
     assert families.from_lora_names(["transformer.transformer_blocks.0.attn.to_q"]).group == "SD3"
     assert families.from_lora_names(["lora_unet_joint_blocks_0_x_block_attn_qkv"]).group == "SD3"
+    # the app lists the folder and the single file, and takes SD3.5's 1024 as their resolution
+    import shutil
+
+    from sdlora.check import base_resolution
+    from sdlora.workspace import base_models
+
+    models = tmp_path / "models"
+    shutil.copytree(sd3_model[0], models / "sd35")
+    shutil.copy(sd3_model[1], models / "sd35.safetensors")
+    assert {"sd35", "sd35.safetensors"} <= {value for _, value in base_models(models)}
+    assert base_resolution(str(models / "sd35")) == base_resolution(str(models / "sd35.safetensors")) == 1024
     # the samples' scheduler: a DDPM-schedule sampler cannot draw a flow model
     assert fam.sampler("EulerDiscreteScheduler") == "FlowMatchEulerDiscreteScheduler"
     assert families.get("sdxl").sampler("EulerDiscreteScheduler") == "EulerDiscreteScheduler"
@@ -283,3 +294,33 @@ def test_shipped_sd35_configs_are_the_published_architectures():
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2"))
         t5 = T5EncoderModel(T5Config.from_pretrained(folder, subfolder="text_encoder_3"))
     assert [round(sum(p.numel() for p in m.parameters()) / 1e9, 2) for m in (clip_l, clip_g, t5)] == [0.12, 0.69, 4.76]
+
+
+@pytest.mark.slow
+def test_sd3_lora_merges_resizes_and_reads(sd3_model, sd3_run, tmp_path):
+    """merge writes an original-layout SD3 file equal to diffusers' fused LoRA; resize keeps diffusers' layout;
+    info names the layers and the family."""
+    import diffusers
+
+    from sdlora.info import describe
+    from sdlora.merge import merge
+    from sdlora.resize import resize
+
+    folder, lora = str(sd3_model[0]), str(sd3_run / "lora.safetensors")
+    info = describe(lora)
+    assert (info["family"], info["layout"], info["unet"]["preset"], info["text_encoder"]["preset"]) == \
+        ("sd3.5-medium", "diffusers", "attn", "attn")
+    merge(load_base(folder), [(lora, 1.0)], tmp_path / "merged.safetensors", precision="fp32")
+    merged = load_base(str(tmp_path / "merged.safetensors"), base_config=folder).pipe
+    fused = diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
+    fused.load_lora_weights(lora)
+    fused.fuse_lora()
+    a = merged.transformer.state_dict()
+    b = {k.replace(".base_layer", ""): v for k, v in fused.transformer.state_dict().items() if "lora_" not in k}
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    resize(lora, tmp_path / "small.safetensors", rank=2)
+    with safe_open(str(tmp_path / "small.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys) and len(keys) == 70
+    small = diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
+    small.load_lora_weights(str(tmp_path / "small.safetensors"))
