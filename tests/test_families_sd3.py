@@ -269,7 +269,6 @@ def test_sd3_loras_and_other_families_refuse_each_other_by_name(sd3_model, sd3_r
     assert "is trained by flow matching" in error["message"]
 
 
-@pytest.mark.slow
 def test_shipped_sd35_configs_are_the_published_architectures():
     """sdlora/configs/sd3.5-medium and -large build SD3.5 Medium and Large at their published sizes (MMDiT 2.5B and
     8.1B, CLIP-L 124M, CLIP-G 695M, T5-XXL encoder 4.76B), with the VAE's shift and scale."""
