@@ -306,10 +306,9 @@ PRESETS: dict[str, dict] = {
     # Pony-style bases: the same tag captions; a style learns from every picture, so some steps drop the caption
     "sdxl-pony-style": {**_ANIME_TAGS, "caption_dropout": 0.05},
     # SD3.5 (flow matching): diffusers' train_dreambooth_lora_sd3.py trains the joint attention (image and text
-    # streams) at 1e-4 with logit-normal noise levels and no loss weighting; no min-SNR (flow matching has no SNR)
+    # streams) at 1e-4 with logit-normal noise levels (the default flow_timestep_sampling) and no loss weighting
     "sd3.5-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16, "alpha": 8.0,
-                    "unet_lr": 1e-4, "min_snr_gamma": 0.0, "caption_dropout": 0.05,
-                    "flow_timestep_sampling": "logit_normal", "flow_loss_weighting": "none"},
+                    "unet_lr": 1e-4, "caption_dropout": 0.05},
 }
 # One line each, for `sdlora train --help`, the app and the README.
 PRESET_HELP: dict[str, str] = {

@@ -288,8 +288,9 @@ def _check_objective(config, family, events) -> None:
         raise UserError(f"adapter = {config.adapter}: {family.label} LoRA files are in diffusers' layout, which holds "
                         "plain LoRA only", f"use --adapter lora for {family.label}")
     defaults = TrainConfig(dataset="-")
+    # set by hand (not the default, and not off): the DDPM defaults themselves say nothing about this run
     ignored = [f for f in ("min_snr_gamma", "debiased_estimation", "timestep_min", "timestep_max")
-               if getattr(config, f) != getattr(defaults, f)]
+               if getattr(config, f) not in (getattr(defaults, f), 0, False)]
     if ignored:
         events.emit("warning", message=f"{', '.join(ignored)}: DDPM settings, unused by {family.label}'s flow matching "
                                        "(see flow_timestep_sampling and flow_loss_weighting)")

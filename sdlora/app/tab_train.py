@@ -24,7 +24,7 @@ from sdlora.errors import UserError
 
 PRESET_CHOICES = [("Style", "style"), ("Character", "character"), ("Quick test", "quick"),
                   ("SDXL anime, tags", "sdxl-anime-tags"), ("SDXL anime, v-pred", "sdxl-anime-vpred"),
-                  ("SDXL Pony style", "sdxl-pony-style")]
+                  ("SDXL Pony style", "sdxl-pony-style"), ("SD3.5 style", "sd3.5-style")]
 FIRST_PRESET = "quick"
 # A tiny-model step on a laptop CPU, measured: ~0.1 s at 4 pictures a step, plus ~15 s to start and sample.
 TINY_CPU_SPEED = (40.0, 15.0)
