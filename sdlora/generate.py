@@ -68,7 +68,9 @@ class Previewer:
                                 "ComfyUI/Forge, which read DoRA")
             check_lora_fits(p.name, state, metadata, self.base)
             try:
-                self.pipe.load_lora_weights(str(p), adapter_name=name)
+                # SD3.5 kohya-layout files come converted; every other file loads as it is (with its metadata)
+                loadable = self.base.fam.loadable(state, self.pipe)
+                self.pipe.load_lora_weights(str(p) if loadable is state else loadable, adapter_name=name)
             except Exception as e:  # diffusers raises ValueError/KeyError/RuntimeError for foreign files
                 raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
                                 "check that the LoRA was made for this model family (SD1, SD2, SDXL or SD3.5)") from None

@@ -323,3 +323,49 @@ def test_sd3_lora_merges_resizes_and_reads(sd3_model, sd3_run, tmp_path):
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys) and len(keys) == 70
     small = diffusers.StableDiffusion3Pipeline.from_pretrained(folder)
     small.load_lora_weights(str(tmp_path / "small.safetensors"))
+
+
+def test_kohya_sd3_loras_load_as_diffusers_merges_them_into_the_original_layers(sd3_model, tmp_path):
+    """A LoRA in kohya's SD3 layout (fused qkv, `lora_te1_`) previews like the original-layout weights it changes:
+    the same deltas added to a single file's fused layers, read by diffusers' own single-file converter, give the
+    transformer and CLIP-L that the converted LoRA fused into the folder's model gives."""
+    import diffusers
+
+    from sdlora.generate import Previewer
+    from sdlora.lora import save_lora
+
+    folder, single = sd3_model
+    gen = torch.Generator().manual_seed(0)
+    with safe_open(str(single), "pt") as f:
+        original = {k: f.get_tensor(k) for k in f.keys()}
+    lora, r, alpha = {}, 2, 1.0
+    # fused qkv and proj, the text stream's, the last block's (swapped) modulation, the final layer, CLIP-L's q_proj
+    for module in ("joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.attn.proj",
+                   "joint_blocks.0.x_block.attn2.qkv", "joint_blocks.1.context_block.adaLN_modulation.1",
+                   "final_layer.adaLN_modulation.1", "text_encoders.clip_l.transformer.text_model.encoder.layers.0."
+                                                     "self_attn.q_proj"):
+        weight = original[("" if module.startswith("text_") else "model.diffusion_model.") + module + ".weight"]
+        down, up = torch.randn(r, weight.shape[1], generator=gen), torch.randn(weight.shape[0], r, generator=gen)
+        name = ("lora_te1_" + module.split("transformer.", 1)[1] if module.startswith("text_")
+                else "lora_unet_" + module).replace(".", "_")
+        lora.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                     f"{name}.alpha": torch.tensor(alpha)})
+        weight += alpha / r * up @ down
+    save_file(original, str(tmp_path / "changed.safetensors"))
+    save_lora(tmp_path / "kohya.safetensors", lora, {"modelspec.architecture": "stable-diffusion-3-5-medium/lora"})
+
+    expected = load_base(str(tmp_path / "changed.safetensors"), base_config=str(folder)).pipe
+    prev = Previewer(str(folder), device="cpu")
+    prev.set_loras([(str(tmp_path / "kohya.safetensors"), 1.0)])
+    prev.pipe.fuse_lora(components=["transformer", "text_encoder"])
+    for component in ("transformer", "text_encoder"):
+        got = {k.replace(".base_layer", ""): v for k, v in getattr(prev.pipe, component).state_dict().items()
+               if "lora_" not in k}
+        want = getattr(expected, component).state_dict()
+        assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5, component
+    # a T5 LoRA is not read: said by name
+    save_lora(tmp_path / "t5.safetensors", {"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight":
+                                            torch.zeros(2, 96), "lora_te3_encoder_block_0_layer_0_SelfAttention_q."
+                                                                "lora_up.weight": torch.zeros(16, 2)}, {})
+    with pytest.raises(UserError, match="2 keys of this kohya-layout LoRA fit no SD3.5 Medium layer, e.g. lora_te3_"):
+        prev.set_loras([(str(tmp_path / "t5.safetensors"), 1.0)])

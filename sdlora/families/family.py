@@ -152,6 +152,23 @@ class Family:
             return f"{self.text_encoders[prefix]}.{module_path}"
         return naming.kohya_text_encoder_name(prefix, module_path)
 
+    def loadable(self, state: dict, pipe) -> dict:
+        """A LoRA file's tensors as the family's diffusers pipeline loads them: unchanged, except that with
+        peft_names a kohya-layout file (SD3.5 from kohya's sd-scripts: fused qkv, `lora_te1_`) comes in diffusers'
+        layout (diffusers 0.42 has no kohya conversion for SD3). A UserError names a key it cannot place."""
+        if not self.peft_names or not any(k.startswith(("lora_unet_", "lora_te")) for k in state):
+            return state
+        import torch
+
+        encoders = {prefix: (component, [p for p, m in getattr(pipe, component).named_modules()
+                                         if isinstance(m, torch.nn.Linear)])
+                    for prefix, component in self.text_encoders.items()}
+        out, left = naming.kohya_sd3_to_peft(state, self.denoiser_of(pipe).config, encoders)
+        if left:
+            raise UserError(f"{len(left)} keys of this kohya-layout LoRA fit no {self.label} layer, e.g. {left[0]}",
+                            "T5 LoRAs (lora_te3_) are not read; check that the LoRA was made for this model")
+        return out
+
     def file_state_dict(self, state: dict) -> dict:
         """A kohya-layout state dict (sdlora.lora.kohya_state_dict, named by this family) as the family's files hold
         it: unchanged, or with peft_names in diffusers' peft layout with each alpha folded into lora_B."""

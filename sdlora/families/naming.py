@@ -249,3 +249,63 @@ def mmdit_original(state: dict, config) -> dict[str, torch.Tensor]:
                 out[f"{o}{new}.weight"] = s.pop(f"{b}{old}.weight")
     assert not s, f"no original MMDiT name for {sorted(s)[:3]}"
     return out
+
+
+def _mmdit_modules(config) -> dict[str, tuple[list[str], bool]]:
+    """Original MMDiT module -> (the diffusers modules its output rows split into, in order; whether its rows are
+    (shift, scale) where diffusers' are (scale, shift)). The module-level view of mmdit_original."""
+    table = {"context_embedder": (["context_embedder"], False), "x_embedder.proj": (["pos_embed.proj"], False),
+             "t_embedder.mlp.0": (["time_text_embed.timestep_embedder.linear_1"], False),
+             "t_embedder.mlp.2": (["time_text_embed.timestep_embedder.linear_2"], False),
+             "y_embedder.mlp.0": (["time_text_embed.text_embedder.linear_1"], False),
+             "y_embedder.mlp.2": (["time_text_embed.text_embedder.linear_2"], False),
+             "final_layer.linear": (["proj_out"], False), "final_layer.adaLN_modulation.1": (["norm_out.linear"], True)}
+    last = config["num_layers"] - 1
+    for i in range(config["num_layers"]):
+        o, b = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
+        table.update({
+            o + "x_block.attn.qkv": ([b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"], False),
+            o + "x_block.attn.proj": ([b + "attn.to_out.0"], False),
+            o + "x_block.attn2.qkv": ([b + "attn2.to_q", b + "attn2.to_k", b + "attn2.to_v"], False),
+            o + "x_block.attn2.proj": ([b + "attn2.to_out.0"], False),
+            o + "context_block.attn.qkv": ([b + "attn.add_q_proj", b + "attn.add_k_proj", b + "attn.add_v_proj"], False),
+            o + "context_block.attn.proj": ([b + "attn.to_add_out"], False),
+            o + "x_block.mlp.fc1": ([b + "ff.net.0.proj"], False), o + "x_block.mlp.fc2": ([b + "ff.net.2"], False),
+            o + "context_block.mlp.fc1": ([b + "ff_context.net.0.proj"], False),
+            o + "context_block.mlp.fc2": ([b + "ff_context.net.2"], False),
+            o + "x_block.adaLN_modulation.1": ([b + "norm1.linear"], False),
+            o + "context_block.adaLN_modulation.1": ([b + "norm1_context.linear"], i == last)})
+    return table
+
+
+def kohya_sd3_to_peft(state: dict[str, torch.Tensor], config, text_encoders: dict[str, tuple[str, list[str]]]) \
+        -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A kohya-layout SD3 LoRA (sd-scripts' networks/lora_sd3.py: `lora_unet_joint_blocks_0_x_block_attn_qkv`, the
+    original fused layers; `lora_te1_`/`lora_te2_` CLIP names) in diffusers' peft layout with alpha folded, which
+    diffusers' SD3 loader reads. Exact: a LoRA on a fused qkv is the same down with its up split in three.
+
+    `config`: the transformer's; `text_encoders`: kohya prefix -> (component, its module paths). Returns the state
+    dict and the keys it could not place (T5's `lora_te3_`, unknown names)."""
+    modules = {}
+    for key, value in state.items():
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            if key.endswith(suffix):
+                modules.setdefault(key[: -len(suffix)], {})[suffix] = value
+    names = {kohya_name(KOHYA_UNET, original): target for original, target in _mmdit_modules(config).items()}
+    for prefix, (component, paths) in text_encoders.items():
+        names.update({kohya_text_encoder_name(prefix, p): ([f"{component}.{p}"], False) for p in paths})
+    out, left = {}, []
+    for name, parts in modules.items():
+        if name not in names or ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
+            left += [name + s for s in parts]
+            continue
+        targets, swapped = names[name]
+        down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
+        alpha = float(parts[".alpha"]) if ".alpha" in parts else down.shape[0]
+        up = up * (alpha / down.shape[0])
+        if swapped:
+            up = _swap_scale_shift(up)
+        for target, rows in zip(targets, up.chunk(len(targets), dim=0)):
+            out[f"{target}.lora_A.weight"] = down.contiguous()
+            out[f"{target}.lora_B.weight"] = rows.contiguous()
+    return {(k if k.startswith("text_encoder") else f"transformer.{k}"): v for k, v in out.items()}, sorted(left)
