@@ -10,7 +10,7 @@ without weights (model_index.json, <component>/config.json, tokenizer files), ho
         SD2 checkpoints that are not v-prediction)
 - sdxl: stabilityai/stable-diffusion-xl-base-1.0
 - sd3.5-medium: stabilityai/stable-diffusion-3.5-medium; sd3.5-large: stabilityai/stable-diffusion-3.5-large (no
-  tokenizer_3: T5's sentencepiece model is too large to ship, so their single files load with --base-config)
+  tokenizers: T5's sentencepiece model is too large to ship, so their single files load with --base-config)
 
 The tokenizers are the CLIP BPE that scripts/make_tokenizer.py builds (the embedded tiny model's), padded as each
 published tokenizer is: SD1 and SDXL's `tokenizer` pad with `<|endoftext|>`, SD2's `tokenizer` and SDXL's
@@ -323,8 +323,10 @@ SD3_INDEX = {  # model_index.json (3.5 has no image encoder)
     "transformer": ["diffusers", "SD3Transformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
+# no tokenizers: T5's sentencepiece model is too large to ship, and without it the CLIP ones (SDXL's, in sdxl/) load
+# no SD3 single file, so these folders hold the architecture only
 SD3 = dict(index=SD3_INDEX, scheduler=SD3_SCHEDULER, vae=SD3_VAE, text_encoder=SD3_CLIP_L, text_encoder_2=SD3_CLIP_G,
-           text_encoder_3=T5_XXL, tokenizer="<|endoftext|>", tokenizer_2="!")
+           text_encoder_3=T5_XXL)
 
 FOLDERS = {
     "sd1": dict(index=SD_INDEX, scheduler=SD1_SCHEDULER, unet=SD1_UNET, vae=SD1_VAE, text_encoder=CLIP_L,

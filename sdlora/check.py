@@ -139,8 +139,8 @@ def base_tokenizer(base: str):
     folder = CONFIGS_DIR / families.get(families.TINY).arch / "tokenizer"  # SD1's CLIP tokenizer
     if base == "tiny":
         folder = Path(MODEL_DIR) / "tokenizer"
-    elif base in families.FAMILIES:
-        folder = CONFIGS_DIR / families.get(base).arch / "tokenizer"
+    elif base in families.FAMILIES and (CONFIGS_DIR / families.get(base).arch / "tokenizer").is_dir():
+        folder = CONFIGS_DIR / families.get(base).arch / "tokenizer"  # (SD3.5 ships none: SD1's CLIP counts alike)
     elif (Path(base).expanduser() / "tokenizer" / "tokenizer.json").is_file():
         folder = Path(base).expanduser() / "tokenizer"
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))

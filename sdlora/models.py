@@ -260,10 +260,10 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
                 raise UserError(f"{path.name} is an {label} checkpoint but base_config {base_config} is "
                                 f"an {config_group} model",
                                 "give a base_config of the same family, or leave it empty to use the shipped one")
-    missing = [t for t in family.tokenizer_components if not (Path(config) / t).is_dir()]
-    if missing and not base_config:  # SD3's T5 tokenizer (sentencepiece) is too large to ship
-        raise UserError(f"{path.name} is an {label} checkpoint, and its {missing[0]} (T5's sentencepiece) does not ship "
-                        "with sdlora", f"pass --base-config with a diffusers {label} folder or a cached hub id "
+    if not base_config and not all((Path(config) / t).is_dir() for t in family.tokenizer_components):
+        # SD3.5's T5 tokenizer (a sentencepiece model) is too large to ship (scripts/make_configs.py)
+        raise UserError(f"{path.name} is an {label} checkpoint, and its T5 tokenizer does not ship with sdlora",
+                        f"pass --base-config with a diffusers {label} folder or a cached hub id "
                         "(stabilityai/stable-diffusion-3.5-medium or -large)")
     cls = _pipeline_class(family)
     try:

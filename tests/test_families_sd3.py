@@ -19,8 +19,9 @@ from sdlora.rundir import read_events
 def build_sd3():
     """A small random-init SD3.5-Medium-like pipeline: a 2-block MMDiT-X transformer (block 0 with the second image
     attention, qk RMS norms), a 16-channel VAE that shifts and scales its latents, CLIP-L- and CLIP-G-like encoders with
-    projections (32 and 48 wide), and a T5 encoder 96 wide. The CLIP tokenizers are the shipped ones; the T5 slot takes
-    the CLIP tokenizer too (the pipeline pads it to 256 tokens like T5's), since T5's sentencepiece is not shipped."""
+    projections (32 and 48 wide), and a T5 encoder 96 wide. The CLIP tokenizers are the ones shipped for SDXL (SD3.5
+    uses the same two); the T5 slot takes the CLIP one too (the pipeline pads it to 256 tokens as T5's), since T5's
+    sentencepiece model is not shipped."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
@@ -46,11 +47,11 @@ def build_sd3():
         clip_l.text_projection.weight.copy_(torch.eye(32))
     t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=96, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
                                  feed_forward_proj="gated-gelu", is_encoder_decoder=False))
-    tokenizer = CLIPTokenizer.from_pretrained(str(CONFIGS_DIR / "sd3.5-medium" / "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(CONFIGS_DIR / "sdxl" / "tokenizer"))  # SD3.5's are SDXL's
     return StableDiffusion3Pipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip(48, "gelu"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(str(CONFIGS_DIR / "sd3.5-medium" / "tokenizer_2")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(CONFIGS_DIR / "sdxl" / "tokenizer_2")),
         text_encoder_3=t5, tokenizer_3=tokenizer)
 
 
@@ -104,8 +105,8 @@ def test_sd3_folder_and_single_file_load_the_same_model_offline(sd3_model, monke
     info = inspect_checkpoint(single)
     assert info.arch == "sd3.5-medium" and info.prediction_type is None
     # without --base-config the shipped config lacks T5's tokenizer: one line that says what to pass
-    with pytest.raises(UserError, match=r"sd3\.safetensors is an SD3\.5 Medium checkpoint, and its tokenizer_3 "
-                                        r"\(T5's sentencepiece\) does not ship with sdlora") as err:
+    with pytest.raises(UserError, match=r"sd3\.safetensors is an SD3\.5 Medium checkpoint, and its T5 tokenizer does "
+                                        r"not ship with sdlora") as err:
         load_base(str(single))
     assert "\n" not in str(err.value) and "--base-config" in err.value.hint
 
