@@ -74,13 +74,14 @@ TRAIN = ["--resolution", "64", "--steps", "3", "--batch-size", "2", "--rank", "4
 
 @pytest.fixture(scope="session")
 def sd3_run(sd3_model, tmp_path_factory):
-    """A run folder: three steps through the CLI on the folder, the CLIP text-encoder LoRAs on."""
+    """A run folder: three steps through the CLI on the folder, the CLIP text-encoder LoRAs on, cosmap loss weights
+    and a min-SNR gamma set (which flow matching does not use)."""
     from sdlora.cli import main
 
     data = draw_dataset(tmp_path_factory.mktemp("sd3data") / "shapes", n=4, size=80)
     run = tmp_path_factory.mktemp("sd3runs") / "run"
     assert main(["train", str(data), "--base", str(sd3_model[0]), "--out", str(run), "--train-text-encoder",
-                 *TRAIN]) == 0
+                 "--flow-loss-weighting", "cosmap", "--min-snr-gamma", "3", *TRAIN]) == 0
     return run
 
 
@@ -204,6 +205,9 @@ def test_sd3_lora_trains_exports_and_reproduces_in_plain_diffusers(sd3_model, sd
     events = read_events(sd3_run)
     start = next(e for e in events if e["type"] == "start")
     assert start["family"] == "sd3.5-medium" and start["resolution"] == 64
+    assert all(np.isfinite(e["loss"]) for e in events if e["type"] == "progress")
+    assert any(e["type"] == "warning" and e["message"].startswith("min_snr_gamma: DDPM settings, unused by SD3.5 "
+                                                                  "Medium's flow matching") for e in events)
     verify = next(e for e in events if e["type"] == "verify")
     assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"] and verify["strength0_max_diff"] == 0
     assert verify["file_check"]["ok"]
@@ -268,6 +272,11 @@ def test_sd3_loras_and_other_families_refuse_each_other_by_name(sd3_model, sd3_r
                  "--prediction-type", "v_prediction", *TRAIN]) == 2
     error = next(e for e in read_events(tmp_path / "run") if e["type"] == "error")
     assert "is trained by flow matching" in error["message"]
+    assert main(["train", str(data), "--base", str(sd3_model[0]), "--out", str(tmp_path / "dora"), "--adapter", "dora",
+                 *TRAIN]) == 2
+    error = next(e for e in read_events(tmp_path / "dora") if e["type"] == "error")
+    assert error["message"] == "adapter = dora: SD3.5 Medium LoRA files are in diffusers' layout, which holds plain " \
+                               "LoRA only" and error["hint"] == "use --adapter lora for SD3.5 Medium"
 
 
 def test_shipped_sd35_configs_are_the_published_architectures():
