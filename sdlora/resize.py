@@ -81,8 +81,8 @@ def resize(path: str | Path, out: str | Path, rank: int | None = None, energy: f
                                         "max_rel_error": max(row["rel_error"] for row in rows)})
     meta.setdefault("ss_network_module", "networks.lora")
     family = families.stated(adapter.metadata) or families.from_lora_names(adapter.modules)
-    if family is not None:
-        state = family.file_state_dict(state)  # SD3.5: back into diffusers' layout, alpha folded
+    if family is not None and adapter.layout == "diffusers":
+        state = family.file_state_dict(state)  # SD3.5's own files: back into diffusers' layout, alpha folded
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_lora(out, state, meta)

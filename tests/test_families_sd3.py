@@ -336,9 +336,10 @@ def test_sd3_lora_merges_resizes_and_reads(sd3_model, sd3_run, tmp_path):
 
 
 def test_kohya_sd3_loras_load_as_diffusers_merges_them_into_the_original_layers(sd3_model, tmp_path):
-    """A LoRA in kohya's SD3 layout (fused qkv, `lora_te1_`) previews like the original-layout weights it changes:
-    the same deltas added to a single file's fused layers, read by diffusers' own single-file converter, give the
-    transformer and CLIP-L that the converted LoRA fused into the folder's model gives."""
+    """A LoRA in kohya's SD3 layout (fused qkv, `lora_te1_`) previews and merges like the original-layout weights it
+    changes: the same deltas added to a single file's fused layers, read by diffusers' own single-file converter,
+    give the transformer and CLIP-L that the converted LoRA fused into the folder's model gives, and that merge
+    bakes."""
     import diffusers
 
     from sdlora.generate import Previewer
@@ -372,6 +373,14 @@ def test_kohya_sd3_loras_load_as_diffusers_merges_them_into_the_original_layers(
         got = {k.replace(".base_layer", ""): v for k, v in getattr(prev.pipe, component).state_dict().items()
                if "lora_" not in k}
         want = getattr(expected, component).state_dict()
+        assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5, component
+    # merge bakes the same file into the same weights
+    from sdlora.merge import merge
+
+    base = load_base(str(folder))
+    merge(base, [(str(tmp_path / "kohya.safetensors"), 1.0)], tmp_path / "merged.safetensors", precision="fp32")
+    for component in ("transformer", "text_encoder"):
+        got, want = getattr(base.pipe, component).state_dict(), getattr(expected, component).state_dict()
         assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5, component
     # a T5 LoRA is not read: said by name
     save_lora(tmp_path / "t5.safetensors", {"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight":
