@@ -9,6 +9,8 @@ without weights (model_index.json, <component>/config.json, tokenizer files), ho
 - sd2:  stabilityai/stable-diffusion-2-1 (the 768 v-prediction model; sdlora switches the scheduler to epsilon for
         SD2 checkpoints that are not v-prediction)
 - sdxl: stabilityai/stable-diffusion-xl-base-1.0
+- sd3.5-medium: stabilityai/stable-diffusion-3.5-medium; sd3.5-large: stabilityai/stable-diffusion-3.5-large (no
+  tokenizers: T5's sentencepiece model is too large to ship, so their single files load with --base-config)
 
 The tokenizers are the CLIP BPE that scripts/make_tokenizer.py builds (the embedded tiny model's), padded as each
 published tokenizer is: SD1 and SDXL's `tokenizer` pad with `<|endoftext|>`, SD2's `tokenizer` and SDXL's
@@ -246,6 +248,86 @@ SDXL_INDEX = {  # model_index.json
     "vae": ["diffusers", "AutoencoderKL"],
 }
 
+# --- SD3.5 Medium and Large: huggingface.co/stabilityai/stable-diffusion-3.5-medium, -large -------------------------
+SD35_MEDIUM_TRANSFORMER = {  # transformer/config.json
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "dual_attention_layers": list(range(13)),
+    "in_channels": 16,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 24,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "sample_size": 128,
+}
+SD35_LARGE_TRANSFORMER = {  # transformer/config.json
+    **SD35_MEDIUM_TRANSFORMER,
+    "caption_projection_dim": 2432,
+    "dual_attention_layers": [],
+    "num_attention_heads": 38,
+    "num_layers": 38,
+    "pos_embed_max_size": 192,
+}
+SD3_VAE = {  # vae/config.json: 16 latent channels, shifted and scaled
+    **SD1_VAE,
+    "force_upcast": True,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_post_quant_conv": False,
+    "use_quant_conv": False,
+}
+SD3_CLIP_L = {**CLIP_L, "architectures": ["CLIPTextModelWithProjection"]}  # text_encoder/config.json
+SD3_CLIP_G = OPENCLIP_BIGG  # text_encoder_2/config.json
+T5_XXL = {  # text_encoder_3/config.json: google/t5-v1_1-xxl's encoder
+    "architectures": ["T5EncoderModel"],
+    "d_ff": 10240,
+    "d_kv": 64,
+    "d_model": 4096,
+    "decoder_start_token_id": 0,
+    "dense_act_fn": "gelu_new",
+    "dropout_rate": 0.1,
+    "eos_token_id": 1,
+    "feed_forward_proj": "gated-gelu",
+    "initializer_factor": 1.0,
+    "is_encoder_decoder": True,
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-06,
+    "model_type": "t5",
+    "num_decoder_layers": 24,
+    "num_heads": 64,
+    "num_layers": 24,
+    "output_past": True,
+    "pad_token_id": 0,
+    "relative_attention_max_distance": 128,
+    "relative_attention_num_buckets": 32,
+    "tie_word_embeddings": False,
+    "vocab_size": 32128,
+}
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+SD3_INDEX = {  # model_index.json (3.5 has no image encoder)
+    "_class_name": "StableDiffusion3Pipeline",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_3": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "tokenizer_3": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "SD3Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+# no tokenizers: T5's sentencepiece model is too large to ship, and without it the CLIP ones (SDXL's, in sdxl/) load
+# no SD3 single file, so these folders hold the architecture only
+SD3 = dict(index=SD3_INDEX, scheduler=SD3_SCHEDULER, vae=SD3_VAE, text_encoder=SD3_CLIP_L, text_encoder_2=SD3_CLIP_G,
+           text_encoder_3=T5_XXL)
+
 FOLDERS = {
     "sd1": dict(index=SD_INDEX, scheduler=SD1_SCHEDULER, unet=SD1_UNET, vae=SD1_VAE, text_encoder=CLIP_L,
                 tokenizer="<|endoftext|>"),
@@ -253,6 +335,8 @@ FOLDERS = {
                 tokenizer="!"),
     "sdxl": dict(index=SDXL_INDEX, scheduler=SDXL_SCHEDULER, unet=SDXL_UNET, vae=SDXL_VAE, text_encoder=CLIP_L,
                  text_encoder_2=OPENCLIP_BIGG, tokenizer="<|endoftext|>", tokenizer_2="!"),
+    "sd3.5-medium": dict(**SD3, transformer=SD35_MEDIUM_TRANSFORMER),
+    "sd3.5-large": dict(**SD3, transformer=SD35_LARGE_TRANSFORMER),
 }
 
 
@@ -268,10 +352,12 @@ def write_folder(folder: Path, spec: dict, tokenizer_dir: Path) -> None:
     _write_json(folder / "model_index.json", {**spec["index"], "_diffusers_version": DIFFUSERS_VERSION,
                                               "scheduler": ["diffusers", scheduler["_class_name"]]})
     _write_json(folder / "scheduler" / "scheduler_config.json", {**scheduler, "_diffusers_version": DIFFUSERS_VERSION})
-    for name, cls in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")):
-        _write_json(folder / name / "config.json", {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION,
-                                                    **spec[name]})
-    for name in ("text_encoder", "text_encoder_2"):
+    for name, cls in (("unet", "UNet2DConditionModel"), ("transformer", "SD3Transformer2DModel"),
+                      ("vae", "AutoencoderKL")):
+        if name in spec:
+            _write_json(folder / name / "config.json", {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION,
+                                                        **spec[name]})
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if name in spec:
             _write_json(folder / name / "config.json", {**spec[name], "dtype": "float32"})
     for name in ("tokenizer", "tokenizer_2"):

@@ -38,7 +38,7 @@ class Batches:
         self.device = accelerator.device
         self.vae = pipe.vae
         self.tokenizers = family.tokenizers(pipe)
-        text_encoders = family.text_encoder_models(pipe)
+        text_encoders = family.encoders(pipe)
         self.processes = accelerator.num_processes
         self.seen = 0  # images trained so far, all processes together (a short batch counts what it holds)
         self.latents = _shared(accelerator, lambda share: cache_latents(
@@ -106,7 +106,7 @@ class Batches:
                 inputs["pooled"] = torch.stack([self.texts[c][1] for c in captions])
         else:
             for j, tokenizer in enumerate(self.tokenizers):
-                inputs[f"ids_{j}"] = token_ids(tokenizer, captions, device)
+                inputs[f"ids_{j}"] = token_ids(tokenizer, captions, device, family.token_lengths[j])
         return inputs
 
 
@@ -147,9 +147,10 @@ def step_randomness(shape, generators, objective, device) -> dict:
     return drawn
 
 
-def token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+def token_ids(tokenizer, captions: list[str], device, max_length: int = 0) -> torch.Tensor:
+    """The captions' token ids, padded to `max_length` (0: the tokenizer's model_max_length) as the pipelines pad."""
+    ids = tokenizer(captions, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
     return ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids
 
 
@@ -160,7 +161,8 @@ def cache_text(tokenizers, text_encoders, family, texts: list[str], device, shar
     texts = texts[share[0]::share[1]]
     if not texts:
         return {}
-    hidden, pooled = family.encode(text_encoders, [token_ids(tokenizer, texts, device) for tokenizer in tokenizers],
+    hidden, pooled = family.encode(text_encoders, [token_ids(tokenizer, texts, device, length)
+                                                   for tokenizer, length in zip(tokenizers, family.token_lengths)],
                                    clip_skip or family.clip_skip)
     return {text: (hidden[i], None if pooled is None else pooled[i]) for i, text in enumerate(texts)}
 

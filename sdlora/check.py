@@ -112,6 +112,8 @@ def base_resolution(base: str) -> int:
         unet = json.loads((path / "unet" / "config.json").read_text())
         vae = json.loads((path / "vae" / "config.json").read_text())
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    if (path / "model_index.json").is_file():  # a transformer family's folder (SD3.5): the family's resolution
+        return families.detect_folder(json.loads((path / "model_index.json").read_text())).resolution
     if path.is_file():
         from sdlora.models import inspect_checkpoint
 
@@ -137,8 +139,8 @@ def base_tokenizer(base: str):
     folder = CONFIGS_DIR / families.get(families.TINY).arch / "tokenizer"  # SD1's CLIP tokenizer
     if base == "tiny":
         folder = Path(MODEL_DIR) / "tokenizer"
-    elif base in families.FAMILIES:
-        folder = CONFIGS_DIR / families.get(base).arch / "tokenizer"
+    elif base in families.FAMILIES and (CONFIGS_DIR / families.get(base).arch / "tokenizer").is_dir():
+        folder = CONFIGS_DIR / families.get(base).arch / "tokenizer"  # (SD3.5 ships none: SD1's CLIP counts alike)
     elif (Path(base).expanduser() / "tokenizer" / "tokenizer.json").is_file():
         folder = Path(base).expanduser() / "tokenizer"
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))

@@ -56,7 +56,8 @@ class TrainConfig:
     shuffle_tags: bool = _knob(False, "shuffle comma-separated tags each step (tag captions only; never sentences)")
     keep_tags: int = _knob(1, "tags kept in place at the front when shuffling (1 keeps the trigger first)")
     caption_dropout: float = _knob(0.0, "chance of training a step with an empty caption; 0.05-0.1 helps styles")
-    resolution: int = _knob(0, "training resolution in pixels; 0 = the base model's own (tiny 64, SD1 512, SDXL 1024)")
+    resolution: int = _knob(0, "training resolution in pixels; 0 = the base model's own (tiny 64, SD1 512, SDXL "
+                                 "and SD3.5 1024)")
     random_crop: bool = _knob(False, "random instead of centre crops (turns off the latent cache)")
     flip: bool = _knob(False, "random horizontal flips; only for subjects without a handed side (text, asymmetry)")
     masked_loss: bool = _knob(False, "weight each picture's loss by its mask, NAME_mask.png beside NAME.png (white = "
@@ -105,6 +106,15 @@ class TrainConfig:
                                              "the nearly clean timesteps; combines with min-SNR")
     timestep_min: int = _knob(0, "train on noise levels from this timestep (0-999)")
     timestep_max: int = _knob(1000, "... up to, not including, this one (1-1000); e.g. 500-1000 for composition only")
+    # flow matching (SD3.5): diffusers' train_dreambooth_lora_sd3.py's weighting_scheme, split into its two parts
+    flow_timestep_sampling: str = _knob("logit_normal", "flow matching (SD3.5): how noise levels are drawn; "
+                                        "logit_normal (SD3's), mode or uniform",
+                                        choices=("logit_normal", "mode", "uniform"))
+    flow_logit_mean: float = _knob(0.0, "flow matching: logit_normal's mean")
+    flow_logit_std: float = _knob(1.0, "flow matching: logit_normal's standard deviation")
+    flow_mode_scale: float = _knob(1.29, "flow matching: mode sampling's scale (SD3 paper, section 3.1)")
+    flow_loss_weighting: str = _knob("none", "flow matching: each image's loss weight by its noise level; none, "
+                                             "sigma_sqrt (1/sigma^2) or cosmap", choices=("none", "sigma_sqrt", "cosmap"))
     mixed_precision: str = _knob("auto", "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU",
                                  choices=("auto", "no", "fp16", "bf16"))
     base_precision: str = _knob("auto", "how the frozen base (UNet, text encoders) is stored while the LoRA trains in "
@@ -193,6 +203,7 @@ class TrainConfig:
         need(self.keep_tags >= 0, "keep_tags", "must be 0 or more")
         need(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
         need(self.min_snr_gamma >= 0, "min_snr_gamma", "must be 0 (off) or more")
+        need(self.flow_logit_std > 0, "flow_logit_std", "must be positive")
         need(0 <= self.ema_decay < 1, "ema_decay", "must be 0 (off) to below 1, e.g. 0.999")
         need(self.ema_every >= 1, "ema_every", "must be at least 1")
         need(self.ema_start >= 0, "ema_start", "must be 0 or more")
@@ -299,6 +310,10 @@ PRESETS: dict[str, dict] = {
     "sdxl-anime-vpred": {**_ANIME_TAGS, "prediction_type": "v_prediction", "zero_terminal_snr": "on"},
     # Pony-style bases: the same tag captions; a style learns from every picture, so some steps drop the caption
     "sdxl-pony-style": {**_ANIME_TAGS, "caption_dropout": 0.05},
+    # SD3.5 (flow matching): diffusers' train_dreambooth_lora_sd3.py trains the joint attention (image and text
+    # streams) at 1e-4 with logit-normal noise levels (the default flow_timestep_sampling) and no loss weighting
+    "sd3.5-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16, "alpha": 8.0,
+                    "unet_lr": 1e-4, "caption_dropout": 0.05},
 }
 # One line each, for `sdlora train --help`, the app and the README.
 PRESET_HELP: dict[str, str] = {
@@ -309,6 +324,7 @@ PRESET_HELP: dict[str, str] = {
                        "captions, clip skip 2, no noise offset",
     "sdxl-anime-vpred": "the same for v-prediction zero-terminal-SNR bases (NoobAI-XL v-pred)",
     "sdxl-pony-style": "a style on Pony-style SDXL bases: tag captions, clip skip 2, 5% caption dropout",
+    "sd3.5-style": "a style on SD3.5 Medium/Large: 1024, joint attention, lr 1e-4, logit-normal noise levels",
 }
 
 

@@ -12,7 +12,7 @@ import torch
 
 from sdlora import adapters, families
 from sdlora.config import TrainConfig
-from sdlora.adapters.lora import ADAPTER, DORA_SUFFIX, LORA
+from sdlora.adapters.lora import ADAPTER, DORA_SUFFIX, KOHYA_SUFFIXES, LORA, PEFT_SUFFIXES
 from sdlora.lora import check_lora_fits, read_lora, usual_mode
 from sdlora.models import Base, load_base
 
@@ -100,6 +100,8 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
         "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
     }
+    if fam.peft_names:  # the file's lora_B holds alpha / rank (sdlora.families.naming.peft_layout)
+        meta["sdlora_alpha_in_weights"] = "True"
     return meta
 
 
@@ -141,7 +143,8 @@ def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: 
     from sdlora.step import unet_adapter_targets
 
     path = Path(path)
-    kw = dict(unet_lora_layers=layers(unet), unet_lora_adapter_metadata=meta(*unet_adapter_targets(fam, config)))
+    kw = {f"{fam.denoiser}_lora_layers": layers(unet),  # SD3.5: transformer_lora_layers
+          f"{fam.denoiser}_lora_adapter_metadata": meta(*unet_adapter_targets(fam, config))}
     for name, te in zip(fam.text_encoders.values(), text_encoders):
         kw[f"{name}_lora_layers"] = layers(te)
         kw[f"{name}_lora_adapter_metadata"] = meta(fam.text_targets[config.targets])
@@ -164,37 +167,36 @@ def verify(path: str | Path, base_spec: str, *, base_config: str = "", predictio
                          zero_terminal_snr=zero_terminal_snr)
     check_lora_fits(Path(path).name, state, metadata, base)
     pipe, fam = base.pipe, base.fam
+    denoiser = fam.denoiser_of(pipe)
     gen = torch.Generator("cpu").manual_seed(0)
-    latents = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=gen)
-    t = torch.tensor([500])
+    latents = torch.randn(1, denoiser.config.in_channels, 8, 8, generator=gen)
+    t = torch.tensor([500.0])
 
     time_ids = fam.time_ids((64, 64), (0, 0), (64, 64))  # a 64 x 64 image, uncropped (None: not conditioned on)
     time_ids = None if time_ids is None else time_ids[None]
 
     def forward():  # the pipelines' own prompt encoding, so the text-encoder LoRA counts too
         hidden, pooled = fam.encode_prompt(pipe, "a photo", "cpu")
-        return pipe.unet(latents, t, hidden, added_cond_kwargs=fam.denoiser_kwargs(pooled, time_ids)).sample
+        return fam.predict(denoiser, latents, t, hidden, pooled, time_ids)
 
     before = forward()
     pipe.load_lora_weights(str(path), adapter_name=VERIFY_ADAPTER)
-    loaded = {fam.kohya_unet_name(p, pipe.unet.config): m
-              for p, m in LORA.layers(pipe.unet, VERIFY_ADAPTER).items()}
+    loaded = {fam.kohya_unet_name(p, denoiser.config): m for p, m in LORA.layers(denoiser, VERIFY_ADAPTER).items()}
     for prefix, te in base.text_encoders().items():
         loaded.update({fam.kohya_text_encoder_name(prefix, p): m
                        for p, m in LORA.layers(te, VERIFY_ADAPTER).items()})
-    names = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state})
+    # the file's modules as sdlora reads them (kohya layout, or SD3.5's peft layout with alpha folded: alpha = rank)
+    modules = (LORA.read(state, metadata) or {}).get("modules", {})
     consumed = 0
-    for name in names:
+    for name, (down, up, alpha, *_) in modules.items():
         layer = loaded.get(name)
         if layer is None:
             continue
-        down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
-        alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else down.shape[0]
-        same = (torch.equal(layer.lora_A[VERIFY_ADAPTER].weight.float(), down)
-                and torch.equal(layer.lora_B[VERIFY_ADAPTER].weight.float(), up)
+        same = (torch.equal(layer.lora_A[VERIFY_ADAPTER].weight.float(), down.float())
+                and torch.equal(layer.lora_B[VERIFY_ADAPTER].weight.float(), up.float())
                 and abs(layer.scaling[VERIFY_ADAPTER] - alpha / down.shape[0]) < 1e-6)
         if same:  # all of this module's keys landed: its down, its up and (when written) its alpha
-            consumed += sum(k in state for k in (f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"))
+            consumed += sum(f"{name}{s}" in state for s in (*KOHYA_SUFFIXES, *PEFT_SUFFIXES))
     # diffusers 0.42 drops `dora_scale` from kohya/LyCORIS files ("a DoRA checkpoint that is not compatible in
     # Diffusers", lora_conversion_utils.py) and loads the rest as a plain LoRA: the magnitudes are checked by
     # check_file instead, and said to be unread here.

@@ -13,6 +13,7 @@ from sdlora.errors import UserError
 from sdlora.info import check_plain_lora
 from sdlora.lora import check_lora_fits, read_lora
 from sdlora.models import Base, check_sampler, load_base, sample_guidance_rescale
+from sdlora.sampling import rescale_kwargs
 
 
 class Previewer:
@@ -67,10 +68,12 @@ class Previewer:
                                 "ComfyUI/Forge, which read DoRA")
             check_lora_fits(p.name, state, metadata, self.base)
             try:
-                self.pipe.load_lora_weights(str(p), adapter_name=name)
+                # SD3.5 kohya-layout files come converted; every other file loads as it is (with its metadata)
+                loadable = self.base.fam.loadable(state, self.pipe)
+                self.pipe.load_lora_weights(str(p) if loadable is state else loadable, adapter_name=name)
             except Exception as e:  # diffusers raises ValueError/KeyError/RuntimeError for foreign files
                 raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
-                                "check that the LoRA was made for this model family (SD1, SD2 or SDXL)") from None
+                                "check that the LoRA was made for this model family (SD1, SD2, SDXL or SD3.5)") from None
             self._loaded[key] = name
             if metadata.get("ss_clip_skip", "").isdigit():  # kohya writes "None" when it was not set
                 self._clip_skips[name] = int(metadata["ss_clip_skip"])
@@ -109,14 +112,15 @@ class Previewer:
 
         if not hasattr(diffusers, scheduler):
             raise UserError(f"unknown scheduler {scheduler!r}", "use a diffusers scheduler class name such as EulerDiscreteScheduler")
+        fam, size = self.base.fam, self.base.resolution
+        scheduler = fam.sampler(scheduler)  # SD3.5: a flow-matching one
         check_sampler(scheduler, self.pipe.scheduler.config)
         self.pipe.scheduler = getattr(diffusers, scheduler).from_config(self.pipe.scheduler.config)
-        fam, size = self.base.fam, self.base.resolution
         trained_with = next((self._clip_skips[n] for n, s in self._active if s and n in self._clip_skips), 0)
         clip_skip = fam.resolve_clip_skip(clip_skip or trained_with)
         text = fam.prompt_kwargs(self.pipe, list(prompts), [negative_prompt] * len(prompts), self.device, clip_skip)
-        return self.pipe(**text, num_inference_steps=steps, guidance_scale=guidance_scale,
-                         guidance_rescale=sample_guidance_rescale(guidance_rescale, self.pipe.scheduler.config),
+        rescale = rescale_kwargs(self.pipe, sample_guidance_rescale(guidance_rescale, self.pipe.scheduler.config))
+        return self.pipe(**text, num_inference_steps=steps, guidance_scale=guidance_scale, **rescale,
                          width=width or size, height=height or size,
                          generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
 

@@ -91,12 +91,20 @@ def base_modules(pipe, family: str) -> dict[str, torch.nn.Module]:
     fam = families.get(family)
     table: dict[str, torch.nn.Module] = {}
     layers = (torch.nn.Linear, torch.nn.Conv2d)
-    unet_layers = [(path, m) for path, m in pipe.unet.named_modules() if isinstance(m, layers)]
+    denoiser = fam.denoiser_of(pipe)
+    unet_layers = [(path, m) for path, m in denoiser.named_modules() if isinstance(m, layers)]
+    if fam.peft_names:  # SD3.5: the files' own names, diffusers' (`transformer.<path>`, `text_encoder.<path>`)
+        for path, m in unet_layers:
+            table[fam.kohya_unet_name(path, denoiser.config)] = m
+        for prefix, te in zip(fam.text_encoders, fam.text_encoder_models(pipe)):
+            table.update({fam.kohya_text_encoder_name(prefix, path): m for path, m in te.named_modules()
+                          if isinstance(m, layers)})
+        return table
     for path, m in unet_layers:
         table[kohya_name(KOHYA_UNET, path)] = m
     if fam.sgm_unet:
         for path, m in unet_layers:
-            table[fam.kohya_unet_name(path, pipe.unet.config)] = m
+            table[fam.kohya_unet_name(path, denoiser.config)] = m
     for prefix, component in fam.kohya_prefixes().items():
         for path, m in getattr(pipe, component).named_modules():
             if isinstance(m, layers):
@@ -118,13 +126,16 @@ def fit(adapter: Adapter, table: dict[str, torch.nn.Module]) -> dict:
     return {"mapped": mapped, "missing": sorted(missing), "wrong_shape": sorted(wrong)}
 
 
-_KNOWN_LAYERS = sorted({t for ts in (*UNET_TARGETS.values(), *TEXT_TARGETS.values()) for t in ts}, key=len, reverse=True)
+_KNOWN_LAYERS = sorted({t for f in families.FAMILIES.values() for ts in (*f.unet_targets.values(),
+                                                                          *f.text_targets.values()) for t in ts},
+                       key=len, reverse=True)
 
 
 def _kind(name: str) -> str:
-    """`lora_unet_..._attn1_to_out_0` -> `to_out.0`; the layer's own name, as UNET_TARGETS/TEXT_TARGETS spell it."""
+    """`lora_unet_..._attn1_to_out_0` -> `to_out.0`; the layer's own name, as UNET_TARGETS/TEXT_TARGETS spell it.
+    Names in diffusers' layout (SD3.5: `transformer.transformer_blocks.0.attn.to_out.0`) keep their dots."""
     for target in _KNOWN_LAYERS:
-        if name.endswith("_" + target.replace(".", "_")):
+        if name.endswith("_" + target.replace(".", "_")) or name.endswith("." + target):
             return target
     return name.rsplit("_", 1)[-1]
 
@@ -142,8 +153,9 @@ def describe(path: str | Path, base=None) -> dict:
     ranks = Counter(w[0].shape[0] for w in adapter.modules.values())
     alphas = Counter(w[2] for w in adapter.modules.values())
     conv3x3 = sum(w[0].dim() == 4 and w[0].shape[-1] > 1 for w in adapter.modules.values())
-    unet = [n for n in adapter.modules if n.startswith("lora_unet_")]
-    te = [n for n in adapter.modules if not n.startswith("lora_unet_")]
+    denoiser = ("lora_unet_", "transformer.")  # kohya's prefix; diffusers' for SD3.5
+    unet = [n for n in adapter.modules if n.startswith(denoiser)]
+    te = [n for n in adapter.modules if not n.startswith(denoiser)]
     tags = Counter()
     for per_dir in json.loads(meta.get("ss_tag_frequency", "{}") or "{}").values():
         tags.update(per_dir)
@@ -156,6 +168,7 @@ def describe(path: str | Path, base=None) -> dict:
         except (KeyError, ValueError):
             pass
     stated = families.stated(meta)
+    fam = stated or (families.get(guessed_family(adapter)) if guessed_family(adapter) else None)
     info = {
         "file": str(path), "layout": adapter.layout, "title": meta.get("modelspec.title") or meta.get("ss_output_name", ""),
         "family": stated.name if stated else guessed_family(adapter),
@@ -164,7 +177,8 @@ def describe(path: str | Path, base=None) -> dict:
         "scales": sorted({round(w[2] / w[0].shape[0], 6) for w in adapter.modules.values()}),
         "conv3x3_modules": conv3x3, "dora_modules": sum(len(w) > 3 for w in adapter.modules.values()),
         "network": meta.get("ss_network_module", ""), "network_args": meta.get("ss_network_args", ""),
-        "unet": _targets(unet, UNET_TARGETS), "text_encoder": _targets(te, TEXT_TARGETS),
+        "unet": _targets(unet, fam.unet_targets if fam else UNET_TARGETS),
+        "text_encoder": _targets(te, fam.text_targets if fam else TEXT_TARGETS),
         "trigger": meta.get("modelspec.trigger_phrase", ""),
         "top_tags": [t for t, _ in tags.most_common(5)],
         "settings": settings, "stray_keys": adapter.stray,

@@ -18,20 +18,27 @@ from sdlora.families.naming import KOHYA_UNET, kohya_name, kohya_text_encoder_na
 
 
 def kohya_state_dict(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module], sgm_unet: bool = False,
-                     adapter: AdapterType = LORA) -> dict[str, torch.Tensor]:
+                     adapter: AdapterType = LORA, family=None) -> dict[str, torch.Tensor]:
     """The adapters of a model in the kohya layout (for LoRA `<name>.lora_down.weight`, `.lora_up.weight` and the
     trained `.alpha`), each module named as kohya names it.
 
     `text_encoders` maps a key prefix (a key of Family.text_encoders) to a text encoder that carries an adapter.
     `sgm_unet` (Family.sgm_unet) names UNet modules in the original block numbering, as kohya does for SDXL
-    (docs/lora-format.md, Keys); otherwise they keep their diffusers paths.
+    (docs/lora-format.md, Keys); otherwise they keep their diffusers paths. `family` (a Family): name every module
+    as the family's files do instead (SD3.5: diffusers' names); its file_state_dict then gives the file's layout.
     """
-    return adapter.state_dict(kohya_modules(unet, text_encoders, sgm_unet, adapter))
+    return adapter.state_dict(kohya_modules(unet, text_encoders, sgm_unet, adapter, family))
 
 
 def kohya_modules(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module], sgm_unet: bool = False,
-                  adapter: AdapterType = LORA) -> dict[str, torch.nn.Module]:
+                  adapter: AdapterType = LORA, family=None) -> dict[str, torch.nn.Module]:
     """kohya name -> adapter layer, for the UNet and the text encoders as `kohya_state_dict` names them."""
+    if family is not None:
+        modules = {family.kohya_unet_name(path, unet.config): layer for path, layer in adapter.layers(unet).items()}
+        for prefix, te in text_encoders.items():
+            modules.update({family.kohya_text_encoder_name(prefix, path): layer
+                            for path, layer in adapter.layers(te).items()})
+        return modules
     modules = {kohya_name(KOHYA_UNET, unet_module_name(path, unet.config, sgm_unet)): layer
                for path, layer in adapter.layers(unet).items()}
     for prefix, te in text_encoders.items():
@@ -73,14 +80,21 @@ def check_lora_fits(name: str, state: dict[str, torch.Tensor] | None, metadata: 
     hint = f"use it with a base model of its own family, or pick a LoRA made for {fam.label}"
     made_for = families.stated(metadata)
     foreign = metadata.get("modelspec.architecture", "").split("/")[0]
-    if made_for is None and foreign and not foreign.startswith("stable-diffusion"):  # flux, sd3, ...
+    if made_for is None and foreign and not foreign.startswith("stable-diffusion"):  # flux, ...
         raise UserError(f"{name} is a LoRA for {foreign}, and the base model is {fam.label}", hint)
     if made_for is not None and made_for.arch != fam.arch:
         raise UserError(f"{name} is a LoRA for {made_for.label}, and the base model is {fam.label}", hint)
 
     state = state or {}  # None: the caller maps every shape onto the base itself
-    base_width = base.pipe.unet.config.cross_attention_dim
+    names = {k.split(".lora_")[0].rsplit(".alpha", 1)[0] for k in state}
+    shown = families.from_lora_names(names)
+    if shown is not None and shown.group != fam.group and (shown.peft_names or fam.peft_names):
+        # a transformer's names (SD3.5) and a UNet's never match: say so before a loader fails on them
+        raise UserError(f"{name} is a LoRA for {shown.group}, and the base model is {fam.label}", hint)
+    base_width = fam.denoiser_of(base.pipe).config.get("cross_attention_dim")  # None: no UNet cross-attention
     for key, tensor in state.items():
+        if base_width is None:
+            break
         if key.endswith(("attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight", "attn2_to_v.lora_down.weight")):
             width = tensor.shape[1]
             if width != base_width:

@@ -1,5 +1,5 @@
 """Bake LoRAs into a base model (W' = W + s * alpha/r * up @ down) and write it as a single-file checkpoint in the
-original (LDM/SGM) layout that ComfyUI and AUTOMATIC1111 load, or as a diffusers folder."""
+original (LDM/SGM/MMDiT) layout that ComfyUI and AUTOMATIC1111 load, or as a diffusers folder."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapters.lora import LORA
+from sdlora.adapters.lora import KOHYA_SUFFIXES, LORA
 from sdlora.errors import UserError
 from sdlora.families.naming import original_layout
-from sdlora.info import base_modules, fit, read_adapter
+from sdlora.info import Adapter, base_modules, fit, read_adapter
 from sdlora.lora import check_lora_fits, save_lora
 from sdlora.models import Base, load_base
 
@@ -42,6 +42,13 @@ def merge(base: str | Base, loras: list[tuple[str, float]], out: str | Path, fmt
     base = load_base(base) if isinstance(base, str) else base
     pipe = base.pipe
     table = base_modules(pipe, base.family)
+    for i, (name, adapter, strength) in enumerate(adapters):
+        # kohya's SD3 files name the original fused layers: split onto the base's, as previews load them
+        if adapter.layout == "kohya" and base.fam.peft_names:
+            state = {f"{m}{suffix}": tensor for m, w in adapter.modules.items()
+                     for suffix, tensor in zip(KOHYA_SUFFIXES, (w[0], w[1], torch.tensor(w[2])))}
+            found = LORA.read(base.fam.loadable(state, pipe), {})
+            adapters[i] = (name, Adapter(found["modules"], adapter.metadata, adapter.layout, adapter.stray), strength)
     for name, adapter, _ in adapters:
         check_lora_fits(name, None, adapter.metadata, base)  # shapes: fit() below
         result = fit(adapter, table)

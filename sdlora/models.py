@@ -86,7 +86,7 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
             raise UserError(f"{spec} is not a diffusers model folder (no model_index.json)",
                             "point --base at the folder that holds model_index.json, or at a .safetensors file")
         family = families.detect_folder(json.loads((path / "model_index.json").read_text()))
-        if as_stored and (stored := stored_dtypes(path, ["unet", *family.text_encoders.values()])):
+        if as_stored and (stored := stored_dtypes(path, [family.denoiser, *family.text_encoders.values()])):
             dtypes = {"default": dtype, "vae": vae_dtype, **stored}
         return _base(_from_folder(str(path), family, dtypes), spec, override, ztsnr)
     if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
@@ -171,7 +171,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     if not unet_keys:
         hint = ("this looks like a diffusers-layout or partial file" if any(k.startswith(("down_blocks.", "unet."))
                                                                              for k in keys)
-                else "sdlora trains Stable Diffusion 1.x, 2.x and SDXL checkpoints")
+                else "sdlora trains Stable Diffusion 1.x, 2.x, SDXL and SD3.5 checkpoints")
         raise UserError(f"{path.name} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)",
                         f"{hint}; point --base at a full SD1/SD2/SDXL .safetensors file or a diffusers folder")
     conv_in = tensor(ORIGINAL_UNET + "input_blocks.0.0.weight")
@@ -260,6 +260,11 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
                 raise UserError(f"{path.name} is an {label} checkpoint but base_config {base_config} is "
                                 f"an {config_group} model",
                                 "give a base_config of the same family, or leave it empty to use the shipped one")
+    if not base_config and not all((Path(config) / t).is_dir() for t in family.tokenizer_components):
+        # SD3.5's T5 tokenizer (a sentencepiece model) is too large to ship (scripts/make_configs.py)
+        raise UserError(f"{path.name} is an {label} checkpoint, and its T5 tokenizer does not ship with sdlora",
+                        f"pass --base-config with a diffusers {label} folder or a cached hub id "
+                        "(stabilityai/stable-diffusion-3.5-medium or -large)")
     cls = _pipeline_class(family)
     try:
         # config= a local folder: diffusers reads every component's config and the tokenizers from it, and with
@@ -275,6 +280,12 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
         hint = ("pass --base-config with a diffusers folder (or cached hub id) of this model's architecture"
                 if not base_config else "check that --base-config has the same architecture as the file")
         raise UserError(f"could not load {path.name} as an {label} checkpoint: {_first_line(e)[:200]}", hint) from None
+    for name in family.frozen_text_encoders:
+        t5 = getattr(pipe, name, None)
+        if t5 is not None and hasattr(t5, "shared") and t5.encoder.embed_tokens.weight.is_meta:
+            # T5's input embedding is tied to `shared`; SD3 files hold it once, and diffusers 0.42's single-file
+            # loader under transformers 5 leaves the tied copy unloaded (on the meta device)
+            t5.encoder.embed_tokens = t5.shared
     pred = info.prediction_type
     if pred is None and not base_config:
         pred = family.prediction_type  # the shipped configs say so too; SD2 always gets an answer from inspect_checkpoint

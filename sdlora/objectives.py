@@ -1,4 +1,5 @@
-"""What the denoiser learns: how noise is drawn and added, the target it predicts, and each image's loss weight."""
+"""What the denoiser learns: how noise is drawn and added, the target it predicts, and each image's loss weight (DDPM
+for SD1/SD2/SDXL, flow matching for SD3.5)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ class DDPM:
     input is the noise alone and the v target is minus the latents.
 
     The step calls `noisy`, `target` and `weights` on the device and may be replayed as a CUDA graph, so they never
-    wait for the host; `draw` runs on the host with each image's own generator. Another objective (flow matching:
-    sigmas, a velocity target, its weighting schemes and shift) answers the same four calls.
+    wait for the host; `draw` runs on the host with each image's own generator. FlowMatching (SD3.5) answers the
+    same calls.
     """
 
     def __init__(self, scheduler_config, *, min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
@@ -82,3 +83,86 @@ class DDPM:
 def randn(shape, generators) -> torch.Tensor:
     """One standard-normal tensor of `shape` per image, each from that image's own generator."""
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+FLOW_TIMESTEP_SAMPLING = ("logit_normal", "mode", "uniform")
+FLOW_LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+
+
+class FlowMatching:
+    """Rectified-flow matching, as SD3 was trained (Esser et al. 2024, https://arxiv.org/abs/2403.03206) and as
+    diffusers' train_dreambooth_lora_sd3.py trains it: per image a noise level sigma in (0, 1], the noisy input
+    (1 - sigma) * latents + sigma * noise, the target the velocity noise - latents.
+
+    Sigmas come from the scheduler's own (FlowMatchEulerDiscreteScheduler, whose `shift`, 3.0 for SD3.5, moves them
+    towards noise): an index into its 1000 training sigmas, drawn by `sampling` (diffusers'
+    compute_density_for_timestep_sampling: logit_normal with `logit_mean`/`logit_std`, mode with `mode_scale`, or
+    uniform). `weighting` weighs each image's loss as diffusers' compute_loss_weighting_for_sd3 does: none, sigma_sqrt
+    (1 / sigma^2) or cosmap. The timesteps the transformer takes are sigma x 1000, as the pipeline passes them.
+    """
+
+    def __init__(self, scheduler_config, *, sampling: str = "logit_normal", weighting: str = "none",
+                 logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+                 noise_offset: float = 0.0):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        assert sampling in FLOW_TIMESTEP_SAMPLING and weighting in FLOW_LOSS_WEIGHTING
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self.sampling, self.weighting = sampling, weighting
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.noise_offset = noise_offset
+
+    def to(self, device) -> "FlowMatching":
+        return self  # nothing on the device: sigmas are timesteps / 1000
+
+    def draw(self, shape, generators) -> dict[str, torch.Tensor]:
+        """Per image, from its own generator: `noise` of `shape` and `timesteps`, the scheduler's timestep (sigma x
+        1000) at the index the sampling scheme draws."""
+        noise = randn(shape, generators)
+        if self.noise_offset:
+            noise += self.noise_offset * randn(shape[:1] + (1, 1), generators)
+        u = torch.cat([self._u(g) for g in generators])
+        indices = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+        return {"noise": noise, "timesteps": self.scheduler.timesteps[indices].float()}
+
+    def _u(self, generator) -> torch.Tensor:
+        # diffusers.training_utils.compute_density_for_timestep_sampling, drawn from the image's own generator
+        if self.sampling == "logit_normal":
+            return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(1, generator=generator))
+        u = torch.rand(1, generator=generator)
+        if self.sampling == "mode":
+            u = 1 - u - self.mode_scale * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
+        return u
+
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Each image's sigma, broadcastable over its latents."""
+        return (timesteps.float() / self.num_train_timesteps).reshape(-1, 1, 1, 1)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigmas = self.sigmas(timesteps)
+        return ((1.0 - sigmas) * latents.float() + sigmas * noise.float()).to(latents.dtype)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return noise.float() - latents.float()
+
+    def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Each image's loss weight (diffusers' compute_loss_weighting_for_sd3)."""
+        sigmas = timesteps.float() / self.num_train_timesteps
+        if self.weighting == "sigma_sqrt":
+            return sigmas ** -2.0
+        if self.weighting == "cosmap":
+            return 2 / (torch.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+        return torch.ones_like(sigmas)
+
+
+def make(family, scheduler_config, config, device) -> "DDPM | FlowMatching":
+    """The objective a run of `config` trains `family`'s denoiser on, on `device`."""
+    if family.objective == "flow":
+        return FlowMatching(scheduler_config, sampling=config.flow_timestep_sampling,
+                            weighting=config.flow_loss_weighting, logit_mean=config.flow_logit_mean,
+                            logit_std=config.flow_logit_std, mode_scale=config.flow_mode_scale,
+                            noise_offset=config.noise_offset)
+    return DDPM(scheduler_config, min_snr_gamma=config.min_snr_gamma, noise_offset=config.noise_offset,
+                debiased=config.debiased_estimation,
+                timestep_range=(config.timestep_min, config.timestep_max)).to(device)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora import families
 from sdlora.errors import UserError
 from sdlora.info import read_adapter
 from sdlora.lora import save_lora
@@ -79,6 +80,9 @@ def resize(path: str | Path, out: str | Path, rank: int | None = None, energy: f
     meta["sdlora_resize"] = json.dumps({"from": Path(path).name, "rank": rank, "energy": energy,
                                         "max_rel_error": max(row["rel_error"] for row in rows)})
     meta.setdefault("ss_network_module", "networks.lora")
+    family = families.stated(adapter.metadata) or families.from_lora_names(adapter.modules)
+    if family is not None and adapter.layout == "diffusers":
+        state = family.file_state_dict(state)  # SD3.5's own files: back into diffusers' layout, alpha folded
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_lora(out, state, meta)

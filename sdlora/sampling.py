@@ -34,6 +34,7 @@ class Sampler:
         # as training encodes the captions; guidance rescale as the base's schedule wants it
         self.family = families.detect(pipe)
         self.clip_skip = self.family.resolve_clip_skip(config.clip_skip)
+        self.scheduler_name = self.family.sampler(config.sample_scheduler)  # SD3.5: a flow-matching one
         self.guidance_rescale = sample_guidance_rescale(config.sample_guidance_rescale, pipe.scheduler.config)
         self.prompts, self.resolution, self.run_dir, self.events = prompts, resolution, Path(run_dir), events
         self.graphs, self.low_memory = graphs, False
@@ -48,7 +49,7 @@ class Sampler:
         config, prompts, events = self.config, self.prompts, self.events
         # the trained models are the pipeline's own (adapters added in place): only the scheduler differs; it keeps the
         # base's schedule settings (a zero-terminal-SNR base's rescaled betas and trailing spacing, sdlora.models)
-        scheduler = getattr(diffusers, config.sample_scheduler).from_config(self.pipe.scheduler.config)
+        scheduler = getattr(diffusers, self.scheduler_name).from_config(self.pipe.scheduler.config)
         sampler = type(self.pipe)(**{**self.pipe.components, "scheduler": scheduler})
         sampler.set_progress_bar_config(disable=True)
         for m in self.trained:
@@ -84,10 +85,11 @@ class Sampler:
                     image.save(tmp, format="PNG")
                 events.emit("sample", step=step, path=str(path), prompt=prompt,
                             negative_prompt=config.sample_negative, seed=seed, steps=config.sample_steps,
-                            guidance_scale=config.sample_guidance, scheduler=config.sample_scheduler,
+                            guidance_scale=config.sample_guidance, scheduler=self.scheduler_name,
                             width=self.resolution, height=self.resolution, strength=1.0,
                             guidance_rescale=self.guidance_rescale, clip_skip=self.clip_skip,
-                            scheduler_config={k: scheduler.config.get(k) for k in SCHEDULE_SETTINGS})
+                            scheduler_config={k: scheduler.config[k] for k in SCHEDULE_SETTINGS
+                                              if scheduler.config.get(k) is not None})
             first += len(chunk)
         for m in self.trained:
             m.train()
@@ -98,7 +100,8 @@ class Sampler:
             text = self.family.prompt_kwargs(sampler, chunk, [config.sample_negative] * len(chunk),
                                              self.accelerator.device, self.clip_skip)
             latents = sampler(**text, num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance,
-                              guidance_rescale=self.guidance_rescale, width=self.resolution, height=self.resolution,
+                              **rescale_kwargs(sampler, self.guidance_rescale), width=self.resolution,
+                              height=self.resolution,
                               output_type="latent",
                               generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
         return [decode(sampler, latents[i:i + 1], tiled=self.low_memory) for i in range(len(chunk))]
@@ -150,6 +153,14 @@ class SampleGraphs:
                 unet.forward = previous
 
 
+def rescale_kwargs(pipe, guidance_rescale: float) -> dict:
+    """`guidance_rescale` for a pipeline call, where the pipeline takes it (StableDiffusion3Pipeline does not)."""
+    import inspect
+
+    return {"guidance_rescale": guidance_rescale} \
+        if "guidance_rescale" in inspect.signature(type(pipe).__call__).parameters else {}
+
+
 def decode(pipe, latents: torch.Tensor, tiled: bool = False):
     """The pipelines' own VAE decode, but in fp32 outside autocast: under fp16 autocast a VAE (SDXL's especially)
     overflows into black samples. `tiled`: in overlapping 512 px tiles (diffusers' tiled decode), for low memory."""
@@ -160,7 +171,9 @@ def decode(pipe, latents: torch.Tensor, tiled: bool = False):
         vae.enable_tiling()
     try:
         with torch.autocast(latents.device.type, enabled=False):
-            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            # the pipelines' own unscaling: SD3's VAE also shifts its latents (shift_factor; None elsewhere)
+            latents = latents.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0)
+            image = vae.decode(latents, return_dict=False)[0]
     finally:
         if tiled:
             vae.disable_tiling()

@@ -77,8 +77,10 @@ class Saves:
     def _state_dict(self) -> dict:
         """The adapters as they are now, in the kohya layout (copies: the weights may change in place after)."""
         unet, text_encoders = self.trained[0], self.trained[1:]
-        return kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
-                                sgm_unet=self.family.sgm_unet, adapter=adapters.get(self.config.adapter))
+        state = kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
+                                 sgm_unet=self.family.sgm_unet, adapter=adapters.get(self.config.adapter),
+                                 family=self.family)
+        return self.family.file_state_dict(state)  # SD3.5: diffusers' peft layout, alpha folded
 
     def preload(self, pipe) -> None:
         """Start loading a fresh copy of the base for the final check in a background thread, when the host has the
@@ -114,7 +116,8 @@ class Saves:
             adapter = adapters.get(self.config.adapter)
             with self.weights():
                 result["file_check"] = check_file(path, kohya_modules(
-                    unet, dict(zip(self.base.text_encoders(), text_encoders)), self.family.sgm_unet, adapter), adapter)
+                    unet, dict(zip(self.base.text_encoders(), text_encoders)), self.family.sgm_unet, adapter,
+                    self.family), adapter)
             result["ok"] = result["ok"] and result["file_check"]["ok"]
             self.events.emit("verify", **result, seconds=round(time.perf_counter() - t, 2),
                              preloaded=self.fresh_base is not None)

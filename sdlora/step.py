@@ -13,7 +13,7 @@ from sdlora.graphs import Graphed
 from sdlora import families
 from sdlora import adapters
 from sdlora.families.targets import UNET_CONV3X3_TARGETS, UNET_CONV_OTHER_TARGETS
-from sdlora.objectives import DDPM
+from sdlora import objectives
 from sdlora.quantize import quantize_base
 
 
@@ -24,10 +24,13 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
     (sdlora.families), found from the pipeline when not given."""
     family = family or families.detect(pipe)
     device = accelerator.device
-    unet, vae = pipe.unet, pipe.vae
+    unet, vae = family.denoiser_of(pipe), pipe.vae  # the denoiser: a UNet, or SD3's transformer
     text_encoders = family.text_encoder_models(pipe)
     dtype = weight_dtype(accelerator)
     vae.requires_grad_(False).to(device, torch.float32)
+    for frozen in family.encoders(pipe)[len(text_encoders):]:  # SD3's T5: never adapted, never quantized
+        frozen.requires_grad_(False)
+        move(frozen, device, dtype)
     # --base-precision: the frozen weights stored in fp8/int8/nf4 (sdlora.quantize); the adapters stay fp32. Quantized
     # on the CPU after loading (int8: layer by layer as each moves), then moved: the full-precision base never has to
     # fit on the GPU. Unquantized, a base loaded as its files store it is cast where it will run (move).
@@ -85,11 +88,10 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup * n,
                                  num_training_steps=config.steps * n, num_cycles=config.lr_cycles)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    objective = DDPM(pipe.scheduler.config, min_snr_gamma=config.min_snr_gamma, noise_offset=config.noise_offset,
-                     debiased=config.debiased_estimation,
-                     timestep_range=(config.timestep_min, config.timestep_max)).to(device)
-    return Step(accelerator, family, unet, text_encoders, unet_params, te_params, optimizer, lr_scheduler, objective,
-                vae.config.scaling_factor, dtype, cuda_graphs=device.type == "cuda" and config.cuda_graphs,
+    objective = objectives.make(family, pipe.scheduler.config, config, device)
+    return Step(accelerator, family, unet, family.encoders(pipe), unet_params, te_params, optimizer, lr_scheduler,
+                objective, (vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0), dtype,
+                cuda_graphs=device.type == "cuda" and config.cuda_graphs,
                 on_fail=on_fail, base_storage=base_storage, clip_skip=family.resolve_clip_skip(config.clip_skip))
 
 
@@ -109,16 +111,19 @@ class Step:
     overhead-bound LoRA step spends most of its time on."""
 
     def __init__(self, accelerator, family, unet, text_encoders, unet_params, te_params, optimizer, lr_scheduler,
-                 objective, scaling_factor: float, dtype, cuda_graphs: bool, on_fail=None, base_storage: str = "",
-                 clip_skip: int = 0):
+                 objective, scaling: tuple[float, float], dtype, cuda_graphs: bool, on_fail=None,
+                 base_storage: str = "", clip_skip: int = 0):
         from accelerate.utils import AutocastKwargs
 
         self.accelerator, self.family, self.unet = accelerator, family, unet
-        self.text_encoders = text_encoders  # all of them, trained or not: captions not cached are encoded here
-        self.trained = [unet, *(text_encoders if te_params else [])]  # whose adapters train, in checkpoint order
+        # all of them (family.encoders: trained or not, SD3's T5 too): captions not cached are encoded here
+        self.text_encoders = text_encoders
+        adapted = text_encoders[:len(family.text_encoders)]
+        self.trained = [unet, *(adapted if te_params else [])]  # whose adapters train, in checkpoint order
         self.unet_params, self.te_params, self.params = unet_params, te_params, unet_params + te_params
         self.optimizer, self.lr_scheduler, self.objective = optimizer, lr_scheduler, objective
-        self.scaling_factor, self.weight_dtype = scaling_factor, dtype
+        # the VAE's latents to the denoiser's: (latents - shift_factor) * scaling_factor (SD3's VAE shifts; SD's: 0)
+        (self.scaling_factor, self.shift_factor), self.weight_dtype = scaling, dtype
         self.base_storage = base_storage  # what the frozen base takes, as sdlora.quantize reports it
         self.clip_skip = clip_skip or family.clip_skip  # the text encoders' layer the captions are encoded from
         # no autocast weight cache: a CUDA graph cannot hold tensors cached outside it
@@ -130,15 +135,14 @@ class Step:
         """Sample the latents from their cached distribution, noise them, predict, weighted MSE against the
         objective's target; return (loss, gradients of the adapter parameters). `mask` (batch, 1, h, w): each latent
         pixel's loss weight (masked_loss); `loss_weight` (batch,): each image's (prior_loss_weight for reg images)."""
-        latents = ((mean + std * eps) * self.scaling_factor).to(self.weight_dtype)
+        latents = ((mean + std * eps - self.shift_factor) * self.scaling_factor).to(self.weight_dtype)
         noisy_latents = self.objective.noisy(latents, noise, timesteps)
         target = self.objective.target(latents, noise, timesteps)
         with self.accelerator.autocast(self.autocast):
             if ids:  # captions not cached: encode their token ids here (through the text encoders' adapters)
                 hidden, pooled = self.family.encode(self.text_encoders, [ids[f"ids_{j}"] for j in range(len(ids))],
                                                     self.clip_skip)
-            model_pred = self.unet(noisy_latents, timesteps, hidden,
-                                   added_cond_kwargs=self.family.denoiser_kwargs(pooled, time_ids)).sample
+            model_pred = self.family.predict(self.unet, noisy_latents, timesteps, hidden, pooled, time_ids)
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
         if mask is not None:
             # kohya's apply_masked_loss: loss * mask, then the plain mean over every latent pixel. Not renormalised by

@@ -100,6 +100,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
                      prediction_type=config.prediction_type, zero_terminal_snr=config.zero_terminal_snr, as_stored=True)
     family, pipe = base.fam, base.pipe
     clip_skip = family.resolve_clip_skip(config.clip_skip)  # settings this base cannot use stop here, before any work
+    _check_objective(config, family, events)
     check_sampler(config.sample_scheduler, pipe.scheduler.config)
     if device.type == "cuda" and config.auto_memory:
         config = memory_defaults(config, family, accelerator, events, run_dir)
@@ -116,6 +117,10 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     # 4. Batches: latents and text embeddings cached where nothing changes them between steps.
     stage.now = "caching latents and text embeddings"
     batches = Batches(config, data.records, bucket_of, pipe, family, step_fn.objective, accelerator, reg_records)
+    frozen = family.encoders(pipe)[len(family.text_encoders):]  # SD3's T5: 4.7B parameters the step never needs
+    if batches.texts is not None and frozen and device.type == "cuda":  # once the captions are encoded
+        for model in frozen:
+            model.to("cpu")
     if reg:
         _warn_about_reg(reg, batches, events)
     setup.lap("caches")
@@ -130,7 +135,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
                   reg_dirs=ds.dataset_dirs(reg_records, Path(reg.root).name) if reg else {},
                   epoch_batches=batches.per_epoch(), started_at=started_at, weights=step_fn.averaged_weights, ema=ema)
     # On a GPU the UNet's forward replays as CUDA graphs while sampling too (int8 layers cannot be captured).
-    graphs = device.type == "cuda" and config.cuda_graphs and config.base_precision in ("auto", "fp8", "nf4")
+    graphs = device.type == "cuda" and config.cuda_graphs and config.base_precision in ("auto", "fp8", "nf4") \
+        and family.denoiser == "unet"  # SampleGraphs replays a UNet's call
     sampler = Sampler(accelerator, pipe, step_fn.trained, config,
                       config.sample_prompts or [r.caption for r in data.records[:2]], resolution, run_dir, events,
                       SampleGraphs(pipe.unet, step_fn.weight_dtype) if graphs else None)
@@ -189,6 +195,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         out_dir = run_dir / "samples"  # the sampler writes each image to a temporary name, then renames it
         with writing(out_dir, 3 * resolution**2 * len(sampler.prompts), run_dir,
                      leftovers=lambda: list(out_dir.glob("*.png.tmp"))), step_fn.averaged_weights(), \
+                _on_device(frozen, device), \
                 ema.swapped() if ema is not None and config.ema_samples else contextlib.nullcontext():
             sampler(step)
         if config.log_with:
@@ -303,12 +310,51 @@ def _log_samples(accelerator, drawn: list, step: int) -> None:
             tracker.log_images({f"samples/{i}": [image] for i, _, image in drawn}, step=step)
 
 
+@contextlib.contextmanager
+def _on_device(models: list, device):
+    """Within: `models` (SD3's T5, kept off the GPU while the step runs) on `device`, for the samples' prompts."""
+    away = [m for m in models if m.device != device]
+    for m in away:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in away:
+            m.to("cpu")
+
+
+def _check_objective(config, family, events) -> None:
+    """Settings of the other objective: refused where they would change what the run means, else a warning that
+    they do not apply (flow matching has no SNR, so no min-SNR weights)."""
+    if family.objective != "flow":
+        return
+    for field, value, default in (("prediction_type", config.prediction_type, "auto"),
+                                  ("zero_terminal_snr", config.zero_terminal_snr, "auto")):
+        if value != default:
+            raise UserError(f"{field} = {value}: {family.label} is trained by flow matching (a velocity target, no "
+                            "DDPM schedule)", f"leave --{field.replace('_', '-')} at auto for {family.label}")
+    if config.adapter != "lora":
+        raise UserError(f"adapter = {config.adapter}: {family.label} LoRA files are in diffusers' layout, which holds "
+                        "plain LoRA only", f"use --adapter lora for {family.label}")
+    defaults = TrainConfig(dataset="-")
+    # set by hand (not the default, and not off): the DDPM defaults themselves say nothing about this run
+    ignored = [f for f in ("min_snr_gamma", "debiased_estimation", "timestep_min", "timestep_max")
+               if getattr(config, f) not in (getattr(defaults, f), 0, False)]
+    if ignored:
+        events.emit("warning", message=f"{', '.join(ignored)}: DDPM settings, unused by {family.label}'s flow matching "
+                                       "(see flow_timestep_sampling and flow_loss_weighting)")
+    sampler = family.sampler(config.sample_scheduler)
+    if sampler != config.sample_scheduler and config.sample_scheduler != defaults.sample_scheduler:
+        events.emit("warning", message=f"sample_scheduler {config.sample_scheduler} cannot draw {family.label} (a "
+                                       f"flow-matching model): samples use {sampler}")
+
+
 def _buckets(config, base, records, events) -> tuple[int, list, list]:
-    """The training resolution, its aspect-ratio buckets (sides the VAE and the UNet's three halvings divide) and
-    each image's bucket."""
+    """The training resolution, its aspect-ratio buckets (sides the VAE and the denoiser divide: a UNet's three
+    halvings, a transformer's patch) and each image's bucket."""
     resolution = config.resolution or base.resolution
     vae_factor = 2 ** (len(base.pipe.vae.config.block_out_channels) - 1)
-    step_px = 8 * vae_factor  # latent sides must survive the UNet's three halvings
+    step_px = base.fam.latent_multiple * vae_factor  # SD: 64 px; SD3.5: 16 px (VAE 8 x patch 2)
     if resolution % step_px:
         events.emit("warning", message=f"resolution {resolution} rounded down to {resolution // step_px * step_px}")
     buckets = ds.make_buckets(resolution, step=step_px)

@@ -64,11 +64,15 @@ def render_sample(pipe, event):
     import numpy as np
     import torch
 
+    import inspect
+
     pipe.scheduler = getattr(diffusers, event["scheduler"]).from_config(pipe.scheduler.config,
                                                                         **event.get("scheduler_config", {}))
+    # StableDiffusion3Pipeline has no guidance_rescale (the events record 0.0 for it)
+    rescale = {"guidance_rescale": event.get("guidance_rescale", 0.0)} \
+        if "guidance_rescale" in inspect.signature(type(pipe).__call__).parameters else {}
     return np.asarray(pipe(event["prompt"], negative_prompt=event["negative_prompt"] or None,
-                           num_inference_steps=event["steps"], guidance_scale=event["guidance_scale"],
-                           guidance_rescale=event.get("guidance_rescale", 0.0),
+                           num_inference_steps=event["steps"], guidance_scale=event["guidance_scale"], **rescale,
                            width=event["width"], height=event["height"],
                            generator=torch.Generator("cpu").manual_seed(event["seed"])).images[0], dtype=np.float32)
 

@@ -406,15 +406,18 @@ FAMILY_DATA = {
     "cross_attention_dim": int, "pipeline": str, "pipeline_kwargs": Mapping, "text_encoders": Mapping,
     "text_encoder_aliases": Mapping, "tokenizer_components": tuple, "sgm_unet": bool, "original_text_encoders": tuple,
     "added_conditioning": bool, "clip_skip": int, "clip_skip_fixed": bool, "memory_rows": tuple,
+    "peft_names": bool, "denoiser": str, "latent_multiple": int, "objective": str, "frozen_text_encoders": tuple,
+    "token_lengths": tuple,
     "unet_targets": Mapping, "text_targets": Mapping,
     "base_model_version": str, "architecture": str, "implementation": str, "v2": bool,
 }
 # Functions: the ones a family module fills in, then the ones every Family has from its data.
-FAMILY_FUNCTIONS = ("encode", "encode_prompt", "time_ids", "denoiser_kwargs", "checkpoint_prediction",
+FAMILY_FUNCTIONS = ("encode", "encode_prompt", "time_ids", "denoiser_kwargs", "predict", "checkpoint_prediction",
                     "detect_pipeline", "detect_folder", "detect_checkpoint", "detect_denoiser", "detect_lora",
                     "read_version", "read_architecture")
 FAMILY_METHODS = ("tokenizers", "text_encoder_models", "memory_defaults", "kohya_prefixes", "kohya_unet_name",
-                  "kohya_text_encoder_name", "lora_metadata", "resolve_clip_skip", "prompt_kwargs")
+                  "kohya_text_encoder_name", "lora_metadata", "resolve_clip_skip", "prompt_kwargs", "encoders",
+                  "denoiser_of", "sampler", "file_state_dict")
 
 
 def test_every_family_provides_what_a_family_must():
@@ -427,7 +430,8 @@ def test_every_family_provides_what_a_family_must():
     from sdlora.quantize import PRECISIONS
 
     assert {f.name for f in dataclasses.fields(Family)} == set(FAMILY_DATA) | set(FAMILY_FUNCTIONS)
-    assert list(FAMILIES) == ["sd1", "sd2", "sd2-v", "sdxl"]  # the names written into events, metadata and files
+    # the names written into events, metadata and files
+    assert list(FAMILIES) == ["sd1", "sd2", "sd2-v", "sdxl", "sd3.5-medium", "sd3.5-large"]
     presets = set(TrainConfig.__dataclass_fields__["targets"].metadata["choices"])
     for name, fam in FAMILIES.items():
         assert isinstance(fam, Family) and fam.name == name and families.get(name) is fam
@@ -441,10 +445,13 @@ def test_every_family_provides_what_a_family_must():
         assert fam.arch in {p.name for p in CONFIGS_DIR.iterdir()} and families.of_arch(fam.arch).arch == fam.arch
         # text encoders: kohya prefix -> component, as many tokenizers, aliases onto them, the single-file layout
         assert fam.text_encoders and all(p.startswith("lora_te") and p.endswith("_") for p in fam.text_encoders)
-        assert len(fam.tokenizer_components) == len(fam.text_encoders)
+        assert len(fam.tokenizer_components) == len(fam.text_encoders) + len(fam.frozen_text_encoders) \
+            == len(fam.token_lengths)
+        assert fam.objective in ("ddpm", "flow") and fam.denoiser in ("unet", "transformer")
         assert set(fam.text_encoder_aliases.values()) <= set(fam.text_encoders)
         assert fam.kohya_prefixes().keys() == set(fam.text_encoders) | set(fam.text_encoder_aliases)
-        assert [c for c, _, _ in fam.original_text_encoders] == list(fam.text_encoders.values())
+        assert [c for c, _, _ in fam.original_text_encoders] == [*fam.text_encoders.values(),
+                                                                 *fam.frozen_text_encoders]
         assert all(kind in naming.TEXT_ENCODER_LAYOUTS and key.endswith(".") for _, kind, key in fam.original_text_encoders)
         # memory defaults: roomiest first, down to a row for any amount of memory
         needs = [row[0] for row in fam.memory_rows]

@@ -17,6 +17,7 @@ from sdlora.families.naming import KOHYA_UNET, kohya_name, kohya_text_encoder_na
 ADAPTER = "default"  # peft's adapter name for the one sdlora trains
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 DORA_SUFFIX = ".dora_scale"
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")  # diffusers/peft layout
 
 
 class LoRA:
@@ -156,7 +157,7 @@ class LoRA:
 def _read_peft(state: dict, metadata: dict) -> dict:
     # diffusers writes the peft config per component into `lora_adapter_metadata`; without it alpha = rank.
     config = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
-    components = "|".join(("unet", *families.text_encoder_components()))
+    components = "|".join(("unet", "transformer", *families.text_encoder_components()))
     pattern = re.compile(rf"^({components})\.(.+)\.lora_(A|B)\.weight$")
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     stray = []
@@ -169,6 +170,8 @@ def _read_peft(state: dict, metadata: dict) -> dict:
     # the kohya prefixes follow the text encoders the file holds (two: SDXL's lora_te1_ and lora_te2_)
     held = {k.split(".", 1)[0] for k in state} & set(families.text_encoder_components())
     prefixes = families.peft_prefixes(held)
+    # a file for a DiT family (SD3.5) is named as its files are: the layout's own names (`transformer.<path>`)
+    own_names = any(component == "transformer" for component, _ in parts)
     modules = {}
     for (component, module_path), ab in parts.items():
         if set(ab) != {"A", "B"}:
@@ -179,8 +182,11 @@ def _read_peft(state: dict, metadata: dict) -> dict:
         for pat, value in (config.get(f"{component}.alpha_pattern") or {}).items():
             if module_path == pat or module_path.endswith("." + pat) or re.fullmatch(pat, module_path):
                 alpha = value
-        name = kohya_name(KOHYA_UNET, module_path) if component == "unet" \
-            else kohya_text_encoder_name(prefixes[component], module_path)
+        if own_names:
+            name = f"{component}.{module_path}"
+        else:
+            name = kohya_name(KOHYA_UNET, module_path) if component == "unet" \
+                else kohya_text_encoder_name(prefixes[component], module_path)
         modules[name] = (ab["A"], ab["B"], float(alpha))
     return {"modules": modules, "layout": "diffusers", "stray": sorted(stray)}
 

@@ -1,21 +1,22 @@
-"""The model families sdlora trains: the registry (SD1.x, SD2.x, SD2.x v-prediction, SDXL) and finding a model's.
+"""The model families sdlora trains: the registry (SD1.x, SD2.x, SD2.x v-prediction, SDXL, SD3.5) and finding a model's.
 
 A family is a `Family` (family.py): plain data plus the functions in which families differ. One module per group of
-families fills them in (sd.py, sdxl.py); key naming shared by all lives in naming.py. The rest of sdlora asks a
+families fills them in (sd.py, sdxl.py, sd3.py); key naming shared by all lives in naming.py. The rest of sdlora asks a
 family object and never compares family names.
 """
 
 from __future__ import annotations
 
 from sdlora.errors import UserError
-from sdlora.families import sd, sdxl
+from sdlora.families import sd, sd3, sdxl
 from sdlora.families.family import Family
 
 # Detection asks one family of each group, in this order, and takes the first answer: a group whose test is narrower
-# comes first (an SDXL pipeline has all an SD one has, and a second text encoder), and the last one always answers.
-_GROUPS = (sdxl.FAMILIES, sd.FAMILIES)
+# comes first (an SDXL pipeline has all an SD one has, and a second text encoder; SD3's denoiser is a transformer and
+# it has a second text encoder too), and the last one always answers.
+_GROUPS = (sd3.FAMILIES, sdxl.FAMILIES, sd.FAMILIES)
 # Registry order counts where two families share a trait: the first is the one meant (sd2 before sd2-v by width).
-FAMILIES: dict[str, Family] = {f.name: f for f in (*sd.FAMILIES, *sdxl.FAMILIES)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (*sd.FAMILIES, *sdxl.FAMILIES, *sd3.FAMILIES)}
 TINY = sd.SD1.name  # the embedded tiny model is SD1 for every loader's purposes
 
 

@@ -29,9 +29,17 @@ class Family:
     text_encoder_aliases: Mapping[str, str]  # another prefix loaders take -> the prefix it stands for
     tokenizer_components: tuple[str, ...]  # pipeline components, in the text encoders' order
     sgm_unet: bool  # kohya names the UNet's modules in the original (SGM) block numbering
+    # the shared file is in diffusers' peft layout (`transformer.<path>.lora_A.weight`, alpha folded into lora_B), the
+    # one layout diffusers, ComfyUI and Forge all read for the family (docs/lora-format.md, SD3.5)
+    peft_names: bool
     # in original single-file checkpoints: (component, its naming.TEXT_ENCODER_LAYOUTS kind, its key prefix)
     original_text_encoders: tuple[tuple[str, str, str], ...]
     added_conditioning: bool  # the denoiser takes more than the text states: time_ids/denoiser_kwargs make it
+    denoiser: str  # the pipeline component that denoises: "unet", or "transformer" for the MMDiT families
+    latent_multiple: int  # latent sides must be multiples of this (a UNet's three halvings: 8; a DiT's patch: 2)
+    objective: str  # what the denoiser learns: "ddpm" (noise or velocity on a DDPM schedule) or "flow" (flow matching)
+    frozen_text_encoders: tuple[str, ...]  # components encoded with the others but never adapted (SD3's T5)
+    token_lengths: tuple[int, ...]  # per tokenizer, the token count the pipeline pads to; 0 = its model_max_length
     # CLIP skip as AUTOMATIC1111 and kohya count it (1 = the last layer, 2 = the penultimate): the layer the family's
     # pipelines condition on by default, and whether it is the only one its loaders use
     clip_skip: int
@@ -53,6 +61,8 @@ class Family:
     encode_prompt: Callable
     time_ids: Callable  # (original_size, crop_top_left, bucket) -> size conditioning Tensor, or None
     denoiser_kwargs: Callable  # (pooled, time_ids) -> the UNet's added_cond_kwargs, or None
+    # (denoiser, noisy_latents, timesteps, encoder_hidden_states, pooled, time_ids) -> model_pred, as the pipeline calls it
+    predict: Callable
     checkpoint_prediction: Callable  # (tensor) -> (prediction_type, why) read off a single file's weights, or None
 
     # --- detection: each returns a family name of the group, or None when it is not this group's
@@ -69,12 +79,28 @@ class Family:
             object.__setattr__(self, field, MappingProxyType(dict(getattr(self, field))))
 
     def tokenizers(self, pipe) -> list:
-        """The pipeline's tokenizers, in the order of text_encoder_models."""
+        """The pipeline's tokenizers, in the order of encoders()."""
         return [getattr(pipe, name) for name in self.tokenizer_components]
 
     def text_encoder_models(self, pipe) -> list:
-        """The pipeline's text encoders, in pipeline order (SDXL: CLIP-L, then OpenCLIP-G)."""
+        """The pipeline's text encoders that take adapters, in pipeline order (SDXL: CLIP-L, then OpenCLIP-G)."""
         return [getattr(pipe, name) for name in self.text_encoders.values()]
+
+    def encoders(self, pipe) -> list:
+        """Every text encoder `encode` takes: the adaptable ones, then the frozen ones (SD3: CLIP-L, CLIP-G, T5)."""
+        return self.text_encoder_models(pipe) + [getattr(pipe, name) for name in self.frozen_text_encoders]
+
+    def sampler(self, name: str) -> str:
+        """The diffusers scheduler class that draws this family when `name` is asked for: `name`, except that a
+        flow-matching family draws with FlowMatchEulerDiscreteScheduler unless a FlowMatch* class is asked for (a
+        DDPM-schedule sampler cannot draw it)."""
+        if self.objective == "flow" and not name.startswith("FlowMatch"):
+            return "FlowMatchEulerDiscreteScheduler"
+        return name
+
+    def denoiser_of(self, pipe):
+        """The pipeline's denoiser (its UNet or transformer)."""
+        return getattr(pipe, self.denoiser)
 
     def memory_defaults(self, free_gib: float) -> tuple[int, bool, str]:
         """(batch_size, gradient_checkpointing, base_precision) that fit a LoRA run of this family in `free_gib` of
@@ -113,12 +139,40 @@ class Family:
         return {**self.text_encoders, **{alias: self.text_encoders[p] for alias, p in self.text_encoder_aliases.items()}}
 
     def kohya_unet_name(self, module_path: str, unet_config) -> str:
-        """A denoiser module's kohya name (`lora_unet_...`), in this family's block naming."""
+        """A denoiser module's name in the family's files: kohya's (`lora_unet_...`, in this family's block naming),
+        or with peft_names diffusers' (`transformer.<path>`)."""
+        if self.peft_names:
+            return f"{self.denoiser}.{module_path}"
         return naming.kohya_unet_name(module_path, unet_config, self.sgm_unet)
 
     def kohya_text_encoder_name(self, prefix: str, module_path: str) -> str:
-        """A text-encoder module's kohya name under `prefix` (a key of text_encoders)."""
+        """A text-encoder module's name in the family's files under `prefix` (a key of text_encoders): kohya's, or
+        with peft_names diffusers' (`text_encoder_2.<path>`)."""
+        if self.peft_names:
+            return f"{self.text_encoders[prefix]}.{module_path}"
         return naming.kohya_text_encoder_name(prefix, module_path)
+
+    def loadable(self, state: dict, pipe) -> dict:
+        """A LoRA file's tensors as the family's diffusers pipeline loads them: unchanged, except that with
+        peft_names a kohya-layout file (SD3.5 from kohya's sd-scripts: fused qkv, `lora_te1_`) comes in diffusers'
+        layout (diffusers 0.42 has no kohya conversion for SD3). A UserError names a key it cannot place."""
+        if not self.peft_names or not any(k.startswith(("lora_unet_", "lora_te")) for k in state):
+            return state
+        import torch
+
+        encoders = {prefix: (component, [p for p, m in getattr(pipe, component).named_modules()
+                                         if isinstance(m, torch.nn.Linear)])
+                    for prefix, component in self.text_encoders.items()}
+        out, left = naming.kohya_sd3_to_peft(state, self.denoiser_of(pipe).config, encoders)
+        if left:
+            raise UserError(f"{len(left)} keys of this kohya-layout LoRA fit no {self.label} layer, e.g. {left[0]}",
+                            "T5 LoRAs (lora_te3_) are not read; check that the LoRA was made for this model")
+        return out
+
+    def file_state_dict(self, state: dict) -> dict:
+        """A kohya-layout state dict (sdlora.lora.kohya_state_dict, named by this family) as the family's files hold
+        it: unchanged, or with peft_names in diffusers' peft layout with each alpha folded into lora_B."""
+        return naming.peft_layout(state) if self.peft_names else state
 
     def lora_metadata(self) -> dict[str, str]:
         """The fields by which other tools tell which family a LoRA file is for."""

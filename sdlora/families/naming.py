@@ -1,4 +1,4 @@
-"""Key names: diffusers module paths <-> kohya LoRA names <-> the original (LDM/SGM) single-file checkpoint layout."""
+"""Key names: diffusers module paths <-> kohya LoRA names <-> the original (LDM/SGM/MMDiT) single-file checkpoint layout."""
 
 from __future__ import annotations
 
@@ -26,6 +26,25 @@ def text_encoder_prefix(module_path: str, prefix: str = "lora_te_") -> str:
 def kohya_text_encoder_name(prefix: str, module_path: str) -> str:
     """A text-encoder module's kohya name under the encoder's prefix (`lora_te_`, `lora_te1_`, ...)."""
     return kohya_name(text_encoder_prefix(module_path, prefix), module_path)
+
+
+def peft_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A kohya-layout state dict whose module names are diffusers' (`transformer.<path>`) in diffusers' peft layout:
+    `<name>.lora_A.weight` (down) and `<name>.lora_B.weight` (up times alpha / rank), no `.alpha` keys.
+
+    diffusers' SD3 loader refuses any key without "lora" in its name (an `.alpha` key) and reads the alpha only from
+    its own `lora_adapter_metadata`, which ComfyUI ignores (it takes alpha = rank without an `.alpha` key); folded
+    into lora_B, the trained scale is the one every loader applies."""
+    out = {}
+    for key, value in state.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[: -len(".lora_down.weight")]
+        up = state[f"{name}.lora_up.weight"]
+        alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else value.shape[0]
+        out[f"{name}.lora_A.weight"] = value
+        out[f"{name}.lora_B.weight"] = (up * (alpha / value.shape[0])).contiguous()
+    return out
 
 
 def unet_module_name(module_path: str, config, sgm: bool) -> str:
@@ -154,15 +173,139 @@ def openclip_original(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-TEXT_ENCODER_LAYOUTS = {"clip": clip_original, "openclip": openclip_original}  # Family.original_text_encoders' kinds
+def t5_original(state: dict) -> dict[str, torch.Tensor]:
+    """A transformers T5EncoderModel's state dict as SD3 single files store it: the same names, the token embedding
+    once (`shared.weight`; the encoder's copy is tied to it)."""
+    return {k: v for k, v in state.items() if k != "encoder.embed_tokens.weight"}
+
+
+# Family.original_text_encoders' kinds
+TEXT_ENCODER_LAYOUTS = {"clip": clip_original, "openclip": openclip_original, "t5": t5_original}
 
 
 def original_layout(pipe, family) -> dict[str, torch.Tensor]:
-    """The pipeline's weights under the key names of an original (LDM/SGM) single-file checkpoint of `family`."""
-    out = {ORIGINAL_UNET + original_unet_key(k, pipe.unet.config): v for k, v in pipe.unet.state_dict().items()}
+    """The pipeline's weights under the key names of an original (LDM/SGM/MMDiT) single-file checkpoint of `family`."""
+    denoiser = family.denoiser_of(pipe)
+    if family.denoiser == "transformer":
+        out = {ORIGINAL_UNET + k: v for k, v in mmdit_original(denoiser.state_dict(), denoiser.config).items()}
+    else:
+        out = {ORIGINAL_UNET + original_unet_key(k, denoiser.config): v for k, v in denoiser.state_dict().items()}
     vae = vae_original(pipe.vae.state_dict(), len(pipe.vae.config.up_block_types))
     out.update({ORIGINAL_VAE + k: v for k, v in vae.items()})
     for component, kind, prefix in family.original_text_encoders:
         converted = TEXT_ENCODER_LAYOUTS[kind](getattr(pipe, component).state_dict())
         out.update({prefix + k: v for k, v in converted.items()})
     return out
+
+
+def _swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
+    # the original final adaLN rows hold (shift, scale), diffusers' (scale, shift): the swap is its own inverse
+    shift, scale = weight.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def mmdit_original(state: dict, config) -> dict[str, torch.Tensor]:
+    """A diffusers SD3Transformer2DModel state dict under the original MMDiT names (no `model.diffusion_model.`): the
+    inverse of diffusers' `convert_sd3_transformer_checkpoint_to_diffusers` (to_q/to_k/to_v fused back into `qkv`)."""
+    s = dict(state)
+    out = {"pos_embed": s.pop("pos_embed.pos_embed"), "x_embedder.proj.weight": s.pop("pos_embed.proj.weight"),
+           "x_embedder.proj.bias": s.pop("pos_embed.proj.bias")}
+    renames = {"time_text_embed.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+               "time_text_embed.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+               "time_text_embed.text_embedder.linear_1.": "y_embedder.mlp.0.",
+               "time_text_embed.text_embedder.linear_2.": "y_embedder.mlp.2.",
+               "context_embedder.": "context_embedder.", "proj_out.": "final_layer.linear."}
+    for old, new in renames.items():
+        for kind in ("weight", "bias"):
+            out[new + kind] = s.pop(old + kind)
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_scale_shift(s.pop(f"norm_out.linear.{kind}"))
+    last = config["num_layers"] - 1
+    for i in range(config["num_layers"]):
+        b, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{o}x_block.attn.qkv.{kind}"] = torch.cat([s.pop(f"{b}attn.to_{x}.{kind}") for x in "qkv"])
+            out[f"{o}context_block.attn.qkv.{kind}"] = torch.cat([s.pop(f"{b}attn.add_{x}_proj.{kind}") for x in "qkv"])
+            if f"{b}attn2.to_q.{kind}" in s:
+                out[f"{o}x_block.attn2.qkv.{kind}"] = torch.cat([s.pop(f"{b}attn2.to_{x}.{kind}") for x in "qkv"])
+                out[f"{o}x_block.attn2.proj.{kind}"] = s.pop(f"{b}attn2.to_out.0.{kind}")
+            pairs = [("attn.to_out.0.", "x_block.attn.proj."), ("norm1.linear.", "x_block.adaLN_modulation.1."),
+                     ("ff.net.0.proj.", "x_block.mlp.fc1."), ("ff.net.2.", "x_block.mlp.fc2.")]
+            if i != last:
+                pairs += [("attn.to_add_out.", "context_block.attn.proj."),
+                          ("norm1_context.linear.", "context_block.adaLN_modulation.1."),
+                          ("ff_context.net.0.proj.", "context_block.mlp.fc1."),
+                          ("ff_context.net.2.", "context_block.mlp.fc2.")]
+            for old, new in pairs:
+                out[o + new + kind] = s.pop(b + old + kind)
+            if i == last:  # the last block's context stream ends in its modulation (context_pre_only)
+                out[f"{o}context_block.adaLN_modulation.1.{kind}"] = _swap_scale_shift(
+                    s.pop(f"{b}norm1_context.linear.{kind}"))
+        for old, new in (("attn.norm_q", "x_block.attn.ln_q"), ("attn.norm_k", "x_block.attn.ln_k"),
+                         ("attn.norm_added_q", "context_block.attn.ln_q"),
+                         ("attn.norm_added_k", "context_block.attn.ln_k"),
+                         ("attn2.norm_q", "x_block.attn2.ln_q"), ("attn2.norm_k", "x_block.attn2.ln_k")):
+            if f"{b}{old}.weight" in s:
+                out[f"{o}{new}.weight"] = s.pop(f"{b}{old}.weight")
+    assert not s, f"no original MMDiT name for {sorted(s)[:3]}"
+    return out
+
+
+def _mmdit_modules(config) -> dict[str, tuple[list[str], bool]]:
+    """Original MMDiT module -> (the diffusers modules its output rows split into, in order; whether its rows are
+    (shift, scale) where diffusers' are (scale, shift)). The module-level view of mmdit_original."""
+    table = {"context_embedder": (["context_embedder"], False), "x_embedder.proj": (["pos_embed.proj"], False),
+             "t_embedder.mlp.0": (["time_text_embed.timestep_embedder.linear_1"], False),
+             "t_embedder.mlp.2": (["time_text_embed.timestep_embedder.linear_2"], False),
+             "y_embedder.mlp.0": (["time_text_embed.text_embedder.linear_1"], False),
+             "y_embedder.mlp.2": (["time_text_embed.text_embedder.linear_2"], False),
+             "final_layer.linear": (["proj_out"], False), "final_layer.adaLN_modulation.1": (["norm_out.linear"], True)}
+    last = config["num_layers"] - 1
+    for i in range(config["num_layers"]):
+        o, b = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
+        table.update({
+            o + "x_block.attn.qkv": ([b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"], False),
+            o + "x_block.attn.proj": ([b + "attn.to_out.0"], False),
+            o + "x_block.attn2.qkv": ([b + "attn2.to_q", b + "attn2.to_k", b + "attn2.to_v"], False),
+            o + "x_block.attn2.proj": ([b + "attn2.to_out.0"], False),
+            o + "context_block.attn.qkv": ([b + "attn.add_q_proj", b + "attn.add_k_proj", b + "attn.add_v_proj"], False),
+            o + "context_block.attn.proj": ([b + "attn.to_add_out"], False),
+            o + "x_block.mlp.fc1": ([b + "ff.net.0.proj"], False), o + "x_block.mlp.fc2": ([b + "ff.net.2"], False),
+            o + "context_block.mlp.fc1": ([b + "ff_context.net.0.proj"], False),
+            o + "context_block.mlp.fc2": ([b + "ff_context.net.2"], False),
+            o + "x_block.adaLN_modulation.1": ([b + "norm1.linear"], False),
+            o + "context_block.adaLN_modulation.1": ([b + "norm1_context.linear"], i == last)})
+    return table
+
+
+def kohya_sd3_to_peft(state: dict[str, torch.Tensor], config, text_encoders: dict[str, tuple[str, list[str]]]) \
+        -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A kohya-layout SD3 LoRA (sd-scripts' networks/lora_sd3.py: `lora_unet_joint_blocks_0_x_block_attn_qkv`, the
+    original fused layers; `lora_te1_`/`lora_te2_` CLIP names) in diffusers' peft layout with alpha folded, which
+    diffusers' SD3 loader reads. Exact: a LoRA on a fused qkv is the same down with its up split in three.
+
+    `config`: the transformer's; `text_encoders`: kohya prefix -> (component, its module paths). Returns the state
+    dict and the keys it could not place (T5's `lora_te3_`, unknown names)."""
+    modules = {}
+    for key, value in state.items():
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            if key.endswith(suffix):
+                modules.setdefault(key[: -len(suffix)], {})[suffix] = value
+    names = {kohya_name(KOHYA_UNET, original): target for original, target in _mmdit_modules(config).items()}
+    for prefix, (component, paths) in text_encoders.items():
+        names.update({kohya_text_encoder_name(prefix, p): ([f"{component}.{p}"], False) for p in paths})
+    out, left = {}, []
+    for name, parts in modules.items():
+        if name not in names or ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
+            left += [name + s for s in parts]
+            continue
+        targets, swapped = names[name]
+        down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
+        alpha = float(parts[".alpha"]) if ".alpha" in parts else down.shape[0]
+        up = up * (alpha / down.shape[0])
+        if swapped:
+            up = _swap_scale_shift(up)
+        for target, rows in zip(targets, up.chunk(len(targets), dim=0)):
+            out[f"{target}.lora_A.weight"] = down.contiguous()
+            out[f"{target}.lora_B.weight"] = rows.contiguous()
+    return {(k if k.startswith("text_encoder") else f"transformer.{k}"): v for k, v in out.items()}, sorted(left)

@@ -45,6 +45,11 @@ def _is_open_clip(text_encoder) -> bool:
     return getattr(text_encoder.config, "hidden_act", "") == "gelu"
 
 
+def predict(unet, noisy_latents, timesteps, encoder_hidden_states, pooled, time_ids):
+    """The UNet's prediction, as the pipelines call it."""
+    return unet(noisy_latents, timesteps, encoder_hidden_states).sample
+
+
 def detect_pipeline(pipe) -> str:
     """SD2 cross-attends to 1024-wide OpenCLIP states; v-prediction comes from the scheduler config, never the
     weights. Anything else is SD1 (the embedded tiny model too)."""
@@ -118,15 +123,16 @@ def _family(name, label, arch, resolution, prediction_type, cross_attention_dim,
         cross_attention_dim=cross_attention_dim, pipeline="StableDiffusionPipeline",
         pipeline_kwargs=dict(safety_checker=None, requires_safety_checker=False),
         text_encoders={"lora_te_": "text_encoder"}, text_encoder_aliases={"lora_te1_": "lora_te_"},
-        tokenizer_components=("tokenizer",), sgm_unet=False,
+        tokenizer_components=("tokenizer",), sgm_unet=False, peft_names=False,
         original_text_encoders=(("text_encoder", text_encoder_kind, text_encoder_key),), added_conditioning=False,
+        denoiser="unet", latent_multiple=8, objective="ddpm", frozen_text_encoders=(), token_lengths=(0,),
         # SD2's converted text encoder already ends one layer early (the original conditions on OpenCLIP's penultimate
         # layer), so its last layer, 1, is its own too; NovelAI-lineage SD1 anime models use 2
         clip_skip=1, clip_skip_fixed=False,
         memory_rows=memory_rows, unet_targets=UNET_TARGETS, text_targets=TEXT_TARGETS,
         base_model_version=base_model_version, architecture=architecture, implementation="diffusers", v2=v2,
         encode=encode, encode_prompt=encode_prompt, time_ids=time_ids, denoiser_kwargs=denoiser_kwargs,
-        checkpoint_prediction=checkpoint_prediction, detect_pipeline=detect_pipeline, detect_folder=detect_folder,
+        predict=predict, checkpoint_prediction=checkpoint_prediction, detect_pipeline=detect_pipeline, detect_folder=detect_folder,
         detect_checkpoint=detect_checkpoint, detect_denoiser=detect_denoiser, detect_lora=detect_lora,
         read_version=read_version, read_architecture=read_architecture)
 

@@ -38,6 +38,12 @@ def denoiser_kwargs(pooled, time_ids) -> dict:
     return {"text_embeds": pooled, "time_ids": time_ids}
 
 
+def predict(unet, noisy_latents, timesteps, encoder_hidden_states, pooled, time_ids):
+    """The UNet's prediction with the pooled text and size conditioning, as the pipeline calls it."""
+    return unet(noisy_latents, timesteps, encoder_hidden_states,
+                added_cond_kwargs=denoiser_kwargs(pooled, time_ids)).sample
+
+
 def detect_pipeline(pipe) -> str | None:
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else None
 
@@ -82,6 +88,7 @@ SDXL = Family(
     cross_attention_dim=2048, pipeline="StableDiffusionXLPipeline", pipeline_kwargs={},
     text_encoders={"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"},
     text_encoder_aliases={"lora_te_": "lora_te1_"}, tokenizer_components=("tokenizer", "tokenizer_2"), sgm_unet=True,
+    peft_names=False, denoiser="unet", latent_multiple=8, objective="ddpm", frozen_text_encoders=(), token_lengths=(0, 0),
     # the prefixes diffusers' single-file loader strips (diffusers/loaders/single_file_utils.py)
     original_text_encoders=(("text_encoder", "clip", "conditioner.embedders.0.transformer."),
                             ("text_encoder_2", "openclip", "conditioner.embedders.1.model.")),
@@ -92,7 +99,7 @@ SDXL = Family(
     base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base",
     implementation="https://github.com/Stability-AI/generative-models", v2=False,
     encode=encode, encode_prompt=encode_prompt, time_ids=time_ids, denoiser_kwargs=denoiser_kwargs,
-    checkpoint_prediction=no_prediction, detect_pipeline=detect_pipeline, detect_folder=detect_folder,
+    predict=predict, checkpoint_prediction=no_prediction, detect_pipeline=detect_pipeline, detect_folder=detect_folder,
     detect_checkpoint=detect_checkpoint, detect_denoiser=detect_denoiser, detect_lora=detect_lora,
     read_version=read_version, read_architecture=read_architecture)
 FAMILIES = (SDXL,)
