@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from sdlora import dataset as ds
+from sdlora.batches import token_ids
 
 STRENGTHS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 GENERIC_PROMPTS = ("a picture", "a photo of a cat", "a landscape painting")
@@ -77,10 +78,12 @@ class Measure:
 class Evaluator:
     """The fixed inputs of a run's measures, and the base model's predictions on them (strength 0), computed once."""
 
-    def __init__(self, *, unet, text_encoders, tokenizers, family, vae, objective, scaling_factor: float,
+    def __init__(self, *, denoiser, text_encoders, tokenizers, family, vae, objective, scaling: tuple[float, float],
                  set_strength, records, heldout, trigger: str, resolution: int, clip_skip: int, seed: int,
                  device, dtype=torch.float32, batch_size: int = 8, autocast=contextlib.nullcontext):
-        self.unet, self.text_encoders, self.tokenizers, self.family = unet, text_encoders, tokenizers, family
+        """`denoiser`: the family's (a UNet, or SD3's transformer); `scaling`: (scaling_factor, shift_factor) of the
+        VAE's latents, as the step applies them."""
+        self.denoiser, self.text_encoders, self.tokenizers, self.family = denoiser, text_encoders, tokenizers, family
         self.objective, self.set_strength, self.device, self.dtype = objective, set_strength, device, dtype
         # as many pictures a forward as training takes, more where they are small (64 px: 32)
         self.clip_skip, self.autocast = clip_skip, autocast
@@ -93,9 +96,11 @@ class Evaluator:
         self.time_ids = family.time_ids((resolution, resolution), (0, 0), bucket)
         gen = torch.Generator().manual_seed(seed)
         total = objective.num_train_timesteps
+        # DDPM indexes its schedule by integer timesteps; flow matching takes sigma x 1000 as a float
+        self.t_dtype = torch.float32 if family.objective == "flow" else torch.long
 
         def inputs(recs, fractions):
-            latents = self._latents(vae, recs, bucket, scaling_factor)
+            latents = self._latents(vae, recs, bucket, scaling)
             rows = []
             for i, rec in enumerate(recs):
                 for f in fractions:
@@ -111,7 +116,7 @@ class Evaluator:
                               for lat, noise, t, caption in self.bleed_with] if trigger else []
         self.bleed_without += [(lat, noise, t, prompt) for lat, noise, t, _ in self.bleed_with[:len(BLEED_FRACTIONS)]
                                for prompt in GENERIC_PROMPTS]
-        self.models = [unet, *text_encoders]
+        self.models = [denoiser, *text_encoders]
         self.base = self._run(lambda: {name: self._predict(rows, 0.0) for name, rows in self._sets().items()})
 
     def _run(self, compute):
@@ -130,13 +135,13 @@ class Evaluator:
         return {"learn": self.learn, "train": self.train, "with": self.bleed_with, "without": self.bleed_without}
 
     @torch.no_grad()
-    def _latents(self, vae, recs, bucket, scaling_factor) -> torch.Tensor:
+    def _latents(self, vae, recs, bucket, scaling) -> torch.Tensor:
         pixels = torch.stack([ds.prepare_image(r.image, bucket, random_crop=False, flip=False,
                                                rng=random.Random(0))[0] for r in recs]) if recs else None
         if pixels is None:
             return torch.empty(0)
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return (dist.mean.float() * scaling_factor).to(self.device, self.dtype)
+        return ((dist.mean.float() - scaling[1]) * scaling[0]).to(self.device, self.dtype)
 
     @torch.no_grad()
     def _predict(self, rows: list, strength: float) -> torch.Tensor:
@@ -153,24 +158,24 @@ class Evaluator:
             for i in range(0, len(rows), self.batch_size):
                 chunk = rows[i:i + self.batch_size]
                 pick = torch.tensor([where[r[3]] for r in chunk], device=self.device)
-                t = torch.tensor([r[2] for r in chunk], device=self.device)
+                t = torch.tensor([r[2] for r in chunk], device=self.device, dtype=self.t_dtype)
                 noisy = self.objective.noisy(torch.stack([r[0] for r in chunk]), torch.stack([r[1] for r in chunk]), t)
                 time_ids = None if self.time_ids is None else self.time_ids.to(self.device).expand(len(chunk), -1)
-                pred = self.unet(noisy, t, hidden[pick].to(self.dtype), added_cond_kwargs=self.family.denoiser_kwargs(
-                    None if pooled is None else pooled[pick].to(self.dtype), time_ids)).sample
+                pred = self.family.predict(self.denoiser, noisy, t, hidden[pick].to(self.dtype),
+                                           None if pooled is None else pooled[pick].to(self.dtype), time_ids)
                 out.append(pred.float())
             return torch.cat(out)
         finally:
             self.set_strength(1.0)
 
     def _ids(self, prompts: list[str]) -> list[torch.Tensor]:
-        return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids for tok in self.tokenizers]
+        return [token_ids(tok, prompts, torch.device("cpu"), length)
+                for tok, length in zip(self.tokenizers, self.family.token_lengths)]
 
     def _loss(self, rows: list, pred: torch.Tensor) -> float:
         latents = torch.stack([r[0] for r in rows])
         noise = torch.stack([r[1] for r in rows])
-        t = torch.tensor([r[2] for r in rows], device=self.device)
+        t = torch.tensor([r[2] for r in rows], device=self.device, dtype=self.t_dtype)
         target = self.objective.target(latents, noise, t).float()
         return float(((pred - target) ** 2).mean())
 
@@ -274,7 +279,7 @@ def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -
     from sdlora.errors import UserError
     from sdlora.lora import read_lora
     from sdlora.models import load_base
-    from sdlora.objectives import DDPM
+    from sdlora import objectives
     from sdlora.rundir import EventLog
 
     import warnings
@@ -310,9 +315,10 @@ def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -
     data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template)
     records, heldout = split(data.records, config.eval_holdout, config.seed)
     resolution = config.resolution or base.resolution
-    evaluator = Evaluator(unet=pipe.unet, text_encoders=family.text_encoder_models(pipe),
+    evaluator = Evaluator(denoiser=getattr(pipe, family.denoiser), text_encoders=family.text_encoder_models(pipe),
                           tokenizers=family.tokenizers(pipe), family=family, vae=pipe.vae,
-                          objective=DDPM(pipe.scheduler.config).to(device), scaling_factor=pipe.vae.config.scaling_factor,
+                          objective=objectives.make(family, pipe.scheduler.config, config, device),
+                          scaling=(pipe.vae.config.scaling_factor, getattr(pipe.vae.config, "shift_factor", None) or 0.0),
                           set_strength=set_strength, records=records, heldout=heldout, trigger=config.trigger,
                           resolution=resolution, clip_skip=family.resolve_clip_skip(config.clip_skip), seed=config.seed,
                           device=torch.device(device), batch_size=config.batch_size)

@@ -145,8 +145,9 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     # per bucket shape), the caches and the first samples need the host, and the load would hold Python's lock.
     preload_at = step + min(100, (config.steps - step) // 4) if device.type == "cuda" else None
     # What each save learned and broke, from the base predictions on fixed inputs (main process: forwards only).
-    evaluator = _evaluator(config, step_fn, family, pipe, data.records, heldout, resolution, accelerator) \
-        if config.evaluate and accelerator.is_main_process else None
+    with _on_device(frozen, device):
+        evaluator = _evaluator(config, step_fn, family, pipe, data.records, heldout, resolution, accelerator) \
+            if config.evaluate and accelerator.is_main_process else None
     measures = evaluate.earlier_measures(run_dir, step) if evaluator is not None and step else []
     setup.lap("eval")
     sample_every = config.sample_every or max(1, config.steps // 4)
@@ -176,7 +177,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         losses.read(wait=True)  # a NaN already in the weights stops the run here, as a save would
         path = run_dir / ("lora.safetensors" if final else f"lora-step-{step:06d}.safetensors")
         t = time.perf_counter()
-        with step_fn.averaged_weights():
+        with step_fn.averaged_weights(), _on_device(frozen, device):
             measure = evaluator.measure(step)
         measures.append(measure)
         events.emit("eval", **evaluate.event(measure, str(path), evaluator.on), seconds=time.perf_counter() - t)
@@ -247,8 +248,9 @@ def _evaluator(config, step_fn, family, pipe, records, heldout, resolution, acce
         for model in step_fn.trained:
             kind.set_strength(model, strength)
     return evaluate.Evaluator(
-        unet=step_fn.unet, text_encoders=step_fn.text_encoders, tokenizers=family.tokenizers(pipe), family=family,
-        vae=pipe.vae, objective=step_fn.objective, scaling_factor=step_fn.scaling_factor, set_strength=set_strength,
+        denoiser=step_fn.unet, text_encoders=step_fn.text_encoders, tokenizers=family.tokenizers(pipe), family=family,
+        vae=pipe.vae, objective=step_fn.objective, scaling=(step_fn.scaling_factor, step_fn.shift_factor),
+        set_strength=set_strength,
         records=records, heldout=heldout, trigger=config.trigger, resolution=resolution, clip_skip=step_fn.clip_skip,
         seed=config.seed, device=accelerator.device, dtype=step_fn.weight_dtype, batch_size=config.batch_size,
         autocast=lambda: accelerator.autocast(step_fn.autocast))

@@ -211,6 +211,10 @@ def test_sd3_lora_trains_exports_and_reproduces_in_plain_diffusers(sd3_model, sd
     verify = next(e for e in events if e["type"] == "verify")
     assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"] and verify["strength0_max_diff"] == 0
     assert verify["file_check"]["ok"]
+    # measured with flow matching's own noise and target, through the family's transformer call
+    measured = [e for e in events if e["type"] == "eval"][-1]
+    assert measured["learned"] > 0 and np.isfinite(measured["bleed"])
+    assert any(e["type"] == "recommend" for e in events)
     with safe_open(str(sd3_run / "lora.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
