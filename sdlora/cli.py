@@ -35,7 +35,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue
         flag = _RENAMED.get(f.name, "--" + f.name.replace("_", "-"))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help = f"{f.metadata['help']} [{default}]"
+        help = f"{f.metadata['help']} [{default}]".replace("%", "%%")  # argparse formats help with %
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder to create (lora.safetensors, samples/, events.jsonl...)")
     t.add_argument("--run-dir", help="train the run whose config.json is already in this folder")
     t.add_argument("--preset", choices=sorted(PRESETS), metavar="PRESET",
-                   help="start from a preset's values: " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+                   help="start from a preset's values: " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items())
+                   .replace("%", "%%"))  # argparse formats help with %
     t.add_argument("--config", help="a config.json to start from")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -82,7 +82,7 @@ def wait_for(client, run, words, timeout=420):
     seen = []
     deadline = time.time() + timeout
     while time.time() < deadline:
-        progress, status, loss, samples = client.predict(run, api_name="/show_run")
+        progress, status, loss, samples, _ = client.predict(run, api_name="/show_run")  # and the measures
         seen.append(status)
         if any(w in status or w in progress for w in words):
             return progress, status, loss, samples, seen

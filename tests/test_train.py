@@ -266,6 +266,15 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_save(tmp_path, dat
     assert list(run.glob("lora-step-*.safetensors"))
 
 
+def test_every_command_has_help(capsys):
+    from sdlora.cli import main
+
+    for command in ("train", "eval", "check", "tags", "caption", "generate", "runs", "merge", "resize", "info"):
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--help"])
+        assert exited.value.code == 0 and f"usage: sdlora {command}" in capsys.readouterr().out
+
+
 def test_cli_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     from sdlora.cli import main
 
