@@ -76,7 +76,7 @@ class Saves:
         """The adapters as they are now, in the kohya layout (copies: the weights may change in place after)."""
         unet, text_encoders = self.trained[0], self.trained[1:]
         return kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
-                                sgm_unet=self.family.sgm_unet, adapter=adapters.get(self.config.adapter))
+                                sgm_unet=self.family.sgm_unet, adapter=adapters.for_config(self.config))
 
     def preload(self, pipe) -> None:
         """Start loading a fresh copy of the base for the final check in a background thread, when the host has the
@@ -109,7 +109,7 @@ class Saves:
             # and the file read back by the adapter type's own reader against the trained layers themselves: each
             # module's change at strength 1 (DoRA's magnitudes too, which diffusers does not read), none at 0
             unet, text_encoders = self.trained[0], self.trained[1:]
-            adapter = adapters.get(self.config.adapter)
+            adapter = adapters.for_config(self.config)
             with self.weights():
                 result["file_check"] = check_file(path, kohya_modules(
                     unet, dict(zip(self.base.text_encoders(), text_encoders)), self.family.sgm_unet, adapter), adapter)
