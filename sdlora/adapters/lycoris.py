@@ -167,7 +167,8 @@ class LoHa(_Lycoris):
     def _complete(self, parts):
         return all(t in parts for t in self.tensors)
 
-    def _change(self, w):
+    def _change(self, weights):
+        w = weights
         from lycoris.functional.loha import diff_weight
 
         rank = w["hada_w1_b"].shape[0]
@@ -176,7 +177,8 @@ class LoHa(_Lycoris):
         return diff_weight(*(w[t].float() for t in ("hada_w1_b", "hada_w1_a", "hada_w2_b", "hada_w2_a")),
                            w.get("hada_t1"), w.get("hada_t2"), gamma=alpha / rank)
 
-    def describe(self, w):
+    def describe(self, weights):
+        w = weights
         rank = w["hada_w1_b"].shape[0]
         alpha = w["alpha"] if w["alpha"] is not None else float(rank)
         return {"rank": rank, "alpha": alpha, "scale": alpha / rank,
@@ -228,7 +230,8 @@ class LoKr(_Lycoris):
         return ("lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= set(parts)) and \
             ("lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= set(parts))
 
-    def _change(self, w):
+    def _change(self, weights):
+        w = weights
         from lycoris.functional.lokr import diff_weight
 
         rank = _lokr_rank(w)
@@ -238,7 +241,8 @@ class LoKr(_Lycoris):
                              for t in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
                                        "lokr_t2")), gamma=alpha)
 
-    def describe(self, w):
+    def describe(self, weights):
+        w = weights
         rank = _lokr_rank(w)
         alpha = w["alpha"] if w["alpha"] is not None else float(rank or 1)
         w1 = w["lokr_w1"].shape if "lokr_w1" in w else (w["lokr_w1_a"].shape[0], w["lokr_w1_b"].shape[1])
