@@ -193,6 +193,8 @@ class TrainConfig:
              f"{self.adapter} takes no dropout (LyCORIS has none for it); set 0")
         need(not self.export_diffusers or self.adapter not in ("loha", "lokr"), "export_diffusers",
              f"diffusers' layout has no {self.adapter}; the LyCORIS file is what ComfyUI, Forge and InvokeAI load")
+        need(self.base_precision == "auto" or self.adapter not in ("loha", "lokr"), "base_precision",
+             f"{self.adapter} needs the base's plain weights (peft's LoHa/LoKr layers read the weight's shape); use auto")
         need(self.lokr_factor == -1 or self.lokr_factor >= 1, "lokr_factor", "must be -1 (automatic) or at least 1")
         need(self.steps >= 1, "steps", "must be at least 1")
         need(self.batch_size >= 1, "batch_size", "must be at least 1")
