@@ -167,8 +167,7 @@ class LoHa(_Lycoris):
     def _complete(self, parts):
         return all(t in parts for t in self.tensors)
 
-    def _change(self, weights):
-        w = weights
+    def _change(self, w):
         from lycoris.functional.loha import diff_weight
 
         rank = w["hada_w1_b"].shape[0]
@@ -178,11 +177,10 @@ class LoHa(_Lycoris):
                            w.get("hada_t1"), w.get("hada_t2"), gamma=alpha / rank)
 
     def describe(self, weights):
-        w = weights
-        rank = w["hada_w1_b"].shape[0]
-        alpha = w["alpha"] if w["alpha"] is not None else float(rank)
+        rank = weights["hada_w1_b"].shape[0]
+        alpha = weights["alpha"] if weights["alpha"] is not None else float(rank)
         return {"rank": rank, "alpha": alpha, "scale": alpha / rank,
-                "shape": (w["hada_w1_a"].shape[0], w["hada_w1_b"].shape[1])}
+                "shape": (weights["hada_w1_a"].shape[0], weights["hada_w1_b"].shape[1])}
 
 
 class LoKr(_Lycoris):
@@ -230,8 +228,7 @@ class LoKr(_Lycoris):
         return ("lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= set(parts)) and \
             ("lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= set(parts))
 
-    def _change(self, weights):
-        w = weights
+    def _change(self, w):
         from lycoris.functional.lokr import diff_weight
 
         rank = _lokr_rank(w)
@@ -242,11 +239,10 @@ class LoKr(_Lycoris):
                                        "lokr_t2")), gamma=alpha)
 
     def describe(self, weights):
-        w = weights
-        rank = _lokr_rank(w)
-        alpha = w["alpha"] if w["alpha"] is not None else float(rank or 1)
-        w1 = w["lokr_w1"].shape if "lokr_w1" in w else (w["lokr_w1_a"].shape[0], w["lokr_w1_b"].shape[1])
-        w2 = w["lokr_w2"].flatten(1).shape if "lokr_w2" in w else (w["lokr_w2_a"].shape[0], w["lokr_w2_b"].shape[1])
+        rank = _lokr_rank(weights)
+        alpha = weights["alpha"] if weights["alpha"] is not None else float(rank or 1)
+        w1 = weights["lokr_w1"].shape if "lokr_w1" in weights else (weights["lokr_w1_a"].shape[0], weights["lokr_w1_b"].shape[1])
+        w2 = weights["lokr_w2"].flatten(1).shape if "lokr_w2" in weights else (weights["lokr_w2_a"].shape[0], weights["lokr_w2_b"].shape[1])
         return {"rank": rank or "full", "alpha": alpha, "scale": alpha / rank if rank else 1.0,
                 "shape": (w1[0] * w2[0], w1[1] * w2[1])}
 
