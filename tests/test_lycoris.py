@@ -152,6 +152,32 @@ def test_the_file_is_what_lycoris_writes_and_reads_back_to_the_trained_change(ca
         adapter.set_strength(unet, 0.0)
         assert torch.equal(unet(*x).sample, base_out)
 
+    from sdlora.errors import UserError
+    from sdlora.info import describe, format_info
+    from sdlora.resize import resize
+
+    info = describe(path)
+    assert info["type"] == ("dora" if case == "dora-conv" else config.adapter) and not info["stray_keys"]
+    assert info["dora_modules"] == (len(trained) if case == "dora-conv" else 0)
+    assert f"type:          {info['type']}" in format_info(info)
+    if config.adapter in ("loha", "lokr"):
+        with pytest.raises(UserError, match=f"is a LyCORIS {config.adapter} file, which cannot be resized") as e:
+            resize(path, tmp_path / "small.safetensors", rank=2)
+        assert "merge" in e.value.hint
+
+
+def test_lycoris_options_are_checked_where_they_are_typed():
+    from sdlora.errors import UserError
+
+    for values, field in (({"adapter": "loha", "lora_dropout": 0.1}, "lora_dropout"),
+                          ({"adapter": "lokr", "lokr_factor": 0}, "lokr_factor"),
+                          ({"adapter": "lokr", "export_diffusers": True}, "export_diffusers"),
+                          ({"adapter": "loha", "base_precision": "nf4"}, "base_precision")):
+        with pytest.raises(UserError, match=f"^{field} = ") as e:
+            _config(**values).validate()
+        assert e.value.hint == f"fix --{field.replace('_', '-')}"
+    _config(adapter="lokr", lokr_factor=8, lokr_full_matrix=True).validate()
+
 
 @pytest.mark.parametrize("case", ["loha", "lokr", "lokr-factor-16", "lokr-full"])
 def test_the_lycoris_package_reads_the_file_to_the_trained_change(case, tmp_path):
