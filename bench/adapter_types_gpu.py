@@ -2,6 +2,7 @@
 "CUDA graphs off" warning), the file verified, and the speed, on the tiny model.
 
     python bench/adapter_types_gpu.py --out DIR     # on a GPU; writes DIR/adapter-types.json, prints a table
+    python bench/adapter_types_gpu.py --out DIR --steps 3 --only lokr    # a CPU smoke run (no graphs there)
 
 Each run: the tests' drawn dataset (8 pictures), 60 steps at batch 4, rank 16 / alpha 8 (conv rank 8 / alpha 4),
 attention targets, text encoder frozen, no samples. Speed is the progress events' images/s after the first 20 steps.
@@ -33,11 +34,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--only", nargs="*", choices=sorted(CASES), help="these types only")
     args = ap.parse_args()
     out = Path(args.out)
     data = draw_dataset(out / "data" / "shapes")
     rows = []
     for name, values in CASES.items():
+        if args.only and name not in args.only:
+            continue
         start = time.perf_counter()
         run = out / "runs" / name
         train(small_config(data, steps=args.steps, batch_size=4, rank=16, alpha=8.0, sample_every=0, save_every=0,
