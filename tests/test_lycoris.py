@@ -311,3 +311,43 @@ def test_a_run_trains_verifies_merges_as_lycoris_applies_it_previews_and_describ
     with pytest.raises(UserError, match="cannot be resized") as e:
         resize(file, tmp_path / "small.safetensors", rank=2)
     assert "--rank" in e.value.hint
+
+
+def test_previews_stack_lycoris_files_with_a_lora_as_the_merged_checkpoint_and_undo_them(tmp_path):
+    """A LoHa, a LoKr (put into the weights) and a plain LoRA (diffusers' adapter) stacked in the previewer give the
+    UNet the checkpoint with all three merged has; with none the weights are the base's again, bit for bit."""
+    import copy
+
+    from sdlora.generate import Previewer
+    from sdlora.merge import merge
+
+    merged = load_base("tiny")
+    files = []
+    for kind in ("loha", "lokr", "lora"):
+        unet = copy.deepcopy(merged.pipe.unet)
+        adapter = adapters.get(kind)
+        if kind == "lora":
+            params = adapter.attach(unet, ATTN, rank=4, alpha=2.0)
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+        else:
+            _attach(unet, _config(adapter=kind))
+        files.append((str(tmp_path / f"{kind}.safetensors"), 0.7))
+        save_lora(files[-1][0], kohya_state_dict(unet, {}, adapter=adapter),
+                  adapter.metadata(rank=4, alpha=2.0, dropout=0.0, conv_rank=2, conv_alpha=3.0))
+
+    prev = Previewer(load_base("tiny"), device="cpu")
+    unet = prev.pipe.unet
+    x = _probe(unet)
+    with torch.no_grad():
+        base_out = unet(*x).sample
+        prev.set_loras(files)
+        stacked = unet(*x).sample
+        prev.set_loras(files[:1])  # re-weighting: the others come out, LoHa stays in
+        prev.set_loras([])
+        assert torch.equal(unet(*x).sample, base_out)
+    merge(merged, files, tmp_path / "merged.safetensors", precision="fp32")
+    with torch.no_grad():
+        assert (stacked - base_out).abs().max() > 1e-3
+        assert torch.allclose(merged.pipe.unet(*x).sample, stacked, atol=1e-4)
