@@ -48,11 +48,11 @@ class Previewer:
         self._active = list(zip(names, weights))
         self._patches.apply([(self._patched[n], w) for n, w in self._active if n in self._patched])
         loaded = [(n, w) for n, w in self._active if n not in self._patched]
+        idle = [n for n in self._loaded.values() if n not in self._patched]  # diffusers' adapters, none in use
         if loaded:
             self.pipe.set_adapters([n for n, _ in loaded], adapter_weights=[w for _, w in loaded])
-        elif set(self._loaded.values()) - set(self._patched):
-            off = [n for n in self._loaded.values() if n not in self._patched]
-            self.pipe.set_adapters(off, adapter_weights=[0.0] * len(off))
+        elif idle:
+            self.pipe.set_adapters(idle, adapter_weights=[0.0] * len(idle))
 
     def _load(self, path: str) -> str:
         p = Path(path)
