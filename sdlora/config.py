@@ -196,6 +196,9 @@ class TrainConfig:
         need(self.base_precision == "auto" or self.adapter not in ("loha", "lokr"), "base_precision",
              f"{self.adapter} needs the base's plain weights (peft's LoHa/LoKr layers read the weight's shape); use auto")
         need(self.lokr_factor == -1 or self.lokr_factor >= 1, "lokr_factor", "must be -1 (automatic) or at least 1")
+        need(not self.dora_conv or self.adapter == "dora", "dora_conv", "applies to --adapter dora only")
+        need(self.adapter == "lokr" or (self.lokr_factor == -1 and not self.lokr_full_matrix),
+             "lokr_factor" if self.lokr_factor != -1 else "lokr_full_matrix", "applies to --adapter lokr only")
         need(self.steps >= 1, "steps", "must be at least 1")
         need(self.batch_size >= 1, "batch_size", "must be at least 1")
         need(self.grad_accum >= 1, "grad_accum", "must be at least 1")

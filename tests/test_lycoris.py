@@ -172,7 +172,9 @@ def test_lycoris_options_are_checked_where_they_are_typed():
     for values, field in (({"adapter": "loha", "lora_dropout": 0.1}, "lora_dropout"),
                           ({"adapter": "lokr", "lokr_factor": 0}, "lokr_factor"),
                           ({"adapter": "lokr", "export_diffusers": True}, "export_diffusers"),
-                          ({"adapter": "loha", "base_precision": "nf4"}, "base_precision")):
+                          ({"adapter": "loha", "base_precision": "nf4"}, "base_precision"),
+                          ({"adapter": "locon", "dora_conv": True}, "dora_conv"),
+                          ({"adapter": "loha", "lokr_full_matrix": True}, "lokr_full_matrix")):
         with pytest.raises(UserError, match=f"^{field} = ") as e:
             _config(**values).validate()
         assert e.value.hint == f"fix --{field.replace('_', '-')}"
