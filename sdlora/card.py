@@ -141,14 +141,16 @@ def model_card(*, title: str, trigger: str, description: str, config: dict, file
         "to the prompt" + (f" together with `{trigger}`." if trigger else "."),
         "- ComfyUI: put it in `models/loras` and use a *Load LoRA* node.",
         "- InvokeAI: install it from the model manager.",
-        f"- diffusers: `pipe.load_lora_weights(\"{file_name}\")`.",
+        f"- diffusers: `pipe.load_lora_weights(\"{file_name}\")`." if config.get("adapter", "lora") in ("lora", "locon")
+        else f"- diffusers: reads no LyCORIS {config.get('adapter')} file whole; merge it into the base "
+             "(`sdlora merge`) and load that.",
         "",
         "## Training settings",
         "",
         "| setting | value |",
         "|---|---|",
     ]
-    keys = [("steps", "steps"), ("batch_size", "batch size"), ("rank", "rank (dim)"), ("alpha", "alpha"),
+    keys = [("adapter", "adapter type"), ("steps", "steps"), ("batch_size", "batch size"), ("rank", "rank (dim)"), ("alpha", "alpha"),
             ("unet_lr", "UNet learning rate"), ("text_encoder_lr", "text encoder learning rate"),
             ("train_text_encoder", "text encoder trained"), ("targets", "layers"), ("resolution", "resolution"),
             ("optimizer", "optimizer"), ("lr_scheduler", "schedule"), ("min_snr_gamma", "min-SNR gamma"),

@@ -71,14 +71,23 @@ class TrainConfig:
     prior_loss_weight: float = _knob(1.0, "loss weight of the reg_data pictures (kohya's prior_loss_weight)")
 
     # The adapter
-    adapter: str = _knob("lora", "adapter type: lora; locon also adapts the UNet's ResNet convolutions (textures and "
-                                 "styles); dora learns each output channel's magnitude apart (fidelity at low rank)",
-                         choices=("lora", "locon", "dora"))
+    adapter: str = _knob("lora", "adapter type: lora (the usual: characters, concepts); locon also adapts the UNet's "
+                                 "ResNet convolutions (textures and styles); loha (LyCORIS LoHa) reaches rank^2 with "
+                                 "the weights of rank 2*rank (styles, many concepts in a small file); lokr (LyCORIS "
+                                 "LoKr) a Kronecker product, the smallest files (style, quick tests); dora learns each "
+                                 "output channel's magnitude apart (fidelity at low rank)",
+                         choices=("lora", "locon", "loha", "lokr", "dora"))
     rank: int = _knob(16, "LoRA rank (dim): capacity of the adapter")
     alpha: float = _knob(8.0, "LoRA alpha; the update is scaled by alpha/rank, so LR and alpha travel together")
-    lora_dropout: float = _knob(0.0, "dropout inside the LoRA layers")
-    conv_rank: int = _knob(8, "locon: rank of the ResNet 3x3 convolutions (kohya's conv_dim)")
-    conv_alpha: float = _knob(4.0, "locon: alpha of the ResNet 3x3 convolutions (kohya's conv_alpha)")
+    lora_dropout: float = _knob(0.0, "dropout inside the LoRA layers (lora, locon, dora; LyCORIS has none for loha/lokr)")
+    conv_rank: int = _knob(8, "locon, loha, lokr (and dora with dora_conv): rank of the ResNet 3x3 convolutions "
+                              "(kohya's and LyCORIS's conv_dim)")
+    conv_alpha: float = _knob(4.0, "locon, loha, lokr (and dora with dora_conv): alpha of the ResNet 3x3 convolutions "
+                                   "(conv_alpha)")
+    dora_conv: bool = _knob(False, "dora: also the UNet's ResNet convolutions, as locon (DoRA on LoCon)")
+    lokr_factor: int = _knob(-1, "lokr: size of the Kronecker product's small factor (LyCORIS's factor; -1 = as "
+                                 "LyCORIS picks, near the square root of each dimension)")
+    lokr_full_matrix: bool = _knob(False, "lokr: train both factors as full matrices, no rank (LyCORIS's full_matrix)")
     use_rslora: bool = _knob(False, "scale updates by alpha/sqrt(rank) instead of alpha/rank (rsLoRA): high ranks "
                                     "keep learning at the same learning rate")
     targets: str = _knob("attn", "layers to adapt: attention only, or attention + MLP (kohya's default)",
@@ -194,6 +203,16 @@ class TrainConfig:
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         need(self.conv_rank >= 1, "conv_rank", "must be at least 1")
         need(self.conv_alpha > 0, "conv_alpha", "must be positive")
+        need(self.lora_dropout == 0 or self.adapter not in ("loha", "lokr"), "lora_dropout",
+             f"{self.adapter} takes no dropout (LyCORIS has none for it); set 0")
+        need(not self.export_diffusers or self.adapter not in ("loha", "lokr"), "export_diffusers",
+             f"diffusers' layout has no {self.adapter}; the LyCORIS file is what ComfyUI, Forge and InvokeAI load")
+        need(self.base_precision == "auto" or self.adapter not in ("loha", "lokr"), "base_precision",
+             f"{self.adapter} needs the base's plain weights (peft's LoHa/LoKr layers read the weight's shape); use auto")
+        need(self.lokr_factor == -1 or self.lokr_factor >= 1, "lokr_factor", "must be -1 (automatic) or at least 1")
+        need(not self.dora_conv or self.adapter == "dora", "dora_conv", "applies to --adapter dora only")
+        need(self.adapter == "lokr" or (self.lokr_factor == -1 and not self.lokr_full_matrix),
+             "lokr_factor" if self.lokr_factor != -1 else "lokr_full_matrix", "applies to --adapter lokr only")
         need(self.steps >= 1, "steps", "must be at least 1")
         need(self.batch_size >= 1, "batch_size", "must be at least 1")
         need(self.grad_accum >= 1, "grad_accum", "must be at least 1")

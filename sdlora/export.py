@@ -1,4 +1,5 @@
-"""Write the shareable LoRA file (kohya layout + metadata) and verify it through diffusers' own loader."""
+"""Write the shareable LoRA file (kohya/LyCORIS layout + metadata) and verify it through diffusers' own loader (LoHa
+and LoKr, which diffusers does not read, through the lycoris package's formulas)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import torch
 from sdlora import adapters, families
 from sdlora.config import TrainConfig
 from sdlora.adapters.lora import ADAPTER, DORA_SUFFIX, KOHYA_SUFFIXES, LORA, PEFT_SUFFIXES
+from sdlora.info import Adapter, base_modules, fit
 from sdlora.lora import check_lora_fits, read_lora, usual_mode
 from sdlora.models import Base, load_base
+from sdlora.patch import Patches
 
 VERIFY_ADAPTER = "sdlora_verify"
 
@@ -41,7 +44,7 @@ def kohya_metadata(config: TrainConfig, *, family: str, resolution: int, step: i
     family_fields = fam.lora_metadata()
     now = time.time()
     meta = {
-        **adapters.get(config.adapter).metadata(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
+        **adapters.for_config(config).metadata(rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
                                                 conv_rank=config.conv_rank, conv_alpha=config.conv_alpha,
                                                 rslora=config.use_rslora),
         "ss_base_model_version": family_fields["ss_base_model_version"],
@@ -138,7 +141,7 @@ def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: 
         return {"r": config.rank, "lora_alpha": config.alpha, "target_modules": [*targets, *conv_targets],
                 "rank_pattern": {t: config.conv_rank for t in conv_targets},
                 "alpha_pattern": {t: config.conv_alpha for t in conv_targets},
-                "use_dora": adapters.get(config.adapter).dora, "use_rslora": config.use_rslora}
+                "use_dora": adapters.for_config(config).dora, "use_rslora": config.use_rslora}
 
     from sdlora.step import unet_adapter_targets
 
@@ -180,6 +183,10 @@ def verify(path: str | Path, base_spec: str, *, base_config: str = "", predictio
         return fam.predict(denoiser, latents, t, hidden, pooled, time_ids)
 
     before = forward()
+    kind, found = adapters.read_any(state, metadata) or (LORA, None)
+    if kind is not LORA:
+        return _verify_patched(path, state, Adapter(found["modules"], metadata, found["layout"], found["stray"], kind),
+                               base, forward, before)
     pipe.load_lora_weights(str(path), adapter_name=VERIFY_ADAPTER)
     loaded = {fam.kohya_unet_name(p, denoiser.config): m for p, m in LORA.layers(denoiser, VERIFY_ADAPTER).items()}
     for prefix, te in base.text_encoders().items():
@@ -212,6 +219,27 @@ def verify(path: str | Path, base_spec: str, *, base_config: str = "", predictio
         result["note"] = (f"diffusers {diffusers_version()} does not read DoRA's dora_scale ({dora_keys} keys): it loads "
                           "the file as a plain LoRA; ComfyUI, Forge and LyCORIS read the magnitudes")
     return result
+
+
+def _verify_patched(path, state: dict, adapter: Adapter, base: Base, forward, before: torch.Tensor) -> dict:
+    """verify() for a LoHa/LoKr file: every module mapped onto a layer of the base, its change (the lycoris
+    package's diff_weight, sdlora.adapters.lycoris) put into the weights at strength 0 and 1, as ComfyUI applies it."""
+    table = base_modules(base.pipe, base.family)
+    mapped = set(fit(adapter, table)["mapped"])
+    consumed = sum(k.rsplit(".", 1)[0] in mapped for k in state)
+    patches = Patches(table)
+    try:
+        patches.apply([(adapter, 0.0)])
+        strength0 = (forward() - before).abs().max().item()
+        patches.apply([(adapter, 1.0)])
+        strength1 = (forward() - before).abs().mean().item()
+    finally:
+        patches.restore()
+    return {"path": str(path), "keys_written": len(state), "keys_consumed": consumed,
+            "strength0_max_diff": strength0, "strength1_mean_diff": strength1,
+            "ok": consumed == len(state) and not adapter.stray and strength0 == 0.0,
+            "note": f"diffusers {diffusers_version()} does not read LyCORIS {adapter.kind.name} files: read by the "
+                    "lycoris package's formulas into the base's weights, as ComfyUI and Forge apply them"}
 
 
 def diffusers_version() -> str:

@@ -10,9 +10,10 @@ from PIL import Image, ImageDraw
 
 from sdlora.config import SAMPLE_GUIDANCE, SAMPLE_SCHEDULER, SAMPLE_STEPS
 from sdlora.errors import UserError
-from sdlora.info import check_plain_lora
+from sdlora.info import base_modules, check_plain_lora, fit, read_adapter
 from sdlora.lora import check_lora_fits, read_lora
 from sdlora.models import Base, check_sampler, load_base, sample_guidance_rescale
+from sdlora.patch import Patches
 from sdlora.sampling import rescale_kwargs
 
 
@@ -33,6 +34,10 @@ class Previewer:
         self._loaded: dict[str, str] = {}  # file identity -> adapter name
         self._clip_skips: dict[str, int] = {}  # adapter name -> the clip skip its file says it was trained with
         self._active: list[tuple[str, float]] = []  # (adapter name, strength) in use
+        # files diffusers' loader does not read whole (LoHa, LoKr, DoRA): adapter name -> sdlora.info.Adapter, put into
+        # the base's weights at their strengths (sdlora.patch) instead of loaded as adapters
+        self._patched: dict = {}
+        self._patches = Patches(base_modules(self.pipe, self.base.family))
 
     def set_loras(self, loras: list[tuple[str, float]]) -> None:
         """Use these (file, strength) pairs from now on; files already loaded are only re-weighted."""
@@ -42,10 +47,13 @@ class Previewer:
             weights.append(float(strength))
         self._drop_unused(keep=set(names))
         self._active = list(zip(names, weights))
-        if names:
-            self.pipe.set_adapters(names, adapter_weights=weights)
-        elif self._loaded:
-            self.pipe.set_adapters(list(self._loaded.values()), adapter_weights=[0.0] * len(self._loaded))
+        self._patches.apply([(self._patched[n], w) for n, w in self._active if n in self._patched])
+        loaded = [(n, w) for n, w in self._active if n not in self._patched]
+        idle = [n for n in self._loaded.values() if n not in self._patched]  # diffusers' adapters, none in use
+        if loaded:
+            self.pipe.set_adapters([n for n, _ in loaded], adapter_weights=[w for _, w in loaded])
+        elif idle:
+            self.pipe.set_adapters(idle, adapter_weights=[0.0] * len(idle))
 
     def _load(self, path: str) -> str:
         p = Path(path)
@@ -60,20 +68,27 @@ class Previewer:
             except Exception as e:
                 raise UserError(f"{p.name} is not a readable .safetensors LoRA file: {str(e).splitlines()[0][:200]}",
                                 "give the path of a LoRA .safetensors file") from None
-            check_plain_lora(p.name, state)  # say what a LoHa/LoKr file is, before diffusers fails on its keys
-            if any(k.endswith(".dora_scale") for k in state):
-                # diffusers 0.42 drops dora_scale and would draw a plain LoRA instead: refuse rather than mislead
-                raise UserError(f"{p.name} is a DoRA file, which diffusers' loader reads without its magnitudes",
-                                f"merge it into the base (sdlora merge BASE {p.name}) and preview that, or use "
-                                "ComfyUI/Forge, which read DoRA")
+            check_plain_lora(p.name, state)  # say what an OFT or Tucker file is, before diffusers fails on its keys
             check_lora_fits(p.name, state, metadata, self.base)
-            try:
-                # SD3.5 kohya-layout files come converted; every other file loads as it is (with its metadata)
-                loadable = self.base.fam.loadable(state, self.pipe)
-                self.pipe.load_lora_weights(str(p) if loadable is state else loadable, adapter_name=name)
-            except Exception as e:  # diffusers raises ValueError/KeyError/RuntimeError for foreign files
-                raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
-                                "check that the LoRA was made for this model family (SD1, SD2, SDXL or SD3.5)") from None
+            adapter = read_adapter(p)
+            if adapter.plain:
+                try:
+                    # SD3.5 kohya-layout files come converted; every other file loads as it is (with its metadata)
+                    loadable = self.base.fam.loadable(state, self.pipe)
+                    self.pipe.load_lora_weights(str(p) if loadable is state else loadable, adapter_name=name)
+                except Exception as e:  # diffusers raises ValueError/KeyError/RuntimeError for foreign files
+                    raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
+                                    "check that the LoRA was made for this model family (SD1, SD2, SDXL or SD3.5)") \
+                        from None
+            else:
+                # diffusers 0.42 reads no LoHa/LoKr and drops DoRA's dora_scale: these go into the weights instead
+                result = fit(adapter, self._patches.table)
+                bad = adapter.stray + result["missing"] + [n for n, _, _ in result["wrong_shape"]]
+                if bad:
+                    raise UserError(f"{len(bad)} entries in {p.name} do not map onto this base model, e.g. {bad[0]}",
+                                    f"`sdlora info {p.name} --base ...` lists them; check that it was made for "
+                                    f"this model family")
+                self._patched[name] = adapter
             self._loaded[key] = name
             if metadata.get("ss_clip_skip", "").isdigit():  # kohya writes "None" when it was not set
                 self._clip_skips[name] = int(metadata["ss_clip_skip"])
@@ -87,7 +102,9 @@ class Previewer:
             if len(self._loaded) <= self.keep_loaded:
                 break
             if self._loaded[key] not in keep:
-                self.pipe.delete_adapters(self._loaded.pop(key))
+                name = self._loaded.pop(key)
+                if self._patched.pop(name, None) is None:
+                    self.pipe.delete_adapters(name)
 
     @torch.no_grad()
     def image(self, prompt: str, *, negative_prompt: str = "", seed: int = 0, steps: int = SAMPLE_STEPS,

@@ -1,4 +1,4 @@
-"""Read any LoRA file sdlora understands into per-module (down, up, alpha), and describe it: layout, family, ranks,
+"""Read any LoRA file sdlora understands (LoRA, LoCon, DoRA, LoHa, LoKr) into per-module weights, and describe it: layout, family, ranks,
 alphas, targets, trigger words, training settings, and whether its keys fit a given base model."""
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ from pathlib import Path
 
 import torch
 
-from sdlora import families
+from sdlora import adapters, families
 from sdlora.adapters.lora import LORA
+from sdlora.adapters.type import AdapterType
 from sdlora.errors import UserError
 from sdlora.families.naming import KOHYA_UNET, kohya_name, kohya_text_encoder_name
 from sdlora.families.targets import TEXT_TARGETS, UNET_TARGETS
 from sdlora.lora import read_lora
 
-# LyCORIS networks store other factorisations; W' = W + s*(alpha/r)*up@down does not apply to them.
-# (key part, what the file is)
-_OTHER_NETWORKS = (("hada_w1_a", "LyCORIS LoHa"), ("lokr_w1", "LyCORIS LoKr"), (".diff", "LyCORIS full-weight"),
-                   ("oft_blocks", "LyCORIS OFT"), ("lora_mid.weight", "LyCORIS LoCon with Tucker factors"))
+# LyCORIS networks sdlora does not read (it reads LoRA/LoCon, DoRA, LoHa and LoKr). (key part, what the file is)
+_OTHER_NETWORKS = (("hada_t1", "LyCORIS LoHa with Tucker factors"), ("lokr_t2", "LyCORIS LoKr with Tucker factors"),
+                   (".diff", "LyCORIS full-weight"), ("oft_blocks", "LyCORIS OFT"), ("oft_diag", "LyCORIS OFT"),
+                   ("lora_mid.weight", "LyCORIS LoCon with Tucker factors"))
 _SETTINGS = [  # (metadata key, label) shown by `sdlora info`, in this order
     ("ss_sd_model_name", "trained on"), ("ss_resolution", "resolution"), ("ss_num_train_images", "images"),
     ("ss_steps", "steps"), ("sdlora_epochs", "epochs"), ("ss_epoch", "epoch"), ("ss_batch_size_per_device", "batch size"),
@@ -41,24 +42,31 @@ _SETTINGS = [  # (metadata key, label) shown by `sdlora info`, in this order
 class Adapter:
     """A LoRA file, one entry per adapted module, named in the kohya layout whatever layout the file uses."""
 
-    modules: dict[str, tuple]  # kohya name -> (down, up, alpha), and dora_scale 4th for a DoRA module
+    modules: dict  # kohya name -> the type's weights: (down, up, alpha[, dora_scale]) for LoRA, a dict for LoHa/LoKr
     metadata: dict[str, str]
-    layout: str  # "kohya" or "diffusers" (peft keys, `lora_A`/`lora_B`)
+    layout: str  # "kohya", "diffusers" (peft keys, `lora_A`/`lora_B`) or "lycoris" (LoHa, LoKr)
     stray: list[str] = field(default_factory=list)  # keys that belong to no module: loaders choke on these
+    kind: AdapterType = LORA  # whose `delta`/`describe` read `modules` (LORA for LoRA, LoCon and DoRA files)
+
+    @property
+    def plain(self) -> bool:
+        """A LoRA/LoCon file without DoRA's magnitudes: what diffusers' loader reads whole."""
+        return self.kind is LORA and not any(len(w) > 3 for w in self.modules.values())
 
 
 def check_plain_lora(name: str, state: dict) -> None:
-    """A one-line UserError saying what the file `name` is when its tensors are another network than a plain LoRA."""
+    """A one-line UserError saying what the file `name` is when its tensors are a network sdlora does not read."""
     for key in state:
         kind = next((kind for part, kind in _OTHER_NETWORKS if part in key), None)
         if kind:
-            raise UserError(f"{name} is a {kind} file, not a plain LoRA (key {key})",
-                            "sdlora previews, merges and resizes plain LoRA files (lora_down/lora_up or "
-                            "lora_A/lora_B); ComfyUI, Forge and InvokeAI load this one")
+            raise UserError(f"{name} is a {kind} file, which sdlora does not read (key {key})",
+                            "sdlora previews, merges and describes LoRA, LoCon, DoRA, LoHa and LoKr files; ComfyUI "
+                            "and Forge load this one")
 
 
 def read_adapter(path: str | Path) -> Adapter:
-    """Read a kohya-layout or diffusers/peft-layout LoRA file; UserError for anything else."""
+    """Read a kohya/LyCORIS-layout (LoRA, LoCon, DoRA, LoHa, LoKr) or diffusers/peft-layout file; UserError for
+    anything else."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"LoRA file not found: {path}", "give the path of a .safetensors file")
@@ -68,11 +76,12 @@ def read_adapter(path: str | Path) -> Adapter:
         raise UserError(f"{path.name} is not a readable .safetensors file: {str(e).splitlines()[0][:200]}",
                         "check that the download finished; sdlora reads .safetensors LoRA files") from None
     check_plain_lora(path.name, state)
-    found = LORA.read(state, metadata)
+    found = adapters.read_any(state, metadata)
     if found is None:
-        raise UserError(f"{path.name} holds no LoRA weights (no .lora_down/.lora_up or .lora_A/.lora_B keys)",
-                        "give a LoRA .safetensors file, not a checkpoint or an embedding")
-    return Adapter(found["modules"], metadata, found["layout"], found["stray"])
+        raise UserError(f"{path.name} holds no LoRA weights (no .lora_down/.lora_up, .lora_A/.lora_B, hada_ or lokr_ "
+                        "keys)", "give a LoRA .safetensors file, not a checkpoint or an embedding")
+    kind, found = found
+    return Adapter(found["modules"], metadata, found["layout"], found["stray"], kind)
 
 
 def guessed_family(adapter: Adapter) -> str | None:
@@ -80,7 +89,7 @@ def guessed_family(adapter: Adapter) -> str | None:
     the UNet's cross-attention width (attn2 to_k input; the tiny model's 128 tells nothing)."""
     family = families.from_lora_names(list(adapter.modules))
     if family is None:
-        widths = {w[0].shape[1] for n, w in adapter.modules.items() if n.endswith("attn2_to_k")}
+        widths = {adapter.kind.describe(w)["shape"][1] for n, w in adapter.modules.items() if n.endswith("attn2_to_k")}
         family = next((f for w in widths if (f := families.of_width(w))), None)
     return family.name if family else None
 
@@ -91,14 +100,17 @@ def base_modules(pipe, family: str) -> dict[str, torch.nn.Module]:
     fam = families.get(family)
     table: dict[str, torch.nn.Module] = {}
     layers = (torch.nn.Linear, torch.nn.Conv2d)
+    # a layer under a loaded adapter (peft's wrapper) is its `base_layer`, named as the layer it wraps
+    def named(model):
+        return [(path.replace(".base_layer", ""), m) for path, m in model.named_modules() if isinstance(m, layers)]
+
     denoiser = fam.denoiser_of(pipe)
-    unet_layers = [(path, m) for path, m in denoiser.named_modules() if isinstance(m, layers)]
+    unet_layers = named(denoiser)
     if fam.peft_names:  # SD3.5: the files' own names, diffusers' (`transformer.<path>`, `text_encoder.<path>`)
         for path, m in unet_layers:
             table[fam.kohya_unet_name(path, denoiser.config)] = m
         for prefix, te in zip(fam.text_encoders, fam.text_encoder_models(pipe)):
-            table.update({fam.kohya_text_encoder_name(prefix, path): m for path, m in te.named_modules()
-                          if isinstance(m, layers)})
+            table.update({fam.kohya_text_encoder_name(prefix, path): m for path, m in named(te)})
         return table
     for path, m in unet_layers:
         table[kohya_name(KOHYA_UNET, path)] = m
@@ -106,26 +118,29 @@ def base_modules(pipe, family: str) -> dict[str, torch.nn.Module]:
         for path, m in unet_layers:
             table[fam.kohya_unet_name(path, denoiser.config)] = m
     for prefix, component in fam.kohya_prefixes().items():
-        for path, m in getattr(pipe, component).named_modules():
-            if isinstance(m, layers):
-                table[kohya_text_encoder_name(prefix, path)] = m
+        for path, m in named(getattr(pipe, component)):
+            table[kohya_text_encoder_name(prefix, path)] = m
     return table
 
 
 def fit(adapter: Adapter, table: dict[str, torch.nn.Module]) -> dict:
     """Which modules land on the base: `mapped` names, `missing` (no such layer), `wrong_shape` (name, lora, layer)."""
     mapped, missing, wrong = [], [], []
-    for name, (down, up, *_) in adapter.modules.items():
+    for name, weights in adapter.modules.items():
         layer = table.get(name)
+        out, inputs = adapter.kind.describe(weights)["shape"]
         if layer is None:
             missing.append(name)
-        elif up.shape[0] != layer.weight.shape[0] or down[0].numel() != layer.weight[0].numel():
-            wrong.append((name, f"{tuple(up.shape)}x{tuple(down.shape)}", tuple(layer.weight.shape)))
+        elif out != layer.weight.shape[0] or inputs != layer.weight[0].numel():
+            wrong.append((name, f"{out}x{inputs}", tuple(layer.weight.shape)))
         else:
             mapped.append(name)
     return {"mapped": mapped, "missing": sorted(missing), "wrong_shape": sorted(wrong)}
 
 
+# the UNet's 3x3 convolutions as kohya names them in either numbering (diffusers paths; SGM for SDXL)
+_CONV3X3_NAMES = ("_conv1", "_conv2", "_downsamplers_0_conv", "_upsamplers_0_conv", "_in_layers_2", "_out_layers_3",
+                  "_0_op", "_conv")
 _KNOWN_LAYERS = sorted({t for f in families.FAMILIES.values() for ts in (*f.unet_targets.values(),
                                                                           *f.text_targets.values()) for t in ts},
                        key=len, reverse=True)
@@ -150,10 +165,14 @@ def describe(path: str | Path, base=None) -> dict:
     """Everything `sdlora info` prints, as a dict. `base`: a spec or a loaded `Base` to check the keys against."""
     adapter = read_adapter(path)
     meta = adapter.metadata
-    ranks = Counter(w[0].shape[0] for w in adapter.modules.values())
-    alphas = Counter(w[2] for w in adapter.modules.values())
-    conv3x3 = sum(w[0].dim() == 4 and w[0].shape[-1] > 1 for w in adapter.modules.values())
+    described = [adapter.kind.describe(w) for w in adapter.modules.values()]
+    ranks = Counter(d["rank"] for d in described)
+    alphas = Counter(d["alpha"] for d in described)
     denoiser = ("lora_unet_", "transformer.")  # kohya's prefix; diffusers' for SD3.5
+    if adapter.kind is LORA:
+        conv3x3 = sum(w[0].dim() == 4 and w[0].shape[-1] > 1 for w in adapter.modules.values())
+    else:  # LoHa/LoKr flatten a kernel into the inputs: the ResNet blocks' and samplers' 3x3 convolutions by name
+        conv3x3 = sum(n.startswith("lora_unet_") and n.endswith(_CONV3X3_NAMES) for n in adapter.modules)
     unet = [n for n in adapter.modules if n.startswith(denoiser)]
     te = [n for n in adapter.modules if not n.startswith(denoiser)]
     tags = Counter()
@@ -169,13 +188,15 @@ def describe(path: str | Path, base=None) -> dict:
             pass
     stated = families.stated(meta)
     fam = stated or (families.get(guessed_family(adapter)) if guessed_family(adapter) else None)
+    dora = sum("dora_scale" in w if isinstance(w, dict) else len(w) > 3 for w in adapter.modules.values())
     info = {
         "file": str(path), "layout": adapter.layout, "title": meta.get("modelspec.title") or meta.get("ss_output_name", ""),
         "family": stated.name if stated else guessed_family(adapter),
         "family_source": "metadata" if stated else "key shapes",
-        "ranks": dict(sorted(ranks.items())), "alphas": dict(sorted(alphas.items())),
-        "scales": sorted({round(w[2] / w[0].shape[0], 6) for w in adapter.modules.values()}),
-        "conv3x3_modules": conv3x3, "dora_modules": sum(len(w) > 3 for w in adapter.modules.values()),
+        "type": adapter.kind.name if adapter.kind is not LORA else ("dora" if dora else "lora"),
+        "ranks": dict(sorted(ranks.items(), key=lambda kv: str(kv[0]).zfill(8))), "alphas": dict(sorted(alphas.items())),
+        "scales": sorted({round(d["scale"], 6) for d in described}),
+        "conv3x3_modules": conv3x3, "dora_modules": dora,
         "network": meta.get("ss_network_module", ""), "network_args": meta.get("ss_network_args", ""),
         "unet": _targets(unet, fam.unet_targets if fam else UNET_TARGETS),
         "text_encoder": _targets(te, fam.text_targets if fam else TEXT_TARGETS),
@@ -195,6 +216,11 @@ def describe(path: str | Path, base=None) -> dict:
     return info
 
 
+_TYPE_NAMES = {"lora": "LoRA: up @ down", "dora": "DoRA: LoRA with a magnitude per output channel",
+               "loha": "LyCORIS LoHa: Hadamard product of two low-rank products",
+               "lokr": "LyCORIS LoKr: Kronecker product"}
+
+
 def format_info(info: dict, limit: int = 10) -> str:
     """`describe`'s dict as the lines `sdlora info` prints."""
 
@@ -210,16 +236,18 @@ def format_info(info: dict, limit: int = 10) -> str:
     family = info["family"] or "unknown (no metadata, and the key shapes fit no known family)"
     title = f"   title: {info['title']}" if info["title"] else ""
     lines = [f"file:          {info['file']}", f"layout:        {info['layout']}{title}",
+             f"type:          {info['type']} ({_TYPE_NAMES[info['type']]})",
              f"family:        {family}" + (f" (from {info['family_source']})" if info["family"] else ""),
              f"rank:          {counts(info['ranks'])}", f"alpha:         {counts(info['alphas'])}",
-             "scale:         " + ", ".join(f"{s:g}" for s in info["scales"]) + " (alpha/rank)",
+             "scale:         " + ", ".join(f"{s:g}" for s in info["scales"])
+             + (" (alpha/rank; 1 for full-matrix modules)" if info["type"] == "lokr" else " (alpha/rank)"),
              f"unet:          {targets(info['unet'])}", f"text encoder:  {targets(info['text_encoder'])}"]
-    if len(info["alphas"]) > 1:
+    if len(info["alphas"]) > 1 and info["layout"] != "lycoris":
         top = max(info["ranks"])
         lines.append(f"note:          the alphas differ between modules; diffusers 0.42 (so also sdlora's previews) applies the "
                      f"most common one to every module; `sdlora resize FILE --rank {top}` writes one alpha, same function")
     if info["conv3x3_modules"]:
-        lines.append(f"conv 3x3:      {info['conv3x3_modules']} modules (LoCon)")
+        lines.append(f"conv 3x3:      {info['conv3x3_modules']} modules (the ResNet blocks', as LoCon)")
     if info["dora_modules"]:
         lines.append(f"DoRA:          {info['dora_modules']} modules with a magnitude (dora_scale); diffusers does not "
                      "read it, ComfyUI, Forge and LyCORIS do")

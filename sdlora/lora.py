@@ -95,7 +95,8 @@ def check_lora_fits(name: str, state: dict[str, torch.Tensor] | None, metadata: 
     for key, tensor in state.items():
         if base_width is None:
             break
-        if key.endswith(("attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight", "attn2_to_v.lora_down.weight")):
+        if key.endswith(("attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight", "attn2_to_v.lora_down.weight",
+                         "attn2_to_k.hada_w1_b")):  # each (rank, in): LoRA's down, LoHa's w1_b
             width = tensor.shape[1]
             if width != base_width:
                 family = families.of_width(width)
@@ -107,7 +108,7 @@ def check_lora_fits(name: str, state: dict[str, torch.Tensor] | None, metadata: 
     # loaders take some prefixes for the same encoder (lora_te_ and lora_te1_ for the first one)
     encoders = {prefix: getattr(base.pipe, component) for prefix, component in fam.kohya_prefixes().items()}
     for prefix in families.kohya_text_encoder_prefixes():
-        keys = [k for k in state if k.startswith(prefix) and k.endswith("q_proj.lora_down.weight")]
+        keys = [k for k in state if k.startswith(prefix) and k.endswith(("q_proj.lora_down.weight", "q_proj.hada_w1_b"))]
         if not keys:
             continue
         te = encoders.get(prefix)

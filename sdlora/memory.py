@@ -24,7 +24,8 @@ def memory_defaults(config: TrainConfig, family, accelerator, events, run_dir: P
         picked["batch_size"] = batch_size
     if config.gradient_checkpointing == defaults["gradient_checkpointing"] and config.base_precision != "int8":
         picked["gradient_checkpointing"] = checkpointing
-    if config.base_precision == defaults["base_precision"]:
+    # LoHa/LoKr read the base weights' shapes (TrainConfig.validate): their base stays unquantized
+    if config.base_precision == defaults["base_precision"] and config.adapter not in ("loha", "lokr"):
         picked["base_precision"] = base_precision
     resolved = dataclasses.replace(config, auto_memory=False, **picked)
     events.emit("warning", message=f"memory defaults for {family.label} with {least:.0f} GiB free: "

@@ -1,5 +1,6 @@
-"""Bake LoRAs into a base model (W' = W + s * alpha/r * up @ down) and write it as a single-file checkpoint in the
-original (LDM/SGM/MMDiT) layout that ComfyUI and AUTOMATIC1111 load, or as a diffusers folder."""
+"""Bake LoRAs (any type sdlora reads: LoRA, LoCon, DoRA, LoHa, LoKr) into a base model (W' = W + s * delta) and write
+it as a single-file checkpoint in the original (LDM/SGM/MMDiT) layout that ComfyUI and AUTOMATIC1111 load, or as a
+diffusers folder."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def merge(base: str | Base, loras: list[tuple[str, float]], out: str | Path, fmt
             changed.add(id(layer))
             # DoRA's change depends on the weight it lands on: the layer as the files before left it, as ComfyUI
             # applies patches one after another
-            delta = LORA.delta(weights, strength, base_weight=layer.weight)
+            delta = adapter.kind.delta(weights, strength, base_weight=layer.weight)
             layer.weight += delta.reshape(layer.weight.shape).to(layer.weight.dtype)
     dtype = PRECISIONS[precision]
     meta = {"modelspec.sai_model_spec": "1.0.1",

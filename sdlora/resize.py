@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sdlora import families
+from sdlora.adapters.lora import LORA
 from sdlora.errors import UserError
 from sdlora.info import read_adapter
 from sdlora.lora import save_lora
@@ -36,6 +37,12 @@ def resize(path: str | Path, out: str | Path, rank: int | None = None, energy: f
     if energy is not None and not 0 < energy <= 1:
         raise UserError(f"--energy must be in (0, 1], got {energy}", "0.9 keeps 90% of each module's energy")
     adapter = read_adapter(path)
+    if adapter.kind is not LORA:
+        # a Hadamard or Kronecker product has no SVD-truncation to a lower rank that keeps its file layout
+        raise UserError(f"{Path(path).name} is a LyCORIS {adapter.kind.name} file, which "
+                        "cannot be resized: resize reduces the rank of LoRA, LoCon and DoRA files (up @ down)",
+                        f"train it again with a lower --rank, or merge it into the base (sdlora merge BASE "
+                        f"{Path(path).name})")
     if adapter.stray:
         raise UserError(f"{Path(path).name} has {len(adapter.stray)} keys outside any LoRA module, e.g. {adapter.stray[0]}",
                         "`sdlora info` lists them; only clean LoRA files can be resized")

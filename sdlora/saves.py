@@ -78,7 +78,7 @@ class Saves:
         """The adapters as they are now, in the kohya layout (copies: the weights may change in place after)."""
         unet, text_encoders = self.trained[0], self.trained[1:]
         state = kohya_state_dict(unet, dict(zip(self.base.text_encoders(), text_encoders)),
-                                 sgm_unet=self.family.sgm_unet, adapter=adapters.get(self.config.adapter),
+                                 sgm_unet=self.family.sgm_unet, adapter=adapters.for_config(self.config),
                                  family=self.family)
         return self.family.file_state_dict(state)  # SD3.5: diffusers' peft layout, alpha folded
 
@@ -113,7 +113,7 @@ class Saves:
             # and the file read back by the adapter type's own reader against the trained layers themselves: each
             # module's change at strength 1 (DoRA's magnitudes too, which diffusers does not read), none at 0
             unet, text_encoders = self.trained[0], self.trained[1:]
-            adapter = adapters.get(self.config.adapter)
+            adapter = adapters.for_config(self.config)
             with self.weights():
                 result["file_check"] = check_file(path, kohya_modules(
                     unet, dict(zip(self.base.text_encoders(), text_encoders)), self.family.sgm_unet, adapter,

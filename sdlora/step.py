@@ -45,7 +45,7 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
         model.to(device)  # by device only: a dtype would undo the fp8 storage
 
     torch.manual_seed(config.seed)
-    adapter = adapters.get(config.adapter)
+    adapter = adapters.for_config(config)
     unet_targets, conv_targets = unet_adapter_targets(family, config)
     unet_params = adapter.attach(unet, unet_targets, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
                                  conv_targets=conv_targets, conv_rank=config.conv_rank, conv_alpha=config.conv_alpha,
@@ -99,7 +99,7 @@ def unet_adapter_targets(family, config: TrainConfig) -> tuple[list[str], list[s
     """(layers at the run's rank, 3x3 convolutions at conv_rank) of the UNet for the run's adapter type: LoCon adds
     the ResNet blocks' layers as kohya's conv_dim does (sdlora.families.targets)."""
     targets = list(family.unet_targets[config.targets])
-    if not adapters.get(config.adapter).conv:
+    if not adapters.for_config(config).conv:
         return targets, []
     return targets + UNET_CONV_OTHER_TARGETS, list(UNET_CONV3X3_TARGETS)
 

@@ -12,13 +12,13 @@ from sdlora.adapters.type import AdapterType
 from sdlora.models import load_base
 
 CALLS = [name for name, _ in inspect.getmembers(AdapterType, inspect.isfunction) if not name.startswith("_")]
-FACTS = {"name": str, "network_module": str, "key_suffixes": tuple}
+FACTS = {"name": str, "network_module": str, "key_suffixes": tuple, "conv": bool, "dora": bool}
 
 
 @pytest.mark.parametrize("kind", sorted(adapters.TYPES))
 def test_every_adapter_type_provides_what_sdlora_calls(kind):
     adapter = adapters.get(kind)
-    assert set(CALLS) == {"attach", "layers", "set_strength", "state_dict", "read", "delta", "metadata"}
+    assert set(CALLS) == {"attach", "layers", "set_strength", "state_dict", "read", "delta", "describe", "metadata"}
     for name in CALLS:
         ours = getattr(adapter, name, None)
         assert callable(ours), f"{kind} lacks {name}"

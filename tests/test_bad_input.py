@@ -101,15 +101,18 @@ def test_an_unreadable_run_config_is_named_and_the_rest_still_lists(tmp_path):
         ws.run_config(tmp_path, "broken")
 
 
-def test_generate_says_what_a_lycoris_file_is(tmp_path, capsys):
+def test_generate_says_what_a_lycoris_file_it_does_not_read_is(tmp_path, capsys):
+    """LoHa and LoKr files preview (tests/test_lycoris.py); a LoHa with Tucker factors (LyCORIS's use_tucker) does not."""
     loha = tmp_path / "style-loha.safetensors"
-    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{name}.hada_w1_a": torch.zeros(32, 4), f"{name}.hada_w1_b": torch.zeros(4, 32),
-               f"{name}.hada_w2_a": torch.zeros(32, 4), f"{name}.hada_w2_b": torch.zeros(4, 32),
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    save_file({f"{name}.hada_w1_a": torch.zeros(4, 32), f"{name}.hada_w1_b": torch.zeros(4, 32),
+               f"{name}.hada_t1": torch.zeros(4, 4, 3, 3), f"{name}.hada_w2_a": torch.zeros(4, 32),
+               f"{name}.hada_w2_b": torch.zeros(4, 32), f"{name}.hada_t2": torch.zeros(4, 4, 3, 3),
                f"{name}.alpha": torch.tensor(4.0)}, str(loha))
     assert main(["generate", "a cat", "--lora", str(loha), "--steps", "1", "--out", str(tmp_path / "x.png")]) == 2
     (line,) = error_lines(capsys)
-    assert line.startswith(f"sdlora: error: style-loha.safetensors is a LyCORIS LoHa file, not a plain LoRA (key {name}")
+    assert line.startswith("sdlora: error: style-loha.safetensors is a LyCORIS LoHa with Tucker factors file, which "
+                           f"sdlora does not read (key {name}")
     assert not (tmp_path / "x.png").exists()
 
 

@@ -133,6 +133,12 @@ class LoRA:
         magnitude = weights[3].reshape(-1, 1).float()
         return strength * (magnitude * merged / merged.norm(dim=1, keepdim=True) - base)
 
+    def describe(self, weights) -> dict:
+        """rank, alpha, the scale loaders apply (alpha/rank), and the (out, in) size of the weight it changes."""
+        down, up, alpha = weights[:3]
+        return {"rank": down.shape[0], "alpha": alpha, "scale": alpha / down.shape[0],
+                "shape": (up.shape[0], down[0].numel())}
+
     def metadata(self, *, rank: int, alpha: float, dropout: float, conv_rank: int = 0, conv_alpha: float = 0.0,
                  rslora: bool = False) -> dict[str, str]:
         """With `rslora` the alphas written are the ones in the file's `.alpha` keys (alpha * sqrt(rank))."""
@@ -194,3 +200,4 @@ def _read_peft(state: dict, metadata: dict) -> dict:
 LORA = LoRA()
 LOCON = LoRA("locon", conv=True)
 DORA = LoRA("dora", dora=True)
+DORA_CONV = LoRA("dora", conv=True, dora=True)  # DoRA on LoCon's layers too (TrainConfig.dora_conv)

@@ -11,6 +11,8 @@ class AdapterType(Protocol):
     name: str  # the registry key and the name users pick: "lora"
     network_module: str  # kohya's ss_network_module for files of this type ("networks.lora")
     key_suffixes: tuple[str, ...]  # the kohya-layout key suffixes of one module's tensors
+    conv: bool  # also adapts the UNet's ResNet layers, 3x3 convolutions at conv rank and alpha (LoCon, LoHa, LoKr)
+    dora: bool  # a trained magnitude per output channel: a module's change depends on the base weight
 
     def attach(self, model: torch.nn.Module, targets: list[str], *, rank: int, alpha: float,
                dropout: float = 0.0) -> list[torch.nn.Parameter]:
@@ -32,6 +34,10 @@ class AdapterType(Protocol):
 
     def delta(self, weights, strength: float = 1.0) -> torch.Tensor:
         """The weight change one module's weights make at `strength`, in fp32, flattened to (out, in)."""
+
+    def describe(self, weights) -> dict:
+        """One module's weights in a few numbers: {"rank" (an int, or "full"), "alpha", "scale" (what loaders multiply
+        by), "shape" (out, in * kh * kw) of the weight it changes}."""
 
     def metadata(self, *, rank: int, alpha: float, dropout: float) -> dict[str, str]:
         """The ss_network_* fields kohya's tools (and every UI) read for a file of this type."""

@@ -46,8 +46,10 @@ HIDDEN = {"dataset", "base"}
 LABELS = {
     "caption_template": "Caption for pictures without one", "keep_tags": "Tags kept in front",
     "flip": "Mirror pictures", "lora_dropout": "LoRA dropout", "targets": "Layers to train",
-    "adapter": "Adapter type (LoCon: textures and styles; DoRA: fidelity at low rank)",
-    "conv_rank": "LoCon conv rank", "conv_alpha": "LoCon conv alpha", "use_rslora": "rsLoRA scaling",
+    "adapter": "Adapter type",  # the field's help under it says when to use each
+    "conv_rank": "Conv rank (LoCon, LoHa, LoKr)", "conv_alpha": "Conv alpha (LoCon, LoHa, LoKr)",
+    "use_rslora": "rsLoRA scaling", "dora_conv": "DoRA on the convolutions too", "lokr_factor": "LoKr factor",
+    "lokr_full_matrix": "LoKr full matrices",
     "grad_accum": "Gradient accumulation", "lr_scheduler": "Learning rate schedule", "lr_cycles": "Schedule restarts",
     "warmup_fraction": "Warmup", "min_snr_gamma": "Min-SNR gamma", "mixed_precision": "Precision",
     "gradient_checkpointing": "Save memory (slower)", "cache_latents": "Cache encoded pictures",
