@@ -70,11 +70,12 @@ class Previewer:
                                 "give the path of a LoRA .safetensors file") from None
             check_plain_lora(p.name, state)  # say what an OFT or Tucker file is, before diffusers fails on its keys
             check_lora_fits(p.name, state, metadata, self.base)
+            # SD3.5 kohya-layout files come converted (what fits no layer refused by name); every other file loads
+            # as it is (with its metadata)
+            loadable = self.base.fam.loadable(state, self.pipe)
             adapter = read_adapter(p)
             if adapter.plain:
                 try:
-                    # SD3.5 kohya-layout files come converted; every other file loads as it is (with its metadata)
-                    loadable = self.base.fam.loadable(state, self.pipe)
                     self.pipe.load_lora_weights(str(p) if loadable is state else loadable, adapter_name=name)
                 except Exception as e:  # diffusers raises ValueError/KeyError/RuntimeError for foreign files
                     raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
