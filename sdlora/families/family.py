@@ -74,6 +74,10 @@ class Family:
     read_version: Callable  # (ss_base_model_version) -> family, beyond the exact strings
     read_architecture: Callable  # (modelspec.architecture) -> family, beyond the exact strings
 
+    # --- single files that hold the denoiser alone (FLUX.1's): (original state dict, denoiser config) -> diffusers'
+    # state dict, the rest of the pipeline coming from a diffusers folder; None: diffusers' single-file loader
+    denoiser_from_original: Callable | None = None
+
     def __post_init__(self):
         for field in ("pipeline_kwargs", "text_encoders", "text_encoder_aliases", "unet_targets", "text_targets"):
             object.__setattr__(self, field, MappingProxyType(dict(getattr(self, field))))
