@@ -56,8 +56,8 @@ class TrainConfig:
     shuffle_tags: bool = _knob(False, "shuffle comma-separated tags each step (tag captions only; never sentences)")
     keep_tags: int = _knob(1, "tags kept in place at the front when shuffling (1 keeps the trigger first)")
     caption_dropout: float = _knob(0.0, "chance of training a step with an empty caption; 0.05-0.1 helps styles")
-    resolution: int = _knob(0, "training resolution in pixels; 0 = the base model's own (tiny 64, SD1 512, SDXL "
-                                 "and SD3.5 1024)")
+    resolution: int = _knob(0, "training resolution in pixels; 0 = the base model's own (tiny 64, SD1 512, SDXL, "
+                                 "SD3.5 and FLUX.1 1024)")
     random_crop: bool = _knob(False, "random instead of centre crops (turns off the latent cache)")
     flip: bool = _knob(False, "random horizontal flips; only for subjects without a handed side (text, asymmetry)")
     masked_loss: bool = _knob(False, "weight each picture's loss by its mask, NAME_mask.png beside NAME.png (white = "
@@ -314,6 +314,13 @@ PRESETS: dict[str, dict] = {
     # streams) at 1e-4 with logit-normal noise levels (the default flow_timestep_sampling) and no loss weighting
     "sd3.5-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16, "alpha": 8.0,
                     "unet_lr": 1e-4, "caption_dropout": 0.05},
+    # FLUX.1: diffusers' train_dreambooth_lora_flux.py trains the attention at 1e-4 (the transformer told guidance 1);
+    # samples as the pipelines draw them: dev with its distilled guidance 3.5 in 28 steps, schnell in 4 without
+    "flux-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16, "alpha": 16.0,
+                   "unet_lr": 1e-4, "caption_dropout": 0.05, "sample_guidance": 3.5, "sample_steps": 28},
+    "flux-schnell-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16,
+                           "alpha": 16.0, "unet_lr": 1e-4, "caption_dropout": 0.05, "sample_guidance": 0.0,
+                           "sample_steps": 4},
 }
 # One line each, for `sdlora train --help`, the app and the README.
 PRESET_HELP: dict[str, str] = {
@@ -325,6 +332,8 @@ PRESET_HELP: dict[str, str] = {
     "sdxl-anime-vpred": "the same for v-prediction zero-terminal-SNR bases (NoobAI-XL v-pred)",
     "sdxl-pony-style": "a style on Pony-style SDXL bases: tag captions, clip skip 2, 5% caption dropout",
     "sd3.5-style": "a style on SD3.5 Medium/Large: 1024, joint attention, lr 1e-4, logit-normal noise levels",
+    "flux-style": "a style on FLUX.1 dev: 1024, attention, lr 1e-4, samples at guidance 3.5 in 28 steps",
+    "flux-schnell-style": "a style on FLUX.1 schnell: 1024, attention, lr 1e-4, samples in 4 steps",
 }
 
 

@@ -47,3 +47,214 @@ def build_flux(dev: bool = True):
         else FlowMatchEulerDiscreteScheduler(shift=1.0)
     return FluxPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=clip, tokenizer=tokenizer,
                         text_encoder_2=t5, tokenizer_2=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def flux_model(tmp_path_factory):
+    """(dev folder, dev BFL single file, schnell folder, schnell BFL single file) of the small FLUX model, made once.
+    The single files hold the transformer alone, as BFL ships FLUX.1."""
+    root = tmp_path_factory.mktemp("flux")
+    out = []
+    for dev in (True, False):
+        pipe = build_flux(dev)
+        folder = root / ("dev" if dev else "schnell")
+        pipe.save_pretrained(str(folder))
+        single = root / f"flux1-{folder.name}.safetensors"
+        save_file(flux_original(pipe.transformer.state_dict(), pipe.transformer.config), str(single))
+        out += [folder, single]
+    return tuple(out)
+
+
+TRAIN = ["--resolution", "64", "--steps", "3", "--batch-size", "2", "--rank", "4", "--alpha", "2", "--trigger", "zxq",
+         "--sample-every", "3", "--save-every", "3", "--sample-steps", "3", "--unet-lr", "5e-2",
+         "--text-encoder-lr", "1e-2", "--lr-scheduler", "constant", "--warmup-fraction", "0", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def flux_run(flux_model, tmp_path_factory):
+    """A run folder: three steps through the CLI on the dev folder, with CLIP-L's LoRA and the MLPs on, samples at
+    the distilled guidance 3.5."""
+    from sdlora.cli import main
+
+    data = draw_dataset(tmp_path_factory.mktemp("fluxdata") / "shapes", n=4, size=80)
+    run = tmp_path_factory.mktemp("fluxruns") / "run"
+    assert main(["train", str(data), "--base", str(flux_model[0]), "--out", str(run), "--train-text-encoder",
+                 "--targets", "attn-mlp", "--sample-guidance", "3.5", *TRAIN]) == 0
+    return run
+
+
+def _module_names(keys) -> set[str]:
+    return {k.rsplit(".", 2)[0] for k in keys}
+
+
+def test_flux_folder_and_single_file_load_the_same_model_offline(flux_model, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    for folder, single, name in ((flux_model[0], flux_model[1], "flux.1-dev"),
+                                 (flux_model[2], flux_model[3], "flux.1-schnell")):
+        from_folder, from_file = load_base(str(folder)), load_base(str(single), base_config=str(folder))
+        assert from_folder.family == from_file.family == name and from_file.resolution == 1024
+        assert type(from_file.pipe).__name__ == "FluxPipeline"
+        a, b = from_file.pipe.transformer.state_dict(), from_folder.pipe.transformer.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert inspect_checkpoint(single).arch == name
+    # BFL's names under ComfyUI's model.diffusion_model. load alike; dev's file into a schnell folder's architecture
+    # takes the guidance embedder from the file
+    with safe_open(str(flux_model[1]), "pt") as f:
+        prefixed = {"model.diffusion_model." + k: f.get_tensor(k) for k in f.keys()}
+    save_file(prefixed, str(flux_model[1].parent / "comfy.safetensors"))
+    from_comfy = load_base(str(flux_model[1].parent / "comfy.safetensors"), base_config=str(flux_model[2]))
+    assert from_comfy.family == "flux.1-dev"
+    # without --base-config the VAE and text encoders are missing: one line that says what to pass
+    with pytest.raises(UserError, match=r"flux1-dev\.safetensors holds the FLUX\.1 dev transformer only; its VAE, "
+                                        r"CLIP-L and T5 come from a diffusers FLUX\.1 dev folder") as err:
+        load_base(str(flux_model[1]))
+    assert "\n" not in str(err.value) and "--base-config" in err.value.hint
+
+
+def test_flux_family_is_told_from_folders_files_and_lora_names(flux_model, tmp_path):
+    dev, schnell = families.get("flux.1-dev"), families.get("flux.1-schnell")
+    assert families.detect_folder({"transformer": ["diffusers", "FluxTransformer2DModel"]}).group == "FLUX"
+    assert families.detect_denoiser({"joint_attention_dim": 4096, "guidance_embeds": False,
+                                     "axes_dims_rope": [16, 56, 56]}) is schnell
+    assert families.detect_denoiser({"joint_attention_dim": 4096, "qk_norm": "rms_norm"}).group == "SD3"
+    for keys, name in ((["double_blocks.0.img_attn.qkv.weight", "guidance_in.in_layer.weight"], "flux.1-dev"),
+                       (["double_blocks.0.img_attn.qkv.weight"], "flux.1-schnell"),
+                       (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], "flux.1-schnell")):
+        save_file({k: torch.zeros(2) for k in keys}, str(tmp_path / "m.safetensors"))
+        assert inspect_checkpoint(tmp_path / "m.safetensors").arch == name
+    # kohya's metadata: ss_base_model_version `flux1` for both, the architecture tells which
+    assert families.stated({"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-schnell/lora"}) \
+        is schnell
+    assert families.stated({"ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora"}) is dev
+    assert families.stated({"modelspec.architecture": "flux-1-schnell/lora"}) is schnell
+    assert families.from_lora_names(["transformer.single_transformer_blocks.0.attn.to_q"]).group == "FLUX"
+    assert families.from_lora_names(["lora_unet_double_blocks_0_img_attn_qkv"]).group == "FLUX"
+    assert families.from_lora_names(["transformer.transformer_blocks.0.attn2.to_q"]).group == "SD3"
+    # the app lists the folders and the single files, and takes FLUX.1's 1024 as their resolution
+    import shutil
+
+    from sdlora.check import base_resolution
+    from sdlora.workspace import base_models
+
+    models = tmp_path / "models"
+    shutil.copytree(flux_model[0], models / "flux-dev")
+    shutil.copy(flux_model[3], models / "flux1-schnell.safetensors")
+    assert {"flux-dev", "flux1-schnell.safetensors"} <= {value for _, value in base_models(models)}
+    assert base_resolution(str(models / "flux-dev")) == base_resolution(str(models / "flux1-schnell.safetensors")) \
+        == 1024
+    assert dev.sampler("EulerDiscreteScheduler") == "FlowMatchEulerDiscreteScheduler"
+    assert (dev.token_lengths, schnell.token_lengths) == ((0, 512), (0, 256))
+
+
+def test_flux_text_encoding_and_transformer_call_are_the_pipelines(flux_model):
+    """The caption encoding is FluxPipeline.encode_prompt's; `predict` on plain latents is the pipeline's transformer
+    call on its packed latents with its ids (and for dev the guidance embedding), unpacked by the pipeline."""
+    from diffusers import FluxPipeline
+
+    from sdlora.batches import token_ids
+    from sdlora.families import flux
+
+    for folder in (flux_model[0], flux_model[2]):
+        pipe = load_base(str(folder)).pipe
+        fam = families.detect(pipe)
+        prompts = ["a red square", "zxq, a blue circle"]
+        ids = [token_ids(t, prompts, torch.device("cpu"), n) for t, n in zip(fam.tokenizers(pipe), fam.token_lengths)]
+        with torch.no_grad():
+            hidden, pooled = fam.encode(fam.encoders(pipe), ids)
+            ref_hidden, ref_pooled = fam.encode_prompt(pipe, prompts, "cpu")
+            assert hidden.shape == (2, fam.token_lengths[1], 96) and pooled.shape == (2, 32)
+            assert torch.equal(hidden, ref_hidden) and torch.equal(pooled, ref_pooled)
+            latents = torch.randn(2, 16, 8, 6, generator=torch.Generator().manual_seed(0))
+            timesteps = torch.tensor([250.0, 750.0])
+            pred = fam.predict(pipe.transformer, latents, timesteps, hidden, pooled, None)
+            _, _, text_ids = pipe.encode_prompt(prompts, prompts, device="cpu",
+                                                max_sequence_length=fam.token_lengths[1])
+            guidance = torch.full((2,), flux.TRAIN_GUIDANCE) if pipe.transformer.config.guidance_embeds else None
+            packed = pipe.transformer(hidden_states=FluxPipeline._pack_latents(latents, 2, 16, 8, 6),
+                                      timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled,
+                                      encoder_hidden_states=hidden, txt_ids=text_ids,
+                                      img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32),
+                                      return_dict=False)[0]
+            expected = FluxPipeline._unpack_latents(packed, 8 * 8, 8 * 6, 8)
+        assert pred.shape == latents.shape and torch.equal(pred, expected)
+
+
+def test_shipped_flux_configs_are_the_published_architectures():
+    """sdlora/configs/flux.1-dev and -schnell build FLUX.1 at its published size (a 11.9B transformer; schnell without
+    the guidance embedder), with the VAE's shift and scale, and each is told as its family."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    for arch, guidance in (("flux.1-dev", True), ("flux.1-schnell", False)):
+        folder = str(CONFIGS_DIR / arch)
+        with init_empty_weights(include_buffers=True):
+            transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(folder,
+                                                                                               subfolder="transformer"))
+        assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 1) == 11.9
+        assert transformer.config.guidance_embeds is guidance
+        assert families.detect_denoiser(transformer.config).name == arch
+        vae = AutoencoderKL.load_config(folder, subfolder="vae")
+        assert (vae["latent_channels"], vae["scaling_factor"], vae["shift_factor"]) == (16, 0.3611, 0.1159)
+
+
+@pytest.mark.slow
+def test_flux_lora_trains_exports_and_reproduces_in_plain_diffusers(flux_model, flux_run):
+    """Three steps through the CLI: the verify event, the measures, the file's keys (diffusers' names, lora_A/lora_B)
+    and metadata, diffusers' own FluxPipeline drawing the run's samples again, strength 0 giving back the base."""
+    import diffusers
+    from PIL import Image
+
+    events = read_events(flux_run)
+    start = next(e for e in events if e["type"] == "start")
+    assert start["family"] == "flux.1-dev" and start["resolution"] == 64
+    assert all(np.isfinite(e["loss"]) for e in events if e["type"] == "progress")
+    verify = next(e for e in events if e["type"] == "verify")
+    assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"] and verify["strength0_max_diff"] == 0
+    assert verify["file_check"]["ok"]
+    measured = [e for e in events if e["type"] == "eval"][-1]
+    assert measured["learned"] > 0 and np.isfinite(measured["learned"]) and np.isfinite(measured["bleed"])
+    with safe_open(str(flux_run / "lora.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    names = _module_names(keys)
+    assert {"transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_k_proj",
+            "transformer.transformer_blocks.0.attn.to_add_out", "transformer.transformer_blocks.0.ff.net.2",
+            "transformer.single_transformer_blocks.0.attn.to_v", "transformer.single_transformer_blocks.0.proj_mlp",
+            "transformer.single_transformer_blocks.0.proj_out"} <= names
+    te = {n for n in names if not n.startswith("transformer.")}
+    assert te and all(n.startswith("text_encoder.text_model.encoder.layers.") for n in te)  # CLIP-L only, never T5
+    assert (meta["modelspec.architecture"], meta["ss_base_model_version"]) == ("flux-1-dev/lora", "flux1")
+
+    samples = [e for e in events if e["type"] == "sample" and e["step"] == 3]
+    assert samples and all(e["scheduler"] == "FlowMatchEulerDiscreteScheduler" for e in samples)
+    pipe = diffusers.FluxPipeline.from_pretrained(str(flux_model[0]))
+    pipe.set_progress_bar_config(disable=True)
+    base_images = [render_sample(pipe, e) for e in samples]
+    pipe.load_lora_weights(str(flux_run / "lora.safetensors"), adapter_name="run")
+    for event, base_image in zip(samples, base_images):
+        sample = np.asarray(Image.open(event["path"]), dtype=np.float32)
+        assert np.abs(render_sample(pipe, event) - sample).mean() < 1.0  # < 1/255 of the range
+        assert np.abs(base_image - sample).mean() > 1.0  # the LoRA changed the image
+    pipe.set_adapters(["run"], adapter_weights=[0.0])
+    assert np.array_equal(render_sample(pipe, samples[0]), base_images[0])
+
+
+@pytest.mark.slow
+def test_flux_loras_and_other_families_refuse_each_other_by_name(flux_model, flux_run):
+    from sdlora.lora import check_lora_fits, read_lora
+
+    state, meta = read_lora(flux_run / "lora.safetensors")
+    tiny = load_base("tiny")
+    with pytest.raises(UserError, match=r"is a LoRA for FLUX\.1 dev, and the base model is SD1\.x") as err:
+        check_lora_fits("flux.safetensors", state, meta, tiny)
+    assert "\n" not in str(err.value) and err.value.hint
+    schnell = load_base(str(flux_model[2]))
+    with pytest.raises(UserError, match=r"is a LoRA for FLUX\.1 dev, and the base model is FLUX\.1 schnell"):
+        check_lora_fits("flux.safetensors", state, meta, schnell)
+    with pytest.raises(UserError, match=r"is a LoRA for SD3\.5 Medium, and the base model is FLUX\.1 schnell"):
+        check_lora_fits("sd3.safetensors", {}, {"modelspec.architecture": "stable-diffusion-3-5-medium/lora"}, schnell)
