@@ -151,9 +151,11 @@ class Family:
 
     def kohya_text_encoder_name(self, prefix: str, module_path: str) -> str:
         """A text-encoder module's name in the family's files under `prefix` (a key of text_encoders): kohya's, or
-        with peft_names diffusers' (`text_encoder_2.<path>`)."""
+        with peft_names diffusers' (`text_encoder_2.<path>`). Either way with CLIP's `text_model` level, which
+        transformers 5 dropped from CLIPTextModel and every loader still expects (diffusers reads both)."""
         if self.peft_names:
-            return f"{self.text_encoders[prefix]}.{module_path}"
+            level = "" if module_path.startswith("text_model.") else "text_model."
+            return f"{self.text_encoders[prefix]}.{level}{module_path}"
         return naming.kohya_text_encoder_name(prefix, module_path)
 
     def loadable(self, state: dict, pipe) -> dict:
