@@ -258,3 +258,40 @@ def test_flux_loras_and_other_families_refuse_each_other_by_name(flux_model, flu
         check_lora_fits("flux.safetensors", state, meta, schnell)
     with pytest.raises(UserError, match=r"is a LoRA for SD3\.5 Medium, and the base model is FLUX\.1 schnell"):
         check_lora_fits("sd3.safetensors", {}, {"modelspec.architecture": "stable-diffusion-3-5-medium/lora"}, schnell)
+
+
+@pytest.mark.slow
+def test_flux_lora_previews_merges_and_reads(flux_model, flux_run, tmp_path):
+    """Previews draw the run's sample again at strength 1 and the base at 0; merge writes a BFL-layout transformer
+    file equal to diffusers' fused LoRA, which loads back with --base-config; info names the family and layers."""
+    import diffusers
+    from PIL import Image
+
+    from sdlora.generate import Previewer
+    from sdlora.info import describe
+    from sdlora.merge import merge
+
+    folder, lora = str(flux_model[0]), str(flux_run / "lora.safetensors")
+    sample = next(e for e in read_events(flux_run) if e["type"] == "sample" and e["step"] == 3)
+    prev = Previewer(folder, device="cpu")
+    kw = dict(steps=sample["steps"], width=64, height=64, seed=sample["seed"], guidance_scale=sample["guidance_scale"])
+    prev.set_loras([(lora, 1.0)])
+    one = np.asarray(prev.image(sample["prompt"], **kw), dtype=np.float32)
+    assert np.abs(one - np.asarray(Image.open(sample["path"]), dtype=np.float32)).mean() < 1.0
+    prev.set_loras([(lora, 0.0)])
+    zero = np.asarray(prev.image(sample["prompt"], **kw), dtype=np.float32)
+    base = diffusers.FluxPipeline.from_pretrained(folder)
+    base.set_progress_bar_config(disable=True)
+    assert np.array_equal(zero, render_sample(base, sample))
+
+    info = describe(lora)
+    assert (info["family"], info["layout"], info["unet"]["preset"]) == ("flux.1-dev", "diffusers", "attn-mlp")
+    merge(load_base(folder), [(lora, 1.0)], tmp_path / "merged.safetensors", precision="fp32")
+    with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
+        assert "single_blocks.0.linear1.weight" in set(f.keys())
+    merged = load_base(str(tmp_path / "merged.safetensors"), base_config=folder).pipe
+    base.load_lora_weights(lora)
+    base.fuse_lora()
+    a = merged.transformer.state_dict()
+    b = {k.replace(".base_layer", ""): v for k, v in base.transformer.state_dict().items() if "lora_" not in k}
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

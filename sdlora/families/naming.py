@@ -184,8 +184,11 @@ TEXT_ENCODER_LAYOUTS = {"clip": clip_original, "openclip": openclip_original, "t
 
 
 def original_layout(pipe, family) -> dict[str, torch.Tensor]:
-    """The pipeline's weights under the key names of an original (LDM/SGM/MMDiT) single-file checkpoint of `family`."""
+    """The pipeline's weights under the key names of an original (LDM/SGM/MMDiT) single-file checkpoint of `family`;
+    for a family whose single files hold the denoiser alone (FLUX.1), BFL's transformer file."""
     denoiser = family.denoiser_of(pipe)
+    if family.denoiser_from_original is not None:
+        return flux_original(denoiser.state_dict(), denoiser.config)
     if family.denoiser == "transformer":
         out = {ORIGINAL_UNET + k: v for k, v in mmdit_original(denoiser.state_dict(), denoiser.config).items()}
     else:
