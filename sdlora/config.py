@@ -115,6 +115,8 @@ class TrainConfig:
     flow_mode_scale: float = _knob(1.29, "flow matching: mode sampling's scale (SD3 paper, section 3.1)")
     flow_loss_weighting: str = _knob("none", "flow matching: each image's loss weight by its noise level; none, "
                                              "sigma_sqrt (1/sigma^2) or cosmap", choices=("none", "sigma_sqrt", "cosmap"))
+    train_guidance: float = _knob(1.0, "FLUX.1 dev: the guidance its transformer is told while training (diffusers' "
+                                       "train_dreambooth_lora_flux.py: 1.0); samples use --sample-guidance")
     mixed_precision: str = _knob("auto", "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU",
                                  choices=("auto", "no", "fp16", "bf16"))
     base_precision: str = _knob("auto", "how the frozen base (UNet, text encoders) is stored while the LoRA trains in "
@@ -220,6 +222,7 @@ class TrainConfig:
                  "is the dataset itself: give a folder of other pictures of the same class")
         need(self.sample_every >= 0 and self.save_every >= 0, "sample_every", "must be 0 or more")
         need(self.sample_steps >= 1, "sample_steps", "must be at least 1")
+        need(self.train_guidance >= 0, "train_guidance", "must be 0 or more (FLUX.1 dev trains at 1.0)")
         need(self.sample_guidance_rescale == -1 or 0 <= self.sample_guidance_rescale <= 1, "sample_guidance_rescale",
              "must be 0 to 1, or -1 (auto)")
         need(0 <= self.clip_skip <= 12, "clip_skip", "must be 0 (the base's own) or 1 to 12 (1 = the last layer)")

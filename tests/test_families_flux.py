@@ -182,6 +182,17 @@ def test_flux_text_encoding_and_transformer_call_are_the_pipelines(flux_model):
                                       return_dict=False)[0]
             expected = FluxPipeline._unpack_latents(packed, 8 * 8, 8 * 6, 8)
         assert pred.shape == latents.shape and torch.equal(pred, expected)
+        # a run's --train-guidance reaches dev's guidance embedding; schnell has none to tell
+        told = fam.with_train_guidance(4.0)
+        with torch.no_grad():
+            other = told.predict(pipe.transformer, latents, timesteps, hidden, pooled, None)
+        assert told.name == fam.name and torch.equal(other, pred) == (guidance is None)
+    # the noise levels are drawn from the unshifted training sigmas of both (dev's scheduler shifts by resolution only to sample)
+    from sdlora.config import TrainConfig
+    from sdlora.objectives import make
+
+    objective = make(fam, pipe.scheduler.config, TrainConfig(dataset="-"), "cpu")
+    assert torch.allclose(objective.scheduler.timesteps, torch.arange(1000, 0, -1).float())
 
 
 def test_shipped_flux_configs_are_the_published_architectures():

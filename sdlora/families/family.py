@@ -102,6 +102,18 @@ class Family:
             return "FlowMatchEulerDiscreteScheduler"
         return name
 
+    def with_train_guidance(self, guidance: float) -> "Family":
+        """This family with its denoiser told `guidance` while training, where `predict` takes a guidance (FLUX.1:
+        dev's transformer embeds it, as diffusers' train_dreambooth_lora_flux.py --guidance_scale; schnell's has no
+        embedding and ignores it); itself otherwise."""
+        import dataclasses
+        import functools
+        import inspect
+
+        if "guidance" not in inspect.signature(self.predict).parameters:
+            return self
+        return dataclasses.replace(self, predict=functools.partial(self.predict, guidance=guidance))
+
     def denoiser_of(self, pipe):
         """The pipeline's denoiser (its UNet or transformer)."""
         return getattr(pipe, self.denoiser)

@@ -54,20 +54,21 @@ def denoiser_kwargs(pooled, time_ids) -> None:
     return None
 
 
-def predict(transformer, noisy_latents, timesteps, encoder_hidden_states, pooled, time_ids):
+def predict(transformer, noisy_latents, timesteps, encoder_hidden_states, pooled, time_ids,
+            guidance: float = TRAIN_GUIDANCE):
     """The transformer's velocity for (batch, channels, h, w) latents, in the same shape: packed into 2x2 patches with
-    their position ids, timesteps as sigma, the text ids zeros, and for dev the guidance embedding at TRAIN_GUIDANCE
-    (diffusers' train_dreambooth_lora_flux.py and FluxPipeline)."""
+    their position ids, timesteps as sigma, the text ids zeros, and for dev the guidance embedding at `guidance`
+    (diffusers' train_dreambooth_lora_flux.py and FluxPipeline; a run sets it through Family.with_train_guidance)."""
     from diffusers import FluxPipeline
 
     b, c, h, w = noisy_latents.shape
     packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy_latents.device, noisy_latents.dtype)
     txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=noisy_latents.device, dtype=noisy_latents.dtype)
-    guidance = None
+    embedded = None
     if transformer.config.guidance_embeds:
-        guidance = torch.full((b,), TRAIN_GUIDANCE, device=noisy_latents.device, dtype=torch.float32)
-    out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+        embedded = torch.full((b,), guidance, device=noisy_latents.device, dtype=torch.float32)
+    out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=embedded,
                       pooled_projections=pooled, encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
                       img_ids=img_ids, return_dict=False)[0]
     # FluxPipeline._unpack_latents takes pixel sizes and the VAE's factor; with factor 1 and sides 2h, 2w it
