@@ -71,9 +71,11 @@ class Previewer:
                 # SD3.5 kohya-layout files come converted; every other file loads as it is (with its metadata)
                 loadable = self.base.fam.loadable(state, self.pipe)
                 self.pipe.load_lora_weights(str(p) if loadable is state else loadable, adapter_name=name)
+            except UserError:
+                raise
             except Exception as e:  # diffusers raises ValueError/KeyError/RuntimeError for foreign files
                 raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
-                                "check that the LoRA was made for this model family (SD1, SD2, SDXL or SD3.5)") from None
+                                "check that the LoRA was made for this model family (SD1, SD2, SDXL, SD3.5 or FLUX.1)") from None
             self._loaded[key] = name
             if metadata.get("ss_clip_skip", "").isdigit():  # kohya writes "None" when it was not set
                 self._clip_skips[name] = int(metadata["ss_clip_skip"])

@@ -187,7 +187,8 @@ def test_flux_text_encoding_and_transformer_call_are_the_pipelines(flux_model):
         with torch.no_grad():
             other = told.predict(pipe.transformer, latents, timesteps, hidden, pooled, None)
         assert told.name == fam.name and torch.equal(other, pred) == (guidance is None)
-    # the noise levels are drawn from the unshifted training sigmas of both (dev's scheduler shifts by resolution only to sample)
+    # the noise levels are drawn from the unshifted training sigmas of both (dev's scheduler shifts by resolution
+    # only to sample)
     from sdlora.config import TrainConfig
     from sdlora.objectives import make
 
@@ -306,3 +307,57 @@ def test_flux_lora_previews_merges_and_reads(flux_model, flux_run, tmp_path):
     a = merged.transformer.state_dict()
     b = {k.replace(".base_layer", ""): v for k, v in base.transformer.state_dict().items() if "lora_" not in k}
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_kohya_flux_loras_preview_and_merge_as_the_original_layers(flux_model, tmp_path):
+    """A LoRA in kohya's FLUX layout (fused qkv, `lora_te1_`) previews and merges like the BFL-layout weights it
+    changes: the same deltas added to the single file's fused layers, read by sdlora's loader, give the transformer
+    that the LoRA fused into the folder's model gives (diffusers' own kohya conversion), and that merge bakes."""
+    from sdlora.generate import Previewer
+    from sdlora.lora import save_lora
+    from sdlora.merge import merge
+
+    folder, single = flux_model[0], flux_model[1]
+    gen = torch.Generator().manual_seed(0)
+    with safe_open(str(single), "pt") as f:
+        original = {k: f.get_tensor(k) for k in f.keys()}
+    lora, r, alpha = {}, 2, 1.0
+    for module in ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.proj", "single_blocks.0.linear2"):
+        weight = original[module + ".weight"]
+        down, up = torch.randn(r, weight.shape[1], generator=gen), torch.randn(weight.shape[0], r, generator=gen)
+        name = "lora_unet_" + module.replace(".", "_")
+        lora.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                     f"{name}.alpha": torch.tensor(alpha)})
+        weight += alpha / r * up @ down
+    q = load_base(str(folder)).pipe.text_encoder.state_dict()["encoder.layers.0.self_attn.q_proj.weight"]
+    te_down, te_up = torch.randn(r, q.shape[1], generator=gen), torch.randn(q.shape[0], r, generator=gen)
+    lora.update({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": te_down,
+                 "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": te_up,
+                 "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(alpha)})
+    save_file(original, str(tmp_path / "changed.safetensors"))
+    save_lora(tmp_path / "kohya.safetensors", lora, {"modelspec.architecture": "flux-1-dev/lora",
+                                                     "ss_base_model_version": "flux1"})
+    expected = load_base(str(tmp_path / "changed.safetensors"), base_config=str(folder)).pipe.transformer.state_dict()
+    expected_q = q + alpha / r * te_up @ te_down
+
+    prev = Previewer(str(folder), device="cpu")
+    prev.set_loras([(str(tmp_path / "kohya.safetensors"), 1.0)])
+    prev.pipe.fuse_lora(components=["transformer", "text_encoder"])
+    got = {k.replace(".base_layer", ""): v for k, v in prev.pipe.transformer.state_dict().items() if "lora_" not in k}
+    assert max((got[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
+    got_q = prev.pipe.text_encoder.state_dict()["encoder.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert (got_q - expected_q).abs().max().item() < 1e-5
+    base = load_base(str(folder))
+    merge(base, [(str(tmp_path / "kohya.safetensors"), 1.0)], tmp_path / "merged.safetensors", precision="fp32")
+    got = base.pipe.transformer.state_dict()
+    assert max((got[k] - expected[k]).abs().max().item() for k in expected) < 1e-5
+    got_q = base.pipe.text_encoder.state_dict()["encoder.layers.0.self_attn.q_proj.weight"]
+    assert (got_q - expected_q).abs().max().item() < 1e-5
+    # a T5 LoRA is not read: said by name (diffusers' converter would drop it with a warning)
+    t5 = {k: v for k, v in lora.items() if k.startswith("lora_unet_double_blocks_0_img_attn_qkv")}
+    t5.update({"lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(2, 96),
+               "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(32, 2)})
+    save_lora(tmp_path / "t5.safetensors", t5, {})
+    with pytest.raises(UserError, match=r"^this kohya-layout LoRA does not fit FLUX\.1 dev: 2 T5 keys \(lora_te2_\) are "
+                                        r"not read"):
+        prev.set_loras([(str(tmp_path / "t5.safetensors"), 1.0)])

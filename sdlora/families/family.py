@@ -77,6 +77,9 @@ class Family:
     # --- single files that hold the denoiser alone (FLUX.1's): (original state dict, denoiser config) -> diffusers'
     # state dict, the rest of the pipeline coming from a diffusers folder; None: diffusers' single-file loader
     denoiser_from_original: Callable | None = None
+    # (kohya-layout LoRA state dict) -> the same in diffusers' peft layout, where diffusers converts the family's kohya
+    # files itself (FLUX.1's); None: sdlora's own conversion of kohya's SD3 names (naming.kohya_sd3_to_peft)
+    kohya_to_peft: Callable | None = None
 
     def __post_init__(self):
         for field in ("pipeline_kwargs", "text_encoders", "text_encoder_aliases", "unet_targets", "text_targets"):
@@ -176,6 +179,13 @@ class Family:
         layout (diffusers 0.42 has no kohya conversion for SD3). A UserError names a key it cannot place."""
         if not self.peft_names or not any(k.startswith(("lora_unet_", "lora_te")) for k in state):
             return state
+        if self.kohya_to_peft is not None:
+            try:
+                return self.kohya_to_peft(state)
+            except (ValueError, KeyError, RuntimeError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise UserError(f"this kohya-layout LoRA does not fit {self.label}: {first}",
+                                "check that the LoRA was made for this model") from None
         import torch
 
         encoders = {prefix: (component, [p for p, m in getattr(pipe, component).named_modules()

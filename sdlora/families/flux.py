@@ -81,6 +81,25 @@ def _unpack(packed: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tenso
     return x.reshape(b, c, h, w)
 
 
+def kohya_to_peft(state: dict) -> dict:
+    """A kohya-layout FLUX.1 LoRA (sd-scripts' networks/lora_flux.py: fused `qkv`/`linear1`, `lora_te1_` for CLIP-L)
+    in diffusers' peft layout, as FluxPipeline.load_lora_weights converts it (alpha folded into the weights)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft
+
+    t5 = sorted(k for k in state if k.startswith("lora_te2_"))
+    if t5:  # the converter would drop them with a warning
+        raise ValueError(f"{len(t5)} T5 keys (lora_te2_) are not read, e.g. {t5[0]}")
+    out = _convert_kohya_flux_lora_to_diffusers(dict(state))  # it pops what it converts: a copy
+    # CLIP-L's part comes in diffusers' old names (`self_attn.to_q_lora.down`); diffusers' own loader guesses their
+    # kind from an out_proj key and fails a file without one, so name them as peft does here
+    text = {k: v for k, v in out.items() if k.startswith("text_encoder.")}
+    if text:
+        out = {**{k: v for k, v in out.items() if k not in text},
+               **convert_state_dict_to_peft(text, original_type=StateDictType.DIFFUSERS_OLD)}
+    return out
+
+
 def _name(dev: bool) -> str:
     return "flux.1-dev" if dev else "flux.1-schnell"
 
@@ -159,12 +178,13 @@ def _family(dev: bool) -> Family:
         # kohya's ss_base_model_version is `flux1` for both (library/flux_utils.py MODEL_VERSION_FLUX_V1): the
         # architecture tells them apart (families.stated)
         base_model_version="flux1",
-        architecture="flux-1-dev" if dev else "flux-1-schnell", implementation="https://github.com/black-forest-labs/flux",
+        architecture="flux-1-dev" if dev else "flux-1-schnell",
+        implementation="https://github.com/black-forest-labs/flux",
         v2=False, encode=encode, encode_prompt=_encode_prompt(T5_TOKENS_DEV if dev else T5_TOKENS_SCHNELL),
         time_ids=time_ids, denoiser_kwargs=denoiser_kwargs, predict=predict, checkpoint_prediction=no_prediction,
         detect_pipeline=detect_pipeline, detect_folder=detect_folder, detect_checkpoint=detect_checkpoint,
         detect_denoiser=detect_denoiser, detect_lora=detect_lora, read_version=read_version,
-        read_architecture=read_architecture, denoiser_from_original=flux_from_original)
+        read_architecture=read_architecture, denoiser_from_original=flux_from_original, kohya_to_peft=kohya_to_peft)
 
 
 FLUX1_DEV, FLUX1_SCHNELL = _family(True), _family(False)
