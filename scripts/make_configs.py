@@ -11,6 +11,8 @@ without weights (model_index.json, <component>/config.json, tokenizer files), ho
 - sdxl: stabilityai/stable-diffusion-xl-base-1.0
 - sd3.5-medium: stabilityai/stable-diffusion-3.5-medium; sd3.5-large: stabilityai/stable-diffusion-3.5-large (no
   tokenizers: T5's sentencepiece model is too large to ship, so their single files load with --base-config)
+- flux.1-dev: black-forest-labs/FLUX.1-dev; flux.1-schnell: black-forest-labs/FLUX.1-schnell (no tokenizers, as
+  SD3.5; BFL's single files hold the transformer alone, the rest comes from --base-config)
 
 The tokenizers are the CLIP BPE that scripts/make_tokenizer.py builds (the embedded tiny model's), padded as each
 published tokenizer is: SD1 and SDXL's `tokenizer` pad with `<|endoftext|>`, SD2's `tokenizer` and SDXL's
@@ -328,6 +330,40 @@ SD3_INDEX = {  # model_index.json (3.5 has no image encoder)
 SD3 = dict(index=SD3_INDEX, scheduler=SD3_SCHEDULER, vae=SD3_VAE, text_encoder=SD3_CLIP_L, text_encoder_2=SD3_CLIP_G,
            text_encoder_3=T5_XXL)
 
+FLUX_DEV_TRANSFORMER = {  # transformer/config.json
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+FLUX_SCHNELL_TRANSFORMER = {**FLUX_DEV_TRANSFORMER, "guidance_embeds": False}
+FLUX_VAE = {**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}  # vae/config.json
+FLUX_CLIP_L = {**CLIP_L, "architectures": ["CLIPTextModel"]}  # text_encoder/config.json
+# scheduler/scheduler_config.json: dev shifts its sigmas by the image's token count while sampling, schnell not at all
+FLUX_DEV_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
+                      "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+                      "use_dynamic_shifting": True}
+FLUX_SCHNELL_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+                          "use_dynamic_shifting": False}
+FLUX_INDEX = {  # model_index.json
+    "_class_name": "FluxPipeline",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+FLUX = dict(index=FLUX_INDEX, vae=FLUX_VAE, text_encoder=FLUX_CLIP_L, text_encoder_2=T5_XXL)  # no tokenizers, as SD3
+
 FOLDERS = {
     "sd1": dict(index=SD_INDEX, scheduler=SD1_SCHEDULER, unet=SD1_UNET, vae=SD1_VAE, text_encoder=CLIP_L,
                 tokenizer="<|endoftext|>"),
@@ -337,6 +373,8 @@ FOLDERS = {
                  text_encoder_2=OPENCLIP_BIGG, tokenizer="<|endoftext|>", tokenizer_2="!"),
     "sd3.5-medium": dict(**SD3, transformer=SD35_MEDIUM_TRANSFORMER),
     "sd3.5-large": dict(**SD3, transformer=SD35_LARGE_TRANSFORMER),
+    "flux.1-dev": dict(**FLUX, scheduler=FLUX_DEV_SCHEDULER, transformer=FLUX_DEV_TRANSFORMER),
+    "flux.1-schnell": dict(**FLUX, scheduler=FLUX_SCHNELL_SCHEDULER, transformer=FLUX_SCHNELL_TRANSFORMER),
 }
 
 
@@ -352,7 +390,7 @@ def write_folder(folder: Path, spec: dict, tokenizer_dir: Path) -> None:
     _write_json(folder / "model_index.json", {**spec["index"], "_diffusers_version": DIFFUSERS_VERSION,
                                               "scheduler": ["diffusers", scheduler["_class_name"]]})
     _write_json(folder / "scheduler" / "scheduler_config.json", {**scheduler, "_diffusers_version": DIFFUSERS_VERSION})
-    for name, cls in (("unet", "UNet2DConditionModel"), ("transformer", "SD3Transformer2DModel"),
+    for name, cls in (("unet", "UNet2DConditionModel"), ("transformer", spec["index"].get("transformer", [0, 0])[1]),
                       ("vae", "AutoencoderKL")):
         if name in spec:
             _write_json(folder / name / "config.json", {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION,

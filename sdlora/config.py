@@ -56,8 +56,8 @@ class TrainConfig:
     shuffle_tags: bool = _knob(False, "shuffle comma-separated tags each step (tag captions only; never sentences)")
     keep_tags: int = _knob(1, "tags kept in place at the front when shuffling (1 keeps the trigger first)")
     caption_dropout: float = _knob(0.0, "chance of training a step with an empty caption; 0.05-0.1 helps styles")
-    resolution: int = _knob(0, "training resolution in pixels; 0 = the base model's own (tiny 64, SD1 512, SDXL "
-                                 "and SD3.5 1024)")
+    resolution: int = _knob(0, "training resolution in pixels; 0 = the base model's own (tiny 64, SD1 512, SDXL, "
+                                 "SD3.5 and FLUX.1 1024)")
     random_crop: bool = _knob(False, "random instead of centre crops (turns off the latent cache)")
     flip: bool = _knob(False, "random horizontal flips; only for subjects without a handed side (text, asymmetry)")
     masked_loss: bool = _knob(False, "weight each picture's loss by its mask, NAME_mask.png beside NAME.png (white = "
@@ -124,6 +124,8 @@ class TrainConfig:
     flow_mode_scale: float = _knob(1.29, "flow matching: mode sampling's scale (SD3 paper, section 3.1)")
     flow_loss_weighting: str = _knob("none", "flow matching: each image's loss weight by its noise level; none, "
                                              "sigma_sqrt (1/sigma^2) or cosmap", choices=("none", "sigma_sqrt", "cosmap"))
+    train_guidance: float = _knob(1.0, "FLUX.1 dev: the guidance its transformer is told while training (diffusers' "
+                                       "train_dreambooth_lora_flux.py: 1.0); samples use --sample-guidance")
     mixed_precision: str = _knob("auto", "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU",
                                  choices=("auto", "no", "fp16", "bf16"))
     base_precision: str = _knob("auto", "how the frozen base (UNet, text encoders) is stored while the LoRA trains in "
@@ -239,6 +241,7 @@ class TrainConfig:
                  "is the dataset itself: give a folder of other pictures of the same class")
         need(self.sample_every >= 0 and self.save_every >= 0, "sample_every", "must be 0 or more")
         need(self.sample_steps >= 1, "sample_steps", "must be at least 1")
+        need(self.train_guidance >= 0, "train_guidance", "must be 0 or more (FLUX.1 dev trains at 1.0)")
         need(self.sample_guidance_rescale == -1 or 0 <= self.sample_guidance_rescale <= 1, "sample_guidance_rescale",
              "must be 0 to 1, or -1 (auto)")
         need(0 <= self.clip_skip <= 12, "clip_skip", "must be 0 (the base's own) or 1 to 12 (1 = the last layer)")
@@ -333,6 +336,13 @@ PRESETS: dict[str, dict] = {
     # streams) at 1e-4 with logit-normal noise levels (the default flow_timestep_sampling) and no loss weighting
     "sd3.5-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16, "alpha": 8.0,
                     "unet_lr": 1e-4, "caption_dropout": 0.05},
+    # FLUX.1: diffusers' train_dreambooth_lora_flux.py trains the attention at 1e-4 (the transformer told guidance 1);
+    # samples as the pipelines draw them: dev with its distilled guidance 3.5 in 28 steps, schnell in 4 without
+    "flux-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16, "alpha": 16.0,
+                   "unet_lr": 1e-4, "caption_dropout": 0.05, "sample_guidance": 3.5, "sample_steps": 28},
+    "flux-schnell-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16,
+                           "alpha": 16.0, "unet_lr": 1e-4, "caption_dropout": 0.05, "sample_guidance": 0.0,
+                           "sample_steps": 4},
 }
 # One line each, for `sdlora train --help`, the app and the README.
 PRESET_HELP: dict[str, str] = {
@@ -344,6 +354,8 @@ PRESET_HELP: dict[str, str] = {
     "sdxl-anime-vpred": "the same for v-prediction zero-terminal-SNR bases (NoobAI-XL v-pred)",
     "sdxl-pony-style": "a style on Pony-style SDXL bases: tag captions, clip skip 2, 5% caption dropout",
     "sd3.5-style": "a style on SD3.5 Medium/Large: 1024, joint attention, lr 1e-4, logit-normal noise levels",
+    "flux-style": "a style on FLUX.1 dev: 1024, attention, lr 1e-4, samples at guidance 3.5 in 28 steps",
+    "flux-schnell-style": "a style on FLUX.1 schnell: 1024, attention, lr 1e-4, samples in 4 steps",
 }
 
 

@@ -298,7 +298,7 @@ def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -
     say(f"loading {config.base} and {len(saves)} saves")
     base = load_base(config.base, base_config=config.base_config, prediction_type=config.prediction_type,
                      zero_terminal_snr=config.zero_terminal_snr)
-    pipe, family = base.pipe.to(device), base.fam
+    pipe, family = base.pipe.to(device), base.fam.with_train_guidance(config.train_guidance)
     names, steps = [], {}
     for i, path in enumerate(saves):
         state, metadata = read_lora(path)

@@ -172,7 +172,7 @@ def verify(path: str | Path, base_spec: str, *, base_config: str = "", predictio
     pipe, fam = base.pipe, base.fam
     denoiser = fam.denoiser_of(pipe)
     gen = torch.Generator("cpu").manual_seed(0)
-    latents = torch.randn(1, denoiser.config.in_channels, 8, 8, generator=gen)
+    latents = torch.randn(1, pipe.vae.config.latent_channels, 8, 8, generator=gen)  # FLUX packs them in `predict`
     t = torch.tensor([500.0])
 
     time_ids = fam.time_ids((64, 64), (0, 0), (64, 64))  # a 64 x 64 image, uncropped (None: not conditioned on)

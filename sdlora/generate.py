@@ -70,17 +70,23 @@ class Previewer:
                                 "give the path of a LoRA .safetensors file") from None
             check_plain_lora(p.name, state)  # say what an OFT or Tucker file is, before diffusers fails on its keys
             check_lora_fits(p.name, state, metadata, self.base)
-            # SD3.5 kohya-layout files come converted (what fits no layer refused by name); every other file loads
-            # as it is (with its metadata)
-            loadable = self.base.fam.loadable(state, self.pipe)
+            # SD3.5 and FLUX.1 kohya-layout files come converted (what fits no layer refused by name); every other
+            # file loads as it is (with its metadata)
+            hint = "check that the LoRA was made for this model family (SD1, SD2, SDXL, SD3.5 or FLUX.1)"
+            try:
+                loadable = self.base.fam.loadable(state, self.pipe)
+            except UserError:
+                raise
+            except Exception as e:  # diffusers' converters raise ValueError/KeyError for foreign files
+                raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
+                                hint) from None
             adapter = read_adapter(p)
             if adapter.plain:
                 try:
                     self.pipe.load_lora_weights(str(p) if loadable is state else loadable, adapter_name=name)
                 except Exception as e:  # diffusers raises ValueError/KeyError/RuntimeError for foreign files
                     raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
-                                    "check that the LoRA was made for this model family (SD1, SD2, SDXL or SD3.5)") \
-                        from None
+                                    hint) from None
             else:
                 # diffusers 0.42 reads no LoHa/LoKr and drops DoRA's dora_scale: these go into the weights instead
                 result = fit(adapter, self._patches.table)

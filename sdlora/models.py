@@ -167,11 +167,12 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     a v-prediction model where the file says so."""
     path = Path(path)
     keys, tensor, metadata = _open_checkpoint(path)
-    unet_keys = [k for k in keys if k.startswith(ORIGINAL_UNET)]
+    # FLUX.1's BFL files name the transformer's modules without model.diffusion_model.
+    unet_keys = [k for k in keys if k.startswith((ORIGINAL_UNET, "double_blocks."))]
     if not unet_keys:
         hint = ("this looks like a diffusers-layout or partial file" if any(k.startswith(("down_blocks.", "unet."))
                                                                              for k in keys)
-                else "sdlora trains Stable Diffusion 1.x, 2.x, SDXL and SD3.5 checkpoints")
+                else "sdlora trains Stable Diffusion 1.x, 2.x, SDXL, SD3.5 and FLUX.1 checkpoints")
         raise UserError(f"{path.name} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)",
                         f"{hint}; point --base at a full SD1/SD2/SDXL .safetensors file or a diffusers folder")
     conv_in = tensor(ORIGINAL_UNET + "input_blocks.0.0.weight")
@@ -260,6 +261,8 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
                 raise UserError(f"{path.name} is an {label} checkpoint but base_config {base_config} is "
                                 f"an {config_group} model",
                                 "give a base_config of the same family, or leave it empty to use the shipped one")
+    if family.denoiser_from_original is not None:
+        return _denoiser_from_single_file(path, family, base_config, dtype, vae_dtype), None, None
     if not base_config and not all((Path(config) / t).is_dir() for t in family.tokenizer_components):
         # SD3.5's T5 tokenizer (a sentencepiece model) is too large to ship (scripts/make_configs.py)
         raise UserError(f"{path.name} is an {label} checkpoint, and its T5 tokenizer does not ship with sdlora",
@@ -290,6 +293,46 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
     if pred is None and not base_config:
         pred = family.prediction_type  # the shipped configs say so too; SD2 always gets an answer from inspect_checkpoint
     return pipe, pred, info.zero_terminal_snr
+
+
+def _denoiser_from_single_file(path: Path, family: Family, base_config: str, dtype: torch.dtype,
+                               vae_dtype: torch.dtype):
+    """A pipeline whose denoiser is the original-layout single file `path` (FLUX.1 as BFL ships it: the transformer
+    alone) and whose VAE, text encoders, tokenizers and scheduler come from the diffusers folder `base_config`.
+
+    The transformer is built from base_config's transformer config (its dev/schnell guidance embedding as the file
+    shows) and filled by the family's converter, which reads any depth and width: diffusers'
+    convert_flux_transformer_checkpoint_to_diffusers assumes FLUX.1's 3072-wide blocks."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    label = family.label
+    if not base_config or not (Path(base_config) / "model_index.json").is_file() \
+            or not any((Path(base_config) / "vae").glob("*.safetensors")):
+        raise UserError(f"{path.name} holds the {label} transformer only; its VAE, CLIP-L and T5 come from a diffusers "
+                        f"{label} folder", "pass --base-config with a diffusers folder of the model (with weights), "
+                                           "e.g. a download of black-forest-labs/FLUX.1-dev or -schnell")
+    index = json.loads((Path(base_config) / "model_index.json").read_text())
+    if families.detect_folder(index).group != family.group:
+        raise UserError(f"{path.name} is an {label} checkpoint but base_config {base_config} is not an {family.group} "
+                        "model", f"give --base-config a diffusers {family.group} folder")
+    cls = getattr(diffusers, index[family.denoiser][1])
+    config = dict(cls.load_config(base_config, subfolder=family.denoiser))
+    keys, tensor, _ = _open_checkpoint(path)
+    state = {k.removeprefix(ORIGINAL_UNET): tensor(k) for k in keys}
+    config["guidance_embeds"] = any(k.startswith("guidance_in.") for k in state)  # dev; schnell has none
+    try:
+        converted = family.denoiser_from_original(state, config)
+        with init_empty_weights():
+            denoiser = cls.from_config(config)
+        denoiser.load_state_dict(converted, strict=True, assign=True)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"could not load {path.name} as an {label} transformer: {_first_line(e)[:200]}",
+                        "check that --base-config has the same architecture as the file") from None
+    denoiser = denoiser.to(dtype)
+    dtypes = dtype if vae_dtype == dtype else {"vae": vae_dtype, "default": dtype}
+    return _pipeline_class(family).from_pretrained(base_config, **{family.denoiser: denoiser},
+                                                   **_pipeline_kwargs(family, dtypes))
 
 
 # --- hub ids ----------------------------------------------------------------------------------------------------

@@ -104,6 +104,9 @@ class Sampler:
                               height=self.resolution,
                               output_type="latent",
                               generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
+        if latents.dim() == 3:  # FluxPipeline's latents come packed in 2x2 patches: its own unpacking
+            latents = type(sampler)._unpack_latents(latents, self.resolution, self.resolution,
+                                                    sampler.vae_scale_factor)
         return [decode(sampler, latents[i:i + 1], tiled=self.low_memory) for i in range(len(chunk))]
 
 

@@ -98,7 +98,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     stage.now = "loading the base model"
     base = load_base(config.base, weight_dtype(accelerator), vae_dtype=torch.float32, base_config=config.base_config,
                      prediction_type=config.prediction_type, zero_terminal_snr=config.zero_terminal_snr, as_stored=True)
-    family, pipe = base.fam, base.pipe
+    family, pipe = base.fam.with_train_guidance(config.train_guidance), base.pipe  # FLUX.1 dev's guidance embedding
     clip_skip = family.resolve_clip_skip(config.clip_skip)  # settings this base cannot use stop here, before any work
     _check_objective(config, family, events)
     check_sampler(config.sample_scheduler, pipe.scheduler.config)

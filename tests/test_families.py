@@ -415,6 +415,8 @@ FAMILY_DATA = {
 FAMILY_FUNCTIONS = ("encode", "encode_prompt", "time_ids", "denoiser_kwargs", "predict", "checkpoint_prediction",
                     "detect_pipeline", "detect_folder", "detect_checkpoint", "detect_denoiser", "detect_lora",
                     "read_version", "read_architecture")
+# Functions a family may leave None: how its single files' denoiser alone is read (FLUX.1's BFL files)
+FAMILY_OPTIONAL = ("denoiser_from_original", "kohya_to_peft")
 FAMILY_METHODS = ("tokenizers", "text_encoder_models", "memory_defaults", "kohya_prefixes", "kohya_unet_name",
                   "kohya_text_encoder_name", "lora_metadata", "resolve_clip_skip", "prompt_kwargs", "encoders",
                   "denoiser_of", "sampler", "file_state_dict")
@@ -429,9 +431,11 @@ def test_every_family_provides_what_a_family_must():
     from sdlora.families import Family, naming
     from sdlora.quantize import PRECISIONS
 
-    assert {f.name for f in dataclasses.fields(Family)} == set(FAMILY_DATA) | set(FAMILY_FUNCTIONS)
+    assert {f.name for f in dataclasses.fields(Family)} == set(FAMILY_DATA) | set(FAMILY_FUNCTIONS) | \
+        set(FAMILY_OPTIONAL)
     # the names written into events, metadata and files
-    assert list(FAMILIES) == ["sd1", "sd2", "sd2-v", "sdxl", "sd3.5-medium", "sd3.5-large"]
+    assert list(FAMILIES) == ["sd1", "sd2", "sd2-v", "sdxl", "sd3.5-medium", "sd3.5-large", "flux.1-dev",
+                              "flux.1-schnell"]
     presets = set(TrainConfig.__dataclass_fields__["targets"].metadata["choices"])
     for name, fam in FAMILIES.items():
         assert isinstance(fam, Family) and fam.name == name and families.get(name) is fam
@@ -439,6 +443,8 @@ def test_every_family_provides_what_a_family_must():
             assert isinstance(getattr(fam, attr), kind), (name, attr)
         for attr in FAMILY_FUNCTIONS + FAMILY_METHODS:
             assert callable(getattr(fam, attr)), (name, attr)
+        for attr in FAMILY_OPTIONAL:
+            assert getattr(fam, attr) is None or callable(getattr(fam, attr)), (name, attr)
         with pytest.raises(dataclasses.FrozenInstanceError):
             fam.label = "x"
         assert hasattr(diffusers, fam.pipeline) and fam.prediction_type in ("epsilon", "v_prediction")
@@ -450,8 +456,10 @@ def test_every_family_provides_what_a_family_must():
         assert fam.objective in ("ddpm", "flow") and fam.denoiser in ("unet", "transformer")
         assert set(fam.text_encoder_aliases.values()) <= set(fam.text_encoders)
         assert fam.kohya_prefixes().keys() == set(fam.text_encoders) | set(fam.text_encoder_aliases)
+        # a single file holds every text encoder, or (FLUX.1's) the denoiser alone
         assert [c for c, _, _ in fam.original_text_encoders] == [*fam.text_encoders.values(),
-                                                                 *fam.frozen_text_encoders]
+                                                                 *fam.frozen_text_encoders] \
+            or (fam.denoiser_from_original is not None and not fam.original_text_encoders)
         assert all(kind in naming.TEXT_ENCODER_LAYOUTS and key.endswith(".") for _, kind, key in fam.original_text_encoders)
         # memory defaults: roomiest first, down to a row for any amount of memory
         needs = [row[0] for row in fam.memory_rows]
@@ -464,7 +472,10 @@ def test_every_family_provides_what_a_family_must():
         meta = fam.lora_metadata()
         assert set(meta) == {"ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation"}
         assert all(isinstance(v, str) for v in meta.values()) and meta["ss_v2"] == str(fam.v2)
-        assert families.stated(meta) is fam and families.stated({"ss_base_model_version": fam.base_model_version}) is fam
+        # a version shared by several families (kohya's `flux1`) names the first of them on its own
+        shared = [f for f in FAMILIES.values() if f.base_model_version == fam.base_model_version]
+        assert families.stated(meta) is fam and families.stated({"ss_base_model_version": fam.base_model_version}) \
+            is shared[0]
         # the extra conditioning is all or nothing
         ids = fam.time_ids((80, 96), (0, 6), (64, 96))
         assert (ids is not None) == fam.added_conditioning == (fam.denoiser_kwargs(torch.zeros(1, 4), ids) is not None)

@@ -24,7 +24,8 @@ from sdlora.errors import UserError
 
 PRESET_CHOICES = [("Style", "style"), ("Character", "character"), ("Quick test", "quick"),
                   ("SDXL anime, tags", "sdxl-anime-tags"), ("SDXL anime, v-pred", "sdxl-anime-vpred"),
-                  ("SDXL Pony style", "sdxl-pony-style"), ("SD3.5 style", "sd3.5-style")]
+                  ("SDXL Pony style", "sdxl-pony-style"), ("SD3.5 style", "sd3.5-style"),
+                  ("FLUX.1 dev style", "flux-style"), ("FLUX.1 schnell style", "flux-schnell-style")]
 FIRST_PRESET = "quick"
 # A tiny-model step on a laptop CPU, measured: ~0.1 s at 4 pictures a step, plus ~15 s to start and sample.
 TINY_CPU_SPEED = (40.0, 15.0)
@@ -34,7 +35,7 @@ MAIN = {
     "trigger": ("Trigger word", "a made-up word that calls up your LoRA in prompts, e.g. zkstyle"),
     "steps": ("Training steps", "more steps learn more; too many copy the pictures"),
     "batch_size": ("Pictures per step", "lower it if you run out of memory"),
-    "resolution": ("Resolution", "0 = the base model's own (tiny 64, SD1 512, SDXL and SD3.5 1024)"),
+    "resolution": ("Resolution", "0 = the base model's own (tiny 64, SD1 512, SDXL, SD3.5 and FLUX.1 1024)"),
     "train_text_encoder": ("Also teach the text model", "helps characters; usually off for styles"),
     "rank": ("Rank", "size of the LoRA: 8-32 is plenty for most styles and characters"),
     "alpha": ("Alpha", "scales the LoRA's effect; half the rank is usual"),

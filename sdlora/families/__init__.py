@@ -1,22 +1,23 @@
-"""The model families sdlora trains: the registry (SD1.x, SD2.x, SD2.x v-prediction, SDXL, SD3.5) and finding a model's.
+"""The model families sdlora trains: the registry (SD1.x, SD2.x, SD2.x v-prediction, SDXL, SD3.5, FLUX.1) and finding a model's.
 
 A family is a `Family` (family.py): plain data plus the functions in which families differ. One module per group of
-families fills them in (sd.py, sdxl.py, sd3.py); key naming shared by all lives in naming.py. The rest of sdlora asks a
+families fills them in (sd.py, sdxl.py, sd3.py, flux.py); key naming shared by all lives in naming.py. The rest of sdlora asks a
 family object and never compares family names.
 """
 
 from __future__ import annotations
 
 from sdlora.errors import UserError
-from sdlora.families import sd, sd3, sdxl
+from sdlora.families import flux, sd, sd3, sdxl
 from sdlora.families.family import Family
 
 # Detection asks one family of each group, in this order, and takes the first answer: a group whose test is narrower
 # comes first (an SDXL pipeline has all an SD one has, and a second text encoder; SD3's denoiser is a transformer and
-# it has a second text encoder too), and the last one always answers.
-_GROUPS = (sd3.FAMILIES, sdxl.FAMILIES, sd.FAMILIES)
+# it has a second text encoder too; FLUX's transformer config has SD3's joint_attention_dim, and its LoRAs SD3's
+# transformer_blocks), and the last one always answers.
+_GROUPS = (flux.FAMILIES, sd3.FAMILIES, sdxl.FAMILIES, sd.FAMILIES)
 # Registry order counts where two families share a trait: the first is the one meant (sd2 before sd2-v by width).
-FAMILIES: dict[str, Family] = {f.name: f for f in (*sd.FAMILIES, *sdxl.FAMILIES, *sd3.FAMILIES)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (*sd.FAMILIES, *sdxl.FAMILIES, *sd3.FAMILIES, *flux.FAMILIES)}
 TINY = sd.SD1.name  # the embedded tiny model is SD1 for every loader's purposes
 
 
@@ -75,15 +76,18 @@ def stated(metadata: dict[str, str]) -> Family | None:
     """The family a LoRA file says it was made for: kohya's `ss_base_model_version`, else `modelspec.architecture`
     (each exact, else as the groups read it), else `ss_v2`."""
     version = metadata.get("ss_base_model_version", "")
-    found = next((f for f in FAMILIES.values() if version == f.base_model_version), None) \
-        or _ask("read_version", version)
-    if found:
-        return found
     architecture = metadata.get("modelspec.architecture", "")
-    found = next((f for f in FAMILIES.values() if architecture == f.lora_metadata()["modelspec.architecture"]), None) \
+    by_architecture = next((f for f in FAMILIES.values()
+                            if architecture == f.lora_metadata()["modelspec.architecture"]), None) \
         or _ask("read_architecture", architecture)
+    shared = [f for f in FAMILIES.values() if version == f.base_model_version]
+    if len(shared) > 1 and by_architecture in shared:  # kohya writes `flux1` for dev and schnell alike
+        return by_architecture
+    found = next(iter(shared), None) or _ask("read_version", version)
     if found:
         return found
+    if by_architecture:
+        return by_architecture
     if metadata.get("ss_v2") == "True":
         return next(f for f in FAMILIES.values() if f.v2)
     return None

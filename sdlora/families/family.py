@@ -74,6 +74,13 @@ class Family:
     read_version: Callable  # (ss_base_model_version) -> family, beyond the exact strings
     read_architecture: Callable  # (modelspec.architecture) -> family, beyond the exact strings
 
+    # --- single files that hold the denoiser alone (FLUX.1's): (original state dict, denoiser config) -> diffusers'
+    # state dict, the rest of the pipeline coming from a diffusers folder; None: diffusers' single-file loader
+    denoiser_from_original: Callable | None = None
+    # (kohya-layout LoRA state dict) -> the same in diffusers' peft layout, where diffusers converts the family's kohya
+    # files itself (FLUX.1's); None: sdlora's own conversion of kohya's SD3 names (naming.kohya_sd3_to_peft)
+    kohya_to_peft: Callable | None = None
+
     def __post_init__(self):
         for field in ("pipeline_kwargs", "text_encoders", "text_encoder_aliases", "unet_targets", "text_targets"):
             object.__setattr__(self, field, MappingProxyType(dict(getattr(self, field))))
@@ -97,6 +104,18 @@ class Family:
         if self.objective == "flow" and not name.startswith("FlowMatch"):
             return "FlowMatchEulerDiscreteScheduler"
         return name
+
+    def with_train_guidance(self, guidance: float) -> "Family":
+        """This family with its denoiser told `guidance` while training, where `predict` takes a guidance (FLUX.1:
+        dev's transformer embeds it, as diffusers' train_dreambooth_lora_flux.py --guidance_scale; schnell's has no
+        embedding and ignores it); itself otherwise."""
+        import dataclasses
+        import functools
+        import inspect
+
+        if "guidance" not in inspect.signature(self.predict).parameters:
+            return self
+        return dataclasses.replace(self, predict=functools.partial(self.predict, guidance=guidance))
 
     def denoiser_of(self, pipe):
         """The pipeline's denoiser (its UNet or transformer)."""
@@ -147,9 +166,11 @@ class Family:
 
     def kohya_text_encoder_name(self, prefix: str, module_path: str) -> str:
         """A text-encoder module's name in the family's files under `prefix` (a key of text_encoders): kohya's, or
-        with peft_names diffusers' (`text_encoder_2.<path>`)."""
+        with peft_names diffusers' (`text_encoder_2.<path>`). Either way with CLIP's `text_model` level, which
+        transformers 5 dropped from CLIPTextModel and every loader still expects (diffusers reads both)."""
         if self.peft_names:
-            return f"{self.text_encoders[prefix]}.{module_path}"
+            level = "" if module_path.startswith("text_model.") else "text_model."
+            return f"{self.text_encoders[prefix]}.{level}{module_path}"
         return naming.kohya_text_encoder_name(prefix, module_path)
 
     def loadable(self, state: dict, pipe) -> dict:
@@ -158,6 +179,13 @@ class Family:
         layout (diffusers 0.42 has no kohya conversion for SD3). A UserError names a key it cannot place."""
         if not self.peft_names or not any(k.startswith(("lora_unet_", "lora_te")) for k in state):
             return state
+        if self.kohya_to_peft is not None:
+            try:
+                return self.kohya_to_peft(state)
+            except (ValueError, KeyError, RuntimeError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise UserError(f"this kohya-layout LoRA does not fit {self.label}: {first}",
+                                "check that the LoRA was made for this model") from None
         import torch
 
         encoders = {prefix: (component, [p for p, m in getattr(pipe, component).named_modules()

@@ -184,8 +184,11 @@ TEXT_ENCODER_LAYOUTS = {"clip": clip_original, "openclip": openclip_original, "t
 
 
 def original_layout(pipe, family) -> dict[str, torch.Tensor]:
-    """The pipeline's weights under the key names of an original (LDM/SGM/MMDiT) single-file checkpoint of `family`."""
+    """The pipeline's weights under the key names of an original (LDM/SGM/MMDiT) single-file checkpoint of `family`;
+    for a family whose single files hold the denoiser alone (FLUX.1), BFL's transformer file."""
     denoiser = family.denoiser_of(pipe)
+    if family.denoiser_from_original is not None:
+        return flux_original(denoiser.state_dict(), denoiser.config)
     if family.denoiser == "transformer":
         out = {ORIGINAL_UNET + k: v for k, v in mmdit_original(denoiser.state_dict(), denoiser.config).items()}
     else:
@@ -309,3 +312,94 @@ def kohya_sd3_to_peft(state: dict[str, torch.Tensor], config, text_encoders: dic
             out[f"{target}.lora_A.weight"] = down.contiguous()
             out[f"{target}.lora_B.weight"] = rows.contiguous()
     return {(k if k.startswith("text_encoder") else f"transformer.{k}"): v for k, v in out.items()}, sorted(left)
+
+
+def _flux_pairs(config) -> list[tuple[str, str]]:
+    """(diffusers name, BFL name) of every FLUX.1 transformer weight that is renamed only (no split), without the
+    `.weight`/`.bias`."""
+    pairs = [("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+             ("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+             ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+             ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+             ("context_embedder", "txt_in"), ("x_embedder", "img_in"), ("proj_out", "final_layer.linear")]
+    if config.get("guidance_embeds"):
+        pairs += [("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+                  ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")]
+    for i in range(config["num_layers"]):
+        b, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        pairs += [(b + "norm1.linear", o + "img_mod.lin"), (b + "norm1_context.linear", o + "txt_mod.lin"),
+                  (b + "ff.net.0.proj", o + "img_mlp.0"), (b + "ff.net.2", o + "img_mlp.2"),
+                  (b + "ff_context.net.0.proj", o + "txt_mlp.0"), (b + "ff_context.net.2", o + "txt_mlp.2"),
+                  (b + "attn.to_out.0", o + "img_attn.proj"), (b + "attn.to_add_out", o + "txt_attn.proj")]
+    for i in range(config["num_single_layers"]):
+        b, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        pairs += [(b + "norm.linear", o + "modulation.lin"), (b + "proj_out", o + "linear2")]
+    return pairs
+
+
+def _flux_norms(config) -> list[tuple[str, str]]:
+    """(diffusers, BFL) names of the qk RMS norms' weights (BFL calls them `scale`)."""
+    out = []
+    for i in range(config["num_layers"]):
+        b, o = f"transformer_blocks.{i}.attn.", f"double_blocks.{i}."
+        out += [(b + "norm_q.weight", o + "img_attn.norm.query_norm.scale"),
+                (b + "norm_k.weight", o + "img_attn.norm.key_norm.scale"),
+                (b + "norm_added_q.weight", o + "txt_attn.norm.query_norm.scale"),
+                (b + "norm_added_k.weight", o + "txt_attn.norm.key_norm.scale")]
+    for i in range(config["num_single_layers"]):
+        b, o = f"single_transformer_blocks.{i}.attn.", f"single_blocks.{i}."
+        out += [(b + "norm_q.weight", o + "norm.query_norm.scale"), (b + "norm_k.weight", o + "norm.key_norm.scale")]
+    return out
+
+
+def _flux_fused(config) -> list[tuple[str, list[str]]]:
+    """(BFL fused module, the diffusers modules its output rows split into, in order)."""
+    out = []
+    for i in range(config["num_layers"]):
+        b, o = f"transformer_blocks.{i}.attn.", f"double_blocks.{i}."
+        out += [(o + "img_attn.qkv", [b + "to_q", b + "to_k", b + "to_v"]),
+                (o + "txt_attn.qkv", [b + "add_q_proj", b + "add_k_proj", b + "add_v_proj"])]
+    for i in range(config["num_single_layers"]):
+        b = f"single_transformer_blocks.{i}."
+        out.append((f"single_blocks.{i}.linear1", [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v", b + "proj_mlp"]))
+    return out
+
+
+def flux_original(state: dict, config) -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel state dict under BFL's original names (`double_blocks.0.img_attn.qkv`,
+    `single_blocks.0.linear1`, ...): the inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers."""
+    s = dict(state)
+    out = {}
+    for new, old in _flux_pairs(config):
+        for kind in ("weight", "bias"):
+            out[f"{old}.{kind}"] = s.pop(f"{new}.{kind}")
+    for fused, parts in _flux_fused(config):
+        for kind in ("weight", "bias"):
+            out[f"{fused}.{kind}"] = torch.cat([s.pop(f"{p}.{kind}") for p in parts])
+    for new, old in _flux_norms(config):
+        out[old] = s.pop(new)
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_scale_shift(s.pop(f"norm_out.linear.{kind}"))
+    assert not s, f"no original FLUX name for {sorted(s)[:3]}"
+    return out
+
+
+def flux_from_original(state: dict, config) -> dict[str, torch.Tensor]:
+    """A BFL-layout FLUX.1 transformer state dict (no `model.diffusion_model.`) in diffusers' names, for a transformer
+    of `config`: diffusers' convert_flux_transformer_checkpoint_to_diffusers for any width (it assumes 3072 wide
+    blocks). Keys of other parts (a VAE, text encoders) are left out. A KeyError names a missing weight."""
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    mlp = int(inner * 4.0)  # FLUX.1's mlp_ratio
+    out = {}
+    for new, old in _flux_pairs(config):
+        for kind in ("weight", "bias"):
+            out[f"{new}.{kind}"] = state[f"{old}.{kind}"]
+    for fused, parts in _flux_fused(config):
+        sizes = [inner] * 3 + ([mlp] if len(parts) == 4 else [])
+        for kind in ("weight", "bias"):
+            out.update({f"{p}.{kind}": t for p, t in zip(parts, torch.split(state[f"{fused}.{kind}"], sizes))})
+    for new, old in _flux_norms(config):
+        out[new] = state[old]
+    for kind in ("weight", "bias"):
+        out[f"norm_out.linear.{kind}"] = _swap_scale_shift(state[f"final_layer.adaLN_modulation.1.{kind}"])
+    return out
