@@ -110,14 +110,18 @@ class Evaluator:
 
         self.learn = inputs(learn, TIMESTEP_FRACTIONS)
         self.train = inputs(train, TIMESTEP_FRACTIONS)
-        # the same noisy latents with the captions, and with prompts that lack the trigger word
-        self.bleed_with = inputs(learn, BLEED_FRACTIONS)
-        self.bleed_without = [(lat, noise, t, without_trigger(caption, trigger))
-                              for lat, noise, t, caption in self.bleed_with] if trigger else []
-        self.bleed_without += [(lat, noise, t, prompt) for lat, noise, t, _ in self.bleed_with[:len(BLEED_FRACTIONS)]
-                               for prompt in GENERIC_PROMPTS]
+        # bleed: the learn rows at BLEED_FRACTIONS (the captions), and the same noisy latents with prompts that lack
+        # the trigger word
+        self.with_rows = [i for i, (_, _, t, _) in enumerate(self.learn) if t in {int(f * total) for f in
+                                                                                  BLEED_FRACTIONS}]
+        bleed_with = [self.learn[i] for i in self.with_rows]
+        without = [(lat, noise, t, without_trigger(caption, trigger)) for lat, noise, t, caption in bleed_with] \
+            if trigger else []
+        without += [(lat, noise, t, prompt) for lat, noise, t, _ in bleed_with[:len(BLEED_FRACTIONS)]
+                    for prompt in GENERIC_PROMPTS]
+        self.without = without
         self.models = [denoiser, *text_encoders]
-        self.base = self._run(lambda: {name: self._predict(rows, 0.0) for name, rows in self._sets().items()})
+        self.base = self._run(lambda: self._predict_sets(0.0))
 
     def _run(self, compute):
         """`compute()` with every model in eval mode (no adapter dropout), each put back as it was."""
@@ -131,8 +135,15 @@ class Evaluator:
             for m, mode in zip(self.models, modes):
                 m.train(mode)
 
-    def _sets(self) -> dict:
-        return {"learn": self.learn, "train": self.train, "with": self.bleed_with, "without": self.bleed_without}
+    def _predict_sets(self, strength: float) -> dict[str, torch.Tensor]:
+        """The predictions of every set at `strength`, in one pass (the prompts encoded once)."""
+        sets = {"learn": self.learn, "train": self.train, "without": self.without}
+        preds = self._predict([row for rows in sets.values() for row in rows], strength)
+        out, at = {}, 0
+        for name, rows in sets.items():
+            out[name], at = preds[at:at + len(rows)], at + len(rows)
+        out["with"] = out["learn"][self.with_rows]
+        return out
 
     @torch.no_grad()
     def _latents(self, vae, recs, bucket, scaling) -> torch.Tensor:
@@ -187,7 +198,7 @@ class Evaluator:
         result = Measure(step)
         base_learn = self._loss(self.learn, self.base["learn"])
         for s in strengths:
-            preds = {name: self._predict(rows, s) for name, rows in self._sets().items()}
+            preds = self._predict_sets(s)
             changed = {k: float(((preds[k] - self.base[k]) ** 2).mean()) for k in ("with", "without")}
             result.strengths[float(s)] = {
                 "learned": 1 - self._loss(self.learn, preds["learn"]) / base_learn,
