@@ -100,3 +100,20 @@ def trained_run(tmp_path_factory, dataset_dir):
     run_dir = tmp_path_factory.mktemp("runs") / "demo"
     train(small_config(dataset_dir), run_dir, progress_bar=False)
     return run_dir
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """Within the test, any network connection fails the test: what it loads must be on disk."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+
+
+def module_names(keys) -> set[str]:
+    """The modules a LoRA file's keys belong to (a key's last two dotted parts dropped, or one for `.alpha`)."""
+    return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import draw_dataset, render_sample
+from conftest import draw_dataset, render_sample, module_names
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import flux_original
@@ -83,17 +83,8 @@ def flux_run(flux_model, tmp_path_factory):
     return run
 
 
-def _module_names(keys) -> set[str]:
-    return {k.rsplit(".", 2)[0] for k in keys}
 
-
-def test_flux_folder_and_single_file_load_the_same_model_offline(flux_model, monkeypatch):
-    import socket
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("the network was used")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+def test_flux_folder_and_single_file_load_the_same_model_offline(flux_model, offline):
     for folder, single, name in ((flux_model[0], flux_model[1], "flux.1-dev"),
                                  (flux_model[2], flux_model[3], "flux.1-schnell")):
         from_folder, from_file = load_base(str(folder)), load_base(str(single), base_config=str(folder))
@@ -233,7 +224,7 @@ def test_flux_lora_trains_exports_and_reproduces_in_plain_diffusers(flux_model, 
     with safe_open(str(flux_run / "lora.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
-    names = _module_names(keys)
+    names = module_names(keys)
     assert {"transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_k_proj",
             "transformer.transformer_blocks.0.attn.to_add_out", "transformer.transformer_blocks.0.ff.net.2",
             "transformer.single_transformer_blocks.0.attn.to_v", "transformer.single_transformer_blocks.0.proj_mlp",

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import draw_dataset, render_sample
+from conftest import draw_dataset, render_sample, module_names
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import original_layout
@@ -85,17 +85,8 @@ def sd3_run(sd3_model, tmp_path_factory):
     return run
 
 
-def _module_names(keys) -> set[str]:
-    return {k.rsplit(".", 2)[0] for k in keys}
 
-
-def test_sd3_folder_and_single_file_load_the_same_model_offline(sd3_model, monkeypatch):
-    import socket
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("the network was used")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+def test_sd3_folder_and_single_file_load_the_same_model_offline(sd3_model, offline):
     folder, single = sd3_model
     from_folder, from_file = load_base(str(folder)), load_base(str(single), base_config=str(folder))
     assert from_folder.family == from_file.family == "sd3.5-medium" and from_file.resolution == 1024
@@ -218,7 +209,7 @@ def test_sd3_lora_trains_exports_and_reproduces_in_plain_diffusers(sd3_model, sd
     with safe_open(str(sd3_run / "lora.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
-    names = _module_names(keys)
+    names = module_names(keys)
     transformer = {n for n in names if n.startswith("transformer.transformer_blocks.")}
     assert {n.rsplit(".", 1)[-1] for n in transformer} >= {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
                                                              "add_v_proj", "to_add_out"}
