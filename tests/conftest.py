@@ -10,6 +10,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import importlib
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
@@ -116,4 +117,18 @@ def offline(monkeypatch):
 def module_names(keys) -> set[str]:
     """The modules a LoRA file's keys belong to (a key's last two dotted parts dropped, or one for `.alpha`)."""
     return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+
+
+def assert_app_lists(tmp_path, folder, single, resolution: int) -> None:
+    """A base model's diffusers folder and single file, put in a models folder, are listed by the app and resolve to
+    the family's `resolution`."""
+    from sdlora.check import base_resolution
+    from sdlora.workspace import base_models
+
+    models = tmp_path / "models"
+    shutil.copytree(folder, models / Path(folder).name)
+    shutil.copy(single, models / Path(single).name)
+    assert {Path(folder).name, Path(single).name} <= {value for _, value in base_models(models)}
+    assert base_resolution(str(models / Path(folder).name)) == base_resolution(str(models / Path(single).name)) \
+        == resolution
 

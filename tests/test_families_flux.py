@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import draw_dataset, render_sample, module_names
+from conftest import assert_app_lists, draw_dataset, module_names, render_sample
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import flux_original
@@ -127,17 +127,7 @@ def test_flux_family_is_told_from_folders_files_and_lora_names(flux_model, tmp_p
     assert families.from_lora_names(["lora_unet_double_blocks_0_img_attn_qkv"]).group == "FLUX"
     assert families.from_lora_names(["transformer.transformer_blocks.0.attn2.to_q"]).group == "SD3"
     # the app lists the folders and the single files, and takes FLUX.1's 1024 as their resolution
-    import shutil
-
-    from sdlora.check import base_resolution
-    from sdlora.workspace import base_models
-
-    models = tmp_path / "models"
-    shutil.copytree(flux_model[0], models / "flux-dev")
-    shutil.copy(flux_model[3], models / "flux1-schnell.safetensors")
-    assert {"flux-dev", "flux1-schnell.safetensors"} <= {value for _, value in base_models(models)}
-    assert base_resolution(str(models / "flux-dev")) == base_resolution(str(models / "flux1-schnell.safetensors")) \
-        == 1024
+    assert_app_lists(tmp_path, flux_model[0], flux_model[3], 1024)
     assert dev.sampler("EulerDiscreteScheduler") == "FlowMatchEulerDiscreteScheduler"
     assert (dev.token_lengths, schnell.token_lengths) == ((0, 512), (0, 256))
 

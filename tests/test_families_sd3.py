@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import draw_dataset, render_sample, module_names
+from conftest import assert_app_lists, draw_dataset, module_names, render_sample
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import original_layout
@@ -123,16 +123,7 @@ def test_sd3_family_is_told_from_folders_files_and_lora_names(sd3_model, tmp_pat
     assert families.from_lora_names(["transformer.transformer_blocks.0.attn.to_q"]).group == "SD3"
     assert families.from_lora_names(["lora_unet_joint_blocks_0_x_block_attn_qkv"]).group == "SD3"
     # the app lists the folder and the single file, and takes SD3.5's 1024 as their resolution
-    import shutil
-
-    from sdlora.check import base_resolution
-    from sdlora.workspace import base_models
-
-    models = tmp_path / "models"
-    shutil.copytree(sd3_model[0], models / "sd35")
-    shutil.copy(sd3_model[1], models / "sd35.safetensors")
-    assert {"sd35", "sd35.safetensors"} <= {value for _, value in base_models(models)}
-    assert base_resolution(str(models / "sd35")) == base_resolution(str(models / "sd35.safetensors")) == 1024
+    assert_app_lists(tmp_path, sd3_model[0], sd3_model[1], 1024)
     # the samples' scheduler: a DDPM-schedule sampler cannot draw a flow model
     assert fam.sampler("EulerDiscreteScheduler") == "FlowMatchEulerDiscreteScheduler"
     assert families.get("sdxl").sampler("EulerDiscreteScheduler") == "EulerDiscreteScheduler"
