@@ -297,7 +297,8 @@ def _tags(args) -> int:
 
 
 def _caption(args) -> int:
-    from sdlora.caption import job, split_list
+    from sdlora import tags
+    from sdlora.caption import job
 
     if args.batch_size < 0 or not (0 <= args.general_threshold <= 1 and 0 <= args.character_threshold <= 1):
         raise UserError("--batch-size must be 0 or more, thresholds between 0 and 1", "fix the numbers")
@@ -305,7 +306,7 @@ def _caption(args) -> int:
     drafts = job.run(args.dataset, args.captioner, job_dir=args.job_dir, general_threshold=args.general_threshold,
                      character_threshold=args.character_threshold, batch_size=args.batch_size, mode=args.mode,
                      overwrite=args.overwrite, write=not args.dry_run, trigger=args.trigger, prefix=args.prefix,
-                     suffix=args.suffix, drop_tags=split_list(args.drop_tags), say=print)
+                     suffix=args.suffix, drop_tags=tags.parse(args.drop_tags), say=print)
     done = "drafted (nothing written)" if args.dry_run else "written"
     print(f"{len(drafts)} caption{'s' * (len(drafts) != 1)} {done}" +
           ("" if args.overwrite else "; pictures with a caption left alone (--overwrite redrafts them)"))

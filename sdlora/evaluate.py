@@ -271,9 +271,9 @@ def recommend(measures: list[Measure], name_of) -> Recommendation:
 
 def event(measure: Measure, path: str, on: str) -> dict:
     """The `eval` event's fields for one save."""
-    return {"step": measure.step, "path": path, "on": on, "suggested_strength": measure.suggested(),
-            "learned": measure.strengths[measure.suggested()]["learned"],
-            "bleed": measure.strengths[measure.suggested()]["bleed"],
+    strength = measure.suggested()
+    return {"step": measure.step, "path": path, "on": on, "suggested_strength": strength,
+            "learned": measure.strengths[strength]["learned"], "bleed": measure.strengths[strength]["bleed"],
             "strengths": [{"strength": s, **m} for s, m in sorted(measure.strengths.items())],
             "heldout_loss": measure.heldout_loss, "train_loss": measure.train_loss}
 
@@ -339,9 +339,10 @@ def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -
         current[0] = name
         measure = evaluator.measure(step)
         measures.append(measure)
-        events.emit("eval", **event(measure, str(path), evaluator.on), source="sdlora eval")
-        say(f"{save_name(path)}: learned {measure.strengths[measure.suggested()]['learned']:.1%} at strength "
-            f"{measure.suggested():g}, bleed {measure.strengths[measure.suggested()]['bleed']:.0%}")
+        shown = event(measure, str(path), evaluator.on)
+        events.emit("eval", **shown, source="sdlora eval")
+        say(f"{save_name(path)}: learned {shown['learned']:.1%} at strength {shown['suggested_strength']:g}, "
+            f"bleed {shown['bleed']:.0%}")
     best = recommend(measures, lambda at: save_name(steps[at]))
     events.emit("recommend", path=str(steps[best.step]), step=best.step, strength=best.strength,
                 learned_share=best.learned_share, bleed=best.bleed, reason=best.reason, on=evaluator.on,

@@ -35,10 +35,14 @@ class Saves:
         self.weights = weights or contextlib.nullcontext
         self.ema = ema  # an sdlora.ema.EMA: each file gets a *-ema.safetensors twin
 
+    def path(self, step: int, final: bool = False) -> Path:
+        """The file a save at `step` writes."""
+        return self.run_dir / ("lora.safetensors" if final else f"lora-step-{step:06d}.safetensors")
+
     def save(self, step: int, final: bool = False, metadata: dict | None = None) -> Path:
         """Write the adapters as they are (`metadata`: fields added to the file's, e.g. the suggested strength)."""
         config, run_dir = self.config, self.run_dir
-        path = run_dir / ("lora.safetensors" if final else f"lora-step-{step:06d}.safetensors")
+        path = self.path(step, final)
         self.losses.read(wait=True)  # never save weights that a NaN has already reached
         if self.accelerator.is_main_process:
             meta = kohya_metadata(config, family=self.base.family, resolution=self.resolution, step=step,

@@ -175,7 +175,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
             return {}
         stage.now = f"measuring the LoRA at step {step}"
         losses.read(wait=True)  # a NaN already in the weights stops the run here, as a save would
-        path = run_dir / ("lora.safetensors" if final else f"lora-step-{step:06d}.safetensors")
+        path = saves.path(step, final)
         t = time.perf_counter()
         with step_fn.averaged_weights(), _on_device(frozen, device):
             measure = evaluator.measure(step)
@@ -183,10 +183,8 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         events.emit("eval", **evaluate.event(measure, str(path), evaluator.on), seconds=time.perf_counter() - t)
         meta = {"sdlora_suggested_strength": f"{measure.suggested():g}"}
         if final:
-            best = evaluate.recommend(measures, lambda at: "lora (the final save)" if at == step
-                                      else f"lora-step-{at:06d}")
-            file = run_dir / ("lora.safetensors" if best.step == step else f"lora-step-{best.step:06d}.safetensors")
-            events.emit("recommend", path=str(file), step=best.step, strength=best.strength,
+            best = evaluate.recommend(measures, lambda at: evaluate.save_name(saves.path(at, at == step)))
+            events.emit("recommend", path=str(saves.path(best.step, best.step == step)), step=best.step, strength=best.strength,
                         learned_share=best.learned_share, bleed=best.bleed, reason=best.reason, on=evaluator.on)
             meta["sdlora_recommendation"] = best.reason
         return meta

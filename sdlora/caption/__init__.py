@@ -80,17 +80,8 @@ def locate(spec: str) -> Path:
 def finish(draft: str, *, trigger: str = "", prefix: str = "", suffix: str = "", drop_tags=()) -> str:
     """The caption a draft becomes: the `trigger` first, then `prefix`, the draft without the comma-separated parts
     named in `drop_tags` (compared ignoring case, underscores and the trigger itself), then `suffix`."""
-    dropped = {_plain(t) for t in drop_tags} | {_plain(trigger)}
-    kept = ", ".join(part for part in split_list(draft) if _plain(part) not in dropped)
+    from sdlora import tags  # sdlora.dataset's imports stay out of the command line's start-up
+
+    dropped = {tags.same(t) for t in drop_tags} | {tags.same(trigger)}
+    kept = ", ".join(part for part in tags.parse(draft) if tags.same(part) not in dropped)
     return ", ".join(p for p in (trigger.strip(), prefix.strip(), kept, suffix.strip()) if p)
-
-
-def split_list(text: str) -> list[str]:
-    """`a, b ,c` -> ['a', 'b', 'c']: comma-separated parts, as sdlora.dataset.split_tags splits a caption."""
-    from sdlora.dataset import split_tags
-
-    return split_tags(text or "")
-
-
-def _plain(tag: str) -> str:
-    return " ".join(tag.replace("_", " ").lower().split())
