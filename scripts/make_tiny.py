@@ -4,7 +4,8 @@ The architecture is Stable Diffusion 1.x's, scaled down: an AutoencoderKL, a UNe
 cross-attention, a CLIP text encoder and the real CLIP BPE tokenizer (made by scripts/make_tokenizer.py). Sizes
 (ARCHITECTURES): "x8", the shipped one (64 px -> 8x8x4 latents), "x4" (64 px -> 16x16x4 latents: fine enough for
 eyes with pupils, four times the UNet's work per image; sdlora/tiny/NOTES.md has what it measured) and "x4c8"
-(16x16x8 latents: room for 1-px lines; the UNet's step costs about what x4's does). Weights are stored in fp16 to keep
+(16x16x8 latents: room for 1-px lines; the UNet's step costs about what x4's does) and "x4c8w" (x4c8 with a wider
+autoencoder and a narrower UNet). Weights are stored in fp16 to keep
 the package small; diffusers loads them as fp32.
 
     python scripts/make_tiny.py [--arch x8] [--seed 0] [--tokenizer DIR]
@@ -52,6 +53,10 @@ ARCHITECTURES = {
     "x4": (dict(UNET, sample_size=16), _X4_VAE),
     # 8 latent channels: a 4x4 pixel patch (48 numbers) into 8, where x4 packs it into 4 and x8 an 8x8 patch into 4
     "x4c8": (dict(UNET, sample_size=16, in_channels=8, out_channels=8), dict(_X4_VAE, latent_channels=8)),
+    # x4c8 with a wider autoencoder (256 channels at 16x16, nearly free on a CPU: it encodes each picture once) and a
+    # narrower UNet (32/64/128: a LoRA step on 2 CPU cores costs about 70% of 64/128/192's)
+    "x4c8w": (dict(UNET, sample_size=16, in_channels=8, out_channels=8, block_out_channels=(32, 64, 128)),
+              dict(_X4_VAE, latent_channels=8, block_out_channels=(64, 128, 256))),
 }
 TEXT = dict(
     vocab_size=49408,

@@ -120,21 +120,27 @@ def cosine_schedule(opt, warmup: int, total: list[int]):
 
 
 class Budget:
-    """Fits a stage into a wall-clock budget: after a few steps, shortens its step count (and so its cosine) to what
-    the measured rate allows in the time left. Run logs record the steps each stage actually made."""
+    """Fits a stage into a wall-clock budget: after a few steps, and again every `refit` steps, shortens its step count
+    (and so its cosine) to what the measured rate allows in the time left; it never lengthens it, so a rate that
+    drops (another job on the same GPU) cannot overrun the budget. Run logs record the steps each stage made."""
 
-    def __init__(self, steps: int, seconds: float | None, probe: tuple[int, int] = (5, 30)):
-        self.total, self.seconds, self.probe, self.t0, self.marks = [steps], seconds, probe, time.time(), {}
+    def __init__(self, steps: int, seconds: float | None, probe: tuple[int, int] = (5, 30), refit: int = 200):
+        self.total, self.seconds, self.probe, self.refit, self.t0 = [steps], seconds, probe, refit, time.time()
+        self.mark = None  # (step, time) the next rate is measured from
 
     def tick(self, step: int):
-        if not self.seconds or step not in self.probe:
+        if not self.seconds:
             return
-        self.marks[step] = time.time()
-        if step == self.probe[1]:
-            rate = (self.probe[1] - self.probe[0]) / (self.marks[step] - self.marks[self.probe[0]])
-            left = self.seconds - (time.time() - self.t0)
-            self.total[0] = max(step + 1, min(self.total[0], step + int(rate * left)))
-            print(f"budget: {rate:.2f} steps/s, {left:.0f} s left -> {self.total[0]} steps", flush=True)
+        now = time.time()
+        if step == self.probe[0]:
+            self.mark = (step, now)
+        elif self.mark and (step == self.probe[1] or (step > self.probe[1] and step % self.refit == 0)):
+            rate = (step - self.mark[0]) / (now - self.mark[1])
+            left = self.seconds - (now - self.t0)
+            total = max(step + 1, min(self.total[0], step + int(rate * left)))
+            if total != self.total[0] or step == self.probe[1]:
+                print(f"budget: {rate:.2f} steps/s, {left:.0f} s left -> {total} steps", flush=True)
+            self.total[0], self.mark = total, (step, now)
 
 
 class Log:
@@ -233,7 +239,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet and text encoder")
     ap.add_argument("--arch", default="x8", choices=list(ARCHITECTURES),
                     help="autoencoder factor (scripts/make_tiny.py): x8 (8x8 latents, shipped) or x4 (16x16)")
-    ap.add_argument("--init", help="start from this diffusers folder (with --vae-steps 0: keep its VAE)")
+    ap.add_argument("--init", help="start from this diffusers folder's parts (with --vae-steps 0: keep its VAE); a "
+                    "part it lacks (unet, text_encoder) starts from scratch as --arch describes it")
     ap.add_argument("--decoder-only", action="store_true",
                     help="with --init: train only the autoencoder's decoder; the latents, and so the UNet, stay valid")
     ap.add_argument("--object-weight", type=float, default=4.0, help="extra VAE loss weight on object pixels")
@@ -331,7 +338,7 @@ def main() -> None:
                 latent_posterior_std=lat_std.mean().item(), vae_check=ae_check)
 
     # Stage 2: UNet + text encoder, epsilon prediction under SD1.5's noise schedule.
-    if args.init:  # continue from a folder this script wrote
+    if args.init and (Path(args.init) / "unet").is_dir():  # continue from a folder this script wrote
         unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder", dtype=torch.float32)
     else:
