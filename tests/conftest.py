@@ -114,6 +114,18 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
 
 
+def tiny_latents(n: int, generator=None):
+    """Random latents of `n` pictures shaped for the embedded tiny model's UNet (its channels and sample size)."""
+    import json
+
+    import torch
+    from sdlora.tiny import MODEL_DIR
+
+    config = json.loads((Path(MODEL_DIR) / "unet" / "config.json").read_text())
+    size = config["sample_size"]
+    return torch.randn(n, config["in_channels"], size, size, generator=generator)
+
+
 def module_names(keys) -> set[str]:
     """The modules a LoRA file's keys belong to (a key's last two dotted parts dropped, or one for `.alpha`)."""
     return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}

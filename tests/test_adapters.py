@@ -10,6 +10,7 @@ import torch
 from sdlora import adapters
 from sdlora.adapters.type import AdapterType
 from sdlora.models import load_base
+from conftest import tiny_latents
 
 CALLS = [name for name, _ in inspect.getmembers(AdapterType, inspect.isfunction) if not name.startswith("_")]
 FACTS = {"name": str, "network_module": str, "key_suffixes": tuple, "conv": bool, "dora": bool}
@@ -42,7 +43,7 @@ def test_lora_parameters_come_from_its_layers_and_its_file_gives_its_weight_chan
     is the base; the written tensors read back to the same modules, and delta is what the layer adds to its weight."""
     lora = adapters.get("lora")
     unet = load_base("tiny").pipe.unet
-    x = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
+    x = (tiny_latents(1, torch.Generator().manual_seed(0)), torch.tensor([500]),
          torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         base = unet(*x).sample
@@ -96,7 +97,7 @@ def test_locon_and_dora_files_give_the_trained_layers_change(kind, rslora, tmp_p
     from sdlora.lora import kohya_modules, kohya_state_dict, save_lora
 
     unet = load_base("tiny").pipe.unet
-    x = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
+    x = (tiny_latents(1, torch.Generator().manual_seed(0)), torch.tensor([500]),
          torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         base = unet(*x).sample
@@ -196,7 +197,7 @@ def test_a_locon_run_verifies_merges_as_diffusers_loads_it_and_resizes(tmp_path,
     assert info["conv3x3_modules"] > 0 and info["dora_modules"] == 0
 
     base = load_base("tiny")
-    x = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]),
+    x = (tiny_latents(1, torch.Generator().manual_seed(0)), torch.tensor([500]),
          torch.randn(1, 77, base.pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)))
     loaded = load_base("tiny").pipe
     loaded.load_lora_weights(str(file))

@@ -12,6 +12,7 @@ from sdlora import adapters
 from sdlora.families.targets import UNET_CONV3X3_TARGETS, UNET_CONV_OTHER_TARGETS
 from sdlora.lora import kohya_modules, kohya_state_dict, save_lora
 from sdlora.models import load_base
+from conftest import tiny_latents
 
 CASES = {  # name -> TrainConfig values
     "loha": {"adapter": "loha"},
@@ -86,7 +87,7 @@ def _output_change(layer, weight_change):
 
 def _probe(unet):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]),
+    return (tiny_latents(1, g), torch.tensor([500]),
             torch.randn(1, 77, unet.config.cross_attention_dim, generator=g))
 
 
@@ -130,8 +131,8 @@ def test_the_file_is_what_lycoris_writes_and_reads_back_to_the_trained_change(ca
         factor = config.lokr_factor
         (a, b), (c, d) = factorization(out_q, factor), factorization(in_q, factor)
         assert state[f"{q}.lokr_w1"].shape == (a, c)  # the small factor, full
-        if case == "lokr-full":
-            assert suffixes == {"lokr_w1", "lokr_w2", "alpha"}
+        if case == "lokr-full" or 4 >= max(b, d) / 2:  # as LyCORIS: w2 stays whole where rank 4 would not shrink it
+            assert case != "lokr-full" or suffixes == {"lokr_w1", "lokr_w2", "alpha"}
             assert state[f"{q}.lokr_w2"].shape == (b, d)
         else:
             assert state[f"{q}.lokr_w2_a"].shape == (b, 4) and state[f"{q}.lokr_w2_b"].shape == (4, d)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import draw_dataset, small_config
+from conftest import draw_dataset, small_config, tiny_latents
 from sdlora import dataset as ds
 from sdlora import workspace as ws
 from sdlora.app import tab_pictures
@@ -52,8 +52,8 @@ def step_inputs(tiny, n=2, seed=0):
     from sdlora.batches import token_ids
 
     g = torch.Generator().manual_seed(seed)
-    return {"mean": torch.randn(n, 4, 8, 8, generator=g), "std": torch.rand(n, 4, 8, 8, generator=g) * 0.1,
-            "eps": torch.randn(n, 4, 8, 8, generator=g), "noise": torch.randn(n, 4, 8, 8, generator=g),
+    return {"mean": tiny_latents(n, g), "std": tiny_latents(n, g).abs() * 0.1,
+            "eps": tiny_latents(n, g), "noise": tiny_latents(n, g),
             "timesteps": torch.randint(0, 1000, (n,), generator=g),
             "ids_0": token_ids(tiny.pipe.tokenizer, ["a red circle", "a blue square"][:n], torch.device("cpu"))}
 
@@ -170,9 +170,10 @@ def test_the_mask_weighs_the_loss_per_latent_pixel(tiny):
     """Where the mask is 0 the prediction gets no gradient at all (so nothing there is learned), and the loss is
     kohya's: mean(error * mask), not renormalised by the mask's area. A mask of ones is no mask."""
     inputs = step_inputs(tiny)
-    mask = torch.ones(2, 1, 8, 8)
-    mask[:, :, :, 4:] = 0
-    mask[1, :, :2, :4] = 0.5
+    size = inputs["mean"].shape[-1]  # the mask is at latent resolution: left half kept, right half off
+    mask = torch.ones(2, 1, size, size)
+    mask[:, :, :, size // 2:] = 0
+    mask[1, :, :2, :size // 2] = 0.5
     seen = {}
 
     def keep(module, args, output):
@@ -186,14 +187,15 @@ def test_the_mask_weighs_the_loss_per_latent_pixel(tiny):
         hook.remove()
     error = (seen["pred"] - inputs["noise"]) ** 2  # epsilon prediction: the target is the noise
     assert loss.item() == pytest.approx((error * mask).mean().item(), rel=1e-5)
-    assert (seen["grad"][:, :, :, 4:] == 0).all()
-    assert (seen["grad"][:, :, :, :4] != 0).all()
-    assert torch.allclose(seen["grad"][1, :, :2, :4], 0.5 * 2 * (seen["pred"] - inputs["noise"])[1, :, :2, :4]
+    assert (seen["grad"][:, :, :, size // 2:] == 0).all()
+    assert (seen["grad"][:, :, :, :size // 2] != 0).all()
+    left = (1, slice(None), slice(0, 2), slice(0, size // 2))
+    assert torch.allclose(seen["grad"][left], 0.5 * 2 * (seen["pred"] - inputs["noise"])[left]
                           / error.numel(), rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in grads)
 
     whole, _ = tiny.step.loss_and_grads(**inputs)
-    ones, _ = tiny.step.loss_and_grads(**inputs, mask=torch.ones(2, 1, 8, 8))
+    ones, _ = tiny.step.loss_and_grads(**inputs, mask=torch.ones(2, 1, size, size))
     assert torch.equal(whole, ones) and loss < whole
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import draw_dataset, small_config
+from conftest import draw_dataset, small_config, tiny_latents
 from sdlora.rundir import read_events
 
 
@@ -78,8 +78,8 @@ def test_schedule_free_samples_and_saves_its_averaged_weights():
                                                                lr_scheduler="constant", unet_lr=1e-2, steps=10))
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
-        step([{"mean": torch.randn(2, 4, 8, 8, generator=g), "std": torch.rand(2, 4, 8, 8, generator=g) * 0.1,
-               "eps": torch.randn(2, 4, 8, 8, generator=g), "noise": torch.randn(2, 4, 8, 8, generator=g),
+        step([{"mean": tiny_latents(2, g), "std": tiny_latents(2, g).abs() * 0.1,
+               "eps": tiny_latents(2, g), "noise": tiny_latents(2, g),
                "timesteps": torch.randint(0, 1000, (2,), generator=g),
                "ids_0": token_ids(pipe.tokenizer, ["a red circle", "zxq"], torch.device("cpu"))}])
     training = [p.detach().clone() for p in step.params]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import draw_dataset, need
+from conftest import draw_dataset, need, tiny_latents
 from sdlora.config import TrainConfig
 from sdlora.errors import UserError
 from sdlora.export import verify
@@ -35,7 +35,7 @@ def _train_by_hand(precision: str) -> dict:
     params = LORA.attach(unet, UNET_TARGETS["attn"], rank=4, alpha=2.0) + LORA.attach(text_encoder, TEXT_TARGETS["attn"], rank=4, alpha=2.0)
     init = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(0)
-    latents, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    latents, noise = tiny_latents(2, gen), tiny_latents(2, gen)
     timesteps = torch.tensor([100, 600])
     ids = pipe.tokenizer(["a red circle", "a blue square"], padding="max_length",
                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import render_sample, draw_dataset, small_config
+from conftest import render_sample, draw_dataset, small_config, tiny_latents
 from sdlora import dataset as ds
 from sdlora.rundir import read_events
 from sdlora.tiny import MODEL_DIR
@@ -378,8 +378,8 @@ def test_gradient_accumulation_equals_the_whole_batch_at_once():
     from sdlora.step import build_step
 
     g = torch.Generator().manual_seed(0)
-    batch = {"mean": torch.randn(4, 4, 8, 8, generator=g), "std": torch.rand(4, 4, 8, 8, generator=g) * 0.1,
-             "eps": torch.randn(4, 4, 8, 8, generator=g), "noise": torch.randn(4, 4, 8, 8, generator=g),
+    batch = {"mean": tiny_latents(4, g), "std": tiny_latents(4, g).abs() * 0.1,
+             "eps": tiny_latents(4, g), "noise": tiny_latents(4, g),
              "timesteps": torch.randint(0, 1000, (4,), generator=g)}
     config = TrainConfig(dataset="-", rank=4, alpha=4.0, steps=10, lr_scheduler="constant", warmup_fraction=0.0)
     adapters = []
@@ -411,8 +411,8 @@ def test_lora_layers_take_bf16_inputs_with_the_same_result():
     from sdlora.step import build_step
 
     g = torch.Generator().manual_seed(0)
-    inputs = {"mean": torch.randn(2, 4, 8, 8, generator=g), "std": torch.rand(2, 4, 8, 8, generator=g) * 0.1,
-              "eps": torch.randn(2, 4, 8, 8, generator=g), "noise": torch.randn(2, 4, 8, 8, generator=g),
+    inputs = {"mean": tiny_latents(2, g), "std": tiny_latents(2, g).abs() * 0.1,
+              "eps": tiny_latents(2, g), "noise": tiny_latents(2, g),
               "timesteps": torch.randint(0, 1000, (2,), generator=g)}
     pipe = load_base("tiny").pipe
     inputs["ids_0"] = token_ids(pipe.tokenizer, ["a red circle", "zxq"], torch.device("cpu"))
@@ -468,8 +468,8 @@ def test_norms_run_in_bf16_and_stay_as_close_to_fp32_as_autocast():
     from sdlora.step import build_step
 
     g = torch.Generator().manual_seed(0)
-    inputs = {"mean": torch.randn(4, 4, 8, 8, generator=g), "std": torch.rand(4, 4, 8, 8, generator=g) * 0.1,
-              "eps": torch.randn(4, 4, 8, 8, generator=g), "noise": torch.randn(4, 4, 8, 8, generator=g),
+    inputs = {"mean": tiny_latents(4, g), "std": tiny_latents(4, g).abs() * 0.1,
+              "eps": tiny_latents(4, g), "noise": tiny_latents(4, g),
               "timesteps": torch.randint(0, 1000, (4,), generator=g)}
 
     def step_in(precision):
