@@ -243,6 +243,9 @@ def main() -> None:
                     "part it lacks (unet, text_encoder) starts from scratch as --arch describes it")
     ap.add_argument("--decoder-only", action="store_true",
                     help="with --init: train only the autoencoder's decoder; the latents, and so the UNet, stay valid")
+    ap.add_argument("--decode-mean", action="store_true",
+                    help="with --decoder-only: decode the posterior mean, as sampling does, not a sample of it (a "
+                         "decoder trained on samples learns to smooth over their noise and softens thin lines)")
     ap.add_argument("--object-weight", type=float, default=4.0, help="extra VAE loss weight on object pixels")
     ap.add_argument("--texture-boost", type=float, default=3.0,
                     help="autoencoder batches draw images with a named texture or eyes this many times more often")
@@ -254,6 +257,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokenizer", default=str(Path(MODEL_DIR) / "tokenizer"))
     args = ap.parse_args()
+    if args.decode_mean and not args.decoder_only:
+        # with the encoder training, its std would get no reconstruction signal and the KL term would widen it
+        ap.error("--decode-mean needs --decoder-only (and --init)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,7 +305,8 @@ def main() -> None:
         x = to_pixels(images[torch.multinomial(vae_draw, args.vae_batch, replacement=True, generator=gen)])
         with autocast:
             posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=gen)).sample.float()
+            latents = posterior.mode() if args.decode_mean else posterior.sample(generator=gen)
+            recon = vae.decode(latents).sample.float()
         # Objects and textures cover a small part of each image: weigh their pixels up so small shapes keep colour
         # and outline and thin lines stay. The background is each image's median colour (textures cover under half).
         median = x.flatten(2).median(dim=2).values[:, :, None, None]
