@@ -5,7 +5,8 @@ same random-init full-size architectures, in one process; then a whole `sdlora t
     python bench/train_speed.py --out DIR --only sd1-b1-unet # one configuration
     python bench/train_speed.py --out DIR --tiny             # CPU smoke test on the tests' small SD1 model
 
-Also: --profile (GPU time per step by kernel family, and the top kernels), --channels-last-too, --sdpa-too torch
+Also: --adapters-too locon loha lokr dora ... (sdlora's step training each adapter type, beside its LoRA),
+--profile (GPU time per step by kernel family, and the top kernels), --channels-last-too, --sdpa-too torch
 cudnn efficient flash, --cudnn-benchmark-too (variants of sdlora's step), --whole-env "" DIR (the whole run also in a
 bench/clean_env.py folder: only what an install of sdlora holds).
 
@@ -43,6 +44,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+# --adapters-too: each adapter type with sdlora's options for it, at the configuration's rank and targets
+ADAPTER_CASES = {"locon": {"adapter": "locon"}, "loha": {"adapter": "loha"}, "lokr": {"adapter": "lokr"},
+                 "lokr-full": {"adapter": "lokr", "lokr_full_matrix": True}, "dora": {"adapter": "dora"},
+                 "dora-conv": {"adapter": "dora", "dora_conv": True}}
 CONFIGS = {  # name: (family, resolution, batch, train text encoder)
     "sd1-b1-unet": ("sd1", 512, 1, False),
     "sd1-b1-unet+te": ("sd1", 512, 1, True),
@@ -305,7 +310,7 @@ def flops_of(fn) -> int:
 
 def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, tiny: bool,
                autotune_too: bool = False, channels_last_too: bool = False, sdpa_too: tuple = (),
-               profile: bool = False) -> dict:
+               profile: bool = False, adapters_too: tuple = ()) -> dict:
     family, resolution, batch, train_te = CONFIGS[name]
     if tiny:
         family, resolution = "tiny", 64
@@ -379,22 +384,26 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
                 "warmup_s": warmup_s}
 
     result["sdlora"] = {**measure(ours), "warmup_steps": warmup, "graphs": ours.step_fn.run.captured,
-                        "graph_failures": [repr(e)[:300] for e in ours.fails]}
+                        "graph_failures": [repr(e)[:300] for e in ours.fails], "trained_params": _trained(ours)}
     # variants of the same step, each built fresh, measured (and profiled) the same way: cuDNN timing every
     # convolution algorithm on first use of a shape; the UNet in channels-last memory format (not sdlora's default:
-    # docs/benchmarks.md); attention kernels in another order (the graphs keep the kernels picked at capture)
+    # docs/benchmarks.md); attention kernels in another order (the graphs keep the kernels picked at capture); other
+    # adapter types (sdlora's options for each, the same rank and targets)
+    keep = lambda v: None  # noqa: E731
     variants = []
     if autotune_too:
-        variants.append(("sdlora_cudnn_benchmark", lambda v: setattr(v, "cudnn_benchmark", True)))
+        variants.append(("sdlora_cudnn_benchmark", {}, lambda v: setattr(v, "cudnn_benchmark", True)))
     if channels_last_too:  # the base's weights: the adapters keep their layout
-        variants.append(("sdlora_channels_last", lambda v: v.pipe.unet.to(memory_format=torch.channels_last)))
-    variants += [(f"sdlora_sdpa_{backend}", lambda v, b=backend: setattr(v, "attention", attention_named(b)))
+        variants.append(("sdlora_channels_last", {}, lambda v: v.pipe.unet.to(memory_format=torch.channels_last)))
+    variants += [(f"sdlora_sdpa_{backend}", {}, lambda v, b=backend: setattr(v, "attention", attention_named(b)))
                  for backend in sdpa_too]
-    for label, adjust in variants:
+    variants += [(f"sdlora_{kind}", ADAPTER_CASES[kind], keep) for kind in adapters_too]
+    for label, overrides, adjust in variants:
         held = torch.cuda.memory_allocated() if device == "cuda" else 0
-        variant = Sdlora(build(family, device), train_te, batch, resolution, device)
+        variant = Sdlora(build(family, device), train_te, batch, resolution, device, **overrides)
         adjust(variant)
-        result[label] = measure(variant, held)
+        result[label] = {**measure(variant, held), "graphs": variant.step_fn.run.captured,
+                         "graph_failures": [repr(e)[:300] for e in variant.fails], "trained_params": _trained(variant)}
         if profile and device == "cuda":
             variant.step_fn.run.enabled = False
             result[label]["kernels"] = kernel_profile(lambda: variant.step(ours_inputs()))
@@ -438,6 +447,11 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
         r["ceiling_fraction"] = r["tflops"] / ceiling if ceiling == ceiling else None
     result["speedup"] = result["sdlora"]["images_per_s"] / result["reference"]["images_per_s"]
     return result
+
+
+def _trained(side: Sdlora) -> int:
+    """Parameters the step trains (the adapters' own, with DoRA's magnitudes)."""
+    return sum(p.numel() for m in side.step_fn.trained for p in m.parameters() if p.requires_grad)
 
 
 def _no_grad(fn, *args):
@@ -609,6 +623,9 @@ def main() -> None:
     ap.add_argument("--sdpa-too", nargs="*", default=[], choices=["torch", "cudnn", "efficient", "flash"],
                     help="also time sdlora's step with attention by these SDPA backends first (then cuDNN's), or in "
                          "torch's own order (cuDNN's first on Hopper)")
+    ap.add_argument("--adapters-too", nargs="*", default=[], choices=sorted(ADAPTER_CASES),
+                    help="also time sdlora's step training these adapter types (time, peak memory, parameters, "
+                         "whether the CUDA graph captured)")
     ap.add_argument("--profile", action="store_true", help="also: sdlora's GPU time per step by kernel family")
     ap.add_argument("--cudnn-benchmark-too", action="store_true",
                     help="also time sdlora's step with cuDNN autotuning (torch.backends.cudnn.benchmark) on")
@@ -634,7 +651,8 @@ def main() -> None:
             results["configs"].append(run_config(name, args.steps, args.warmup, results["bf16_matmul_tflops"], device,
                                                  args.tiny, autotune_too=args.cudnn_benchmark_too,
                                                  channels_last_too=args.channels_last_too,
-                                                 sdpa_too=tuple(args.sdpa_too), profile=args.profile))
+                                                 sdpa_too=tuple(args.sdpa_too), profile=args.profile,
+                                                 adapters_too=tuple(args.adapters_too)))
         except Exception:
             import traceback
 
@@ -661,6 +679,8 @@ def main() -> None:
 def table(results: dict) -> str:
     rows = ["| configuration | side | ms/step | images/s | peak GiB | GFLOP/step | TFLOP/s | of ceiling | speed-up |",
             "|---|---|---|---|---|---|---|---|---|"]
+    trained = lambda s: f" ({s['trained_params'] / 1e6:.2f}M params{', eager' if s.get('graphs') == 0 else ''})" \
+        if "trained_params" in s else ""  # noqa: E731
     for r in results["configs"]:
         if "error" in r:
             rows.append(f"| {r['config']} | error | | | | | | | |")
@@ -673,7 +693,7 @@ def table(results: dict) -> str:
                         f"{'%.2fx' % r['speedup'] if side == 'sdlora' else ''} |")
         for side in (k for k in r if k.startswith("sdlora_")):  # variants of sdlora's step: time and peak only
             s = r[side]
-            rows.append(f"| {r['config']} | {side[7:]} | {s['ms_per_step']:.1f} | "
+            rows.append(f"| {r['config']} | {side[7:]}{trained(s)} | {s['ms_per_step']:.1f} | "
                         f"{r['batch'] * 1e3 / s['ms_per_step']:.1f} | {s['peak_gb']:.2f} | | | | |")
         for side in (k for k in r if k.startswith("sdlora") and "kernels" in r[k]):
             k = r[side]["kernels"]
