@@ -15,7 +15,8 @@ index), and scores them with the checker (sdlora/tiny/checker.py), which knows w
 
 Per run it reports the recommended (save, strength)'s truth against the best in the grid (wanted: within 10%),
 whether the last save was avoided where truth prefers an earlier one, and the Spearman rank correlation between
-the run's bleed and the checker's change over the saves (at strength 1; wanted: 0.8 or more).
+the run's bleed and the checker's change over the saves (at strength 1; wanted: 0.8 or more), the change as it is
+and relative to the look gained with the trigger (the run's bleed is relative to the change with the trigger).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def truth_grid(prev, name: str, evals: list[dict], prompts: list[str]) -> dict:
     draw = lambda ps: prev.images(ps, seeds, steps=STEPS, guidance_scale=GUIDANCE)  # noqa: E731
     prev.set_loras([])
     base_plain = float(np.mean([score(name, im, p) for im, p in zip(draw(plain), plain)]))
+    base_look = float(np.mean([score(name, im, p) for im, p in zip(draw(prompts), prompts)]))
     grid = {}
     for e in evals:
         grid[e["path"]] = {}
@@ -93,11 +95,13 @@ def truth_grid(prev, name: str, evals: list[dict], prompts: list[str]) -> dict:
             grid[e["path"]][f"{s:g}"] = {
                 "look": round(look, 4), "change": round(change, 4), "truth": round(look - max(change, 0.0), 4),
                 "present": round(float(np.mean([checker.detail_present(name, im) for im in with_images])), 4)}
-    return {"base_plain_look": round(base_plain, 4), "grid": grid}
+    return {"base_plain_look": round(base_plain, 4), "base_look": round(base_look, 4), "grid": grid}
 
 
-def judge(evals: list[dict], recommend: dict, grid: dict) -> dict:
-    """The recommendation against the grid's truth, and the run's bleed against the checker's change."""
+def judge(evals: list[dict], recommend: dict, grid: dict, base_look: float) -> dict:
+    """The recommendation against the grid's truth, and the run's bleed against the checker's change: as it is
+    (`change`), and relative to the look gained with the trigger, as the run's bleed is relative to the change with
+    it (`change_relative`)."""
     cells = [(path, s, v["truth"]) for path, row in grid.items() for s, v in row.items()]
     best_path, best_s, best = max(cells, key=lambda c: c[2])
     chosen = grid[recommend["path"]][f"{recommend['strength']:g}"]["truth"]
@@ -105,6 +109,7 @@ def judge(evals: list[dict], recommend: dict, grid: dict) -> dict:
     best_per_save = {p: max(v["truth"] for v in grid[p].values()) for p in saves}
     earlier_better = max(best_per_save[p] for p in saves[:-1]) > best_per_save[saves[-1]] if len(saves) > 1 else False
     at_one = [next(r for r in e["strengths"] if r["strength"] == 1.0) for e in evals]
+    relative = lambda v: v["change"] / max(v["look"] - base_look, 1e-3)  # noqa: E731
     return {"recommended": {"path": recommend["path"], "strength": recommend["strength"], "truth": chosen,
                             "reason": recommend.get("reason")},
             "best": {"path": best_path, "strength": float(best_s), "truth": best},
@@ -114,7 +119,10 @@ def judge(evals: list[dict], recommend: dict, grid: dict) -> dict:
             "bleed_at_1": [round(r["bleed"], 4) for r in at_one],
             "checker_change_at_1": [grid[p]["1"]["change"] for p in saves],
             "spearman_bleed_vs_change": round(spearman([r["bleed"] for r in at_one],
-                                                       [grid[p]["1"]["change"] for p in saves]), 3)}
+                                                       [grid[p]["1"]["change"] for p in saves]), 3),
+            "checker_change_relative_at_1": [round(relative(grid[p]["1"]), 4) for p in saves],
+            "spearman_bleed_vs_change_relative": round(spearman([r["bleed"] for r in at_one],
+                                                                [relative(grid[p]["1"]) for p in saves]), 3)}
 
 
 def main() -> None:
@@ -137,7 +145,7 @@ def main() -> None:
         evals, recommend, train_s = train(Path(args.runs) / label, name, kind, args.steps_scale)
         t0 = time.time()
         grid = truth_grid(prev, name, evals, prompts_for(name, DATASETS[name], args.prompts))
-        verdict = judge(evals, recommend, grid["grid"])
+        verdict = judge(evals, recommend, grid["grid"], grid["base_look"])
         results["runs"][label] = {"train_wall_s": round(train_s, 1), "truth_wall_s": round(time.time() - t0, 1),
                                   "steps": [e["step"] for e in evals], **verdict, **grid,
                                   "evals": [{k: e[k] for k in ("step", "path", "learned", "bleed", "strengths", "on")}
