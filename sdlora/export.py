@@ -137,17 +137,18 @@ def write_diffusers_layout(path: str | Path, unet, text_encoders: list, config: 
         return {n.replace(f".{ADAPTER}.", "."): p.detach().float().cpu().contiguous()
                 for n, p in model.named_parameters() if "lora_" in n}
 
-    def meta(targets, conv_targets=()):  # peft's LoraConfig fields, as diffusers reads them back
+    def meta(targets, conv_targets=(), exclude=""):  # peft's LoraConfig fields, as diffusers reads them back
         return {"r": config.rank, "lora_alpha": config.alpha, "target_modules": [*targets, *conv_targets],
                 "rank_pattern": {t: config.conv_rank for t in conv_targets},
                 "alpha_pattern": {t: config.conv_alpha for t in conv_targets},
-                "use_dora": adapters.for_config(config).dora, "use_rslora": config.use_rslora}
+                "use_dora": adapters.for_config(config).dora, "use_rslora": config.use_rslora,
+                **({"exclude_modules": exclude} if exclude else {})}
 
     from sdlora.step import unet_adapter_targets
 
     path = Path(path)
     kw = {f"{fam.denoiser}_lora_layers": layers(unet),  # SD3.5: transformer_lora_layers
-          f"{fam.denoiser}_lora_adapter_metadata": meta(*unet_adapter_targets(fam, config))}
+          f"{fam.denoiser}_lora_adapter_metadata": meta(*unet_adapter_targets(fam, config), fam.unet_exclude)}
     for name, te in zip(fam.text_encoders.values(), text_encoders):
         kw[f"{name}_lora_layers"] = layers(te)
         kw[f"{name}_lora_adapter_metadata"] = meta(fam.text_targets[config.targets])

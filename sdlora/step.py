@@ -49,7 +49,7 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
     unet_targets, conv_targets = unet_adapter_targets(family, config)
     unet_params = adapter.attach(unet, unet_targets, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
                                  conv_targets=conv_targets, conv_rank=config.conv_rank, conv_alpha=config.conv_alpha,
-                                 rslora=config.use_rslora)
+                                 rslora=config.use_rslora, exclude=family.unet_exclude)
     te_params = []
     if config.train_text_encoder:
         for text_encoder in text_encoders:

@@ -399,7 +399,7 @@ FAMILY_DATA = {
     "added_conditioning": bool, "clip_skip": int, "clip_skip_fixed": bool, "memory_rows": tuple,
     "peft_names": bool, "denoiser": str, "latent_multiple": int, "objective": str, "frozen_text_encoders": tuple,
     "token_lengths": tuple,
-    "unet_targets": Mapping, "text_targets": Mapping,
+    "unet_targets": Mapping, "text_targets": Mapping, "unet_exclude": str,
     "base_model_version": str, "architecture": str, "implementation": str, "v2": bool,
 }
 # Functions: the ones a family module fills in, then the ones every Family has from its data.

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from conftest import assert_app_lists, draw_dataset, module_names, render_sample
 from sdlora import families
 from sdlora.errors import UserError
-from sdlora.families.naming import flux_original
+from sdlora.families.naming import flux_original, flux_original_modules
 from sdlora.models import CONFIGS_DIR, inspect_checkpoint, load_base
 from sdlora.rundir import read_events
 
@@ -219,6 +219,16 @@ def test_flux_lora_trains_exports_and_reproduces_in_plain_diffusers(flux_model, 
             "transformer.transformer_blocks.0.attn.to_add_out", "transformer.transformer_blocks.0.ff.net.2",
             "transformer.single_transformer_blocks.0.attn.to_v", "transformer.single_transformer_blocks.0.proj_mlp",
             "transformer.single_transformer_blocks.0.proj_out"} <= names
+    # attn-mlp adapts the layers kohya's sd-scripts trains by default, name for name: every linear layer inside the
+    # double and single blocks (networks/lora_flux.py), read here off the BFL layout of the same transformer
+    transformer = diffusers.FluxTransformer2DModel.from_pretrained(str(flux_model[0]), subfolder="transformer")
+    original = flux_original(transformer.state_dict(), transformer.config)
+    kohya = {"lora_unet_" + k[:-len(".weight")].replace(".", "_") for k, v in original.items()
+             if k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight") and v.dim() == 2}
+    to_original = flux_original_modules(transformer.config)
+    ours = {"lora_unet_" + to_original[n[len("transformer."):]].replace(".", "_")
+            for n in names if n.startswith("transformer.")}
+    assert ours == kohya and "transformer.proj_out" not in names
     te = {n for n in names if not n.startswith("transformer.")}
     assert te and all(n.startswith("text_encoder.text_model.encoder.layers.") for n in te)  # CLIP-L only, never T5
     assert (meta["modelspec.architecture"], meta["ss_base_model_version"]) == ("flux-1-dev/lora", "flux1")

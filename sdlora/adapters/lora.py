@@ -32,15 +32,17 @@ class LoRA:
 
     def attach(self, model: torch.nn.Module, targets: list[str], *, rank: int, alpha: float,
                dropout: float = 0.0, conv_targets: list[str] = (), conv_rank: int = 0, conv_alpha: float = 0.0,
-               rslora: bool = False) -> list[torch.nn.Parameter]:
+               rslora: bool = False, exclude: str = "") -> list[torch.nn.Parameter]:
         """peft LoRA layers on `targets` (Gaussian down, zero up: a fresh adapter leaves the output as it was); the
         base frozen, the adapter's parameters fp32 (updates would vanish in fp16). `conv_targets` take `conv_rank`
         and `conv_alpha` (LoCon's 3x3 convolutions, through peft's rank_pattern/alpha_pattern); `rslora` scales by
-        alpha/sqrt(rank). DoRA's magnitudes start at the base weights' row norms (peft), so it too starts as the base."""
+        alpha/sqrt(rank). DoRA's magnitudes start at the base weights' row norms (peft), so it too starts as the base.
+        `exclude`: a regular expression of module paths left without an adapter (peft's exclude_modules)."""
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                             target_modules=[*targets, *conv_targets], init_lora_weights="gaussian",
                             rank_pattern={t: conv_rank for t in conv_targets},
-                            alpha_pattern={t: conv_alpha for t in conv_targets}, use_dora=self.dora, use_rslora=rslora)
+                            alpha_pattern={t: conv_alpha for t in conv_targets}, use_dora=self.dora, use_rslora=rslora,
+                            exclude_modules=exclude or None)
         model.requires_grad_(False)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         params = [p for layer in self.layers(model).values()

@@ -39,11 +39,12 @@ class _Lycoris:
 
     def attach(self, model: torch.nn.Module, targets: list[str], *, rank: int, alpha: float,
                dropout: float = 0.0, conv_targets: list[str] = (), conv_rank: int = 0, conv_alpha: float = 0.0,
-               rslora: bool = False) -> list[torch.nn.Parameter]:
+               rslora: bool = False, exclude: str = "") -> list[torch.nn.Parameter]:
         """peft layers on `targets` and `conv_targets` (at `conv_rank`/`conv_alpha`), a fresh adapter leaving the
         output as it was; the base frozen, the adapter's parameters fp32. `rslora` scales by alpha/sqrt(rank), as
         LyCORIS's rs_lora: peft has no such switch, so the alpha given to peft is alpha * sqrt(rank). LyCORIS
-        trains no dropout inside LoHa/LoKr (TrainConfig.validate refuses one)."""
+        trains no dropout inside LoHa/LoKr (TrainConfig.validate refuses one). `exclude`: module paths left out, as
+        for LoRA."""
         assert dropout == 0.0, "LoHa and LoKr take no dropout"
 
         def scaled(a, r):
@@ -51,7 +52,8 @@ class _Lycoris:
 
         config = self._config(r=rank, alpha=scaled(alpha, rank), target_modules=[*targets, *conv_targets],
                               rank_pattern={t: conv_rank for t in conv_targets},
-                              alpha_pattern={t: scaled(conv_alpha, conv_rank) for t in conv_targets})
+                              alpha_pattern={t: scaled(conv_alpha, conv_rank) for t in conv_targets},
+                              exclude_modules=exclude or None)
         model.requires_grad_(False)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         params = []

@@ -80,6 +80,9 @@ class Family:
     # (kohya-layout LoRA state dict) -> the same in diffusers' peft layout, where diffusers converts the family's kohya
     # files itself (FLUX.1's); None: sdlora's own conversion of kohya's SD3 names (naming.kohya_sd3_to_peft)
     kohya_to_peft: Callable | None = None
+    # denoiser modules never adapted, as a regular expression the whole module path must match (peft's
+    # exclude_modules): FLUX.1's final `proj_out`, which shares its name with the single blocks' but lies outside them
+    unet_exclude: str = ""
 
     def __post_init__(self):
         for field in ("pipeline_kwargs", "text_encoders", "text_encoder_aliases", "unet_targets", "text_targets"):

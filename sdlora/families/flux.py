@@ -17,11 +17,14 @@ from sdlora.families.family import Family, no_prediction
 from sdlora.families.naming import flux_from_original
 
 # The double blocks' joint attention (image stream to_q/k/v/out, text stream add_*), which the single blocks share
-# (to_q/k/v only: their output goes through proj_out). The MLPs: each double-block stream's feed-forward and the
-# single blocks' proj_mlp/proj_out (peft matches names by suffix, so the final layer's proj_out is adapted too).
+# (to_q/k/v only: their output goes through proj_out). "attn-mlp" is every linear layer of the blocks, as kohya's
+# sd-scripts trains FLUX.1 by default (networks/lora_flux.py): besides the attention, each double-block stream's
+# feed-forward and modulation (BFL's img_mod/txt_mod), the single blocks' proj_mlp, proj_out and modulation. The
+# transformer's final proj_out (BFL's final_layer) is outside the blocks and stays as it is (Family.unet_exclude).
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 MLP = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
-TRANSFORMER_TARGETS = {"attn": ATTENTION, "attn-mlp": ATTENTION + MLP}
+MODULATION = ["norm1.linear", "norm1_context.linear", "norm.linear"]
+TRANSFORMER_TARGETS = {"attn": ATTENTION, "attn-mlp": ATTENTION + MLP + MODULATION}
 TEXT_TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
                 "attn-mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
 # FluxPipeline's max_sequence_length: 512 by default; schnell was distilled at 256 (its model card and diffusers'
@@ -174,7 +177,7 @@ def _family(dev: bool) -> Family:
         token_lengths=(0, T5_TOKENS_DEV if dev else T5_TOKENS_SCHNELL),
         # CLIP-L's pooled output only: its last layer, whatever the skip
         clip_skip=1, clip_skip_fixed=True, memory_rows=MEMORY, unet_targets=TRANSFORMER_TARGETS,
-        text_targets=TEXT_TARGETS,
+        text_targets=TEXT_TARGETS, unet_exclude="proj_out",
         # kohya's ss_base_model_version is `flux1` for both (library/flux_utils.py MODEL_VERSION_FLUX_V1): the
         # architecture tells them apart (families.stated)
         base_model_version="flux1",

@@ -365,6 +365,15 @@ def _flux_fused(config) -> list[tuple[str, list[str]]]:
     return out
 
 
+def flux_original_modules(config) -> dict[str, str]:
+    """diffusers module path -> the BFL module it is (part of), for every FLUX.1 transformer layer that is renamed or
+    fused (`transformer_blocks.0.attn.to_q` -> `double_blocks.0.img_attn.qkv`). kohya names a LoRA module after the
+    BFL one: `lora_unet_` and the path with `_` for `.`."""
+    out = dict(_flux_pairs(config))
+    out.update({part: fused for fused, parts in _flux_fused(config) for part in parts})
+    return out
+
+
 def flux_original(state: dict, config) -> dict[str, torch.Tensor]:
     """A diffusers FluxTransformer2DModel state dict under BFL's original names (`double_blocks.0.img_attn.qkv`,
     `single_blocks.0.linear1`, ...): the inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers."""
