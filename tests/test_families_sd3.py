@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from conftest import assert_app_lists, draw_dataset, module_names, render_sample
 from sdlora import families
 from sdlora.errors import UserError
-from sdlora.families.naming import original_layout
+from sdlora.families.naming import mmdit_original, mmdit_original_modules, original_layout
 from sdlora.models import CONFIGS_DIR, inspect_checkpoint, load_base
 from sdlora.rundir import read_events
 
@@ -374,3 +374,21 @@ def test_kohya_sd3_loras_load_as_diffusers_merges_them_into_the_original_layers(
                                                                 "lora_up.weight": torch.zeros(16, 2)}, {})
     with pytest.raises(UserError, match="2 keys of this kohya-layout LoRA fit no SD3.5 Medium layer, e.g. lora_te3_"):
         prev.set_loras([(str(tmp_path / "t5.safetensors"), 1.0)])
+
+
+def test_sd3_attn_mlp_adapts_the_layers_kohya_trains_name_for_name(sd3_model):
+    """attn-mlp puts an adapter on every linear layer of the MMDiT blocks and nothing else, the set kohya's sd-scripts
+    trains by default (networks/lora_sd3.py), read here off the original layout of the same transformer."""
+    from diffusers import SD3Transformer2DModel
+
+    from sdlora.adapters.lora import LORA
+
+    transformer = SD3Transformer2DModel.from_pretrained(str(sd3_model[0]), subfolder="transformer")
+    original = mmdit_original(transformer.state_dict(), transformer.config)
+    kohya = {"lora_unet_" + k[:-len(".weight")].replace(".", "_") for k, v in original.items()
+             if k.startswith("joint_blocks.") and k.endswith(".weight") and v.dim() == 2}
+    family = families.get("sd3.5-medium")
+    LORA.attach(transformer, family.unet_targets["attn-mlp"], rank=2, alpha=2.0, exclude=family.unet_exclude)
+    to_original = mmdit_original_modules(transformer.config)
+    ours = {"lora_unet_" + to_original[name].replace(".", "_") for name in LORA.layers(transformer)}
+    assert ours == kohya

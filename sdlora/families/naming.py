@@ -281,6 +281,12 @@ def _mmdit_modules(config) -> dict[str, tuple[list[str], bool]]:
     return table
 
 
+def mmdit_original_modules(config) -> dict[str, str]:
+    """diffusers module path -> the original MMDiT module it is (part of) (`transformer_blocks.0.attn.to_q` ->
+    `joint_blocks.0.x_block.attn.qkv`); kohya names a LoRA module after the original one."""
+    return {part: original for original, (parts, _) in _mmdit_modules(config).items() for part in parts}
+
+
 def kohya_sd3_to_peft(state: dict[str, torch.Tensor], config, text_encoders: dict[str, tuple[str, list[str]]]) \
         -> tuple[dict[str, torch.Tensor], list[str]]:
     """A kohya-layout SD3 LoRA (sd-scripts' networks/lora_sd3.py: `lora_unet_joint_blocks_0_x_block_attn_qkv`, the

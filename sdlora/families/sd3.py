@@ -16,10 +16,13 @@ from sdlora.families.family import Family, no_prediction
 
 # The MMDiT blocks' joint attention: the image stream's q/k/v/out and the text stream's (diffusers' names; kohya
 # trains the original fused `qkv`, which diffusers splits on load). MMDiT-X blocks (3.5 Medium) add `attn2`, the same
-# four names. The MLPs: each stream's feed-forward.
+# four names. "attn-mlp" is every linear layer of the blocks, as kohya's sd-scripts trains SD3 by default
+# (networks/lora_sd3.py): besides the attention, each stream's feed-forward and modulation (the original
+# adaLN_modulation; the final layer's, norm_out, stays as it is).
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 MLP = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-TRANSFORMER_TARGETS = {"attn": ATTENTION, "attn-mlp": ATTENTION + MLP}
+MODULATION = ["norm1.linear", "norm1_context.linear"]
+TRANSFORMER_TARGETS = {"attn": ATTENTION, "attn-mlp": ATTENTION + MLP + MODULATION}
 # the two CLIP encoders (CLIPTextModelWithProjection); T5 stays frozen
 TEXT_TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
                 "attn-mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
