@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdlora.config import SAMPLE_GUIDANCE, SAMPLE_SCHEDULER, SAMPLE_STEPS
-from sdlora.errors import UserError
+from sdlora.errors import UserError, first_line
 from sdlora.info import base_modules, check_plain_lora, fit, read_adapter
 from sdlora.lora import check_lora_fits, read_lora
 from sdlora.models import Base, check_sampler, load_base, sample_guidance_rescale
@@ -66,27 +66,21 @@ class Previewer:
             try:
                 state, metadata = read_lora(p)
             except Exception as e:
-                raise UserError(f"{p.name} is not a readable .safetensors LoRA file: {str(e).splitlines()[0][:200]}",
+                raise UserError(f"{p.name} is not a readable .safetensors LoRA file: {first_line(e, 200)}",
                                 "give the path of a LoRA .safetensors file") from None
             check_plain_lora(p.name, state)  # say what an OFT or Tucker file is, before diffusers fails on its keys
             check_lora_fits(p.name, state, metadata, self.base)
             # SD3.5 and FLUX.1 kohya-layout files come converted (what fits no layer refused by name); every other
             # file loads as it is (with its metadata)
-            hint = "check that the LoRA was made for this model family (SD1, SD2, SDXL, SD3.5 or FLUX.1)"
-            try:
-                loadable = self.base.fam.loadable(state, self.pipe)
-            except UserError:
-                raise
-            except Exception as e:  # diffusers' converters raise ValueError/KeyError for foreign files
-                raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
-                                hint) from None
+            loadable = self.base.fam.loadable(state, self.pipe)
             adapter = read_adapter(p)
             if adapter.plain:
                 try:
                     self.pipe.load_lora_weights(str(p) if loadable is state else loadable, adapter_name=name)
                 except Exception as e:  # diffusers raises ValueError/KeyError/RuntimeError for foreign files
-                    raise UserError(f"{p.name} could not be loaded on this base model: {str(e).splitlines()[0][:200]}",
-                                    hint) from None
+                    raise UserError(f"{p.name} could not be loaded on this base model: {first_line(e, 200)}",
+                                    "check that the LoRA was made for this model family (SD1, SD2, SDXL, SD3.5 or "
+                                    "FLUX.1)") from None
             else:
                 # diffusers 0.42 reads no LoHa/LoKr and drops DoRA's dora_scale: these go into the weights instead
                 result = fit(adapter, self._patches.table)

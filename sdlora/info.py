@@ -14,7 +14,7 @@ import torch
 from sdlora import adapters, families
 from sdlora.adapters.lora import LORA
 from sdlora.adapters.type import AdapterType
-from sdlora.errors import UserError
+from sdlora.errors import UserError, first_line
 from sdlora.families.naming import KOHYA_UNET, kohya_name, kohya_text_encoder_name
 from sdlora.families.targets import TEXT_TARGETS, UNET_TARGETS
 from sdlora.lora import read_lora
@@ -73,7 +73,7 @@ def read_adapter(path: str | Path) -> Adapter:
     try:
         state, metadata = read_lora(path)
     except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
-        raise UserError(f"{path.name} is not a readable .safetensors file: {str(e).splitlines()[0][:200]}",
+        raise UserError(f"{path.name} is not a readable .safetensors file: {first_line(e, 200)}",
                         "check that the download finished; sdlora reads .safetensors LoRA files") from None
     check_plain_lora(path.name, state)
     found = adapters.read_any(state, metadata)

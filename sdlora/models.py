@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sdlora import families
-from sdlora.errors import UserError
+from sdlora.errors import UserError, first_line
 from sdlora.families import Family
 from sdlora.families.naming import ORIGINAL_UNET
 
@@ -115,7 +115,7 @@ def _from_folder(folder: str, family: Family, dtype: torch.dtype | dict):
     try:
         return DiffusionPipeline.from_pretrained(folder, **_pipeline_kwargs(family, dtype))
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"could not load the diffusers folder {folder}: {_first_line(e)}",
+        raise UserError(f"could not load the diffusers folder {folder}: {first_line(e)}",
                         "check that it holds a complete Stable Diffusion model (unet, vae, text encoder, tokenizer)") from None
 
 
@@ -207,7 +207,7 @@ def _open_checkpoint(path: Path):
         try:
             f = safe_open(str(path), framework="pt")
         except Exception as e:
-            raise UserError(f"{path.name} is not a readable .safetensors file: {_first_line(e)}",
+            raise UserError(f"{path.name} is not a readable .safetensors file: {first_line(e)}",
                             "download it again; the file may be truncated") from None
         keys = set(f.keys())
         return keys, (lambda k: f.get_tensor(k) if k in keys else None), (f.metadata() or {})
@@ -226,10 +226,10 @@ def _torch_load(path: Path) -> dict:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"{path.name} holds pickled objects besides weights, and sdlora only loads .ckpt files with "
-                        f"weights_only=True ({_first_line(e)[:120]})",
+                        f"weights_only=True ({first_line(e, 120)})",
                         "use a .safetensors version of the model") from None
     except Exception as e:
-        raise UserError(f"{path.name} could not be read as a PyTorch checkpoint: {_first_line(e)}",
+        raise UserError(f"{path.name} could not be read as a PyTorch checkpoint: {first_line(e)}",
                         "use a .safetensors version of the model") from None
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -282,7 +282,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
     except Exception as e:  # diffusers raises many types here; the user needs one line
         hint = ("pass --base-config with a diffusers folder (or cached hub id) of this model's architecture"
                 if not base_config else "check that --base-config has the same architecture as the file")
-        raise UserError(f"could not load {path.name} as an {label} checkpoint: {_first_line(e)[:200]}", hint) from None
+        raise UserError(f"could not load {path.name} as an {label} checkpoint: {first_line(e, 200)}", hint) from None
     for name in family.frozen_text_encoders:
         t5 = getattr(pipe, name, None)
         if t5 is not None and hasattr(t5, "shared") and t5.encoder.embed_tokens.weight.is_meta:
@@ -327,7 +327,7 @@ def _denoiser_from_single_file(path: Path, family: Family, base_config: str, dty
             denoiser = cls.from_config(config)
         denoiser.load_state_dict(converted, strict=True, assign=True)
     except (KeyError, RuntimeError, ValueError) as e:
-        raise UserError(f"could not load {path.name} as an {label} transformer: {_first_line(e)[:200]}",
+        raise UserError(f"could not load {path.name} as an {label} transformer: {first_line(e, 200)}",
                         "check that --base-config has the same architecture as the file") from None
     denoiser = denoiser.to(dtype)
     dtypes = dtype if vae_dtype == dtype else {"vae": vae_dtype, "default": dtype}
@@ -362,7 +362,7 @@ def _from_hub(repo_id: str, dtype: torch.dtype | dict):
     try:
         return DiffusionPipeline.from_pretrained(repo_id, **kwargs)
     except Exception as e:
-        raise UserError(f"could not download {repo_id}: {_first_line(e)[:200]}", f"check the id and the network, or {hint}") from None
+        raise UserError(f"could not download {repo_id}: {first_line(e, 200)}", f"check the id and the network, or {hint}") from None
 
 
 def _base(pipe, name: str, prediction_type: str | None, ztsnr: bool | None, resolution: int | None = None) -> Base:
@@ -412,8 +412,3 @@ def check_sampler(name: str, scheduler_config) -> None:
         raise UserError(f"sampler {name} cannot draw from a zero-terminal-SNR base (it has no rescale_betas_zero_snr)",
                         "use EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDIMScheduler, "
                         "DPMSolverMultistepScheduler or UniPCMultistepScheduler")
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from sdlora.errors import UserError
+from sdlora.errors import UserError, first_line
 
 PRECISIONS = ("auto", "fp8", "int8", "nf4")  # auto: the base stays in the training precision, unquantized
 # Kept in the compute precision in every mode, by full module path: the UNet's first and last convolutions (a few
@@ -38,7 +38,7 @@ def check_precision(precision: str, *, cuda: bool) -> None:
         layer = _bnb_linear(bnb, torch.nn.Linear(64, 64), precision)
         layer(torch.randn(2, 64))
     except Exception as e:  # whatever bitsandbytes raises where it has no kernel for this device
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        why = first_line(e, 120)
         hint = "use --base-precision fp8 (runs on any CPU or GPU), or train on a CUDA GPU"
         raise UserError(f"base_precision {precision} cannot run on this CPU with bitsandbytes "
                         f"{bnb.__version__} ({why})", hint) from None

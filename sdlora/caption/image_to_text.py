@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdlora.errors import UserError
+from sdlora.errors import UserError, first_line
 
 # model_type -> the text each picture is captioned with (None: the picture alone). Florence-2 takes a task token.
 # Only these two are tested (tests/test_caption.py); another kind is one line here once it is.
@@ -35,7 +35,7 @@ class ImageToText:
             self.processor = AutoProcessor.from_pretrained(folder)
             self.model = AutoModelForImageTextToText.from_pretrained(folder, dtype=self.dtype).to(self.device).eval()
         except (OSError, ValueError) as error:
-            raise UserError(f"could not load captioner {name}: {str(error).splitlines()[0]}",
+            raise UserError(f"could not load captioner {name}: {first_line(error)}",
                             "download the whole model again, or give a folder with its processor files") from None
 
     def caption(self, images, mode: str = "sentence") -> list[str]:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from sdlora.errors import UserError
+from sdlora.errors import UserError, first_line
 from sdlora.families import naming
 
 
@@ -178,27 +178,31 @@ class Family:
 
     def loadable(self, state: dict, pipe) -> dict:
         """A LoRA file's tensors as the family's diffusers pipeline loads them: unchanged, except that with
-        peft_names a kohya-layout file (SD3.5 from kohya's sd-scripts: fused qkv, `lora_te1_`) comes in diffusers'
-        layout (diffusers 0.42 has no kohya conversion for SD3). A UserError names a key it cannot place."""
+        peft_names a kohya-layout file (fused qkv, `lora_te1_`) comes in diffusers' layout: SD3.5's by sdlora's own
+        conversion (diffusers 0.42 has none), FLUX.1's by diffusers' (kohya_to_peft). A UserError names a key it
+        cannot place, or quotes the converter's error for a file made for another model."""
         if not self.peft_names or not any(k.startswith(("lora_unet_", "lora_te")) for k in state):
             return state
-        if self.kohya_to_peft is not None:
-            try:
+        try:
+            if self.kohya_to_peft is not None:
                 return self.kohya_to_peft(state)
-            except (ValueError, KeyError, RuntimeError) as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise UserError(f"this kohya-layout LoRA does not fit {self.label}: {first}",
-                                "check that the LoRA was made for this model") from None
+            out, left = self._kohya_sd3_to_peft(state, pipe)
+        except (ValueError, KeyError, RuntimeError) as e:  # a file whose names or shapes are another model's
+            raise UserError(f"this kohya-layout LoRA does not fit {self.label}: {first_line(e, 200)}",
+                            "check that the LoRA was made for this model") from None
+        if left:
+            raise UserError(f"{len(left)} keys of this kohya-layout LoRA fit no {self.label} layer, e.g. {left[0]}",
+                            "T5 LoRAs (lora_te3_) are not read; check that the LoRA was made for this model")
+        return out
+
+    def _kohya_sd3_to_peft(self, state: dict, pipe) -> tuple[dict, list[str]]:
+        """naming.kohya_sd3_to_peft for this pipeline's denoiser and adaptable text encoders."""
         import torch
 
         encoders = {prefix: (component, [p for p, m in getattr(pipe, component).named_modules()
                                          if isinstance(m, torch.nn.Linear)])
                     for prefix, component in self.text_encoders.items()}
-        out, left = naming.kohya_sd3_to_peft(state, self.denoiser_of(pipe).config, encoders)
-        if left:
-            raise UserError(f"{len(left)} keys of this kohya-layout LoRA fit no {self.label} layer, e.g. {left[0]}",
-                            "T5 LoRAs (lora_te3_) are not read; check that the LoRA was made for this model")
-        return out
+        return naming.kohya_sd3_to_peft(state, self.denoiser_of(pipe).config, encoders)
 
     def file_state_dict(self, state: dict) -> dict:
         """A kohya-layout state dict (sdlora.lora.kohya_state_dict, named by this family) as the family's files hold
