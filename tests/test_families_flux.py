@@ -83,7 +83,6 @@ def flux_run(flux_model, tmp_path_factory):
     return run
 
 
-
 def test_flux_folder_and_single_file_load_the_same_model_offline(flux_model, offline):
     for folder, single, name in ((flux_model[0], flux_model[1], "flux.1-dev"),
                                  (flux_model[2], flux_model[3], "flux.1-schnell")):

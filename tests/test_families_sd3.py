@@ -85,7 +85,6 @@ def sd3_run(sd3_model, tmp_path_factory):
     return run
 
 
-
 def test_sd3_folder_and_single_file_load_the_same_model_offline(sd3_model, offline):
     folder, single = sd3_model
     from_folder, from_file = load_base(str(folder)), load_base(str(single), base_config=str(folder))
