@@ -285,11 +285,12 @@ def save_name(path: Path) -> str:
 
 def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -> tuple[list, Recommendation]:
     """Measure every save of a finished (or stopped) run from its files, with the base its config names, and write
-    the `eval` events and the `recommend` event to the run's events. Files diffusers' loader reads (LoRA, LoCon)."""
+    the `eval` events and the `recommend` event to the run's events. Every adapter type sdlora trains."""
     from sdlora.config import TrainConfig
     from sdlora.errors import UserError
-    from sdlora.lora import read_lora
+    from sdlora.info import base_modules, fit, read_adapter
     from sdlora.models import load_base
+    from sdlora.patch import Patches
     from sdlora import objectives
     from sdlora.rundir import EventLog
 
@@ -310,19 +311,32 @@ def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -
     base = load_base(config.base, base_config=config.base_config, prediction_type=config.prediction_type,
                      zero_terminal_snr=config.zero_terminal_snr)
     pipe, family = base.pipe.to(device), base.fam.with_train_guidance(config.train_guidance)
-    names, steps = [], {}
+    # LoRA/LoCon files load through diffusers' loader and are re-weighted there; the types it does not read whole
+    # (LoHa, LoKr, DoRA's magnitudes) go into the base's weights at each strength, as previews put them
+    patches = Patches(base_modules(pipe, base.family))
+    names, steps, patched = [], {}, {}
     for i, path in enumerate(saves):
-        state, metadata = read_lora(path)
-        steps[int(metadata.get("ss_steps") or i)] = path
-        if any(k.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".dora_scale")) for k in state):
-            raise UserError(f"{path.name} is of a type diffusers' loader cannot apply at a strength",
-                            "its measures are taken while training (evaluate on); see the run's eval events")
-        pipe.load_lora_weights(str(path), adapter_name=f"save{i}")
-        names.append(f"save{i}")
+        adapter = read_adapter(path)
+        steps[int(adapter.metadata.get("ss_steps") or i)] = path
+        name = f"save{i}"
+        if adapter.plain:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        else:
+            result = fit(adapter, patches.table)
+            bad = adapter.stray + result["missing"] + [n for n, _, _ in result["wrong_shape"]]
+            if bad:
+                raise UserError(f"{len(bad)} entries in {path.name} do not map onto {config.base}, e.g. {bad[0]}",
+                                f"`sdlora info {path} --base ...` lists them")
+            patched[name] = adapter
+        names.append(name)
+    loaded = [n for n in names if n not in patched]
     current = [names[0]]
 
     def set_strength(strength: float) -> None:
-        pipe.set_adapters(names, adapter_weights=[strength if n == current[0] else 0.0 for n in names])
+        name = current[0]
+        if loaded:
+            pipe.set_adapters(loaded, adapter_weights=[strength if n == name else 0.0 for n in loaded])
+        patches.apply([(patched[name], strength)] if name in patched else [])
     data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template)
     records, heldout = split(data.records, config.eval_holdout, config.seed)
     resolution = config.resolution or base.resolution

@@ -137,6 +137,13 @@ def test_locon_and_dora_files_give_the_trained_layers_change(kind, rslora, tmp_p
             wanted = layer(probe) - layer.get_base_layer()(probe)
         dora_weight = state[f"{name}.dora_scale"] * v / v.norm(dim=1, keepdim=True)
         assert torch.allclose(probe @ (dora_weight - weight).T, wanted, atol=1e-5)
+        # at another strength the layer blends as loaders blend the weights: W + s * (W_dora - W)
+        adapter.set_strength(unet, 0.5)
+        with torch.no_grad():
+            assert torch.allclose(layer(probe) - layer.get_base_layer()(probe), 0.5 * wanted, atol=1e-5)
+        adapter.set_strength(unet, 1.0)
+        with torch.no_grad():
+            assert torch.allclose(layer(probe) - layer.get_base_layer()(probe), wanted, atol=1e-6)
     with torch.no_grad():
         adapter.set_strength(unet, 0.0)
         assert torch.equal(unet(*x).sample, base)

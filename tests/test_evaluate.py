@@ -87,7 +87,7 @@ def test_evaluation_can_be_turned_off(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("adapter", sorted(adapters.TYPES))
-def test_every_adapter_type_is_measured(tmp_path, dataset_dir, adapter):
+def test_every_adapter_type_is_measured_in_the_run_and_from_its_file(tmp_path, dataset_dir, adapter):
     from conftest import small_config
     from sdlora.train import train
 
@@ -98,3 +98,9 @@ def test_every_adapter_type_is_measured(tmp_path, dataset_dir, adapter):
     numbers = [r[k] for r in measured["strengths"] for k in ("learned", "bleed")]
     assert len(numbers) == 12 and all(math.isfinite(n) for n in numbers) and measured["learned"] > 0
     assert any(e["type"] == "recommend" for e in read_events(run))
+    # measured again from the file alone (LoHa, LoKr and DoRA put into the base's weights): the same numbers
+    assert main(["eval", str(run)]) == 0
+    again = [e for e in read_events(run) if e["type"] == "eval" and e.get("source") == "sdlora eval"][-1]
+    assert [r["learned"] for r in again["strengths"]] == pytest.approx([r["learned"] for r in measured["strengths"]],
+                                                                       rel=1e-3, abs=1e-5)
+    assert again["bleed"] == pytest.approx(measured["bleed"], rel=1e-3)

@@ -59,12 +59,20 @@ class LoRA:
 
     def set_strength(self, model: torch.nn.Module, strength: float) -> None:
         for layer in self.layers(model).values():
-            layer.set_scale(ADAPTER, strength)
-            if self.dora:
-                # peft's DoRA keeps its magnitude at scale 0 (m/|W| times the base output): strength 0 turns the
-                # layer off instead, so that 0 is the base as for every other type. Between 0 and 1 peft scales the
-                # direction's update; files merged or loaded by LyCORIS/ComfyUI blend W + s * (W_dora - W).
-                layer.enable_adapters(strength != 0)
+            if not self.dora:
+                layer.set_scale(ADAPTER, strength)
+                continue
+            # peft's DoRA at scale s scales only the direction's update and keeps the magnitude, and at scale 0 still
+            # gives m/|W| times the base output. Loaders (ComfyUI, Forge, A1111, LyCORIS) blend the weights instead,
+            # W + s * (W_dora - W); per layer that is exactly the outputs' blend, base + s * (dora - base), which a
+            # forward hook gives. 0 turns the layer off: the base, as for every other type.
+            layer.set_scale(ADAPTER, 1.0)
+            layer.enable_adapters(strength != 0)
+            blend = layer.__dict__.pop("_sdlora_blend", None)
+            if blend is not None:
+                blend.remove()
+            if strength not in (0, 1):
+                layer.__dict__["_sdlora_blend"] = layer.register_forward_hook(_Blend(strength))
 
     def state_dict(self, named_layers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -203,3 +211,14 @@ LORA = LoRA()
 LOCON = LoRA("locon", conv=True)
 DORA = LoRA("dora", dora=True)
 DORA_CONV = LoRA("dora", conv=True, dora=True)  # DoRA on LoCon's layers too (TrainConfig.dora_conv)
+
+
+class _Blend:
+    """A forward hook that makes a DoRA layer's output the base's plus `strength` times its change."""
+
+    def __init__(self, strength: float):
+        self.strength = strength
+
+    def __call__(self, layer, args, output):
+        base = layer.base_layer(args[0])
+        return base + self.strength * (output - base)
