@@ -80,9 +80,14 @@ class Evaluator:
 
     def __init__(self, *, denoiser, text_encoders, tokenizers, family, vae, objective, scaling: tuple[float, float],
                  set_strength, records, heldout, trigger: str, resolution: int, clip_skip: int, seed: int,
-                 device, dtype=torch.float32, batch_size: int = 8, autocast=contextlib.nullcontext):
+                 device, dtype=torch.float32, batch_size: int = 8, autocast=contextlib.nullcontext,
+                 adapted_encoders: int | None = None):
         """`denoiser`: the family's (a UNet, or SD3's transformer); `scaling`: (scaling_factor, shift_factor) of the
-        VAE's latents, as the step applies them."""
+        VAE's latents, as the step applies them; `adapted_encoders`: how many of `text_encoders` (the first ones) carry
+        adapters (default: all). The others' outputs do not depend on the strength: each prompt goes through them
+        once, here, so SD3's and FLUX.1's T5 is not needed on the device again."""
+        adapted = len(text_encoders) if adapted_encoders is None else adapted_encoders
+        text_encoders = [te if i < adapted else _Remembered(te) for i, te in enumerate(text_encoders)]
         self.denoiser, self.text_encoders, self.tokenizers, self.family = denoiser, text_encoders, tokenizers, family
         self.objective, self.set_strength, self.device, self.dtype = objective, set_strength, device, dtype
         # as many pictures a forward as training takes, more where they are small (64 px: 32)
@@ -120,7 +125,7 @@ class Evaluator:
         without += [(lat, noise, t, prompt) for lat, noise, t, _ in bleed_with[:len(BLEED_FRACTIONS)]
                     for prompt in GENERIC_PROMPTS]
         self.without = without
-        self.models = [denoiser, *text_encoders]
+        self.models = [denoiser, *(te.model if isinstance(te, _Remembered) else te for te in text_encoders)]
         self.base = self._run(lambda: self._predict_sets(0.0))
 
     def _run(self, compute):
@@ -209,6 +214,24 @@ class Evaluator:
                 if self.train:
                     result.heldout_loss, result.train_loss = loss, self._loss(self.train, preds["train"])
         return result
+
+
+class _Remembered:
+    """A text encoder the adapters leave alone, called as the model: each (token ids, options) computed once."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, {}
+
+    def __call__(self, ids: torch.Tensor, *args, **kwargs):
+        key = (str(ids.device), tuple(ids.shape), ids.cpu().numpy().tobytes(), args, tuple(sorted(kwargs.items())))
+        if key not in self.seen:
+            self.seen[key] = self.model(ids, *args, **kwargs)
+        return self.seen[key]
+
+    def __getattr__(self, name):  # the model's own attributes (dtype, config, final_layer_norm, ...)
+        if name in ("model", "seen"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
 
 
 def earlier_measures(run_dir: str | Path, step: int) -> list[Measure]:
@@ -340,13 +363,14 @@ def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -
     data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template)
     records, heldout = split(data.records, config.eval_holdout, config.seed)
     resolution = config.resolution or base.resolution
-    evaluator = Evaluator(denoiser=getattr(pipe, family.denoiser), text_encoders=family.text_encoder_models(pipe),
+    evaluator = Evaluator(denoiser=getattr(pipe, family.denoiser), text_encoders=family.encoders(pipe),
                           tokenizers=family.tokenizers(pipe), family=family, vae=pipe.vae,
                           objective=objectives.make(family, pipe.scheduler.config, config, device),
                           scaling=(pipe.vae.config.scaling_factor, getattr(pipe.vae.config, "shift_factor", None) or 0.0),
                           set_strength=set_strength, records=records, heldout=heldout, trigger=config.trigger,
                           resolution=resolution, clip_skip=family.resolve_clip_skip(config.clip_skip), seed=config.seed,
-                          device=torch.device(device), batch_size=config.batch_size)
+                          device=torch.device(device), batch_size=config.batch_size,
+                          adapted_encoders=len(family.text_encoders) if config.train_text_encoder else 0)
     events = EventLog(run_dir)
     measures = []
     for name, (step, path) in zip(names, steps.items()):

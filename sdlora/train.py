@@ -177,7 +177,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
         losses.read(wait=True)  # a NaN already in the weights stops the run here, as a save would
         path = saves.path(step, final)
         t = time.perf_counter()
-        with step_fn.averaged_weights(), _on_device(frozen, device):
+        with step_fn.averaged_weights():  # the frozen encoders' outputs are the evaluator's since it was made
             measure = evaluator.measure(step)
         measures.append(measure)
         events.emit("eval", **evaluate.event(measure, str(path), evaluator.on), seconds=time.perf_counter() - t)
@@ -251,7 +251,7 @@ def _evaluator(config, step_fn, family, pipe, records, heldout, resolution, acce
         set_strength=set_strength,
         records=records, heldout=heldout, trigger=config.trigger, resolution=resolution, clip_skip=step_fn.clip_skip,
         seed=config.seed, device=accelerator.device, dtype=step_fn.weight_dtype, batch_size=config.batch_size,
-        autocast=lambda: accelerator.autocast(step_fn.autocast))
+        autocast=lambda: accelerator.autocast(step_fn.autocast), adapted_encoders=len(step_fn.trained) - 1)
 
 
 class _Progress:

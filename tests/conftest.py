@@ -131,6 +131,17 @@ def module_names(keys) -> set[str]:
     return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
 
 
+def measured_again(run, tmp_path) -> dict:
+    """The last `eval` event of `sdlora eval` on a copy of `run`: its final save measured from the file alone."""
+    from sdlora.cli import main
+    from sdlora.rundir import read_events
+
+    copy = tmp_path / "measured-again"
+    shutil.copytree(run, copy)
+    assert main(["eval", str(copy)]) == 0
+    return [e for e in read_events(copy) if e["type"] == "eval" and e.get("source") == "sdlora eval"][-1]
+
+
 def assert_app_lists(tmp_path, folder, single, resolution: int) -> None:
     """A base model's diffusers folder and single file, put in a models folder, are listed by the app and resolve to
     the family's `resolution`."""

@@ -104,3 +104,28 @@ def test_every_adapter_type_is_measured_in_the_run_and_from_its_file(tmp_path, d
     assert [r["learned"] for r in again["strengths"]] == pytest.approx([r["learned"] for r in measured["strengths"]],
                                                                        rel=1e-3, abs=1e-5)
     assert again["bleed"] == pytest.approx(measured["bleed"], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_a_text_encoder_without_adapters_encodes_each_prompt_once(tmp_path, monkeypatch, train_text_encoder):
+    """Its outputs do not depend on the strength, so measuring more saves and strengths does not call it again (SD3's
+    and FLUX.1's T5 is such an encoder); one that carries adapters is called at every strength."""
+    from sdlora import models
+
+    run = tmp_path / "run"
+    flag = "--train-text-encoder" if train_text_encoder else "--no-train-text-encoder"
+    assert main(["train", str(examples.path("style")), "--base", "tiny", "--out", str(run), "--steps", "2",
+                 "--save-every", "1", "--sample-every", "100", "--batch-size", "1", "--no-evaluate", flag,
+                 "--quiet"]) == 0
+    calls = []
+    load_base = models.load_base
+
+    def counting(*args, **kwargs):
+        base = load_base(*args, **kwargs)
+        base.pipe.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+        return base
+    monkeypatch.setattr(models, "load_base", counting)
+    assert main(["eval", str(run)]) == 0
+    saves, strengths = 2, 6
+    assert len(calls) == (1 + saves * strengths if train_text_encoder else 1)

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import assert_app_lists, draw_dataset, module_names, render_sample
+from conftest import assert_app_lists, draw_dataset, measured_again, module_names, render_sample
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import flux_original, flux_original_modules
@@ -195,7 +195,7 @@ def test_shipped_flux_configs_are_the_published_architectures():
 
 
 @pytest.mark.slow
-def test_flux_lora_trains_exports_and_reproduces_in_plain_diffusers(flux_model, flux_run):
+def test_flux_lora_trains_exports_and_reproduces_in_plain_diffusers(flux_model, flux_run, tmp_path):
     """Three steps through the CLI: the verify event, the measures, the file's keys (diffusers' names, lora_A/lora_B)
     and metadata, diffusers' own FluxPipeline drawing the run's samples again, strength 0 giving back the base."""
     import diffusers
@@ -210,6 +210,9 @@ def test_flux_lora_trains_exports_and_reproduces_in_plain_diffusers(flux_model, 
     assert verify["file_check"]["ok"]
     measured = [e for e in events if e["type"] == "eval"][-1]
     assert measured["learned"] > 0 and np.isfinite(measured["learned"]) and np.isfinite(measured["bleed"])
+    # measured again from the file alone (`sdlora eval`, T5 through the evaluator once): the same numbers
+    again = measured_again(flux_run, tmp_path)
+    assert (again["learned"], again["bleed"]) == pytest.approx((measured["learned"], measured["bleed"]), rel=1e-3)
     with safe_open(str(flux_run / "lora.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import assert_app_lists, draw_dataset, module_names, render_sample
+from conftest import assert_app_lists, draw_dataset, measured_again, module_names, render_sample
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import mmdit_original, mmdit_original_modules, original_layout
@@ -175,7 +175,7 @@ def test_flow_matching_objective_is_diffusers_sd3_training():
 
 
 @pytest.mark.slow
-def test_sd3_lora_trains_exports_and_reproduces_in_plain_diffusers(sd3_model, sd3_run):
+def test_sd3_lora_trains_exports_and_reproduces_in_plain_diffusers(sd3_model, sd3_run, tmp_path):
     """Three steps through the CLI: the verify event, the file's keys (diffusers' names, lora_A/lora_B, nothing else)
     and metadata, diffusers' own loader drawing the run's samples again, strength 0 giving back the base, previews."""
     import diffusers
@@ -196,6 +196,9 @@ def test_sd3_lora_trains_exports_and_reproduces_in_plain_diffusers(sd3_model, sd
     measured = [e for e in events if e["type"] == "eval"][-1]
     assert measured["learned"] > 0 and np.isfinite(measured["bleed"])
     assert any(e["type"] == "recommend" for e in events)
+    # measured again from the file alone (`sdlora eval`, T5 through the evaluator once): the same numbers
+    again = measured_again(sd3_run, tmp_path)
+    assert (again["learned"], again["bleed"]) == pytest.approx((measured["learned"], measured["bleed"]), rel=1e-3)
     with safe_open(str(sd3_run / "lora.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
