@@ -141,8 +141,11 @@ def _gap_ok(a: Obj, b: Obj) -> bool:
 
 
 def _look(rng: random.Random) -> tuple[float, float, float]:
-    """Random texture geometry: (direction or phase, spacing, width), read by _texture()."""
-    return (rng.random(), rng.uniform(4.0, 7.0), rng.uniform(0.9, 1.8))
+    """Random texture geometry: (direction or phase, spacing, width), read by _texture(). In pixels of a 64 px image:
+    from fine hatching (lines 0.6 px wide, 3 px apart: what an inked drawing's shading looks like at this size) to
+    broad stripes (1.8 px, 7 px apart); lines never cover more than half the area."""
+    spacing = rng.uniform(3.0, 7.0)
+    return (rng.random(), spacing, rng.uniform(0.6, min(1.8, spacing / 2)))
 
 
 def sample_scene(rng: random.Random, max_objects: int = 2, patterns: bool = False) -> Scene:
