@@ -11,9 +11,10 @@ from sdlora.errors import UserError, first_line
 PRECISIONS = ("auto", "fp8", "int8", "nf4")  # auto: the base stays in the training precision, unquantized
 # Kept in the compute precision in every mode, by full module path: the UNet's first and last convolutions (a few
 # thousand weights each, and diffusers' `model.dtype`, which the pipelines cast prompt embeddings to, reports the
-# first parameter's dtype) and SDXL's pooled-text projection (transformers' own bitsandbytes path leaves a model's
-# last module unquantized too: quantizers/base.py, get_keys_to_not_convert).
-KEEP = ("conv_in", "conv_out", "text_projection")
+# first parameter's dtype), the SD3.5 and FLUX.1 transformers' patch embedding and output projection (the same two
+# layers there, about 0.2M weights each) and SDXL's pooled-text projection (transformers' own bitsandbytes path leaves
+# a model's last module unquantized too: quantizers/base.py, get_keys_to_not_convert).
+KEEP = ("conv_in", "conv_out", "pos_embed.proj", "x_embedder", "proj_out", "text_projection")
 
 
 def check_precision(precision: str, *, cuda: bool) -> None:
@@ -84,7 +85,8 @@ def quantize_base(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], p
     else:
         how = f"{_weight_dtype(unet)} (not quantized)"
     after = [stored_bytes(m) for m in models]
-    parts = f"UNet {after[0] / 1e9:.2f} GB, text encoder(s) {sum(after[1:]) / 1e9:.2f} GB"
+    denoiser = "UNet" if "UNet" in type(unet).__name__ else "transformer"
+    parts = f"{denoiser} {after[0] / 1e9:.2f} GB, text encoder(s) {sum(after[1:]) / 1e9:.2f} GB"
     if precision == "auto":
         return f"base weights stored as {how}: {parts}"
     return f"base weights stored as {how}: {parts}, {sum(after) / 1e9:.2f} GB in all, was {sum(before) / 1e9:.2f} GB"

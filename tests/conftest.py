@@ -131,6 +131,28 @@ def module_names(keys) -> set[str]:
     return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
 
 
+def assert_trains_on_an_fp8_base(folder, tmp_path) -> None:
+    """Three CLI steps on the base `folder` stored in fp8 (--base-precision fp8): the transformer's weights are fp8
+    and its LoRA file loads completely onto the unquantized base, on the CPU."""
+    import numpy as np
+
+    from sdlora.cli import main
+    from sdlora.rundir import read_events
+
+    data = draw_dataset(tmp_path / "data", n=4, size=80)
+    run = tmp_path / "fp8"
+    assert main(["train", str(data), "--base", str(folder), "--out", str(run), "--base-precision", "fp8",
+                 "--resolution", "64", "--steps", "3", "--batch-size", "2", "--rank", "4", "--trigger", "zxq",
+                 "--sample-every", "3", "--save-every", "3", "--sample-steps", "3", "--quiet"]) == 0
+    events = read_events(run)
+    start = next(e for e in events if e["type"] == "start")
+    assert start["base_storage"].startswith("base weights stored as fp8") and "transformer" in start["base_storage"]
+    assert all(np.isfinite(e["loss"]) for e in events if e["type"] == "progress")
+    verify = next(e for e in events if e["type"] == "verify")
+    assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"] and verify["strength0_max_diff"] == 0
+    assert len(list((run / "samples").glob("step-000003-*.png"))) == 2
+
+
 def measured_again(run, tmp_path) -> dict:
     """The last `eval` event of `sdlora eval` on a copy of `run`: its final save measured from the file alone."""
     from sdlora.cli import main

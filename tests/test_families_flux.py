@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import assert_app_lists, draw_dataset, measured_again, module_names, render_sample
+from conftest import (assert_app_lists, assert_trains_on_an_fp8_base, draw_dataset, measured_again, module_names,
+                      render_sample)
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import flux_original, flux_original_modules
@@ -192,6 +193,12 @@ def test_shipped_flux_configs_are_the_published_architectures():
         assert families.detect_denoiser(transformer.config).name == arch
         vae = AutoencoderKL.load_config(folder, subfolder="vae")
         assert (vae["latent_channels"], vae["scaling_factor"], vae["shift_factor"]) == (16, 0.3611, 0.1159)
+
+
+@pytest.mark.slow
+def test_flux_trains_on_an_fp8_base(flux_model, tmp_path):
+    """FLUX.1's transformer stored in fp8 under the LoRA, as for SD and SDXL."""
+    assert_trains_on_an_fp8_base(flux_model[0], tmp_path)
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import assert_app_lists, draw_dataset, measured_again, module_names, render_sample
+from conftest import (assert_app_lists, assert_trains_on_an_fp8_base, draw_dataset, measured_again, module_names,
+                      render_sample)
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import mmdit_original, mmdit_original_modules, original_layout
@@ -172,6 +173,12 @@ def test_flow_matching_objective_is_diffusers_sd3_training():
         from sdlora.config import TrainConfig
 
         TrainConfig(dataset="-", flow_timestep_sampling="cosmap").validate()
+
+
+@pytest.mark.slow
+def test_sd3_trains_on_an_fp8_base(sd3_model, tmp_path):
+    """SD3.5's transformer stored in fp8 under the LoRA, as for SD and SDXL."""
+    assert_trains_on_an_fp8_base(sd3_model[0], tmp_path)
 
 
 @pytest.mark.slow
