@@ -1,4 +1,5 @@
-"""The app in a real browser (Playwright driving Debian's chromium): pictures, a caption edit, a short tiny run,
+"""The app in a real browser (Playwright driving Debian's chromium): pictures, a caption edit, a tag edit, drafted
+captions, a short tiny run,
 a preview (then with a second LoRA stacked) and a download, clicked through as an artist would; a screenshot of
 each tab goes to docs/screenshots/."""
 
@@ -80,6 +81,30 @@ def test_click_through_every_tab(page, tmp_path):
     assert (tmp_path / "workspace/datasets/shapes/img00.txt").read_text().strip() == \
         "zxq, a bright shape on a plain background"
     page.screenshot(path=str(SHOTS / "1-pictures.png"), full_page=True)
+    shapes = tmp_path / "workspace/datasets/shapes"
+    # Edit tags: one added to every caption, previewed, then written.
+    page.get_by_text("Edit tags", exact=True).click()
+    page.get_by_role("button", name="Show tags").click()
+    expect(page.get_by_text(re.compile(r"tags in 6 captions"))).to_be_visible()
+    page.get_by_label("Add tags").fill("flat colours")
+    page.get_by_role("button", name="Preview").click()
+    expect(page.get_by_text("6 captions would change.")).to_be_visible()
+    assert (shapes / "img00.txt").read_text().strip() == "zxq, a bright shape on a plain background"  # not yet
+    page.get_by_role("button", name="Apply to all captions").click()
+    expect(page.get_by_text("Changed 6 captions.")).to_be_visible()
+    assert (shapes / "img00.txt").read_text().strip() == "zxq, a bright shape on a plain background, flat colours"
+    # Draft captions: the tiny world's describer redrafts every caption, the trigger word first; then saved.
+    page.get_by_text("Draft captions", exact=True).first.click()
+    page.get_by_label("Also redraft pictures that have a caption").check()
+    page.locator("#draft-trigger").get_by_label("Trigger word").fill("zxq")
+    page.get_by_role("button", name="Draft captions").last.click()
+    expect(page.get_by_text("6 drafts.")).to_be_visible(timeout=120_000)
+    page.screenshot(path=str(SHOTS / "1-pictures-tags-and-drafts.png"), full_page=True)
+    page.get_by_role("button", name="Save drafts").click()
+    expect(page.get_by_text("Saved drafts: 6.")).to_be_visible()
+    assert re.fullmatch(r"zxq, a \w+ yellow circle .*on a green background", (shapes / "img00.txt").read_text().strip())
+    page.get_by_text("Edit tags", exact=True).click()  # both closed again
+    page.get_by_text("Draft captions", exact=True).first.click()
 
     # 2. Train: a short run; the page shows the plan, then progress, loss and samples.
     page.get_by_role("tab", name="2 · Train").click()
@@ -89,12 +114,12 @@ def test_click_through_every_tab(page, tmp_path):
     # training process imports torch meanwhile), so wait for it (the Quick test preset samples every 50 steps) before
     # typing over any field
     expect(page.get_by_label("Sample every")).to_have_value("50")
-    page.get_by_label("Trigger word").fill("zxq")
+    page.get_by_role("textbox", name="Trigger word a made-up word").fill("zxq")
     page.get_by_label("Character").check()  # a preset fills only what it sets: the trigger word stays
     expect(page.get_by_label("Layers to train")).to_have_value("attn-mlp")
     page.get_by_label("Quick test").check()
     expect(page.get_by_label("Layers to train")).to_have_value("attn")
-    expect(page.get_by_label("Trigger word")).to_have_value("zxq")
+    expect(page.get_by_role("textbox", name="Trigger word a made-up word")).to_have_value("zxq")
     page.get_by_label("Training steps").fill("20")
     page.get_by_label("Pictures per step").fill("2")
     for label, number in (("Sample every", "10"), ("Save every", "10"), ("Sample steps", "8")):
@@ -116,7 +141,7 @@ def test_click_through_every_tab(page, tmp_path):
     page.get_by_role("tab", name="2 · Train").click()
     expect(page.get_by_label("Showing run")).to_have_value(re.compile("^shapes-"))
     expect(page.get_by_label("Training steps")).to_have_value("20")  # the form shows the run's settings again
-    expect(page.get_by_label("Trigger word")).to_have_value("zxq")
+    expect(page.get_by_role("textbox", name="Trigger word a made-up word")).to_have_value("zxq")
     expect(page.get_by_label("Quick test")).not_to_be_checked()  # 20 steps, sampling every 10: no preset's values
     expect(page.get_by_text("is done")).to_be_visible(timeout=TRAINING)
     expect(page.get_by_text("Step 20 / 20")).to_be_visible()

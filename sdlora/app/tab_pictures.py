@@ -360,7 +360,7 @@ def layout(ctx: Context) -> SimpleNamespace:
                                              ("tags", "tags")], value="", label="Write", scale=1)
                 ui.draft_overwrite = gr.Checkbox(label="Also redraft pictures that have a caption", scale=1)
             with gr.Row():
-                ui.draft_trigger = gr.Textbox(label="Trigger word", info="put first")
+                ui.draft_trigger = gr.Textbox(label="Trigger word", info="put first", elem_id="draft-trigger")
                 ui.draft_prefix = gr.Textbox(label="Add at the start")
                 ui.draft_suffix = gr.Textbox(label="Add at the end")
                 ui.draft_drop = gr.Textbox(label="Leave out tags", placeholder="e.g. simple background, solo")
