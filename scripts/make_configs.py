@@ -26,6 +26,8 @@ import json
 import shutil
 from pathlib import Path
 
+from make_tokenizer import compact  # scripts/, beside this one
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "sdlora" / "configs"
 DIFFUSERS_VERSION = "0.42.1"
@@ -402,6 +404,7 @@ def write_folder(folder: Path, spec: dict, tokenizer_dir: Path) -> None:
         if name in spec:
             tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), pad_token=spec[name], model_max_length=77)
             tok.save_pretrained(str(folder / name))
+            compact(folder / name)
 
 
 def main() -> None:

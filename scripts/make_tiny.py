@@ -19,6 +19,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from make_tokenizer import compact  # scripts/, beside this one
 from sdlora.tiny import MODEL_DIR
 
 UNET = dict(
@@ -111,6 +112,7 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = build(args.seed, Path(args.tokenizer), args.arch)
     pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    compact(tmp / "tokenizer")
     # transformers loads a model in its config's dtype; keep fp16 storage but make plain from_pretrained run fp32.
     te_config = tmp / "text_encoder" / "config.json"
     te_config.write_text(te_config.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))

@@ -40,6 +40,14 @@ def convert(bpe_gz: Path, out_dir: Path) -> None:
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
 
+def compact(folder: Path) -> None:
+    """Rewrite the tokenizer.json in `folder` without indentation: the same tokenizer in half the bytes (transformers
+    writes it pretty-printed). Every script that saves a tokenizer calls this."""
+    path = Path(folder) / "tokenizer.json"
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+
+
 def main() -> None:
     from transformers import CLIPTokenizer
 
@@ -49,6 +57,7 @@ def main() -> None:
     ids = tok("a red circle").input_ids
     assert ids == [49406, 320, 736, 7117, 49407], ids
     tok.save_pretrained(str(out))
+    compact(out)
     print(f"wrote {out}: {len(tok)} tokens, 'a red circle' -> {ids}")
 
 

@@ -33,6 +33,7 @@ from sdlora.tiny import MODEL_DIR, checker, world
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from make_tiny import ARCHITECTURES, SCHEDULER, TEXT  # noqa: E402  the one description of the architecture
+from make_tokenizer import compact  # noqa: E402
 
 _CHUNK = 500  # images per pool-rendering task; chunk i is make_batch(_CHUNK, seed * 1_000_000 + i)
 EVAL_SEED_BASE = 10**9  # held-out scenes (the autoencoder check here, eval.py) draw from seeds at or above this
@@ -92,6 +93,7 @@ def save_pipeline(out: Path, vae, text_encoder, unet, tokenizer) -> None:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    compact(tmp / "tokenizer")
     # transformers loads a model in its config's dtype (as make_tiny.py does): fp16 on disk, fp32 when loaded.
     te_config = tmp / "text_encoder" / "config.json"
     te_config.write_text(te_config.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
