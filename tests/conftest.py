@@ -153,6 +153,26 @@ def assert_trains_on_an_fp8_base(folder, tmp_path) -> None:
     assert len(list((run / "samples").glob("step-000003-*.png"))) == 2
 
 
+def assert_resume_matches_an_uninterrupted_run(folder, tmp_path) -> None:
+    """On the base `folder`: 4 steps in one go, and 2 steps then resumed to 4 (checkpoint, optimizer, each picture's
+    noise and timestep or sigma, caption dropout) give the same LoRA."""
+    from sdlora.lora import read_lora
+    from sdlora.rundir import read_events
+    from sdlora.train import train
+
+    data = draw_dataset(tmp_path / "data", n=4, size=80)
+    kw = dict(base=str(folder), resolution=64, sample_every=1000, save_every=2, caption_dropout=0.3, unet_lr=1e-2,
+              sample_steps=3)
+    train(small_config(data, steps=4, **kw), tmp_path / "full", progress_bar=False)
+    train(small_config(data, steps=2, **kw), tmp_path / "split", progress_bar=False)
+    train(small_config(data, steps=4, **kw), tmp_path / "split", resume=True, progress_bar=False)
+    assert any(e["type"] == "warning" and "resumed from step-000002" in e["message"]
+               for e in read_events(tmp_path / "split"))
+    a, _ = read_lora(tmp_path / "full" / "lora.safetensors")
+    b, _ = read_lora(tmp_path / "split" / "lora.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
 def measured_again(run, tmp_path) -> dict:
     """The last `eval` event of `sdlora eval` on a copy of `run`: its final save measured from the file alone."""
     from sdlora.cli import main

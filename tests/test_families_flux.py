@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import (assert_app_lists, assert_trains_on_an_fp8_base, draw_dataset, measured_again, module_names,
-                      render_sample)
+from conftest import (assert_app_lists, assert_resume_matches_an_uninterrupted_run, assert_trains_on_an_fp8_base,
+                      draw_dataset, measured_again, module_names, render_sample)
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import flux_original, flux_original_modules
@@ -193,6 +193,11 @@ def test_shipped_flux_configs_are_the_published_architectures():
         assert families.detect_denoiser(transformer.config).name == arch
         vae = AutoencoderKL.load_config(folder, subfolder="vae")
         assert (vae["latent_channels"], vae["scaling_factor"], vae["shift_factor"]) == (16, 0.3611, 0.1159)
+
+
+@pytest.mark.slow
+def test_flux_resume_matches_an_uninterrupted_run(flux_model, tmp_path):
+    assert_resume_matches_an_uninterrupted_run(flux_model[0], tmp_path)
 
 
 @pytest.mark.slow

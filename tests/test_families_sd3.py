@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import (assert_app_lists, assert_trains_on_an_fp8_base, draw_dataset, measured_again, module_names,
-                      render_sample)
+from conftest import (assert_app_lists, assert_resume_matches_an_uninterrupted_run, assert_trains_on_an_fp8_base,
+                      draw_dataset, measured_again, module_names, render_sample)
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import mmdit_original, mmdit_original_modules, original_layout
@@ -173,6 +173,11 @@ def test_flow_matching_objective_is_diffusers_sd3_training():
         from sdlora.config import TrainConfig
 
         TrainConfig(dataset="-", flow_timestep_sampling="cosmap").validate()
+
+
+@pytest.mark.slow
+def test_sd3_resume_matches_an_uninterrupted_run(sd3_model, tmp_path):
+    assert_resume_matches_an_uninterrupted_run(sd3_model[0], tmp_path)
 
 
 @pytest.mark.slow
