@@ -60,12 +60,12 @@ class Sampler:
 
         # two prompts per pipeline call (a batch costs about what one image does while the UNet is overhead-bound);
         # one generator per image, so each image is what a call with its prompt and seed alone draws
-        first = 0
+        first, black = 0, []
         while first < len(prompts):
             chunk = prompts[first:first + (1 if self.low_memory else 2)]
             seeds = [config.sample_seed + first + i for i in range(len(chunk))]
             try:
-                images = self._draw(sampler, chunk, seeds)
+                images, finite = self._draw(sampler, chunk, seeds)
             except torch.OutOfMemoryError:
                 images = None
             if images is None:  # out of the except block, so the failed call's tensors are freed
@@ -78,6 +78,7 @@ class Sampler:
                     continue
                 events.emit("warning", message=f"samples at step {step} skipped: out of memory")
                 break
+            black += [first + i for i, ok in enumerate(finite) if not ok]
             for i, (prompt, seed, image) in enumerate(zip(chunk, seeds, images)):
                 self.drawn.append((first + i, prompt, image))
                 path = out_dir / f"step-{step:06d}-{first + i}.png"
@@ -91,10 +92,16 @@ class Sampler:
                             scheduler_config={k: scheduler.config[k] for k in SCHEDULE_SETTINGS
                                               if scheduler.config.get(k) is not None})
             first += len(chunk)
+        if black:  # the loss is finite (or the run would have stopped): the drawing itself overflowed
+            events.emit("warning", message=f"{len(black)} of {len(prompts)} samples at step {step} came out black: the "
+                        "denoiser's prediction was not a number (NaN or infinite) while drawing them. With fp16 "
+                        "mixed precision the base overflows: train with --mixed-precision bf16 (or fp32); else lower "
+                        "--sample-guidance", samples=black, step=step)
         for m in self.trained:
             m.train()
 
-    def _draw(self, sampler, chunk: list[str], seeds: list[int]) -> list:
+    def _draw(self, sampler, chunk: list[str], seeds: list[int]) -> tuple[list, list[bool]]:
+        """The images of `chunk`'s prompts, and whether each one's final latents are all finite numbers."""
         config, graphs = self.config, None if self.low_memory else self.graphs
         with self.accelerator.autocast(), graphs.replaying() if graphs is not None else contextlib.nullcontext():
             text = self.family.prompt_kwargs(sampler, chunk, [config.sample_negative] * len(chunk),
@@ -107,7 +114,8 @@ class Sampler:
         if latents.dim() == 3:  # FluxPipeline's latents come packed in 2x2 patches: its own unpacking
             latents = type(sampler)._unpack_latents(latents, self.resolution, self.resolution,
                                                     sampler.vae_scale_factor)
-        return [decode(sampler, latents[i:i + 1], tiled=self.low_memory) for i in range(len(chunk))]
+        finite = [bool(torch.isfinite(latents[i]).all()) for i in range(len(chunk))]
+        return [decode(sampler, latents[i:i + 1], tiled=self.low_memory) for i in range(len(chunk))], finite
 
 
 class SampleGraphs:

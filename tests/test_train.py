@@ -266,6 +266,23 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_save(tmp_path, dat
     assert list(run.glob("lora-step-*.safetensors"))
 
 
+def test_black_samples_are_flagged_with_the_likely_cause(tmp_path, dataset_dir, monkeypatch):
+    """Samples whose drawing overflows (NaN latents: an fp16 base at high guidance, say) come out black; the run says
+    so, with what to change, and trains on."""
+    import diffusers
+    from sdlora.train import train
+
+    prepare = diffusers.StableDiffusionPipeline.prepare_latents
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "prepare_latents",  # only sampling draws latents this way
+                        lambda *args, **kwargs: prepare(*args, **kwargs) * float("nan"))
+    run = tmp_path / "black"
+    train(small_config(dataset_dir, steps=2, sample_every=2, save_every=2, sample_steps=2), run, progress_bar=False)
+    events = read_events(run)
+    flagged = [e for e in events if e["type"] == "warning" and "came out black" in e["message"]]
+    assert [e["step"] for e in flagged] == [0, 2] and flagged[0]["samples"] == [0, 1]
+    assert "--mixed-precision bf16" in flagged[0]["message"] and events[-1]["type"] == "done"
+
+
 def test_every_command_has_help(capsys):
     from sdlora.cli import main
 
