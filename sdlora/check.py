@@ -289,7 +289,7 @@ def _sizes(pictures: list[_Picture], buckets, resolution: int) -> list[Finding]:
     if small:
         out.append(Finding("small", "warning", [name(s) for s in small],
                            f"{len(small)} picture(s) smaller than the {resolution} px training size, enlarged: "
-                           f"{_some(small)}", f"use larger originals, or train at a lower resolution"))
+                           f"{_some(small)}", "use larger originals, or train at a lower resolution"))
     if enlarged:
         out.append(Finding("enlarged", "warning", [name(s) for s in enlarged],
                            f"{len(enlarged)} picture(s) look enlarged from a smaller one: {_some(enlarged)}",

@@ -117,7 +117,7 @@ def test_locon_and_dora_files_give_the_trained_layers_change(kind, rslora, tmp_p
         assert state[f"{conv}.lora_down.weight"].shape == (2, inp, kh, kw) and kh == 3  # (rank, in, kh, kw)
         assert state[f"{conv}.lora_up.weight"].shape == (out, 2, 1, 1)
         assert float(state[f"{conv}.alpha"]) == pytest.approx(3.0 * 2 ** 0.5)  # rsLoRA: alpha * sqrt(conv rank)
-        assert f"lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_down.weight" in state
+        assert "lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_down.weight" in state
         w = (state[f"{conv}.lora_up.weight"].flatten(1) @ state[f"{conv}.lora_down.weight"].flatten(1)) \
             * float(state[f"{conv}.alpha"]) / 2
         probe = torch.randn(1, inp, 6, 6)

@@ -5,7 +5,6 @@ import io
 import os
 import socket
 import stat
-import sys
 import time
 import zipfile
 from pathlib import Path

@@ -340,8 +340,6 @@ def test_kohya_sd3_loras_load_as_diffusers_merges_them_into_the_original_layers(
     changes: the same deltas added to a single file's fused layers, read by diffusers' own single-file converter,
     give the transformer and CLIP-L that the converted LoRA fused into the folder's model gives, and that merge
     bakes."""
-    import diffusers
-
     from sdlora.generate import Previewer
     from sdlora.lora import save_lora
 

@@ -1,8 +1,6 @@
 """Logging to tensorboard through accelerate's trackers: the loss, the learning rate and the samples reach the
 tracker's files, beside the events file the app reads."""
 
-from pathlib import Path
-
 import pytest
 
 from conftest import draw_dataset, need, small_config
