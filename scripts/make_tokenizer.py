@@ -42,9 +42,12 @@ def convert(bpe_gz: Path, out_dir: Path) -> None:
 
 def compact(folder: Path) -> None:
     """Rewrite the tokenizer.json in `folder` without indentation: the same tokenizer in half the bytes (transformers
-    writes it pretty-printed). Every script that saves a tokenizer calls this."""
+    writes it pretty-printed). Every script that saves a tokenizer calls this. The padding and truncation a tokenizer
+    was last called with are dropped too: transformers sets both at every call, and without them a tokenizer saved
+    after use is the same file as one saved fresh."""
     path = Path(folder) / "tokenizer.json"
     tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    tokenizer.update(truncation=None, padding=None)
     path.write_text(json.dumps(tokenizer, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
 
