@@ -138,9 +138,15 @@ class Previewer:
         clip_skip = fam.resolve_clip_skip(clip_skip or trained_with)
         text = fam.prompt_kwargs(self.pipe, list(prompts), [negative_prompt] * len(prompts), self.device, clip_skip)
         rescale = rescale_kwargs(self.pipe, sample_guidance_rescale(guidance_rescale, self.pipe.scheduler.config))
-        return self.pipe(**text, num_inference_steps=steps, guidance_scale=guidance_scale, **rescale,
-                         width=width or size, height=height or size,
-                         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
+        try:
+            return self.pipe(**text, num_inference_steps=steps, guidance_scale=guidance_scale, **rescale,
+                             width=width or size, height=height or size,
+                             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
+        except ValueError as e:  # the pipeline's own checks of what was asked: sizes, steps, guidance
+            multiple = fam.latent_multiple * self.pipe.vae_scale_factor
+            raise UserError(f"the {fam.label} pipeline cannot draw this: {first_line(e, 200)}",
+                            f"use a width and height in multiples of {multiple} px, near the model's own size "
+                            f"({size} px), and at least 1 step") from None
 
     def strength_grid(self, lora: str, prompt: str, strengths=(0.0, 0.5, 1.0), seeds=(0, 1), **kw) -> Image.Image:
         """Rows are seeds, columns strengths; labels on top. Each column is drawn as one batch of seeds."""

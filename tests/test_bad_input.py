@@ -116,6 +116,15 @@ def test_generate_says_what_a_lycoris_file_it_does_not_read_is(tmp_path, capsys)
     assert not (tmp_path / "x.png").exists()
 
 
+def test_generate_at_a_size_the_model_cannot_draw_says_which_sizes_it_can(tmp_path, capsys):
+    assert main(["generate", "a cat", "--base", "tiny", "--size", "100", "--steps", "1", "--out",
+                 str(tmp_path / "x.png")]) == 2
+    (line,) = error_lines(capsys)
+    assert line.startswith("sdlora: error: the SD1.x pipeline cannot draw this: `height` and `width` have to be "
+                           "divisible by 8") and "multiples of 64 px, near the model's own size (64 px)" in line, line
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_the_model_card_leaves_out_the_learning_rate_of_a_text_encoder_that_did_not_train():
     def card(trained: bool) -> str:
         config = {"base": "tiny", "steps": 10, "unet_lr": 5e-4, "text_encoder_lr": 1e-4,
