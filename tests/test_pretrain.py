@@ -1,6 +1,6 @@
 """The tiny base's pretraining script (sdlora/tiny/pretrain.py) run end to end on the CPU, a few steps per stage:
 it writes a folder plain diffusers loads and draws with, logs what the run did, and starts a stage from a folder that
-holds only an autoencoder."""
+holds some of the parts (an autoencoder and a text encoder)."""
 
 import json
 import shutil
@@ -24,7 +24,7 @@ def pretrain(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_pretraining_writes_a_base_plain_diffusers_draws_with_and_a_vae_only_folder_starts_the_unet(tmp_path):
+def test_pretraining_writes_a_base_plain_diffusers_draws_with_and_goes_on_from_the_parts_a_folder_holds(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     first = tmp_path / "first"
@@ -44,9 +44,11 @@ def test_pretraining_writes_a_base_plain_diffusers_draws_with_and_a_vae_only_fol
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
 
-    # A folder with only the autoencoder: the autoencoder stays as it is, the UNet and text encoder start from scratch
+    # A folder with the autoencoder and the text encoder: the autoencoder stays as it is, the text encoder goes on from
+    # where it was, the UNet starts from scratch
     init = tmp_path / "init"
     shutil.copytree(first / "vae", init / "vae")
+    shutil.copytree(first / "text_encoder", init / "text_encoder")
     second = tmp_path / "second"
     done = pretrain("--out", str(second), "--init", str(init), "--vae-steps", "0", "--unet-steps", "1")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -56,7 +58,14 @@ def test_pretraining_writes_a_base_plain_diffusers_draws_with_and_a_vae_only_fol
     vae_config = json.loads((second / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] == json.loads((first / "vae" / "config.json").read_text())["scaling_factor"]
     assert json.loads((second / "pretrain_log.json").read_text())["summary"]["unet_steps"] == 1
-    assert (second / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+    def weights(folder, part, file):
+        return load_file(str(folder / part / file))
+    te_before, te_after = (weights(f, "text_encoder", "model.safetensors") for f in (first, second))
+    moved = max((te_after[k].float() - te_before[k].float()).abs().max().item() for k in te_before)
+    assert moved < 4e-3, moved  # one step on: the first run's text encoder, not a fresh one
+    unet_before, unet_after = (weights(f, "unet", "diffusion_pytorch_model.safetensors") for f in (first, second))
+    assert max((unet_after[k].float() - unet_before[k].float()).abs().max().item() for k in unet_before) > 0.05
 
 
 def test_decoding_the_mean_needs_a_frozen_encoder(tmp_path):

@@ -347,12 +347,13 @@ def main() -> None:
                 latent_posterior_std=lat_std.mean().item(), vae_check=ae_check)
 
     # Stage 2: UNet + text encoder, epsilon prediction under SD1.5's noise schedule.
-    if args.init and (Path(args.init) / "unet").is_dir():  # continue from a folder this script wrote
-        unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder", dtype=torch.float32)
-    else:
-        unet = UNet2DConditionModel(**ARCHITECTURES[args.arch][0])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT))
+    # each part --init holds goes on from there (a folder this script wrote); a part it lacks starts from scratch
+    def held(part: str) -> bool:
+        return bool(args.init) and (Path(args.init) / part).is_dir()
+    unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet", torch_dtype=torch.float32) \
+        if held("unet") else UNet2DConditionModel(**ARCHITECTURES[args.arch][0])
+    text_encoder = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder", dtype=torch.float32) \
+        if held("text_encoder") else CLIPTextModel(CLIPTextConfig(**TEXT))
     unet, text_encoder = unet.to(device), text_encoder.to(device)
     noise_scheduler = DDPMScheduler(**{k: SCHEDULER[k] for k in ("num_train_timesteps", "beta_start", "beta_end",
                                                                   "beta_schedule", "prediction_type")})
