@@ -309,11 +309,12 @@ def save_name(path: Path) -> str:
 def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -> tuple[list, Recommendation]:
     """Measure every save of a finished (or stopped) run from its files, with the base its config names, and write
     the `eval` events and the `recommend` event to the run's events. Every adapter type sdlora trains."""
+    from safetensors import safe_open
+
     from sdlora.config import TrainConfig
     from sdlora.errors import UserError
-    from sdlora.info import base_modules, fit, read_adapter
+    from sdlora.generate import Previewer
     from sdlora.models import load_base
-    from sdlora.patch import Patches
     from sdlora import objectives
     from sdlora.rundir import EventLog
 
@@ -333,33 +334,18 @@ def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -
     say(f"loading {config.base} and {len(saves)} saves")
     base = load_base(config.base, base_config=config.base_config, prediction_type=config.prediction_type,
                      zero_terminal_snr=config.zero_terminal_snr)
-    pipe, family = base.pipe.to(device), base.fam.with_train_guidance(config.train_guidance)
-    # LoRA/LoCon files load through diffusers' loader and are re-weighted there; the types it does not read whole
-    # (LoHa, LoKr, DoRA's magnitudes) go into the base's weights at each strength, as previews put them
-    patches = Patches(base_modules(pipe, base.family))
-    names, steps, patched = [], {}, {}
+    # each save put onto the base at each strength as previews put it: LoRA/LoCon through diffusers' loader, the types
+    # it does not read whole (LoHa, LoKr, DoRA's magnitudes) into the base's weights
+    previewer = Previewer(base, device=device)
+    pipe, family = previewer.pipe, base.fam.with_train_guidance(config.train_guidance)
+    steps = {}
     for i, path in enumerate(saves):
-        adapter = read_adapter(path)
-        steps[int(adapter.metadata.get("ss_steps") or i)] = path
-        name = f"save{i}"
-        if adapter.plain:
-            pipe.load_lora_weights(str(path), adapter_name=name)
-        else:
-            result = fit(adapter, patches.table)
-            bad = adapter.stray + result["missing"] + [n for n, _, _ in result["wrong_shape"]]
-            if bad:
-                raise UserError(f"{len(bad)} entries in {path.name} do not map onto {config.base}, e.g. {bad[0]}",
-                                f"`sdlora info {path} --base ...` lists them")
-            patched[name] = adapter
-        names.append(name)
-    loaded = [n for n in names if n not in patched]
-    current = [names[0]]
+        with safe_open(str(path), "pt") as f:
+            steps[int((f.metadata() or {}).get("ss_steps") or i)] = path
+    current = [saves[0]]
 
     def set_strength(strength: float) -> None:
-        name = current[0]
-        if loaded:
-            pipe.set_adapters(loaded, adapter_weights=[strength if n == name else 0.0 for n in loaded])
-        patches.apply([(patched[name], strength)] if name in patched else [])
+        previewer.set_loras([(str(current[0]), strength)])
     data = ds.ingest(config.dataset, trigger=config.trigger, caption_template=config.caption_template)
     records, heldout = split(data.records, config.eval_holdout, config.seed)
     resolution = config.resolution or base.resolution
@@ -373,8 +359,8 @@ def evaluate_run(run_dir: str | Path, *, device: str | None = None, say=print) -
                           adapted_encoders=len(family.text_encoders) if config.train_text_encoder else 0)
     events = EventLog(run_dir)
     measures = []
-    for name, (step, path) in zip(names, steps.items()):
-        current[0] = name
+    for step, path in steps.items():
+        current[0] = path
         measure = evaluator.measure(step)
         measures.append(measure)
         shown = event(measure, str(path), evaluator.on)
