@@ -24,7 +24,7 @@ from sdlora.errors import UserError
 
 # Flags whose names differ from the field (the brief's exact forms) or that take a list.
 _RENAMED = {"sample_prompts": "--sample-prompt"}
-_SKIPPED = {"dataset"}
+_SKIPPED = {"dataset", "preset"}  # the dataset is positional; --preset is the option above the settings
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -209,7 +209,7 @@ def _train(args) -> int:
         os.execvp(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", *launch_args(args.gpus),
                                    "-m", "sdlora", *argv])
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields and k != "dataset"}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and k not in _SKIPPED}
     if args.run_dir:
         config = build_config(args.preset, args.config or str(Path(args.run_dir) / "config.json"), **overrides)
         run_dir = args.run_dir

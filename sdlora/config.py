@@ -38,6 +38,8 @@ class TrainConfig:
     dataset: str = _knob("", "folder or .zip of images with same-name .txt captions (or a metadata.jsonl), or "
                               "example:character / example:style")
     base: str = _knob("tiny", "base model: 'tiny' (embedded), a diffusers folder, a .safetensors checkpoint or a hub id")
+    preset: str = _knob("", "the preset these settings started from (--preset sets it); a run warns when the preset "
+                            "was made for another model family")
     base_config: str = _knob("", "for a single-file base: a diffusers folder (or cached hub id) of the same architecture to take "
                                  "configs and tokenizers from; empty = the ones shipped for the family the file shows")
     prediction_type: str = _knob("auto", "what the base predicts; auto = its scheduler config, or for a single file what "
@@ -200,6 +202,7 @@ class TrainConfig:
                 raise UserError(f"{name} = {getattr(self, name)!r}: {what}", f"fix --{name.replace('_', '-')}")
 
         need(bool(self.dataset), "dataset", "give a folder or .zip of images")
+        need(self.preset in ("", *PRESETS), "preset", f"use one of {', '.join(PRESETS)}, or none")
         need(self.rank >= 1, "rank", "must be at least 1")
         need(self.alpha > 0, "alpha", "must be positive")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
@@ -344,6 +347,12 @@ PRESETS: dict[str, dict] = {
                            "alpha": 16.0, "unet_lr": 1e-4, "caption_dropout": 0.05, "sample_guidance": 0.0,
                            "sample_steps": 4},
 }
+# The families a preset's values are made for (family labels); a preset not named here suits every family.
+PRESET_FAMILIES: dict[str, tuple[str, ...]] = {
+    "sdxl-anime-tags": ("SDXL",), "sdxl-anime-vpred": ("SDXL",), "sdxl-pony-style": ("SDXL",),
+    "sd3.5-style": ("SD3.5 Medium", "SD3.5 Large"), "flux-style": ("FLUX.1 dev",),
+    "flux-schnell-style": ("FLUX.1 schnell",),
+}
 # One line each, for `sdlora train --help`, the app and the README.
 PRESET_HELP: dict[str, str] = {
     "quick": "100 steps to see the whole path work",
@@ -365,7 +374,7 @@ def build_config(preset: str | None = None, config_file: str | None = None, **ov
     if preset:
         if preset not in PRESETS:
             raise UserError(f"unknown preset {preset!r}", f"use one of {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
+        values.update(PRESETS[preset], preset=preset)
     if config_file:
         values.update(dataclasses.asdict(TrainConfig.from_file(config_file)))
     values.update(overrides)

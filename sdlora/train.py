@@ -14,7 +14,7 @@ from sdlora import dataset as ds
 from sdlora import evaluate
 from sdlora.batches import Batches
 from sdlora.check import check_dataset
-from sdlora.config import TrainConfig, optimizer_warnings
+from sdlora.config import PRESET_FAMILIES, TrainConfig, optimizer_warnings
 from sdlora.control import Losses, Requests, StopSignals
 from sdlora.diskspace import disk_full, writing, written_folder
 from sdlora.ema import EMA
@@ -101,6 +101,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     family, pipe = base.fam.with_train_guidance(config.train_guidance), base.pipe  # FLUX.1 dev's guidance embedding
     clip_skip = family.resolve_clip_skip(config.clip_skip)  # settings this base cannot use stop here, before any work
     _check_objective(config, family, events)
+    _check_preset(config, family, events)
     check_sampler(config.sample_scheduler, pipe.scheduler.config)
     if device.type == "cuda" and config.auto_memory:
         config = memory_defaults(config, family, accelerator, events, run_dir)
@@ -321,6 +322,15 @@ def _on_device(models: list, device):
     finally:
         for m in away:
             m.to("cpu")
+
+
+def _check_preset(config, family, events) -> None:
+    """A preset made for another family still runs (its values are only a starting point), with a warning."""
+    made_for = PRESET_FAMILIES.get(config.preset)
+    if made_for and family.label not in made_for:
+        events.emit("warning", message=f"preset {config.preset} is made for {' or '.join(made_for)}, and this base is "
+                                       f"{family.label}: check its resolution, learning rate and sampling settings, "
+                                       "or pick a preset for this base")
 
 
 def _check_objective(config, family, events) -> None:

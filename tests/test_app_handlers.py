@@ -99,6 +99,10 @@ def test_the_plan_of_a_preset(ctx):
     character = tab_train.choose_preset(ctx, {"preset": "character"})
     assert character["targets"] == "attn-mlp" and "trigger" not in character  # a preset leaves the trigger word
     assert tab_train.choose_preset(ctx, {"preset": None}) == {}
+    # the run records the preset the form's values match, so training can warn when it was made for another family
+    assert tab_train.form_config(ctx, {**values, **tab_train.choose_preset(ctx, {"preset": "flux-style"})}).preset \
+        == "flux-style"
+    assert tab_train.form_config(ctx, {**values, "rank": 3}).preset == ""  # changed by hand: no preset's values
 
 
 def test_a_bad_value_is_one_line(ctx):

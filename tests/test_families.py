@@ -721,6 +721,27 @@ def test_presets_load_and_validate_and_new_knobs_refuse_bad_values():
         assert "\n" not in str(err.value) and err.value.hint
 
 
+def test_a_preset_made_for_another_family_warns_and_the_run_goes_on(tmp_path):
+    """The FLUX.1 schnell preset on the tiny SD1 base: the run records the preset, says in a warning that it was made
+    for another family, and trains; the presets for every family stay silent."""
+    import json
+
+    from sdlora.cli import main
+    from sdlora.config import PRESET_FAMILIES
+
+    data = draw_dataset(tmp_path / "data", n=2)
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--preset", "flux-schnell-style", "--base", "tiny", "--out", str(run),
+                 "--resolution", "64", "--steps", "1", "--batch-size", "1", "--rank", "2", "--sample-steps", "2",
+                 "--no-evaluate", "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["preset"] == "flux-schnell-style"
+    warnings = [e["message"] for e in read_events(run) if e["type"] == "warning"]
+    assert "preset flux-schnell-style is made for FLUX.1 schnell, and this base is SD1.x: check its resolution, " \
+           "learning rate and sampling settings, or pick a preset for this base" in warnings
+    assert list((run).glob("*.safetensors"))
+    assert {"quick", "character", "style"}.isdisjoint(PRESET_FAMILIES)  # these fit every family
+
+
 @pytest.mark.slow
 def test_a_lora_trains_on_a_v_pred_ztsnr_base_with_the_preset_and_merges_back(vpred_ztsnr, tmp_path):
     """A few steps with the sdxl-anime-vpred preset on the small SDXL single file with v_pred and ztsnr keys: the run

@@ -42,7 +42,7 @@ MAIN = {
     "unet_lr": ("Learning rate", "how fast the image model learns"),
     "text_encoder_lr": ("Text learning rate", "how fast the text model learns; 1/2 to 1/5 of the other"),
 }
-HIDDEN = {"dataset", "base"}
+HIDDEN = {"dataset", "base", "preset"}  # the preset is the radio above the form
 # Labels for the rest (the field's help is shown under each); unnamed fields get their name in words.
 LABELS = {
     "caption_template": "Caption for pictures without one", "keep_tags": "Tags kept in front",
@@ -120,6 +120,7 @@ def form_config(ctx: Context, values: dict) -> TrainConfig:
     for name in fields:
         if fields[name] is None:
             raise UserError(f"{name.replace('_', ' ')} is empty", "fill in a number")
+    fields["preset"] = preset_of(fields) or ""  # recorded, so a run warns about a preset made for another family
     config = build_config(**fields)
     config.validate()
     return config

@@ -331,8 +331,9 @@ def main() -> None:
                     final_vae_loss=dict(l1=l1.item(), mse=mse.item(), edge=edge.item(), kl=kl.item()))
     vae.eval().requires_grad_(False)
 
-    # Latents of the whole pool, once: the UNet stage samples from these posteriors and never runs the VAE.
-    with torch.no_grad(), autocast:
+    # Latents of the whole pool, once: the UNet stage samples from these posteriors and never runs the VAE. Encoded
+    # under bf16 autocast on any device (on a CPU twice as fast as fp32; on a GPU what the training steps use too).
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         dists = [vae.encode(to_pixels(images[i:i + 4096])).latent_dist for i in range(0, len(images), 4096)]
     lat_mean = torch.cat([d.mean.float() for d in dists])
     lat_std = torch.cat([d.std.float() for d in dists])
