@@ -738,8 +738,10 @@ def test_a_preset_made_for_another_family_warns_and_the_run_goes_on(tmp_path):
     warnings = [e["message"] for e in read_events(run) if e["type"] == "warning"]
     assert "preset flux-schnell-style is made for FLUX.1 schnell, and this base is SD1.x: check its resolution, " \
            "learning rate and sampling settings, or pick a preset for this base" in warnings
-    assert list((run).glob("*.safetensors"))
+    assert list(run.glob("*.safetensors"))
     assert {"quick", "character", "style"}.isdisjoint(PRESET_FAMILIES)  # these fit every family
+    # the families are named by their labels: a label renamed in a family would silence the warning
+    assert {label for labels in PRESET_FAMILIES.values() for label in labels} <= {f.label for f in FAMILIES.values()}
 
 
 @pytest.mark.slow
