@@ -11,6 +11,7 @@ encoders on): SD1.5 128 UNet + 48 text-encoder modules; SDXL 560 UNet + 48 (te1)
     python bench/full_size_check.py --out DIR --tiny     # CPU smoke test on the tests' small models
 
 Results go to DIR/results.json (or --results FILE) and, as a markdown table, to stdout (docs/benchmarks.md holds a run's).
+SD3.5 and FLUX.1 have their own: bench/full_size_flow.py (this check, a memory cap and the step against diffusers').
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ AdamW; the base's norms in bf16; the forward+backward replayed as a CUDA graph.
 Per configuration: ms/step (median over windows of steps timed with CUDA events, after warm-up), images/s, peak
 memory, FLOPs per step (torch.utils.flop_counter), achieved TFLOP/s and its fraction of a bf16 matmul ceiling measured
 in the same process, and one step of each from the same state: loss and LoRA gradients compared.
-Writes DIR/results.json and prints markdown tables.
+Writes DIR/results.json and prints markdown tables. SD3.5 and FLUX.1's step against diffusers' SD3/FLUX LoRA
+scripts': bench/full_size_flow.py.
 """
 
 from __future__ import annotations

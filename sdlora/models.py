@@ -285,6 +285,10 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
         raise UserError(f"could not load {path.name} as an {label} checkpoint: {first_line(e, 200)}", hint) from None
     for name in family.frozen_text_encoders:
         t5 = getattr(pipe, name, None)
+        if t5 is not None:
+            # diffusers 0.42 builds a single file's T5 without putting it in eval mode
+            # (create_diffusers_t5_model_from_checkpoint), so its dropout (0.1) would change every encoding
+            t5.eval()
         if t5 is not None and hasattr(t5, "shared") and t5.encoder.embed_tokens.weight.is_meta:
             # T5's input embedding is tied to `shared`; SD3 files hold it once, and diffusers 0.42's single-file
             # loader under transformers 5 leaves the tied copy unloaded (on the meta device)
