@@ -72,7 +72,7 @@ def quantize_base(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], p
     before = [stored_bytes(m) for m in models]
     if precision == "fp8":
         for model in models:
-            _to_fp8(model)
+            store_fp8(model)
         how = "fp8 (torch float8_e4m3fn, Linear and Conv2d weights)"
     elif precision in ("int8", "nf4"):
         bnb = _bitsandbytes(precision)
@@ -126,7 +126,8 @@ class _Fp8Storage(torch.nn.Module):
         return (weight.to(torch.float8_e4m3fn),)
 
 
-def _to_fp8(model: torch.nn.Module) -> None:
+def store_fp8(model: torch.nn.Module) -> None:
+    """Store every Linear and Conv2d weight of `model` (but KEEP's) as float8_e4m3fn, upcast at each use."""
     from torch.nn.utils import parametrize
 
     for name, module in list(model.named_modules()):

@@ -132,8 +132,8 @@ def module_names(keys) -> set[str]:
 
 
 def assert_trains_on_an_fp8_base(folder, tmp_path) -> None:
-    """Three CLI steps on the base `folder` stored in fp8 (--base-precision fp8): the transformer's weights are fp8
-    and its LoRA file loads completely onto the unquantized base, on the CPU."""
+    """Three CLI steps on the base `folder` stored in fp8 (--base-precision fp8): the transformer's and T5's weights
+    are fp8 and its LoRA file loads completely onto the unquantized base, on the CPU."""
     import numpy as np
 
     from sdlora.cli import main
@@ -147,6 +147,7 @@ def assert_trains_on_an_fp8_base(folder, tmp_path) -> None:
     events = read_events(run)
     start = next(e for e in events if e["type"] == "start")
     assert start["base_storage"].startswith("base weights stored as fp8") and "transformer" in start["base_storage"]
+    assert "T5 stored in fp8" in start["base_storage"]  # the frozen T5 too: 4.7 GB on the GPU, not 9.5
     assert all(np.isfinite(e["loss"]) for e in events if e["type"] == "progress")
     verify = next(e for e in events if e["type"] == "verify")
     assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"] and verify["strength0_max_diff"] == 0

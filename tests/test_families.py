@@ -363,6 +363,10 @@ def test_memory_defaults_follow_family_and_free_memory():
     assert memory_defaults("sdxl", 24) == (4, True, "auto")
     assert memory_defaults("sdxl", 12) == (1, True, "auto")
     assert memory_defaults("sdxl", 8) == (1, True, "fp8")
+    # SD3.5 and FLUX.1: T5 is on the GPU beside the rest while the captions are cached (in fp8 on an fp8 base)
+    assert memory_defaults("sd3.5-medium", 12) == (1, True, "fp8")
+    assert memory_defaults("sd3.5-large", 24) == (1, True, "fp8")
+    assert memory_defaults("flux.1-dev", 40) == (1, True, "fp8")
     for family in FAMILIES:  # every family has a row for any amount of memory
         assert memory_defaults(family, 0)[:2] == (1, True)
 

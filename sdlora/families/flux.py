@@ -158,9 +158,10 @@ def read_architecture(architecture: str) -> str | None:
     return None
 
 
-# (free GiB at least, batch_size, gradient_checkpointing, base_precision), roomiest first. Not measured: scaled from
-# SD3.5 Large by the transformer's size (12B parameters) with T5 off the GPU while training (its states are cached).
-MEMORY = ((80, 2, True, "auto"), (40, 1, True, "auto"), (0, 1, True, "fp8"))
+# (free GiB at least, batch_size, gradient_checkpointing, base_precision), roomiest first. Scaled from SD3.5 Large by
+# the transformer's size (12B parameters), counting T5 as there (sdlora.families.sd3): bf16 24 + 9.5 GB while the
+# captions are cached, fp8 12 + 4.7 GB.
+MEMORY = ((80, 2, True, "auto"), (48, 1, True, "auto"), (0, 1, True, "fp8"))
 
 
 def _family(dev: bool) -> Family:

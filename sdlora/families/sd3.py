@@ -119,11 +119,12 @@ def read_architecture(architecture: str) -> str | None:
     return None
 
 
-# (free GiB at least, batch_size, gradient_checkpointing, base_precision), roomiest first, as sd.MEMORY_512. Not
-# measured: scaled from SDXL at 1024 by the denoiser's size (Medium 2.5B, Large 8.1B parameters) with T5 off the GPU
-# while training (its text embeddings are cached).
-MEMORY_MEDIUM = ((40, 4, False, "auto"), (16, 4, True, "auto"), (12, 1, True, "auto"), (0, 1, True, "fp8"))
-MEMORY_LARGE = ((80, 4, False, "auto"), (40, 4, True, "auto"), (24, 1, True, "auto"), (0, 1, True, "fp8"))
+# (free GiB at least, batch_size, gradient_checkpointing, base_precision), roomiest first, as sd.MEMORY_512. Scaled
+# from SDXL at 1024 by the denoiser's size (Medium 2.5B, Large 8.1B parameters), and counting T5 (4.7B): it is off the
+# GPU while training (its text embeddings are cached) but on it to cache the captions and for samples, beside the
+# rest, in bf16 (9.5 GB) on an unquantized base and in fp8 (4.7 GB) on a quantized one (sdlora.step.build_step).
+MEMORY_MEDIUM = ((40, 4, False, "auto"), (24, 4, True, "auto"), (18, 1, True, "auto"), (0, 1, True, "fp8"))
+MEMORY_LARGE = ((80, 4, False, "auto"), (48, 4, True, "auto"), (32, 1, True, "auto"), (0, 1, True, "fp8"))
 
 
 def _family(name, label, memory_rows, version, architecture) -> Family:
