@@ -5,7 +5,7 @@ cross-attention, a CLIP text encoder and the real CLIP BPE tokenizer (made by sc
 (ARCHITECTURES): "x8", the shipped one (64 px -> 8x8x4 latents), "x4" (64 px -> 16x16x4 latents: fine enough for
 eyes with pupils, four times the UNet's work per image; sdlora/tiny/NOTES.md has what it measured) and "x4c8"
 (16x16x8 latents: room for 1-px lines; the UNet's step costs about what x4's does) and "x4c8w" (x4c8 with a wider
-autoencoder and a narrower UNet). Weights are stored in fp16 to keep
+autoencoder and a narrower UNet), "x4c8w-u192" (x4c8w's autoencoder under x4c8's UNet). Weights are stored in fp16 to keep
 the package small; diffusers loads them as fp32.
 
     python scripts/make_tiny.py [--arch x8] [--seed 0] [--tokenizer DIR]
@@ -58,6 +58,10 @@ ARCHITECTURES = {
     # narrower UNet (32/64/128: a LoRA step on 2 CPU cores costs about 70% of 64/128/192's)
     "x4c8w": (dict(UNET, sample_size=16, in_channels=8, out_channels=8, block_out_channels=(32, 64, 128)),
               dict(_X4_VAE, latent_channels=8, block_out_channels=(64, 128, 256))),
+    # x4c8w's autoencoder under x4c8's UNet (64/128/192, three times the narrow one's parameters): the narrow UNet
+    # drew crisp shapes but followed background words poorly after 7.7M samples (sdlora/tiny/NOTES.md)
+    "x4c8w-u192": (dict(UNET, sample_size=16, in_channels=8, out_channels=8),
+                   dict(_X4_VAE, latent_channels=8, block_out_channels=(64, 128, 256))),
 }
 TEXT = dict(
     vocab_size=49408,
