@@ -4,9 +4,9 @@ The architecture is Stable Diffusion 1.x's, scaled down: an AutoencoderKL, a UNe
 cross-attention, a CLIP text encoder and the real CLIP BPE tokenizer (made by scripts/make_tokenizer.py). Sizes
 (ARCHITECTURES): "x8", the shipped one (64 px -> 8x8x4 latents), "x4" (64 px -> 16x16x4 latents: fine enough for
 eyes with pupils, four times the UNet's work per image; sdlora/tiny/NOTES.md has what it measured) and "x4c8"
-(16x16x8 latents: room for 1-px lines; the UNet's step costs about what x4's does) and "x4c8w" (x4c8 with a wider
-autoencoder and a narrower UNet), "x4c8w-u192" (x4c8w's autoencoder under x4c8's UNet). Weights are stored in fp16 to keep
-the package small; diffusers loads them as fp32.
+(16x16x8 latents: room for 1-px lines; the UNet's step costs about what x4's does), "x4c8w" (x4c8 with a wider
+autoencoder and a narrower UNet) and "x4c8w-u192" (x4c8w's autoencoder under x4c8's UNet). Weights are stored in
+fp16 to keep the package small; diffusers loads them as fp32.
 
     python scripts/make_tiny.py [--arch x8] [--seed 0] [--tokenizer DIR]
 """
