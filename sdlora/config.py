@@ -127,7 +127,7 @@ class TrainConfig:
     flow_loss_weighting: str = _knob("none", "flow matching: each image's loss weight by its noise level; none, "
                                              "sigma_sqrt (1/sigma^2) or cosmap", choices=("none", "sigma_sqrt", "cosmap"))
     train_guidance: float = _knob(1.0, "FLUX.1 dev: the guidance its transformer is told while training (diffusers' "
-                                       "train_dreambooth_lora_flux.py: 1.0); samples use --sample-guidance")
+                                       "README_flux.md recipes: 1.0); samples use --sample-guidance")
     mixed_precision: str = _knob("auto", "auto = bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU",
                                  choices=("auto", "no", "fp16", "bf16"))
     base_precision: str = _knob("auto", "how the frozen base (UNet, text encoders) is stored while the LoRA trains in "
@@ -339,7 +339,7 @@ PRESETS: dict[str, dict] = {
     # streams) at 1e-4 with logit-normal noise levels (the default flow_timestep_sampling) and no loss weighting
     "sd3.5-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16, "alpha": 8.0,
                     "unet_lr": 1e-4, "caption_dropout": 0.05},
-    # FLUX.1: diffusers' train_dreambooth_lora_flux.py trains the attention at 1e-4 (the transformer told guidance 1);
+    # FLUX.1: diffusers' README_flux.md recipes train the attention at 1e-4 (the transformer told guidance 1);
     # samples as the pipelines draw them: dev with its distilled guidance 3.5 in 28 steps, schnell in 4 without
     "flux-style": {"resolution": 1024, "targets": "attn", "train_text_encoder": False, "rank": 16, "alpha": 16.0,
                    "unet_lr": 1e-4, "caption_dropout": 0.05, "sample_guidance": 3.5, "sample_steps": 28},

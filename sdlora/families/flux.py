@@ -30,8 +30,9 @@ TEXT_TARGETS = {"attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
 # FluxPipeline's max_sequence_length: 512 by default; schnell was distilled at 256 (its model card and diffusers'
 # docs call it with 256)
 T5_TOKENS_DEV, T5_TOKENS_SCHNELL = 512, 256
-# The guidance the dev transformer is told while training: diffusers' train_dreambooth_lora_flux.py's --guidance_scale
-# default (its samples then use the pipeline's own 3.5)
+# The guidance the dev transformer is told while training: 1, as diffusers' README_flux.md passes to
+# train_dreambooth_lora_flux.py in every recipe (the script's own --guidance_scale default is 3.5); samples then use
+# the pipeline's own 3.5
 TRAIN_GUIDANCE = 1.0
 
 
