@@ -182,6 +182,33 @@ def test_lycoris_options_are_checked_where_they_are_typed():
     _config(adapter="lokr", lokr_factor=8, lokr_full_matrix=True).validate()
 
 
+@pytest.mark.parametrize("full_matrix", [False, True])
+def test_lokr_applies_the_kronecker_product_to_the_reshaped_input_as_peft_applies_the_formed_one(full_matrix,
+                                                                                                  monkeypatch):
+    """LoKr's Linear layers never form kron(w1, w2): output and every gradient equal peft's formed-product path."""
+    from peft.tuners.lokr import Linear as LoKrLinear
+
+    from sdlora.adapters.lycoris import ADAPTER, LoKr
+
+    torch.manual_seed(0)
+    for out_dim, in_dim in ((128, 128), (320, 768), (96, 40)):
+        model = torch.nn.Sequential(torch.nn.Linear(in_dim, out_dim))
+        params = LoKr(full_matrix=full_matrix).attach(model, ["0"], rank=4, alpha=2.0)
+        for p in params:
+            p.data.normal_(0, 0.1)  # both factors non-zero (a fresh LoKr adds nothing)
+        layer = model[0]
+        x = torch.randn(3, 7, in_dim, requires_grad=True)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "kron", None)  # the product is never formed
+            fast = model(x)
+        formed = layer.base_layer(x) + LoKrLinear._get_delta_activations(layer, ADAPTER, x)
+        assert not torch.equal(fast, layer.base_layer(x))
+        torch.testing.assert_close(fast, formed, rtol=1e-5, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(fast.square().sum(), [x, *params]),
+                        torch.autograd.grad(formed.square().sum(), [x, *params])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["loha", "lokr", "lokr-factor-16", "lokr-full"])
 def test_the_lycoris_package_reads_the_file_to_the_trained_change(case, tmp_path):
     """lycoris's own modules, made from the file's tensors (make_module_from_state_dict, as its loader does), give

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import torch
 from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
 from peft.tuners.loha import LoHaLayer
 from peft.tuners.lokr import LoKrLayer
+from peft.tuners.lokr import Linear as LoKrLinear
 
 from sdlora import families
 from sdlora.families.naming import KOHYA_UNET
@@ -225,6 +227,8 @@ class LoKr(_Lycoris):
         if use_w2:  # both factors full: scale 1, the alpha LyCORIS writes then is the rank
             layer.alpha[ADAPTER] = r
             layer.set_scale(ADAPTER, 1.0)
+        if isinstance(layer, LoKrLinear):
+            layer._get_delta_activations = types.MethodType(_kron_activations, layer)
 
     def _complete(self, parts):
         return ("lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= set(parts)) and \
@@ -250,6 +254,21 @@ class LoKr(_Lycoris):
 
     def _args(self):
         return {"factor": str(self.factor), **({"full_matrix": "True"} if self.full_matrix else {})}
+
+
+def _kron_activations(layer, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A LoKr Linear layer's change to its output, x kron(w1, w2)^T * scale, without forming the product: with x's
+    last dimension as a c x d matrix X, it is w1 X w2^T per token (a x b, flattened). peft forms the full out x in
+    product every step and runs a second matmul of the base layer's size; this costs a*d*(c + b) per token instead
+    of a*b*c*d. Rank dropout (which sdlora never sets) needs the formed product: peft's own path then."""
+    if layer.training and layer.rank_dropout[adapter]:
+        return LoKrLinear._get_delta_activations(layer, adapter, x, *args, **kwargs)
+    w1 = layer.lokr_w1[adapter] if adapter in layer.lokr_w1 else layer.lokr_w1_a[adapter] @ layer.lokr_w1_b[adapter]
+    w2 = layer.lokr_w2[adapter] if adapter in layer.lokr_w2 else layer.lokr_w2_a[adapter] @ layer.lokr_w2_b[adapter]
+    (a, c), (b, d) = w1.shape, w2.shape
+    x = layer._cast_input_dtype(x, w1.dtype)  # as peft's path: fp32, or what autocast makes of it
+    y = torch.matmul(torch.matmul(w1, x.reshape(*x.shape[:-1], c, d)), w2.t())
+    return y.reshape(*x.shape[:-1], a * b) * layer.scaling[adapter]
 
 
 def _lokr_rank(w) -> int:
