@@ -46,7 +46,7 @@ def check_precision(precision: str, *, cuda: bool) -> None:
 
 
 def quantize_base(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], precision: str,
-                  device: torch.device | str | None = None) -> str:
+                  device: torch.device | str | None = None, frozen: list[torch.nn.Module] = ()) -> str:
     """Store the frozen base's weights in `precision`, in place; return a one-line note of what is stored and its size.
 
     Call it once the models are frozen and in the compute dtype (the training loop's weight_dtype), on the CPU or
@@ -66,13 +66,16 @@ def quantize_base(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], p
     - nf4: every Linear becomes a bitsandbytes Linear4bit (NF4 with double quantization, as in QLoRA); convolutions
       stay as they are.
     - auto: nothing changes.
+
+    `frozen`: encoders no adapter ever wraps (SD3.5's and FLUX.1's T5); under any quantized precision they are stored
+    in fp8 (4.7 GB for T5-XXL where bf16 takes 9.5; ComfyUI's t5xxl_fp8), which the note adds.
     """
     assert precision in PRECISIONS, precision
     models = [unet, *text_encoders]
     before = [stored_bytes(m) for m in models]
     if precision == "fp8":
         for model in models:
-            store_fp8(model)
+            _to_fp8(model)
         how = "fp8 (torch float8_e4m3fn, Linear and Conv2d weights)"
     elif precision in ("int8", "nf4"):
         bnb = _bitsandbytes(precision)
@@ -89,7 +92,12 @@ def quantize_base(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], p
     parts = f"{denoiser} {after[0] / 1e9:.2f} GB, text encoder(s) {sum(after[1:]) / 1e9:.2f} GB"
     if precision == "auto":
         return f"base weights stored as {how}: {parts}"
-    return f"base weights stored as {how}: {parts}, {sum(after) / 1e9:.2f} GB in all, was {sum(before) / 1e9:.2f} GB"
+    note = f"base weights stored as {how}: {parts}, {sum(after) / 1e9:.2f} GB in all, was {sum(before) / 1e9:.2f} GB"
+    for model in frozen:
+        _to_fp8(model)
+    if frozen:
+        note += f"; T5 stored in fp8: {sum(stored_bytes(m) for m in frozen) / 1e9:.2f} GB"
+    return note
 
 
 def stored_bytes(model: torch.nn.Module) -> int:
@@ -126,7 +134,7 @@ class _Fp8Storage(torch.nn.Module):
         return (weight.to(torch.float8_e4m3fn),)
 
 
-def store_fp8(model: torch.nn.Module) -> None:
+def _to_fp8(model: torch.nn.Module) -> None:
     """Store every Linear and Conv2d weight of `model` (but KEEP's) as float8_e4m3fn, upcast at each use."""
     from torch.nn.utils import parametrize
 

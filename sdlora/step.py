@@ -14,7 +14,7 @@ from sdlora import families
 from sdlora import adapters
 from sdlora.families.targets import UNET_CONV3X3_TARGETS, UNET_CONV_OTHER_TARGETS
 from sdlora import objectives
-from sdlora.quantize import quantize_base, store_fp8, stored_bytes
+from sdlora.quantize import quantize_base
 
 
 def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None) -> "Step":
@@ -28,28 +28,18 @@ def build_step(accelerator, pipe, config: TrainConfig, family=None, on_fail=None
     text_encoders = family.text_encoder_models(pipe)
     dtype = weight_dtype(accelerator)
     vae.requires_grad_(False).to(device, torch.float32)
-    frozen_encoders = family.encoders(pipe)[len(text_encoders):]  # SD3's and FLUX.1's T5: never adapted
-    for frozen in frozen_encoders:
-        frozen.requires_grad_(False)
-        if config.base_precision == "auto":
-            move(frozen, device, dtype)
-        else:  # a quantized base: T5 in fp8 too (ComfyUI's t5xxl_fp8), 4.7 GB where bf16 takes 9.5 on the GPU
-            frozen.to(dtype)
-            store_fp8(frozen)
-            frozen.to(device)
-    # --base-precision: the frozen weights stored in fp8/int8/nf4 (sdlora.quantize); the adapters stay fp32. Quantized
-    # on the CPU after loading (int8: layer by layer as each moves), then moved: the full-precision base never has to
-    # fit on the GPU. Unquantized, a base loaded as its files store it is cast where it will run (move).
-    for model in (unet, *text_encoders):
+    frozen = family.encoders(pipe)[len(text_encoders):]  # SD3's and FLUX.1's T5: never adapted
+    # --base-precision: the frozen weights stored in fp8/int8/nf4 (sdlora.quantize; T5 in fp8); the adapters stay
+    # fp32. Quantized on the CPU after loading (int8: layer by layer as each moves), then moved: the full-precision
+    # base never has to fit on the GPU. Unquantized, a base loaded as its files store it is cast where it will run.
+    for model in (unet, *text_encoders, *frozen):
         model.requires_grad_(False)
         if config.base_precision == "auto":
             move(model, device, dtype)
         else:
             model.to(dtype)
-    base_storage = quantize_base(unet, text_encoders, config.base_precision, device=device)
-    if config.base_precision != "auto" and frozen_encoders:
-        base_storage += f"; T5 stored in fp8: {sum(stored_bytes(m) for m in frozen_encoders) / 1e9:.2f} GB"
-    for model in (unet, *text_encoders):
+    base_storage = quantize_base(unet, text_encoders, config.base_precision, device=device, frozen=frozen)
+    for model in (unet, *text_encoders, *frozen):
         model.to(device)  # by device only: a dtype would undo the fp8 storage
 
     torch.manual_seed(config.seed)

@@ -70,7 +70,8 @@ class _Lycoris:
         return params
 
     def _lycoris_shapes(self, layer) -> None:
-        """Make the layer's tensors what LyCORIS would train (LoKr: its factorization)."""
+        """Make the layer's tensors what LyCORIS would train (LoKr: its factorization; its Linear layers then apply
+        the factors without forming their product)."""
 
     def layers(self, model: torch.nn.Module, adapter: str = ADAPTER) -> dict[str, torch.nn.Module]:
         """Module path -> peft layer of this type, for every layer carrying `adapter` (sdlora's by default)."""
