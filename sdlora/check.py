@@ -105,26 +105,77 @@ def base_resolution(base: str) -> int:
 
     if base in NATIVE:
         return NATIVE[base]
-    if base in families.FAMILIES:
-        return families.get(base).resolution
-    path = Path(base).expanduser()
+    path = _base_path(base)
     if (path / "unet" / "config.json").is_file() and (path / "vae" / "config.json").is_file():
         unet = json.loads((path / "unet" / "config.json").read_text())
         vae = json.loads((path / "vae" / "config.json").read_text())
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    if (path / "model_index.json").is_file():  # a transformer family's folder (SD3.5): the family's resolution
-        return families.detect_folder(json.loads((path / "model_index.json").read_text())).resolution
+    family = base_family(base)
+    if family is None:
+        raise UserError(f"cannot tell the resolution of base {base!r} without loading it",
+                        f"give --resolution, or --base as tiny, {', '.join(families.FAMILIES)}, a diffusers folder or "
+                        f"a .safetensors file")
+    return family.resolution
+
+
+def base_family(base: str):
+    """The family of `base` from its configs or a single file's header and a tensor or two, no model loaded: 'tiny'
+    (SD1 for every loader), a family name, a diffusers folder, a single file, or a hub id already downloaded. None
+    where that cannot tell (a hub id not downloaded, a folder or file that is no model)."""
+    from sdlora import families
+
+    if base == "tiny":
+        return families.get(families.TINY)
+    if base in families.FAMILIES:
+        return families.get(base)
+    path = _base_path(base)
+    if (path / "model_index.json").is_file():
+        return _folder_family(path)
     if path.is_file():
         from sdlora.models import inspect_checkpoint
 
-        info = inspect_checkpoint(path)
-        # the family of this layout that predicts what the file says (SD2 v-prediction: 768)
-        family = next((f for f in families.FAMILIES.values()
-                       if f.arch == info.arch and f.prediction_type == info.prediction_type), families.of_arch(info.arch))
-        return family.resolution
-    raise UserError(f"cannot tell the resolution of base {base!r} without loading it",
-                    f"give --resolution, or --base as tiny, {', '.join(families.FAMILIES)}, a diffusers folder or a "
-                    f".safetensors file")
+        try:
+            info = inspect_checkpoint(path)
+        except UserError:
+            return None
+        # the family of this layout that predicts what the file says (SD2 v-prediction)
+        return next((f for f in families.FAMILIES.values()
+                     if f.arch == info.arch and f.prediction_type == info.prediction_type), families.of_arch(info.arch))
+    return None
+
+
+def _base_path(base: str) -> Path:
+    """Where `base` is on disk: its path, or a hub id's downloaded folder where there is one."""
+    path = Path(base).expanduser()
+    if not path.exists() and base.count("/") == 1:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            index = try_to_load_from_cache(base, "model_index.json")
+        except Exception:  # not a valid repo id: a path that is not there
+            return path
+        return Path(index).parent if isinstance(index, str) else path
+    return path
+
+
+def _folder_family(path: Path):
+    """A diffusers folder's family: its denoiser's config tells the family (SD3.5 Medium or Large, FLUX.1 dev or
+    schnell, SD1 or SD2), its scheduler's whether SD2 predicts v."""
+    from sdlora import families
+
+    try:
+        group = families.detect_folder(json.loads((path / "model_index.json").read_text()))
+        config = next((json.loads((path / part / "config.json").read_text()) for part in ("transformer", "unet")
+                       if (path / part / "config.json").is_file()), None)
+        family = families.detect_denoiser(config) if config is not None else group
+        scheduler = path / "scheduler" / "scheduler_config.json"
+        prediction = json.loads(scheduler.read_text()).get("prediction_type") if scheduler.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if family.group != group.group:  # a denoiser another group's folder would not hold
+        return group
+    return next((f for f in families.FAMILIES.values() if f.arch == family.arch and f.prediction_type == prediction),
+                family)
 
 
 def base_tokenizer(base: str):

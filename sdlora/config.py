@@ -353,6 +353,10 @@ PRESET_FAMILIES: dict[str, tuple[str, ...]] = {
     "sd3.5-style": ("SD3.5 Medium", "SD3.5 Large"), "flux-style": ("FLUX.1 dev",),
     "flux-schnell-style": ("FLUX.1 schnell",),
 }
+# The preset the app picks when a base of these families is chosen: flow-matching bases want their own learning rate,
+# layers and sampling, which the presets for every family do not set.
+FAMILY_PRESET: dict[str, str] = {"SD3.5 Medium": "sd3.5-style", "SD3.5 Large": "sd3.5-style",
+                                 "FLUX.1 dev": "flux-style", "FLUX.1 schnell": "flux-schnell-style"}
 # One line each, for `sdlora train --help`, the app and the README.
 PRESET_HELP: dict[str, str] = {
     "quick": "100 steps to see the whole path work",

@@ -15,6 +15,7 @@ field can make the app read or write somewhere else.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -566,7 +567,7 @@ def stack_file(root: str | Path, value: str) -> Path:
 def base_models(models_dir: str | Path | None) -> list[tuple[str, str]]:
     """(label, value) of the bases on offer: the embedded tiny model, diffusers folders and checkpoint files under
     `models_dir` (links followed, so a folder of models kept elsewhere can be linked in), and diffusers models
-    already in the Hugging Face cache."""
+    already in the Hugging Face cache. Each label names the model's family where its files tell it."""
     found = [("tiny (built in, for trying things out)", "tiny")]
     if models_dir and Path(models_dir).is_dir():
         root = Path(models_dir)
@@ -575,16 +576,57 @@ def base_models(models_dir: str | Path | None) -> list[tuple[str, str]]:
             rel = here.relative_to(root)
             subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if len(rel.parts) < 3 else []
             if "model_index.json" in names and rel.parts:
-                found.append((f"{rel.as_posix()} (folder)", rel.as_posix()))
+                found.append((_labelled(rel.as_posix(), here, "folder"), rel.as_posix()))
                 subfolders[:] = []  # its unet/vae weights are parts, not checkpoints
                 continue
             for name in sorted(names):
                 path = here / name
                 if path.suffix in _MODEL_FILES and not name.startswith(".") and not _is_lora(path):
-                    found.append(((rel / name).as_posix(), (rel / name).as_posix()))
+                    found.append((_labelled((rel / name).as_posix(), path), (rel / name).as_posix()))
     for repo in _cached_hub_models():
-        found.append((f"{repo} (downloaded)", repo))
+        found.append((_labelled(repo, repo, "downloaded"), repo))
     return found
+
+
+def base_family(models_dir: str | Path | None, value: str):
+    """The family of the base the form holds (a `base_models` value or a hub id), or None where its files do not
+    tell it without loading (a hub id not downloaded, a file that is no model)."""
+    try:
+        base = resolve_base(models_dir, value)
+    except UserError:
+        return None
+    return _family_of(base)
+
+
+def _labelled(shown: str, where: str | Path, kind: str = "") -> str:
+    family = _family_of(str(where))
+    words = ", ".join(filter(None, [kind, family.label if family else ""]))
+    return f"{shown} ({words})" if words else shown
+
+
+def _family_of(base: str):
+    """check.base_family, remembered for a file or folder until it changes (the list is made on every page)."""
+    try:
+        stat = Path(base).stat()
+    except OSError:  # tiny or a hub id: cheap to ask again, and a download may have come since
+        return _family(base)
+    return _family_remembered(base, stat.st_size, stat.st_mtime_ns)
+
+
+def _family(base: str):
+    from sdlora import check
+
+    if Path(base).suffix.lower() == ".ckpt":
+        return None  # read whole to be looked at: its family shows when a run loads it
+    try:
+        return check.base_family(base)
+    except UserError:
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _family_remembered(base: str, size: int, mtime: int):
+    return _family(base)
 
 
 def _is_lora(path: Path) -> bool:

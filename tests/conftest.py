@@ -185,16 +185,30 @@ def measured_again(run, tmp_path) -> dict:
     return [e for e in read_events(copy) if e["type"] == "eval" and e.get("source") == "sdlora eval"][-1]
 
 
-def assert_app_lists(tmp_path, folder, single, resolution: int) -> None:
-    """A base model's diffusers folder and single file, put in a models folder, are listed by the app and resolve to
-    the family's `resolution`."""
+def assert_app_lists(tmp_path, folder, single, resolution: int, labels: tuple[str, str]) -> None:
+    """A base model's diffusers folder and single file, put in a models folder, are listed by the app under their
+    families' `labels` and resolve to the family's `resolution`; picking either on the Train tab offers its family's
+    presets and picks the one made for it."""
+    from types import SimpleNamespace
+
+    from sdlora.app import tab_train
     from sdlora.check import base_resolution
+    from sdlora.config import FAMILY_PRESET, PRESET_FAMILIES
     from sdlora.workspace import base_models
 
     models = tmp_path / "models"
     shutil.copytree(folder, models / Path(folder).name)
     shutil.copy(single, models / Path(single).name)
-    assert {Path(folder).name, Path(single).name} <= {value for _, value in base_models(models)}
+    listed = {value: label for label, value in base_models(models)}
+    assert listed[Path(folder).name] == f"{Path(folder).name} (folder, {labels[0]})"
+    assert listed[Path(single).name] == f"{Path(single).name} ({labels[1]})"
     assert base_resolution(str(models / Path(folder).name)) == base_resolution(str(models / Path(single).name)) \
         == resolution
-
+    for value, label in zip((Path(folder).name, Path(single).name), labels):
+        shown = tab_train.choose_base(SimpleNamespace(models=models), {"base": value, "preset": "quick"})
+        offered = {p for _, p in shown["preset"].choices}
+        assert shown["preset"].value == FAMILY_PRESET[label] and shown["info"] == \
+            f"{label} base: preset {dict((p, t) for t, p in tab_train.PRESET_CHOICES)[FAMILY_PRESET[label]]} picked"
+        assert shown["unet_lr"] == 1e-4 and shown["resolution"] == 1024
+        assert offered == {"quick", "character", "style"} | {p for p, made_for in PRESET_FAMILIES.items()
+                                                             if label in made_for}

@@ -105,6 +105,26 @@ def test_the_plan_of_a_preset(ctx):
     assert tab_train.form_config(ctx, {**values, "rank": 3}).preset == ""  # changed by hand: no preset's values
 
 
+def test_a_base_picked_offers_the_presets_that_suit_it(ctx):
+    """Presets made for another family are not offered; one shown that does not suit the base gives way to the first
+    preset, values set by hand stay, and a base whose files cannot be read offers every preset. (The SD3.5 and
+    FLUX.1 bases, which pick presets of their own, are covered with their small models.)"""
+    picked = tab_train.choose_base(ctx, {"base": "tiny", "preset": "flux-style"})
+    assert [p for _, p in picked["preset"].choices] == ["style", "character", "quick"]
+    assert picked["preset"].value == "quick" and picked["info"] == "SD1.x base: preset Quick test picked"
+    assert picked["steps"] == 100 and picked["unet_lr"] == tab_train.form_values(None)["unet_lr"]
+    assert tab_train.choose_base(ctx, {"base": "tiny", "preset": "character"}) == \
+        {"preset": Choices(picked["preset"].choices, "character")}
+    assert tab_train.choose_base(ctx, {"base": "tiny", "preset": None}) == \
+        {"preset": Choices(picked["preset"].choices, None)}
+    unknown = tab_train.choose_base(ctx, {"base": "someone/not-downloaded", "preset": "flux-style"})
+    assert unknown == {"preset": Choices(tab_train.PRESET_CHOICES, "flux-style")}
+    # the plan says the size pictures train at when the form leaves it to the base
+    values = form(dataset=example(ctx), trigger="zkchar")
+    assert "Pictures train at 64 px, the tiny base's own." in tab_train.plan(ctx, values)["plan"]
+    assert "Pictures train at" not in tab_train.plan(ctx, {**values, "resolution": 96})["plan"]
+
+
 def test_a_bad_value_is_one_line(ctx):
     name = example(ctx)
     for values, words in [(form(dataset=name, rank=0), "rank = 0: must be at least 1"),
@@ -133,7 +153,9 @@ def test_a_new_page_on_an_empty_workspace(ctx):
     loaded = tab_train.load(ctx, {})
     assert loaded["dataset"] == Choices([], None) and loaded["run"] == Choices([], None)
     assert loaded["example"] == Choices(["character", "style"], "character")
-    assert loaded["followed"] is None and "preset" not in loaded  # no run: the form keeps its preset
+    # no run: the form keeps its preset, and the tiny base is offered the presets that suit it
+    assert loaded["followed"] is None and loaded["preset"].value is KEEP
+    assert [p for _, p in loaded["preset"].choices] == ["style", "character", "quick"]
     assert tab_train.show_run(ctx, {"run": None})["status"] == "No run yet."
     assert tab_train.poll(ctx, {"run": None, "followed": None, "seen": ""}) == {"followed": None, "seen": ""}
     assert run_files.refresh(ctx, {"run": None, "file": None}) == {"run": Choices([], None), "file": Choices([], None)}

@@ -127,7 +127,7 @@ def test_flux_family_is_told_from_folders_files_and_lora_names(flux_model, tmp_p
     assert families.from_lora_names(["lora_unet_double_blocks_0_img_attn_qkv"]).group == "FLUX"
     assert families.from_lora_names(["transformer.transformer_blocks.0.attn2.to_q"]).group == "SD3"
     # the app lists the folders and the single files, and takes FLUX.1's 1024 as their resolution
-    assert_app_lists(tmp_path, flux_model[0], flux_model[3], 1024)
+    assert_app_lists(tmp_path, flux_model[0], flux_model[3], 1024, ("FLUX.1 dev", "FLUX.1 schnell"))
     assert dev.sampler("EulerDiscreteScheduler") == "FlowMatchEulerDiscreteScheduler"
     assert (dev.token_lengths, schnell.token_lengths) == ((0, 512), (0, 256))
 

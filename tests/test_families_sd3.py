@@ -124,7 +124,7 @@ def test_sd3_family_is_told_from_folders_files_and_lora_names(sd3_model, tmp_pat
     assert families.from_lora_names(["transformer.transformer_blocks.0.attn.to_q"]).group == "SD3"
     assert families.from_lora_names(["lora_unet_joint_blocks_0_x_block_attn_qkv"]).group == "SD3"
     # the app lists the folder and the single file, and takes SD3.5's 1024 as their resolution
-    assert_app_lists(tmp_path, sd3_model[0], sd3_model[1], 1024)
+    assert_app_lists(tmp_path, sd3_model[0], sd3_model[1], 1024, ("SD3.5 Medium", "SD3.5 Medium"))
     # the samples' scheduler: a DDPM-schedule sampler cannot draw a flow model
     assert fam.sampler("EulerDiscreteScheduler") == "FlowMatchEulerDiscreteScheduler"
     assert families.get("sdxl").sampler("EulerDiscreteScheduler") == "EulerDiscreteScheduler"

@@ -19,7 +19,8 @@ from sdlora import workspace as ws
 from sdlora.app.context import Context
 from sdlora.app.wiring import Choices, on
 from sdlora.atomic import write_atomic
-from sdlora.config import PRESETS, TrainConfig, build_config, optimizer_warnings
+from sdlora import check
+from sdlora.config import FAMILY_PRESET, PRESET_FAMILIES, PRESETS, TrainConfig, build_config, optimizer_warnings
 from sdlora.errors import UserError
 
 PRESET_CHOICES = [("Style", "style"), ("Character", "character"), ("Quick test", "quick"),
@@ -88,6 +89,13 @@ def preset_of(config: dict) -> str | None:
                                                        for name, value in preset_values(p).items())), None)
 
 
+def presets_for(family) -> list[tuple[str, str]]:
+    """The presets (label, value) that suit a base of `family`: those for every family and its own (all where the
+    family is not known)."""
+    return [(label, p) for label, p in PRESET_CHOICES
+            if family is None or p not in PRESET_FAMILIES or family.label in PRESET_FAMILIES[p]]
+
+
 def _form_text(name: str, value):
     """A TrainConfig value as its form field holds it (the list of sample prompts is one prompt a line)."""
     return "\n".join(value) if name == "sample_prompts" else value
@@ -105,6 +113,25 @@ def follow_dataset(ctx: Context, values: dict) -> dict:
 def choose_preset(ctx: Context, values: dict) -> dict:
     """The values a preset clicked sets; the fields no preset sets stay as they are."""
     return preset_values(values["preset"]) if values["preset"] else {}
+
+
+def choose_base(ctx: Context, values: dict) -> dict:
+    """A base picked: the presets offered become those that suit its family. Where the preset shown does not suit it,
+    or the family wants its own (SD3.5, FLUX.1), the family's preset is picked and fills in its values; values set by
+    hand (no preset shown) stay."""
+    family = ws.base_family(ctx.models, values["base"])
+    offered = presets_for(family)
+    current = values["preset"] or None
+    wanted = FAMILY_PRESET.get(family.label) if family else None
+    if current is None or (current in {p for _, p in offered} and not (wanted and current not in PRESET_FAMILIES)):
+        picked = current
+    else:  # made for another family, or made for every family on a base that wants its own
+        picked = wanted or FIRST_PRESET
+    if picked == current:
+        return {"preset": Choices(offered, current)}
+    label = dict((p, label) for label, p in PRESET_CHOICES)[picked]
+    return {"preset": Choices(offered, picked), **preset_values(picked),
+            "info": f"{family.label} base: preset {label} picked"}
 
 
 def form_config(ctx: Context, values: dict) -> TrainConfig:
@@ -169,6 +196,8 @@ def plan(ctx: Context, values: dict) -> dict:
     text = (f"**What this run will do:** {steps} steps × {per_step} pictures{split} = {shown:,} pictures shown "
             f"to the model. Your dataset has {images} pictures{repeats}, so each one is seen about "
             f"**{epochs:.0f} times** ({epochs:.1f} epochs). Time: {eta}.")
+    if not values.get("resolution"):
+        text += _native_size(ctx, values, base)
     if not (values["trigger"] or "").strip() and \
             ds.common_first_word([caption for _, _, caption in ws.captions(ctx.root, name)]) is None:
         text += f"\n\n**Note:** {ds.NO_TRIGGER[0].upper()}{ds.NO_TRIGGER[1:]}."
@@ -179,6 +208,16 @@ def plan(ctx: Context, values: dict) -> dict:
     for note in notes:
         text += f"\n\n**Note:** {note[0].upper()}{note[1:]}."
     return {"plan": text}
+
+
+def _native_size(ctx: Context, values: dict, base: str) -> str:
+    """' Pictures train at 1024 px, ...' where the base's files tell its family, else nothing."""
+    family = ws.base_family(ctx.models, values["base"])
+    try:
+        size = check.base_resolution(base) if family else None
+    except UserError:
+        return ""
+    return f" Pictures train at {size} px, the {'tiny' if base == 'tiny' else family.label} base's own." if size else ""
 
 
 def start(ctx: Context, values: dict) -> dict:
@@ -299,11 +338,16 @@ def load(ctx: Context, values: dict) -> dict:
     if ctx.models in Path(base).parents:
         base = Path(base).relative_to(ctx.models).as_posix()
     examples = bundled.names()
+    offered = presets_for(ws.base_family(ctx.models, base))
     result = {"dataset": Choices(datasets, used or (datasets[0] if datasets else None)),
               "example": Choices(examples, (examples or [None])[0]),
-              "base": Choices(ws.base_models(ctx.models), base), "run": Choices(names, current), "followed": live}
+              "base": Choices(ws.base_models(ctx.models), base), "run": Choices(names, current), "followed": live,
+              "preset": Choices(offered)}
     if config:
-        result["preset"] = preset_of(config)
+        shown = preset_of(config)
+        if shown and shown not in {p for _, p in offered}:  # a run started with a preset made for another family
+            offered = [*offered, next(choice for choice in PRESET_CHOICES if choice[1] == shown)]
+        result["preset"] = Choices(offered, shown)
     result.update({name: _form_text(name, config[name]) for name in FORM_FIELDS if name in config})
     return result
 
@@ -447,9 +491,11 @@ def wire(ctx: Context, page: SimpleNamespace) -> None:
     shown = {"progress": ui.progress, "status": ui.status, "loss": ui.loss, "samples": ui.samples, "evals": ui.evals}
     # .input: a click, never the page setting the radio to a run's preset on load
     on(ui.preset.input, ctx, choose_preset, {"preset": ui.preset}, ui.form, api_name=False)
+    on(ui.base.input, ctx, choose_base, {"base": ui.base, "preset": ui.preset}, {"preset": ui.preset, **ui.form},
+       api_name=False)
     # one listener for every field the plan reads: its calls queue one after another, so the plan always shows the
     # last values (a listener per field could finish an older call last)
-    read = ("dataset", "base", "steps", "batch_size", "grad_accum", "gpus", "trigger")
+    read = ("dataset", "base", "steps", "batch_size", "grad_accum", "gpus", "trigger", "resolution")
     changes = [form[name].change for name in read]
     on(functools.partial(gr.on, changes), ctx, plan, form, {"plan": ui.plan}, as_set=True, show_progress="hidden",
        trigger_mode="always_last", api_name="plan")
