@@ -149,6 +149,58 @@ def test_locon_and_dora_files_give_the_trained_layers_change(kind, rslora, tmp_p
         assert torch.equal(unet(*x).sample, base)
 
 
+@pytest.mark.parametrize("case", ["linear", "linear-no-bias", "linear-dropout", "conv3x3", "linear-bf16"])
+def test_dora_layers_match_peft_without_forming_the_change(case, monkeypatch):
+    """sdlora's DoRA layers (a Linear's output in one matmul with the magnitude folded into the weight; a conv's norms
+    without forming BA) give the output and every gradient peft's own DoRA layers give, fp32 on the CPU, within bf16
+    rounding under bf16 autocast; with dropout in training, peft's forward runs with the same norms. A fresh adapter
+    gives the base's output exactly."""
+    from peft.tuners.lora import dora
+
+    from sdlora.adapters.lora import ADAPTER, DORA_CONV
+
+    torch.manual_seed(0)
+    conv = case == "conv3x3"
+    base = torch.nn.Conv2d(8, 16, 3, padding=1) if conv else torch.nn.Linear(40, 96, bias=case != "linear-no-bias")
+    x = torch.randn(2, 8, 10, 10) if conv else torch.randn(3, 7, 40)
+    bf16 = case == "linear-bf16"
+    model = torch.nn.Sequential(base.to(torch.bfloat16 if bf16 else torch.float32))
+    params = DORA_CONV.attach(model, [] if conv else ["0"], rank=4, alpha=2.0, conv_targets=["0"] if conv else [],
+                              conv_rank=4, conv_alpha=2.0, dropout=0.3 if case == "linear-dropout" else 0.0)
+    layer = model[0]
+
+    def forward(module=model):
+        torch.manual_seed(1)  # the same dropout mask for both
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return module(x)
+    if case != "linear-dropout":
+        assert torch.equal(forward(), forward(layer.base_layer))  # fresh: the base's output
+    for p in params:
+        p.data.normal_(0, 0.5)  # the change, and the magnitude away from the base's norms
+    x.requires_grad_(True)
+    with monkeypatch.context() as m:
+        for name in ("get_weight_norm", "get_lora_weight"):  # the change is never formed
+            m.setattr(dora.DoraLinearLayer, name, None)
+            m.setattr(dora._DoraConvNdLayer, name, None)
+        if case not in ("linear-dropout", "conv3x3"):  # nor rescaled after the base layer's output
+            m.setattr(dora.DoraLinearLayer, "forward", None)
+        fast = forward()
+    for module in (layer, layer.lora_magnitude_vector[ADAPTER]):  # peft's own path
+        module.__dict__.pop("forward", None)
+    peft = forward()
+    assert not torch.allclose(fast.float(), forward(layer.base_layer).float(), atol=1e-1)
+
+    def assert_close(a, b):  # bf16: each tensor as a whole within bf16's rounding (elements can cancel)
+        if bf16:
+            assert (a.float() - b.float()).norm() <= 1e-2 * b.float().norm()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_close(fast, peft)
+    for a, b in zip(torch.autograd.grad(fast.float().square().sum(), [x, *params]),
+                    torch.autograd.grad(peft.float().square().sum(), [x, *params])):
+        assert_close(a, b)
+
+
 def test_metadata_of_each_type_is_what_kohya_and_lycoris_write():
     lora = adapters.get("lora").metadata(rank=8, alpha=4.0, dropout=0.0, conv_rank=4, conv_alpha=2.0)
     assert lora["ss_network_module"] == "networks.lora" and "ss_network_args" not in lora

@@ -185,24 +185,61 @@ def test_lycoris_options_are_checked_where_they_are_typed():
 @pytest.mark.parametrize("full_matrix", [False, True])
 def test_lokr_applies_the_kronecker_product_to_the_reshaped_input_as_peft_applies_the_formed_one(full_matrix,
                                                                                                   monkeypatch):
-    """LoKr's Linear layers never form kron(w1, w2): output and every gradient equal peft's formed-product path."""
-    from peft.tuners.lokr import Linear as LoKrLinear
-
+    """LoKr's Linear layers and convolutions never form kron(w1, w2): output and every gradient equal peft's
+    formed-product path."""
     from sdlora.adapters.lycoris import ADAPTER, LoKr
 
     torch.manual_seed(0)
-    for out_dim, in_dim in ((128, 128), (320, 768), (96, 40)):
-        model = torch.nn.Sequential(torch.nn.Linear(in_dim, out_dim))
-        params = LoKr(full_matrix=full_matrix).attach(model, ["0"], rank=4, alpha=2.0)
+    for base, x in ((torch.nn.Linear(128, 128), torch.randn(3, 7, 128)),
+                    (torch.nn.Linear(768, 320), torch.randn(3, 7, 768)), (torch.nn.Linear(40, 96), torch.randn(3, 7, 40)),
+                    (torch.nn.Conv2d(320, 320, 3, padding=1), torch.randn(2, 320, 8, 8)),
+                    (torch.nn.Conv2d(128, 128, 3, stride=2, padding=1), torch.randn(2, 128, 9, 9)),
+                    (torch.nn.Conv2d(320, 640, 1), torch.randn(2, 320, 6, 6))):
+        model = torch.nn.Sequential(base)
+        conv = isinstance(base, torch.nn.Conv2d)
+        params = LoKr(full_matrix=full_matrix).attach(model, [] if conv else ["0"], rank=4, alpha=2.0,
+                                                      conv_targets=["0"] if conv else [], conv_rank=4, conv_alpha=2.0)
         for p in params:
             p.data.normal_(0, 0.1)  # both factors non-zero (a fresh LoKr adds nothing)
         layer = model[0]
-        x = torch.randn(3, 7, in_dim, requires_grad=True)
+        x.requires_grad_(True)
         with monkeypatch.context() as m:
             m.setattr(torch, "kron", None)  # the product is never formed
             fast = model(x)
-        formed = layer.base_layer(x) + LoKrLinear._get_delta_activations(layer, ADAPTER, x)
+        formed = layer.base_layer(x) + type(layer)._get_delta_activations(layer, ADAPTER, x)
         assert not torch.equal(fast, layer.base_layer(x))
+        torch.testing.assert_close(fast, formed, rtol=1e-5, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(fast.square().sum(), [x, *params]),
+                        torch.autograd.grad(formed.square().sum(), [x, *params])):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())  # fp32 sums
+
+
+def test_loha_applies_its_factors_to_wide_layers_as_peft_applies_the_formed_change(monkeypatch):
+    """LoHa's Linear and conv layers wider than 2 r^2 never form the change: output and every gradient equal peft's
+    formed-change path (a narrow layer takes that path itself)."""
+    from peft.tuners.loha import layer as peft_loha
+
+    from sdlora.adapters.lycoris import ADAPTER, LoHa
+
+    torch.manual_seed(0)
+    for base, x, wide in ((torch.nn.Linear(512, 384), torch.randn(3, 50, 512), True),
+                          (torch.nn.Conv2d(320, 320, 3, padding=1), torch.randn(2, 320, 8, 8), True),
+                          (torch.nn.Conv2d(320, 640, 1), torch.randn(2, 320, 8, 8), True),
+                          (torch.nn.Linear(24, 24), torch.randn(3, 50, 24), False)):
+        model = torch.nn.Sequential(base)
+        conv = isinstance(base, torch.nn.Conv2d)
+        params = LoHa("loha").attach(model, [] if conv else ["0"], rank=4, alpha=2.0,
+                                     conv_targets=["0"] if conv else [], conv_rank=4, conv_alpha=2.0)
+        for p in params:
+            p.data.normal_(0, 0.1)  # all four factors non-zero (a fresh LoHa adds nothing)
+        layer = model[0]
+        x.requires_grad_(True)
+        with monkeypatch.context() as m:
+            if wide:
+                m.setattr(peft_loha, "make_weight", None)  # the change is never formed
+            fast = model(x)
+        formed = layer.base_layer(x) + type(layer)._get_delta_activations(layer, ADAPTER, x)
+        assert not torch.allclose(fast, layer.base_layer(x), atol=1e-3)
         torch.testing.assert_close(fast, formed, rtol=1e-5, atol=1e-6)
         for a, b in zip(torch.autograd.grad(fast.square().sum(), [x, *params]),
                         torch.autograd.grad(formed.square().sum(), [x, *params])):

@@ -12,6 +12,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from sdlora import families
+from sdlora.adapters import dora as dora_layers
 from sdlora.families.naming import KOHYA_UNET, kohya_name, kohya_text_encoder_name
 
 ADAPTER = "default"  # peft's adapter name for the one sdlora trains
@@ -45,6 +46,9 @@ class LoRA:
                             exclude_modules=exclude or None)
         model.requires_grad_(False)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+        if self.dora:
+            for layer in self.layers(model).values():
+                dora_layers.use(layer)
         params = [p for layer in self.layers(model).values()
                   for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
                             *((layer.lora_magnitude_vector[ADAPTER].weight,) if self.dora else ()))]

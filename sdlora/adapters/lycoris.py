@@ -1,4 +1,5 @@
-"""LoHa and LoKr (peft's layers) in the LyCORIS file layout: `hada_w1_a/b`, `hada_w2_a/b` or `lokr_w1` (or its
+"""LoHa and LoKr (peft's layers, applying their change without forming it where that is cheaper) in the LyCORIS file
+layout: `hada_w1_a/b`, `hada_w2_a/b` or `lokr_w1` (or its
 `_a/_b`), `lokr_w2` (or its `_a/_b`) and `alpha`, as `lycoris.kohya` writes them; a file's weight change is computed by
 the lycoris package's own functions."""
 
@@ -12,7 +13,6 @@ import torch
 from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
 from peft.tuners.loha import LoHaLayer
 from peft.tuners.lokr import LoKrLayer
-from peft.tuners.lokr import Linear as LoKrLinear
 
 from sdlora import families
 from sdlora.families.naming import KOHYA_UNET
@@ -169,6 +169,10 @@ class LoHa(_Lycoris):
     def _config(self, **kw):
         return LoHaConfig(**kw)
 
+    def _lycoris_shapes(self, layer):
+        if isinstance(layer.get_base_layer(), (torch.nn.Linear, torch.nn.Conv2d)):
+            layer._get_delta_activations = types.MethodType(_hadamard_activations, layer)
+
     def _complete(self, parts):
         return all(t in parts for t in self.tensors)
 
@@ -228,7 +232,7 @@ class LoKr(_Lycoris):
         if use_w2:  # both factors full: scale 1, the alpha LyCORIS writes then is the rank
             layer.alpha[ADAPTER] = r
             layer.set_scale(ADAPTER, 1.0)
-        if isinstance(layer, LoKrLinear):
+        if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
             layer._get_delta_activations = types.MethodType(_kron_activations, layer)
 
     def _complete(self, parts):
@@ -258,18 +262,59 @@ class LoKr(_Lycoris):
 
 
 def _kron_activations(layer, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A LoKr Linear layer's change to its output, x kron(w1, w2)^T * scale, without forming the product: with x's
-    last dimension as a c x d matrix X, it is w1 X w2^T per token (a x b, flattened). peft forms the full out x in
-    product every step and runs a second matmul of the base layer's size; this costs a*d*(c + b) per token instead
-    of a*b*c*d. Rank dropout (which sdlora never sets) needs the formed product: peft's own path then."""
-    if layer.training and layer.rank_dropout[adapter]:
-        return LoKrLinear._get_delta_activations(layer, adapter, x, *args, **kwargs)
+    """A LoKr layer's change to its output, x kron(w1, w2)^T * scale, without forming the product. A Linear layer: with
+    x's last dimension as a c x d matrix X, it is w1 X w2^T per token (a x b, flattened), a*d*(c + b) per token against
+    a*b*c*d. A convolution (its input channels c groups of d, w2 a b x d x kh x kw kernel): w2 convolves each of the c
+    groups, then w1 mixes the groups, (b*d*kh*kw + a*b)*c per pixel against a*b*c*d*kh*kw. peft forms the full
+    product every step and runs a second matmul or convolution of the base layer's size. Rank dropout (which sdlora
+    never sets) and grouped convolutions take peft's own path."""
+    base = layer.get_base_layer()
+    conv = isinstance(base, torch.nn.Conv2d)
+    if (layer.training and layer.rank_dropout[adapter]) or adapter in layer.lokr_t2 or \
+            (conv and (base.groups != 1 or x.dim() != 4)):
+        return type(layer)._get_delta_activations(layer, adapter, x, *args, **kwargs)
     w1 = layer.lokr_w1[adapter] if adapter in layer.lokr_w1 else layer.lokr_w1_a[adapter] @ layer.lokr_w1_b[adapter]
     w2 = layer.lokr_w2[adapter] if adapter in layer.lokr_w2 else layer.lokr_w2_a[adapter] @ layer.lokr_w2_b[adapter]
-    (a, c), (b, d) = w1.shape, w2.shape
+    (a, c), b = w1.shape, w2.shape[0]
     x = layer._cast_input_dtype(x, w1.dtype)  # as peft's path: fp32, or what autocast makes of it
-    y = torch.matmul(torch.matmul(w1, x.reshape(*x.shape[:-1], c, d)), w2.t())
-    return y.reshape(*x.shape[:-1], a * b) * layer.scaling[adapter]
+    if not conv:
+        d = w2.shape[1]
+        y = torch.matmul(torch.matmul(w1, x.reshape(*x.shape[:-1], c, d)), w2.t())
+        return y.reshape(*x.shape[:-1], a * b) * layer.scaling[adapter]
+    n, channels, height, width = x.shape
+    kernel = w2.reshape(b, channels // c, *base.kernel_size)
+    y = torch.nn.functional.conv2d(x.reshape(n * c, channels // c, height, width), kernel, stride=base.stride,
+                                   padding=base.padding, dilation=base.dilation)
+    out_h, out_w = y.shape[-2:]
+    y = torch.matmul(w1, y.reshape(n, c, b * out_h * out_w))  # (n, a, b * pixels)
+    return y.reshape(n, a * b, out_h, out_w) * layer.scaling[adapter]
+
+
+def _hadamard_activations(layer, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A LoHa layer's change to its output. The change (w1_a w1_b) * (w2_a w2_b) is U V with U's columns
+    w1_a[:, k] * w2_a[:, l] and V's rows w1_b[k] * w2_b[l] (all r^2 pairs k, l), so a token costs r^2 (in + out)
+    through V, then U, against in * out through the formed change, which peft forms every step (2 r in out more) and
+    sends back a full-size gradient through. The cheaper of the two runs: the factors for layers wider than 2 r^2
+    (128 at rank 8, 512 at rank 16) given enough tokens, the formed change for narrower ones. Rank dropout (which sdlora
+    never sets) needs the formed change: peft's own path then."""
+    base = layer.get_base_layer()
+    conv = isinstance(base, torch.nn.Conv2d)
+    formed = type(layer)._get_delta_activations
+    w1a, w1b = layer.hada_w1_a[adapter], layer.hada_w1_b[adapter]
+    w2a, w2b = layer.hada_w2_a[adapter], layer.hada_w2_b[adapter]
+    (out_dim, r), in_dim = w1a.shape, w1b.shape[1]
+    tokens = x.numel() // x.shape[1 if conv else -1]
+    if (layer.training and layer.rank_dropout[adapter]) or (conv and base.groups != 1) or \
+            tokens * r * r * (in_dim + out_dim) >= (2 * r + tokens) * in_dim * out_dim:
+        return formed(layer, adapter, x, *args, **kwargs)
+    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_dim, r * r) * layer.scaling[adapter]
+    down = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, in_dim)
+    x = layer._cast_input_dtype(x, w1a.dtype)  # as peft's path: fp32, or what autocast makes of it
+    if not conv:
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+    h = torch.nn.functional.conv2d(x, down.reshape(r * r, -1, *base.kernel_size), stride=base.stride,
+                                   padding=base.padding, dilation=base.dilation)
+    return torch.nn.functional.conv2d(h, up[:, :, None, None])
 
 
 def _lokr_rank(w) -> int:

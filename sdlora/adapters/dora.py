@@ -1,0 +1,120 @@
+"""DoRA's layers computed with fewer passes than peft's (same outputs and gradients): the norms |W + s BA| without
+forming BA, and a Linear layer's whole output in one matmul with the magnitude folded into the weight."""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from peft.utils.integrations import dequantize_module_weight
+
+ADAPTER = "default"  # peft's adapter name for the one sdlora trains (as sdlora.adapters.lora)
+
+
+def use(layer) -> None:
+    """Make a peft DoRA layer compute as this module does, its magnitude starting at the fp32 norms it divides by (peft
+    rounds them to the base's dtype, so a bf16 base would start a few 1/1000 off the base's output otherwise)."""
+    dora = layer.lora_magnitude_vector[ADAPTER]
+    base = layer.get_base_layer()
+    with torch.no_grad():
+        norms = row_norms(_weight(base), layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
+                          layer.scaling[ADAPTER])
+        dora.weight.data = norms.reshape(dora.weight.shape)  # fp32, as sdlora trains adapter tensors
+    if isinstance(base, torch.nn.Linear):
+        layer.forward = types.MethodType(_linear_forward, layer)
+    dora.forward = types.MethodType(_change, dora)
+
+
+def row_norms(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """|W + scale * up @ down| per output channel (fp32), without forming the out x in sum: with W's rows as vectors,
+    |W_i|^2 + 2 scale <up_i, (W down^T)_i> + scale^2 up_i (down down^T) up_i^T. That reads W twice (its row norms and
+    one matmul of rank r) where peft forms up @ down, W + it and its norms: several passes of W's size. Convolutions
+    count as (out, in * kh * kw)."""
+    w = weight.flatten(1)
+    a = down.flatten(1).float()
+    b = up.flatten(1).float()
+    own = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+    cross = (b * (w @ a.to(w.dtype).t()).float()).sum(1)
+    change = (b @ (a @ a.t()) * b).sum(1)
+    return (own + 2 * scale * cross + scale * scale * change).clamp_min(0).sqrt()
+
+
+def _weight(base: torch.nn.Module) -> torch.Tensor:
+    return base.weight if isinstance(base, torch.nn.Conv2d) else dequantize_module_weight(base)
+
+
+def _change(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name=ADAPTER):
+    """peft's DoRA layer's change to the output (DoraLinearLayer / DoraConv2dLayer forward: m / |W + s BA| scales the
+    base's output and the LoRA's, the norm held constant in the backward pass as the DoRA paper does), with the norms
+    from row_norms. Convolutions, and Linear layers where peft's own forward runs (dropout)."""
+    conv = isinstance(base_layer, torch.nn.Conv2d)
+    weight = _weight(base_layer) if conv else _weight(base_layer).to(x.dtype)
+    if getattr(self, "fan_in_fan_out", False):  # transformers' Conv1D keeps (in, out)
+        weight = weight.t()
+    with torch.no_grad():
+        norm = row_norms(weight, lora_A.weight, lora_B.weight, scaling)
+    shape = (1, -1, 1, 1) if conv else (1, -1)
+    scale = self.weight.reshape(shape) / norm.reshape(shape)
+    bias = base_layer.bias
+    if base_result is None:
+        base_result = base_layer._conv_forward(x, weight, None) if conv else F.linear(x, weight)
+    elif bias is not None:
+        base_result = base_result - bias.reshape(shape)
+    return (scale - 1) * base_result + scale * lora_B(lora_A(x)) * scaling
+
+
+def _linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A DoRA Linear layer's output, c * (x W^T + s (x A^T) B^T) + bias with c = m / |W + s BA|, as one matmul with
+    c folded into W and one rank-r path (_FoldedLinear). peft runs the base layer, then rescales its output and the
+    LoRA's in several full-size elementwise passes, forward and back. peft's own forward runs for what this does not
+    cover: adapters off or merged, another adapter, dropout in training, extra arguments."""
+    if args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [ADAPTER] or \
+            (self.training and not isinstance(self.lora_dropout[ADAPTER], torch.nn.Identity)):
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    return _FoldedLinear.apply(x, dequantize_module_weight(base), base.bias, self.lora_A[ADAPTER].weight,
+                               self.lora_B[ADAPTER].weight, self.lora_magnitude_vector[ADAPTER].weight,
+                               self.scaling[ADAPTER])
+
+
+class _FoldedLinear(torch.autograd.Function):
+    """out = x (c W)^T + h (s c B)^T + bias, h = x A^T, c = m / |W + s BA| (held constant, as peft and the DoRA paper
+    hold it). In the compute dtype (autocast's, else the weight's); c W is rounded to it as a weight is. Backward:
+    grad x = g (c W) + (g (s c B)) A; grad A = (g s c B)^T x; grad B = s c (g^T h); grad m = sum over tokens of
+    g (out - bias) / m, from the output itself, so no full-size weight gradient is formed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, magnitude, scale):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        with torch.autocast(device, enabled=False):
+            c = magnitude.detach().float().reshape(-1) / row_norms(weight, down, up, scale)
+            xc, a = x.to(dtype), down.to(dtype)
+            h = F.linear(xc, a)
+            up_c = (up.float() * (scale * c)[:, None]).to(dtype)
+            out = F.linear(xc, (weight.float() * c[:, None]).to(dtype), None if bias is None else bias.to(dtype))
+            out = out + F.linear(h, up_c)
+        ctx.save_for_backward(xc, h, weight, a, up_c, c, magnitude, out, bias)
+        ctx.scale, ctx.dtype, ctx.dtypes = scale, dtype, (x.dtype, down.dtype, up.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, h, weight, a, up_c, c, magnitude, out, bias = ctx.saved_tensors
+        x_dtype, down_dtype, up_dtype = ctx.dtypes
+        with torch.autocast(g.device.type, enabled=False):
+            g = g.to(ctx.dtype).reshape(-1, out.shape[-1])  # (tokens, out)
+            gh = g @ up_c  # (tokens, r)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ (weight.float() * c[:, None]).to(ctx.dtype) + gh @ a).to(x_dtype).reshape(xc.shape)
+            grad_down = (gh.t() @ xc.reshape(-1, xc.shape[-1])).to(down_dtype)
+            grad_up = ((g.t() @ h.reshape(-1, h.shape[-1])).float() * (ctx.scale * c)[:, None]).to(up_dtype)
+            # d out / d m = (out - bias) / m: the sum over tokens of g * out, less bias times the sum of g
+            moment = torch.sum(g * out.reshape(g.shape), 0, dtype=torch.float32)
+            if bias is not None:
+                moment = moment - bias.float() * g.sum(0, dtype=torch.float32)
+            m = magnitude.detach().float().reshape(-1)
+            grad_m = moment * torch.where(m != 0, 1 / m, torch.zeros_like(m))
+        return grad_x, None, None, grad_down, grad_up, grad_m.reshape(magnitude.shape).to(magnitude.dtype), None
