@@ -1,7 +1,6 @@
 """LoHa and LoKr (peft's layers, applying their change without forming it where that is cheaper) in the LyCORIS file
-layout: `hada_w1_a/b`, `hada_w2_a/b` or `lokr_w1` (or its
-`_a/_b`), `lokr_w2` (or its `_a/_b`) and `alpha`, as `lycoris.kohya` writes them; a file's weight change is computed by
-the lycoris package's own functions."""
+layout: `hada_w1_a/b`, `hada_w2_a/b` or `lokr_w1` (or its `_a/_b`), `lokr_w2` (or its `_a/_b`) and `alpha`, as
+`lycoris.kohya` writes them; a file's weight change is computed by the lycoris package's own functions."""
 
 from __future__ import annotations
 
