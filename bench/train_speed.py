@@ -46,7 +46,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 # --adapters-too: each adapter type with sdlora's options for it, at the configuration's rank and targets
+# (loha-matched: half the ranks, LoCon's parameter count, as LoHa holds two pairs of factors per layer)
 ADAPTER_CASES = {"locon": {"adapter": "locon"}, "loha": {"adapter": "loha"}, "lokr": {"adapter": "lokr"},
+                 "loha-matched": {"adapter": "loha", "rank": 8, "alpha": 4.0, "conv_rank": 4, "conv_alpha": 2.0},
                  "lokr-full": {"adapter": "lokr", "lokr_full_matrix": True}, "dora": {"adapter": "dora"},
                  "dora-conv": {"adapter": "dora", "dora_conv": True}}
 CONFIGS = {  # name: (family, resolution, batch, train text encoder)

@@ -72,20 +72,20 @@ def _linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [ADAPTER] or \
             (self.training and not isinstance(self.lora_dropout[ADAPTER], torch.nn.Identity)):
         return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
-    return _FoldedLinear.apply(x, dequantize_module_weight(base), base.bias, self.lora_A[ADAPTER].weight,
-                               self.lora_B[ADAPTER].weight, self.lora_magnitude_vector[ADAPTER].weight,
-                               self.scaling[ADAPTER])
+    return _FoldedLinear.apply(x, self.get_base_layer(), self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight,
+                               self.lora_magnitude_vector[ADAPTER].weight, self.scaling[ADAPTER])
 
 
 class _FoldedLinear(torch.autograd.Function):
     """out = x (c W)^T + h (s c B)^T + bias, h = x A^T, c = m / |W + s BA| (held constant, as peft and the DoRA paper
     hold it). In the compute dtype (autocast's, else the weight's); c W is rounded to it as a weight is. Backward:
     grad x = g (c W) + (g (s c B)) A; grad A = (g s c B)^T x; grad B = s c (g^T h); grad m = sum over tokens of
-    g (out - bias) / m, from the output itself, so no full-size weight gradient is formed."""
+    g (out - bias) / m, from the output itself, so no full-size weight gradient is formed. The base layer's weight is
+    read again in the backward pass (a quantized one dequantized again), never held between the two."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, magnitude, scale):
+    def forward(ctx, x, base, down, up, magnitude, scale):
+        weight, bias = dequantize_module_weight(base), base.bias
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         with torch.autocast(device, enabled=False):
@@ -95,13 +95,14 @@ class _FoldedLinear(torch.autograd.Function):
             up_c = (up.float() * (scale * c)[:, None]).to(dtype)
             out = F.linear(xc, (weight.float() * c[:, None]).to(dtype), None if bias is None else bias.to(dtype))
             out = out + F.linear(h, up_c)
-        ctx.save_for_backward(xc, h, weight, a, up_c, c, magnitude, out, bias)
-        ctx.scale, ctx.dtype, ctx.dtypes = scale, dtype, (x.dtype, down.dtype, up.dtype)
+        ctx.save_for_backward(xc, h, a, up_c, c, magnitude, out)
+        ctx.base, ctx.scale, ctx.dtype, ctx.dtypes = base, scale, dtype, (x.dtype, down.dtype, up.dtype)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        xc, h, weight, a, up_c, c, magnitude, out, bias = ctx.saved_tensors
+        xc, h, a, up_c, c, magnitude, out = ctx.saved_tensors
+        weight, bias = dequantize_module_weight(ctx.base), ctx.base.bias
         x_dtype, down_dtype, up_dtype = ctx.dtypes
         with torch.autocast(g.device.type, enabled=False):
             g = g.to(ctx.dtype).reshape(-1, out.shape[-1])  # (tokens, out)
@@ -117,4 +118,4 @@ class _FoldedLinear(torch.autograd.Function):
                 moment = moment - bias.float() * g.sum(0, dtype=torch.float32)
             m = magnitude.detach().float().reshape(-1)
             grad_m = moment * torch.where(m != 0, 1 / m, torch.zeros_like(m))
-        return grad_x, None, None, grad_down, grad_up, grad_m.reshape(magnitude.shape).to(magnitude.dtype), None
+        return grad_x, None, grad_down, grad_up, grad_m.reshape(magnitude.shape).to(magnitude.dtype), None
