@@ -5,7 +5,7 @@ rank-one parts, V then U, to layers wider than 2 r^2) and DoRA (peft forms BA an
 rescales the base layer's output and the LoRA's; sdlora takes the norms from W's row norms and one rank-r matmul and
 folds the rescaling into the weight, sdlora/adapters/dora.py).
 
-    python bench/layer_forward.py [--types lokr loha dora] [--layers linear conv] [--tokens 8192]
+    python bench/layer_forward.py [--types lokr loha dora] [--ranks 16] [--layers linear conv] [--tokens 8192]
                                   [--dims 320 640 1280] [--conv-dims 320 640] [--repeats 20] [--json results.json]
 
 Prints ms per forward + backward (median of --repeats) for each type, kind of layer (Linear, 3x3 convolution) and
@@ -55,22 +55,22 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="rows of the input (batch x sequence)")
     ap.add_argument("--dims", type=int, nargs="+", default=[320, 640, 1280], help="Linear layers' widths (in = out)")
     ap.add_argument("--conv-dims", type=int, nargs="+", default=[320, 640], help="convolutions' widths")
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16], help="each type at each of these ranks")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     cuda = args.device == "cuda"
-    print(f"{args.tokens} tokens, rank {args.rank}, {torch.cuda.get_device_name() if cuda else 'cpu'}, "
+    print(f"{args.tokens} tokens, {torch.cuda.get_device_name() if cuda else 'cpu'}, "
           f"torch {torch.__version__}, {'bf16 autocast' if cuda else 'fp32'}")
     rows = []
-    print("| layer | type | width | peft ms | sdlora ms | speed-up | LoRA ms |")
-    print("|---|---|---|---|---|---|---|")
-    for kind, layers in itertools.product(args.types, args.layers):
+    print("| layer | type | rank | width | peft ms | sdlora ms | speed-up | LoRA ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, rank, layers in itertools.product(args.types, args.ranks, args.layers):
         for dim in (args.conv_dims if layers == "conv" else args.dims):
             conv = layers == "conv"
-            params, layer = _layer(kind, dim, args.rank, args.device, conv)
-            peft_params, peft = _layer(kind, dim, args.rank, args.device, conv, own=False)
+            params, layer = _layer(kind, dim, rank, args.device, conv)
+            peft_params, peft = _layer(kind, dim, rank, args.device, conv, own=False)
             for p, q in zip(params, peft_params):
                 p.data.normal_(0, 0.02)
                 q.data.copy_(p.data)
@@ -78,7 +78,7 @@ def main() -> None:
             x = torch.randn(*shape, device=args.device, requires_grad=True)
             times = {}
             for name, fn in (("peft", peft), ("sdlora", layer),
-                             ("lora", _layer("lora", dim, args.rank, args.device, conv)[1])):
+                             ("lora", _layer("lora", dim, rank, args.device, conv)[1])):
                 runs = []
                 for i in range(args.repeats + 3):
                     if cuda:
@@ -92,10 +92,10 @@ def main() -> None:
                     if i >= 3:
                         runs.append((time.perf_counter() - t) * 1e3)
                 times[name] = statistics.median(runs)
-            print(f"| {layers} | {kind} | {dim} | {times['peft']:.2f} | {times['sdlora']:.2f} | "
+            print(f"| {layers} | {kind} | {rank} | {dim} | {times['peft']:.2f} | {times['sdlora']:.2f} | "
                   f"{times['peft'] / times['sdlora']:.2f}x | {times['lora']:.2f} |")
-            rows.append({"layer": layers, "type": kind, "width": dim, "peft_ms": round(times["peft"], 3),
-                         "sdlora_ms": round(times["sdlora"], 3), "lora_ms": round(times["lora"], 3)})
+            rows.append({"layer": layers, "type": kind, "rank": rank, "width": dim,
+                         **{f"{name}_ms": round(ms, 3) for name, ms in times.items()}})
     if args.json:
         import peft
 
@@ -104,7 +104,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "command": "python bench/layer_forward.py " + " ".join(sys.argv[1:]), "machine": machine,
             "torch": torch.__version__, "peft": peft.__version__, "precision": "bf16 autocast" if cuda else "fp32",
-            "conv": "3x3, 32 x 32 pictures", "tokens": args.tokens, "rank": args.rank, "repeats": args.repeats,
+            "conv": "3x3, 32 x 32 pictures", "tokens": args.tokens, "repeats": args.repeats,
             "rows": rows}, indent=1) + "\n")
 
 
