@@ -149,10 +149,11 @@ def test_locon_and_dora_files_give_the_trained_layers_change(kind, rslora, tmp_p
         assert torch.equal(unet(*x).sample, base)
 
 
-@pytest.mark.parametrize("case", ["linear", "linear-no-bias", "linear-dropout", "conv3x3", "linear-bf16"])
+@pytest.mark.parametrize("case", ["linear", "linear-no-bias", "linear-dropout", "linear-bf16", "conv3x3",
+                                  "conv3x3-stride2", "conv1x1", "conv3x3-bf16"])
 def test_dora_layers_match_peft_without_forming_the_change(case, monkeypatch):
-    """sdlora's DoRA layers (a Linear's output in one matmul with the magnitude folded into the weight; a conv's norms
-    without forming BA) give the output and every gradient peft's own DoRA layers give, fp32 on the CPU, within bf16
+    """sdlora's DoRA layers (one matmul or convolution with the magnitude folded into the weight, the norms without
+    forming BA) give the output and every gradient peft's own DoRA layers give: fp32 on the CPU, and within bf16
     rounding under bf16 autocast; with dropout in training, peft's forward runs with the same norms. A fresh adapter
     gives the base's output exactly."""
     from peft.tuners.lora import dora
@@ -160,10 +161,13 @@ def test_dora_layers_match_peft_without_forming_the_change(case, monkeypatch):
     from sdlora.adapters.lora import ADAPTER, DORA_CONV
 
     torch.manual_seed(0)
-    conv = case == "conv3x3"
-    base = torch.nn.Conv2d(8, 16, 3, padding=1) if conv else torch.nn.Linear(40, 96, bias=case != "linear-no-bias")
-    x = torch.randn(2, 8, 10, 10) if conv else torch.randn(3, 7, 40)
-    bf16 = case == "linear-bf16"
+    conv = case.startswith("conv")
+    if conv:
+        kernel, stride = (1, 1) if case == "conv1x1" else (3, 2 if case == "conv3x3-stride2" else 1)
+        base, x = torch.nn.Conv2d(8, 16, kernel, stride, padding=kernel // 2), torch.randn(2, 8, 10, 10)
+    else:
+        base, x = torch.nn.Linear(40, 96, bias=case != "linear-no-bias"), torch.randn(3, 7, 40)
+    bf16 = case.endswith("bf16")
     model = torch.nn.Sequential(base.to(torch.bfloat16 if bf16 else torch.float32))
     params = DORA_CONV.attach(model, [] if conv else ["0"], rank=4, alpha=2.0, conv_targets=["0"] if conv else [],
                               conv_rank=4, conv_alpha=2.0, dropout=0.3 if case == "linear-dropout" else 0.0)
@@ -182,8 +186,8 @@ def test_dora_layers_match_peft_without_forming_the_change(case, monkeypatch):
         for name in ("get_weight_norm", "get_lora_weight"):  # the change is never formed
             m.setattr(dora.DoraLinearLayer, name, None)
             m.setattr(dora._DoraConvNdLayer, name, None)
-        if case not in ("linear-dropout", "conv3x3"):  # nor rescaled after the base layer's output
-            m.setattr(dora.DoraLinearLayer, "forward", None)
+        if case != "linear-dropout":  # nor the base layer's output rescaled after it
+            m.setattr(layer.lora_magnitude_vector[ADAPTER], "forward", None)
         fast = forward()
     for module in (layer, layer.lora_magnitude_vector[ADAPTER]):  # peft's own path
         module.__dict__.pop("forward", None)
