@@ -1,5 +1,5 @@
 """DoRA's layers computed with fewer passes than peft's (same outputs and gradients): the norms |W + s BA| without
-forming BA, and a Linear layer's whole output in one matmul with the magnitude folded into the weight."""
+forming BA, and a layer's whole output in one matmul or convolution with the magnitude folded into the weight."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _weight(base: torch.nn.Module) -> torch.Tensor:
 def _change(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name=ADAPTER):
     """peft's DoRA layer's change to the output (DoraLinearLayer / DoraConv2dLayer forward: m / |W + s BA| scales the
     base's output and the LoRA's, the norm held constant in the backward pass as the DoRA paper does), with the norms
-    from row_norms. Convolutions, and Linear layers where peft's own forward runs (dropout)."""
+    from row_norms. Used where peft's own forward runs (_folded_forward says when)."""
     conv = isinstance(base_layer, torch.nn.Conv2d)
     weight = _weight(base_layer) if conv else _weight(base_layer).to(x.dtype)
     if getattr(self, "fan_in_fan_out", False):  # transformers' Conv1D keeps (in, out)
