@@ -265,8 +265,8 @@ def _kron_activations(layer, adapter: str, x: torch.Tensor, *args, **kwargs) -> 
     x's last dimension as a c x d matrix X, it is w1 X w2^T per token (a x b, flattened), a*d*(c + b) per token against
     a*b*c*d. A convolution (its input channels c groups of d, w2 a b x d x kh x kw kernel): w2 convolves each of the c
     groups, then w1 mixes the groups, (b*d*kh*kw + a*b)*c per pixel against a*b*c*d*kh*kw. peft forms the full
-    product every step and runs a second matmul or convolution of the base layer's size. Rank dropout (which sdlora
-    never sets) and grouped convolutions take peft's own path."""
+    product every step and runs a second matmul or convolution of the base layer's size. Rank dropout and the Tucker
+    form (which sdlora never sets) and grouped convolutions take peft's own path."""
     base = layer.get_base_layer()
     conv = isinstance(base, torch.nn.Conv2d)
     if (layer.training and layer.rank_dropout[adapter]) or adapter in layer.lokr_t2 or \
@@ -294,8 +294,8 @@ def _hadamard_activations(layer, adapter: str, x: torch.Tensor, *args, **kwargs)
     w1_a[:, k] * w2_a[:, l] and V's rows w1_b[k] * w2_b[l] (all r^2 pairs k, l), so a token costs r^2 (in + out)
     through V, then U, against in * out through the formed change, which peft forms every step (2 r in out more) and
     sends back a full-size gradient through. The cheaper of the two runs: the factors for layers wider than 2 r^2
-    (128 at rank 8, 512 at rank 16) given enough tokens, the formed change for narrower ones. Rank dropout (which sdlora
-    never sets) needs the formed change: peft's own path then."""
+    (128 at rank 8, 512 at rank 16) given enough tokens, the formed change for narrower ones. Rank dropout and the
+    Tucker form (which sdlora never sets) and grouped convolutions take peft's own path."""
     base = layer.get_base_layer()
     conv = isinstance(base, torch.nn.Conv2d)
     formed = type(layer)._get_delta_activations
@@ -303,7 +303,8 @@ def _hadamard_activations(layer, adapter: str, x: torch.Tensor, *args, **kwargs)
     w2a, w2b = layer.hada_w2_a[adapter], layer.hada_w2_b[adapter]
     (out_dim, r), in_dim = w1a.shape, w1b.shape[1]
     tokens = x.numel() // x.shape[1 if conv else -1]
-    if (layer.training and layer.rank_dropout[adapter]) or (conv and base.groups != 1) or \
+    if (layer.training and layer.rank_dropout[adapter]) or adapter in layer.hada_t1 or \
+            (conv and (base.groups != 1 or x.dim() != 4)) or \
             tokens * r * r * (in_dim + out_dim) >= (2 * r + tokens) * in_dim * out_dim:
         return formed(layer, adapter, x, *args, **kwargs)
     up = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_dim, r * r) * layer.scaling[adapter]

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
+from sdlora import check
 from sdlora import dataset as ds
 from sdlora import examples as bundled
 from sdlora import rundir
@@ -19,7 +20,6 @@ from sdlora import workspace as ws
 from sdlora.app.context import Context
 from sdlora.app.wiring import Choices, on
 from sdlora.atomic import write_atomic
-from sdlora import check
 from sdlora.config import FAMILY_PRESET, PRESET_FAMILIES, PRESETS, TrainConfig, build_config, optimizer_warnings
 from sdlora.errors import UserError
 
@@ -123,10 +123,9 @@ def choose_base(ctx: Context, values: dict) -> dict:
     offered = presets_for(family)
     current = values["preset"] or None
     wanted = FAMILY_PRESET.get(family.label) if family else None
-    if current is None or (current in {p for _, p in offered} and not (wanted and current not in PRESET_FAMILIES)):
-        picked = current
-    else:  # made for another family, or made for every family on a base that wants its own
-        picked = wanted or FIRST_PRESET
+    fits = current in {p for _, p in offered}
+    general = current not in PRESET_FAMILIES  # made for every family
+    picked = current if current is None or (fits and not (wanted and general)) else wanted or FIRST_PRESET
     if picked == current:
         return {"preset": Choices(offered, current)}
     label = dict((p, label) for label, p in PRESET_CHOICES)[picked]
