@@ -121,7 +121,8 @@ def base_resolution(base: str) -> int:
 def base_family(base: str):
     """The family of `base` from its configs or a single file's header and a tensor or two, no model loaded: 'tiny'
     (SD1 for every loader), a family name, a diffusers folder, a single file, or a hub id already downloaded. None
-    where that cannot tell (a hub id not downloaded, a folder or file that is no model)."""
+    where that cannot tell (a hub id not downloaded, a path that is no model); a file that is no base sdlora trains
+    raises its UserError (an inpainting model, an SDXL refiner, ...)."""
     from sdlora import families
 
     if base == "tiny":
@@ -134,10 +135,7 @@ def base_family(base: str):
     if path.is_file():
         from sdlora.models import inspect_checkpoint
 
-        try:
-            info = inspect_checkpoint(path)
-        except UserError:
-            return None
+        info = inspect_checkpoint(path)
         # the family of this layout that predicts what the file says (SD2 v-prediction)
         return next((f for f in families.FAMILIES.values()
                      if f.arch == info.arch and f.prediction_type == info.prediction_type), families.of_arch(info.arch))
