@@ -130,19 +130,19 @@ class _Folded(torch.autograd.Function):
                         through(xc.shape, a, gh, base.stride, base.padding)
                 grad_down = torch.nn.grad.conv2d_weight(xc, a.shape, gh, base.stride, base.padding)
                 grad_up = torch.einsum("nihw,nkhw->ik", g, h).float()
-                g_rows, out_rows = g.transpose(0, 1).flatten(1).t(), out.transpose(0, 1).flatten(1).t()
             else:
-                g_rows, out_rows = g.reshape(-1, out.shape[-1]), out.reshape(-1, out.shape[-1])  # (tokens, out)
+                g_rows = g.reshape(-1, out.shape[-1])  # (tokens, out)
                 gh = g_rows @ up_c  # (tokens, r)
                 if ctx.needs_input_grad[0]:
                     grad_x = (g_rows @ _fold(weight, c, ctx.dtype) + gh @ a).reshape(xc.shape)
                 grad_down = gh.t() @ xc.reshape(-1, xc.shape[-1])
                 grad_up = (g_rows.t() @ h.reshape(-1, h.shape[-1])).float()
             grad_up = (grad_up * (ctx.scale * c)[:, None]).reshape(ctx.up_shape)
-            # d out / d m = (out - bias) / m: the sum of g * out, less bias times the sum of g
-            moment = torch.sum(g_rows * out_rows, 0, dtype=torch.float32)
+            # d out / d m = (out - bias) / m: the sum of g * out over all but the channels, less bias times g's sum
+            dims = (0, 2, 3) if conv else tuple(range(g.dim() - 1))
+            moment = torch.sum(g * out, dims, dtype=torch.float32)
             if bias is not None:
-                moment = moment - bias.float() * g_rows.sum(0, dtype=torch.float32)
+                moment = moment - bias.float() * g.sum(dims, dtype=torch.float32)
             m = magnitude.detach().float().reshape(-1)
             grad_m = moment * torch.where(m != 0, 1 / m, torch.zeros_like(m))
         return (None if grad_x is None else grad_x.to(x_dtype), None, grad_down.to(down_dtype),
