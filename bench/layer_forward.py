@@ -10,7 +10,8 @@ folds the rescaling into the weight, sdlora/adapters/dora.py).
 
 Prints ms per forward + backward (median of --repeats) for each type, kind of layer (Linear, 3x3 convolution) and
 width (in = out), and a plain LoRA (LoCon) layer's on the same base (the floor), under bf16 autocast with a bf16
-base on a GPU, fp32 on the CPU; --json also writes them with the machine and versions.
+base on a GPU, fp32 on the CPU; --json also writes them with the machine and versions (on a GPU with each
+one's peak memory above the layers and the input).
 """
 
 import argparse
@@ -76,10 +77,14 @@ def main() -> None:
                 q.data.copy_(p.data)
             shape = (args.tokens // 1024, dim, 32, 32) if conv else (args.tokens, dim)
             x = torch.randn(*shape, device=args.device, requires_grad=True)
-            times = {}
+            times, peaks = {}, {}
             for name, fn in (("peft", peft), ("sdlora", layer),
                              ("lora", _layer("lora", dim, rank, args.device, conv)[1])):
                 runs = []
+                if cuda:
+                    x.grad = None
+                    torch.cuda.reset_peak_memory_stats()
+                    held = torch.cuda.memory_allocated()
                 for i in range(args.repeats + 3):
                     if cuda:
                         torch.cuda.synchronize()
@@ -92,10 +97,12 @@ def main() -> None:
                     if i >= 3:
                         runs.append((time.perf_counter() - t) * 1e3)
                 times[name] = statistics.median(runs)
+                if cuda:  # what one forward and backward adds, above the layers and the input
+                    peaks[f"{name}_peak_mib"] = round((torch.cuda.max_memory_allocated() - held) / 2**20, 1)
             print(f"| {layers} | {kind} | {rank} | {dim} | {times['peft']:.2f} | {times['sdlora']:.2f} | "
                   f"{times['peft'] / times['sdlora']:.2f}x | {times['lora']:.2f} |")
             rows.append({"layer": layers, "type": kind, "rank": rank, "width": dim,
-                         **{f"{name}_ms": round(ms, 3) for name, ms in times.items()}})
+                         **{f"{name}_ms": round(ms, 3) for name, ms in times.items()}, **peaks})
     if args.json:
         import peft
 
