@@ -243,6 +243,17 @@ def shipped_config(arch: str) -> str:
     return str(CONFIGS_DIR / arch)
 
 
+def single_file_lacks(family: Family) -> str:
+    """What an original-layout single file of `family` lacks that `base_config` must bring, or "" where the configs
+    shipped with sdlora complete it: FLUX.1's transformer-only file its VAE and text encoders, SD3.5's file the T5
+    tokenizer (a sentencepiece model too large to ship: scripts/make_configs.py)."""
+    if family.denoiser_from_original is not None:
+        return "its VAE and text encoders (it holds the transformer only)"
+    if not all((Path(shipped_config(family.arch)) / t).is_dir() for t in family.tokenizer_components):
+        return "its T5 tokenizer, which does not ship with sdlora"
+    return ""
+
+
 def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtype: torch.dtype):
     from diffusers import AutoencoderKL
 
@@ -263,8 +274,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, base_config: str, vae_dtyp
                                 "give a base_config of the same family, or leave it empty to use the shipped one")
     if family.denoiser_from_original is not None:
         return _denoiser_from_single_file(path, family, base_config, dtype, vae_dtype), None, None
-    if not base_config and not all((Path(config) / t).is_dir() for t in family.tokenizer_components):
-        # SD3.5's T5 tokenizer (a sentencepiece model) is too large to ship (scripts/make_configs.py)
+    if not base_config and single_file_lacks(family):
         raise UserError(f"{path.name} is an {label} checkpoint, and its T5 tokenizer does not ship with sdlora",
                         f"pass --base-config with a diffusers {label} folder or a cached hub id "
                         "(stabilityai/stable-diffusion-3.5-medium or -large)")

@@ -197,6 +197,8 @@ def plan(ctx: Context, values: dict) -> dict:
             f"**{epochs:.0f} times** ({epochs:.1f} epochs). Time: {eta}.")
     if not values.get("resolution"):
         text += _native_size(ctx, values, base)
+    if lacks := single_file_note(ctx, values):
+        text += f"\n\n**Note:** {lacks}"
     if not (values["trigger"] or "").strip() and \
             ds.common_first_word([caption for _, _, caption in ws.captions(ctx.root, name)]) is None:
         text += f"\n\n**Note:** {ds.NO_TRIGGER[0].upper()}{ds.NO_TRIGGER[1:]}."
@@ -217,6 +219,23 @@ def _native_size(ctx: Context, values: dict, base: str) -> str:
     except UserError:
         return ""
     return f" Pictures train at {size} px, the {'tiny' if base == 'tiny' else family.label} base's own." if size else ""
+
+
+def single_file_note(ctx: Context, values: dict) -> str:
+    """What a single-file base lacks while Base config is empty (SD3.5's T5 tokenizer, FLUX.1's VAE and text encoders),
+    and where to give it; else ""."""
+    from sdlora.models import single_file_lacks
+
+    if (values.get("base_config") or "").strip():
+        return ""
+    try:
+        is_file = Path(ws.resolve_base(ctx.models, values["base"])).is_file()
+    except UserError:
+        return ""
+    family = ws.base_family(ctx.models, values["base"]) if is_file else None
+    lacks = single_file_lacks(family) if family else ""
+    return f"This {family.label} file lacks {lacks}: under Advanced, set Base config to a diffusers {family.label} " \
+        "folder or a downloaded hub id." if lacks else ""
 
 
 def start(ctx: Context, values: dict) -> dict:
@@ -494,7 +513,7 @@ def wire(ctx: Context, page: SimpleNamespace) -> None:
        api_name=False)
     # one listener for every field the plan reads: its calls queue one after another, so the plan always shows the
     # last values (a listener per field could finish an older call last)
-    read = ("dataset", "base", "steps", "batch_size", "grad_accum", "gpus", "trigger", "resolution")
+    read = ("dataset", "base", "steps", "batch_size", "grad_accum", "gpus", "trigger", "resolution", "base_config")
     changes = [form[name].change for name in read]
     on(functools.partial(gr.on, changes), ctx, plan, form, {"plan": ui.plan}, as_set=True, show_progress="hidden",
        trigger_mode="always_last", api_name="plan")
