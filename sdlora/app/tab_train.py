@@ -509,7 +509,8 @@ def wire(ctx: Context, page: SimpleNamespace) -> None:
     shown = {"progress": ui.progress, "status": ui.status, "loss": ui.loss, "samples": ui.samples, "evals": ui.evals}
     # .input: a click, never the page setting the radio to a run's preset on load
     on(ui.preset.input, ctx, choose_preset, {"preset": ui.preset}, ui.form, api_name=False)
-    on(ui.base.input, ctx, choose_base, {"base": ui.base, "preset": ui.preset}, {"preset": ui.preset, **ui.form},
+    # .select: a base picked from the list (a Dropdown's .input fires twice for one pick, and notices would repeat)
+    on(ui.base.select, ctx, choose_base, {"base": ui.base, "preset": ui.preset}, {"preset": ui.preset, **ui.form},
        api_name=False)
     # one listener for every field the plan reads: its calls queue one after another, so the plan always shows the
     # last values (a listener per field could finish an older call last)
