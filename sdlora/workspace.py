@@ -569,6 +569,16 @@ def base_models(models_dir: str | Path | None) -> list[tuple[str, str]]:
     `models_dir` (links followed, so a folder of models kept elsewhere can be linked in), and diffusers models
     already in the Hugging Face cache. Each label names the model's family where its files tell it."""
     found = [("tiny (built in, for trying things out)", "tiny")]
+    for value, where, kind in _bases_on_disk(models_dir):
+        family = _remembered(_family, str(where))
+        words = ", ".join(filter(None, [kind, family.label if family else ""]))
+        found.append((f"{value} ({words})" if words else value, value))
+    return found
+
+
+def _bases_on_disk(models_dir: str | Path | None) -> list[tuple[str, Path | str, str]]:
+    """(value, where it is, kind) of each base under `models_dir` and in the Hugging Face cache (base_models)."""
+    found = []
     if models_dir and Path(models_dir).is_dir():
         root = Path(models_dir)
         for folder, subfolders, names in os.walk(root, followlinks=True):
@@ -576,41 +586,39 @@ def base_models(models_dir: str | Path | None) -> list[tuple[str, str]]:
             rel = here.relative_to(root)
             subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if len(rel.parts) < 3 else []
             if "model_index.json" in names and rel.parts:
-                found.append((_labelled(rel.as_posix(), here, "folder"), rel.as_posix()))
+                found.append((rel.as_posix(), here, "folder"))
                 subfolders[:] = []  # its unet/vae weights are parts, not checkpoints
                 continue
             for name in sorted(names):
                 path = here / name
                 if path.suffix in _MODEL_FILES and not name.startswith(".") and not _is_lora(path):
-                    found.append((_labelled((rel / name).as_posix(), path), (rel / name).as_posix()))
-    for repo in _cached_hub_models():
-        found.append((_labelled(repo, repo, "downloaded"), repo))
-    return found
+                    found.append(((rel / name).as_posix(), path, ""))
+    return found + [(repo, repo, "downloaded") for repo in _cached_hub_models()]
 
 
-def base_family(models_dir: str | Path | None, value: str):
-    """The family of the base the form holds (a `base_models` value or a hub id), or None where its files do not
-    tell it without loading (a hub id not downloaded, a file that is no model)."""
-    try:
-        base = resolve_base(models_dir, value)
-    except UserError:
-        return None
-    return _family_of(base)
+def base_family(base: str):
+    """check.base_family of a base as a run gets it (resolve_base), or None where its files do not tell it without
+    loading (a hub id not downloaded, a file that is no model)."""
+    return _remembered(_family, base)
 
 
-def _labelled(shown: str, where: str | Path, kind: str = "") -> str:
-    family = _family_of(str(where))
-    words = ", ".join(filter(None, [kind, family.label if family else ""]))
-    return f"{shown} ({words})" if words else shown
+def base_resolution(base: str) -> int | None:
+    """check.base_resolution of a base as a run gets it (resolve_base), or None where its files do not tell it."""
+    return _remembered(_resolution, base)
 
 
-def _family_of(base: str):
-    """check.base_family, remembered for a file or folder until it changes (the list is made on every page)."""
+def _remembered(ask, base: str):
+    """ask(base), remembered for a file or folder until it changes (the list and the plan are made again and again)."""
     try:
         stat = Path(base).stat()
     except OSError:  # tiny or a hub id: cheap to ask again, and a download may have come since
-        return _family(base)
-    return _family_remembered(base, stat.st_size, stat.st_mtime_ns)
+        return ask(base)
+    return _remembered_as_of(ask, base, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=512)
+def _remembered_as_of(ask, base: str, size: int, mtime: int):
+    return ask(base)
 
 
 def _family(base: str):
@@ -624,9 +632,15 @@ def _family(base: str):
         return None
 
 
-@functools.lru_cache(maxsize=256)
-def _family_remembered(base: str, size: int, mtime: int):
-    return _family(base)
+def _resolution(base: str) -> int | None:
+    from sdlora import check
+
+    if Path(base).suffix.lower() == ".ckpt":
+        return None  # as _family
+    try:
+        return check.base_resolution(base)
+    except UserError:
+        return None
 
 
 def _is_lora(path: Path) -> bool:
@@ -662,7 +676,7 @@ def resolve_base(models_dir: str | Path | None, value: str) -> str:
     value = (value or "").strip()
     if value == "tiny":
         return value
-    if models_dir and (Path(models_dir) / value).exists() and value in {v for _, v in base_models(models_dir)}:
+    if models_dir and (Path(models_dir) / value).exists() and value in {v for v, _, _ in _bases_on_disk(models_dir)}:
         return str(Path(models_dir) / value)
     if _HUB_ID.match(value) and ".." not in value and not Path(value).exists():
         return value

@@ -214,8 +214,7 @@ def assert_app_lists(tmp_path, folder, single, resolution: int, labels: tuple[st
                                                              if label in made_for}
     # the single file lacks what the shipped configs cannot give (SD3.5's T5 tokenizer, FLUX.1's VAE and text
     # encoders): the plan says where to give it, until Base config is filled in
-    ctx = SimpleNamespace(models=models)
-    note = tab_train.single_file_note(ctx, {"base": Path(single).name, "base_config": ""})
+    note = tab_train.single_file_note(str(models / Path(single).name), "")
     assert note.startswith(f"This {labels[1]} file lacks its ") and "set Base config to a diffusers" in note
-    assert tab_train.single_file_note(ctx, {"base": Path(single).name, "base_config": str(folder)}) == ""
-    assert tab_train.single_file_note(ctx, {"base": Path(folder).name, "base_config": ""}) == ""
+    assert tab_train.single_file_note(str(models / Path(single).name), str(folder)) == ""
+    assert tab_train.single_file_note(str(models / Path(folder).name), "") == ""

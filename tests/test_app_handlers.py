@@ -123,7 +123,7 @@ def test_a_base_picked_offers_the_presets_that_suit_it(ctx):
     values = form(dataset=example(ctx), trigger="zkchar")
     assert "Pictures train at 64 px, the tiny base's own." in tab_train.plan(ctx, values)["plan"]
     assert "Pictures train at" not in tab_train.plan(ctx, {**values, "resolution": 96})["plan"]
-    assert tab_train.single_file_note(ctx, values) == ""  # the tiny base lacks nothing
+    assert tab_train.single_file_note("tiny", "") == ""  # the tiny base lacks nothing
 
 
 def test_a_bad_value_is_one_line(ctx):

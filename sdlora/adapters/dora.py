@@ -18,7 +18,7 @@ def use(layer) -> None:
     dora = layer.lora_magnitude_vector[ADAPTER]
     base = layer.get_base_layer()
     with torch.no_grad():
-        norms = row_norms(_weight(base), layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
+        norms = row_norms(dequantize_module_weight(base), layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
                           layer.scaling[ADAPTER])
         dora.weight.data = norms.reshape(dora.weight.shape)  # fp32, as sdlora trains adapter tensors
     if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -40,16 +40,13 @@ def row_norms(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale:
     return (own + 2 * scale * cross + scale * scale * change).clamp_min(0).sqrt()
 
 
-def _weight(base: torch.nn.Module) -> torch.Tensor:
-    return base.weight if isinstance(base, torch.nn.Conv2d) else dequantize_module_weight(base)
-
-
 def _change(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name=ADAPTER):
     """peft's DoRA layer's change to the output (DoraLinearLayer / DoraConv2dLayer forward: m / |W + s BA| scales the
     base's output and the LoRA's, the norm held constant in the backward pass as the DoRA paper does), with the norms
     from row_norms. Used where peft's own forward runs (_folded_forward says when)."""
     conv = isinstance(base_layer, torch.nn.Conv2d)
-    weight = _weight(base_layer) if conv else _weight(base_layer).to(x.dtype)
+    weight = dequantize_module_weight(base_layer)
+    weight = weight if conv else weight.to(x.dtype)
     if getattr(self, "fan_in_fan_out", False):  # transformers' Conv1D keeps (in, out)
         weight = weight.t()
     with torch.no_grad():

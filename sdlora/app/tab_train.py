@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from sdlora import check
 from sdlora import dataset as ds
 from sdlora import examples as bundled
 from sdlora import rundir
@@ -119,7 +118,7 @@ def choose_base(ctx: Context, values: dict) -> dict:
     """A base picked: the presets offered become those that suit its family. Where the preset shown does not suit it,
     or the family wants its own (SD3.5, FLUX.1), the family's preset is picked and fills in its values; values set by
     hand (no preset shown) stay."""
-    family = ws.base_family(ctx.models, values["base"])
+    family = _family(ctx, values["base"])
     offered = presets_for(family)
     current = values["preset"] or None
     wanted = FAMILY_PRESET.get(family.label) if family else None
@@ -131,6 +130,14 @@ def choose_base(ctx: Context, values: dict) -> dict:
     label = dict((p, label) for label, p in PRESET_CHOICES)[picked]
     return {"preset": Choices(offered, picked), **preset_values(picked),
             "info": f"{family.label} base: preset {label} picked"}
+
+
+def _family(ctx: Context, value: str):
+    """The family of the base the form holds, where its files tell it (workspace.base_family)."""
+    try:
+        return ws.base_family(ws.resolve_base(ctx.models, value))
+    except UserError:
+        return None
 
 
 def form_config(ctx: Context, values: dict) -> TrainConfig:
@@ -196,8 +203,8 @@ def plan(ctx: Context, values: dict) -> dict:
             f"to the model. Your dataset has {images} pictures{repeats}, so each one is seen about "
             f"**{epochs:.0f} times** ({epochs:.1f} epochs). Time: {eta}.")
     if not values.get("resolution"):
-        text += _native_size(ctx, values, base)
-    if lacks := single_file_note(ctx, values):
+        text += _native_size(base)
+    if lacks := single_file_note(base, values.get("base_config")):
         text += f"\n\n**Note:** {lacks}"
     if not (values["trigger"] or "").strip() and \
             ds.common_first_word([caption for _, _, caption in ws.captions(ctx.root, name)]) is None:
@@ -211,28 +218,19 @@ def plan(ctx: Context, values: dict) -> dict:
     return {"plan": text}
 
 
-def _native_size(ctx: Context, values: dict, base: str) -> str:
+def _native_size(base: str) -> str:
     """' Pictures train at 1024 px, ...' where the base's files tell its family, else nothing."""
-    family = ws.base_family(ctx.models, values["base"])
-    try:
-        size = check.base_resolution(base) if family else None
-    except UserError:
-        return ""
+    family = ws.base_family(base)
+    size = ws.base_resolution(base) if family else None
     return f" Pictures train at {size} px, the {'tiny' if base == 'tiny' else family.label} base's own." if size else ""
 
 
-def single_file_note(ctx: Context, values: dict) -> str:
-    """What a single-file base lacks while Base config is empty (SD3.5's T5 tokenizer, FLUX.1's VAE and text encoders),
-    and where to give it; else ""."""
+def single_file_note(base: str, base_config: str | None) -> str:
+    """What a single-file base (as resolve_base gives it) lacks while Base config is empty (SD3.5's T5 tokenizer,
+    FLUX.1's VAE and text encoders), and where to give it; else ""."""
     from sdlora.models import single_file_lacks
 
-    if (values.get("base_config") or "").strip():
-        return ""
-    try:
-        is_file = Path(ws.resolve_base(ctx.models, values["base"])).is_file()
-    except UserError:
-        return ""
-    family = ws.base_family(ctx.models, values["base"]) if is_file else None
+    family = ws.base_family(base) if not (base_config or "").strip() and Path(base).is_file() else None
     lacks = single_file_lacks(family) if family else ""
     return f"This {family.label} file lacks {lacks}: under Advanced, set Base config to a diffusers {family.label} " \
         "folder or a downloaded hub id." if lacks else ""
@@ -356,7 +354,7 @@ def load(ctx: Context, values: dict) -> dict:
     if ctx.models in Path(base).parents:
         base = Path(base).relative_to(ctx.models).as_posix()
     examples = bundled.names()
-    offered = presets_for(ws.base_family(ctx.models, base))
+    offered = presets_for(_family(ctx, base))
     result = {"dataset": Choices(datasets, used or (datasets[0] if datasets else None)),
               "example": Choices(examples, (examples or [None])[0]),
               "base": Choices(ws.base_models(ctx.models), base), "run": Choices(names, current), "followed": live,
