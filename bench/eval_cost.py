@@ -40,8 +40,9 @@ def main() -> None:
                 runs[mode].append(run(mode == "on", Path(tmp) / f"{mode}{i}"))
                 print(mode, runs[mode][-1], flush=True)
     on, off = (statistics.median(r["wall_s"] for r in runs[m]) for m in ("on", "off"))
-    result = {"question": "what measuring each save adds to the CPU quickstart", "cpu": platform.processor() or
+    result = {"question": "what measuring each save adds to the README quickstart", "cpu": platform.processor() or
               platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "date": time.strftime("%Y-%m-%d"), "runs": runs, "median_wall_on_s": on, "median_wall_off_s": off,
               "added_fraction": round(on / off - 1, 4)}
     Path(args.out).write_text(json.dumps(result, indent=1))
