@@ -30,7 +30,7 @@ class Base:
     pipe: object  # a diffusers pipeline: the family's `pipeline` class
     family: str  # a key of sdlora.families.FAMILIES
     name: str  # what the user gave, for metadata
-    resolution: int  # the family's native training resolution
+    resolution: int  # the base's native training resolution (a folder's own, else its family's)
     prediction_type: str  # "epsilon" or "v_prediction", from the scheduler config (or the override)
 
     @property
@@ -88,14 +88,16 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32, *, base_config: str
         family = families.detect_folder(json.loads((path / "model_index.json").read_text()))
         if as_stored and (stored := stored_dtypes(path, [family.denoiser, *family.text_encoders.values()])):
             dtypes = {"default": dtype, "vae": vae_dtype, **stored}
-        return _base(_from_folder(str(path), family, dtypes), spec, override, ztsnr)
+        pipe = _from_folder(str(path), family, dtypes)
+        return _base(pipe, spec, override, ztsnr, _own_resolution(pipe))
     if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         if not path.is_file():
             raise UserError(f"base model file not found: {spec}", "check the path")
         pipe, suggested, suggested_ztsnr = _from_single_file(path, dtype, base_config, vae_dtype)
         return _base(pipe, spec, override or suggested, suggested_ztsnr if ztsnr is None else ztsnr)
     if spec.count("/") == 1 and not path.exists():
-        return _base(_from_hub(spec, dtypes), spec, override, ztsnr)
+        pipe = _from_hub(spec, dtypes)
+        return _base(pipe, spec, override, ztsnr, _own_resolution(pipe))
     raise UserError(f"base model not found: {spec}", "use 'tiny', a diffusers folder, a .safetensors file or a hub id")
 
 
@@ -377,6 +379,15 @@ def _from_hub(repo_id: str, dtype: torch.dtype | dict):
         return DiffusionPipeline.from_pretrained(repo_id, **kwargs)
     except Exception as e:
         raise UserError(f"could not download {repo_id}: {first_line(e, 200)}", f"check the id and the network, or {hint}") from None
+
+
+def _own_resolution(pipe) -> int | None:
+    """A UNet base's training size as its own configs state it, as check.base_resolution reads it from the files: the
+    UNet's sample size times the VAE's scale (SD1.5: 64 x 8 = 512; a 64 px model: 16 x 4). None for a transformer."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not isinstance(unet.config.get("sample_size"), int):
+        return None
+    return unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
 def _base(pipe, name: str, prediction_type: str | None, ztsnr: bool | None, resolution: int | None = None) -> Base:

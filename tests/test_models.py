@@ -22,11 +22,15 @@ def test_tiny_is_an_sd1_diffusers_folder():
     assert base.family == "sd1" and base.resolution == 64 and base.prediction_type == "epsilon"
 
 
-def test_a_diffusers_folder_loads_as_its_family(tmp_path):
+def test_a_diffusers_folder_loads_as_its_family_at_its_own_size(tmp_path):
+    from sdlora.check import base_resolution
+
     folder = tmp_path / "my-model"
     shutil.copytree(MODEL_DIR, folder)
     base = load_base(str(folder))
-    assert base.family == "sd1" and base.resolution == 512  # a folder is treated as a real SD1 model
+    # an SD1 folder, trained at the size its configs state (the UNet's sample size times the VAE's scale), not SD1's
+    # 512: what the app's plan says before the run
+    assert base.family == "sd1" and base.resolution == 64 == base_resolution(str(folder))
 
 
 def test_training_loads_the_base_in_its_compute_dtype_and_the_vae_in_fp32(tmp_path):
