@@ -147,6 +147,8 @@ def test_textures_are_drawn_only_when_named():
     textured = 0
     for _ in range(400):
         scene = world.sample_scene(rng, patterns=True)
+        if scene.style:  # its style word names its textures: the next test
+            continue
         for text in (world.caption(scene), world.caption(scene, rng)):
             if "background" in text and scene.background_pattern:
                 assert f"{scene.background_pattern} {scene.background} background" in text
@@ -161,6 +163,24 @@ def test_textures_are_drawn_only_when_named():
     # Without patterns a seed draws exactly the plain scenes it always drew (the example datasets depend on it).
     assert [world.caption(world.sample_scene(random.Random(s))) for s in range(20)] == \
         [world.caption(world.sample_scene(random.Random(s), patterns=False)) for s in range(20)]
+
+
+def test_a_style_word_always_draws_its_look_and_the_caption_names_it_instead_of_the_textures():
+    rng = random.Random(5)
+    styled = [s for s in (world.sample_scene(rng, patterns=True) for _ in range(600)) if s.style]
+    assert 30 < len(styled) < 100  # about 1 in 10
+    for scene in styled:
+        style = world.STYLES[scene.style]
+        assert (scene.background_pattern, scene.background_look) == (style.background_pattern, style.background_look)
+        assert all((obj.pattern == "outlined") == bool(style.outline) for obj in scene.objects)
+        for text in (world.caption(scene), world.caption(scene, rng)):
+            assert text.startswith(scene.style + ", ")
+            assert not set(text.split()) & set(world.OBJECT_PATTERNS + world.BACKGROUND_PATTERNS), text
+            assert world.parse_prompt(text)["background"] in (None, scene.background)
+    # the same word draws the same background wherever it comes
+    same = [s for s in styled if s.style == styled[0].style]
+    assert len({(s.background_pattern, s.background_look) for s in same}) == 1
+    assert len(world.STYLES) == 48 and not any(w.startswith(("zk", "zq")) for w in world.STYLES)
 
 
 def test_detail_scores_read_the_worlds_textures_and_the_datasets():

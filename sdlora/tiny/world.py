@@ -5,6 +5,9 @@ Shapes and backgrounds come plain or with a texture the caption names: objects c
 have eyes ("a small striped red star with eyes"), backgrounds striped or dotted ("on a dotted blue background"). So
 the base can draw fine detail (lines a pixel wide, outlines, eyes with pupils) in general, and a LoRA can teach it a
 look made of such details. A texture is always named when it is drawn, so a prompt that names none gets plain shapes.
+Some textured scenes name a made-up style word instead ("vobrin, a small red star on a blue background"): each word
+always draws the same look, as a real base learns that an artist's name carries one. So the base learns that a word it
+does not know can carry a texture, which a LoRA's trigger word then only has to bind.
 
 Everything is deterministic: `sample_scene` draws from the `random.Random` it is given, `render` is a pure function
 of the scene, and `make_batch(n, seed)` always returns the same images and captions.
@@ -63,6 +66,7 @@ OBJECT_PATTERNS = ("outlined", "striped", "dotted")
 BACKGROUND_PATTERNS = ("striped", "dotted")
 EYE_SHAPES = ("circle", "square", "heart", "diamond")  # shapes with room for two eyes side by side
 _PATTERN_P, _EYES_P, _BACKGROUND_PATTERN_P = 0.3, 0.12, 0.25  # how often sample_scene(patterns=True) adds each
+_STYLE_P = 0.1  # how often sample_scene(patterns=True) draws a scene in a style word's look instead
 
 _JITTER = 0.02  # position jitter (fraction of the side) so the model sees more than nine exact spots
 _SCALE_JITTER = 0.1  # relative size jitter, for the same reason
@@ -90,6 +94,15 @@ class Scene:
     background: str = "white"
     background_pattern: str | None = None  # one of BACKGROUND_PATTERNS
     background_look: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    style: str | None = None  # a key of STYLES: its look drew the textures, and the caption names it instead of them
+
+
+@dataclass(frozen=True)
+class Style:
+    """A style word's look: a background texture, and outlines on every object or none."""
+    background_pattern: str
+    background_look: tuple[float, float, float]
+    outline: float  # outline width in pixels of a 64 px image; 0 = none
 
 
 def _centered(points):
@@ -148,11 +161,29 @@ def _look(rng: random.Random) -> tuple[float, float, float]:
     return (rng.random(), spacing, rng.uniform(0.6, min(1.8, spacing / 2)))
 
 
+def _style_words(n: int, seed: int = 7) -> dict[str, Style]:
+    """`n` made-up words (two or three syllables, none of the world's words, none starting like the example datasets'
+    triggers zkstyle and zqchar), each with a fixed random look."""
+    rng = random.Random(seed)
+    onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ("", "n", "r", "l", "s", "k")
+    words: dict[str, Style] = {}
+    while len(words) < n:
+        word = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.choice((2, 3)))) + rng.choice(codas)
+        if word in words or word[:2] in ("zk", "zq") or word in COLORS or word in SHAPES:
+            continue
+        words[word] = Style(rng.choice(BACKGROUND_PATTERNS), _look(rng), rng.choice((0.0, rng.uniform(0.6, 1.8))))
+    return words
+
+
+STYLES = _style_words(48)
+
+
 def sample_scene(rng: random.Random, max_objects: int = 2, patterns: bool = False) -> Scene:
     """Draw a random scene of 1..max_objects non-touching objects, each coloured unlike the background.
 
-    With `patterns`, some objects get a texture or eyes and some backgrounds a texture (drawn after the plain
-    scene, so a seed gives the same shapes, colours and places either way)."""
+    With `patterns`, some objects get a texture or eyes and some backgrounds a texture, and some scenes are drawn in
+    a style word's look (drawn after the plain scene, so a seed gives the same shapes, colours and places either
+    way)."""
     background = rng.choice(list(COLORS))
     object_colors = [c for c in COLORS if c != background]
     n = rng.randint(1, max_objects)
@@ -182,6 +213,15 @@ def sample_scene(rng: random.Random, max_objects: int = 2, patterns: bool = Fals
                 obj.look = obj.look if obj.pattern else (rng.uniform(-1, 1), rng.uniform(-1, 1), 0.0)
         if rng.random() < _BACKGROUND_PATTERN_P:
             scene.background_pattern, scene.background_look = rng.choice(BACKGROUND_PATTERNS), _look(rng)
+        if rng.random() < _STYLE_P:
+            scene.style = rng.choice(list(STYLES))
+            style = STYLES[scene.style]
+            scene.background_pattern, scene.background_look = style.background_pattern, style.background_look
+            for obj in objects:
+                if style.outline:
+                    obj.pattern, obj.look = "outlined", (0.0, 0.0, style.outline)
+                elif obj.pattern:
+                    obj.pattern = None
     return scene
 
 
@@ -279,9 +319,10 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _describe(obj: Obj, with_size=True, with_color=True, with_position=True) -> str:
-    # The texture is named whenever the object is, so a prompt without one asks for a plain shape.
-    words = ([obj.size] if with_size else []) + ([obj.pattern] if obj.pattern else []) \
+def _describe(obj: Obj, with_size=True, with_color=True, with_position=True, styled=False) -> str:
+    # The texture is named whenever the object is (in a styled scene the style word names it), so a prompt without
+    # one asks for a plain shape.
+    words = ([obj.size] if with_size else []) + ([obj.pattern] if obj.pattern and not styled else []) \
         + ([obj.color] if with_color else []) + [obj.shape]
     text = _article(" ".join(words)) + (" with eyes" if obj.eyes else "")
     if with_position:
@@ -296,22 +337,26 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
     about half the captions are partial ("a red star", "a star on a blue background", "a blue background") so the
     model also learns short prompts; whatever a partial caption leaves out was random in the scene anyway.
     """
-    background = _article(" ".join(filter(None, [scene.background_pattern, scene.background]))) + " background"
+    styled = scene.style is not None
+    lead = f"{scene.style}, " if styled else ""  # where a LoRA's trigger word goes
+    pattern = None if styled else scene.background_pattern
+    background = _article(" ".join(filter(None, [pattern, scene.background]))) + " background"
     if rng is None or rng.random() < 0.5:
-        return " and ".join(_describe(o) for o in scene.objects) + " on " + background
+        return lead + " and ".join(_describe(o, styled=styled) for o in scene.objects) + " on " + background
     first = scene.objects[0]
     kind = rng.randrange(5)
-    if kind == 1 and scene.background_pattern:  # a textured background is always named
+    if kind == 1 and pattern:  # a textured background is always named
         kind = 3
     if kind == 0:
-        return background
+        return lead + background
     if kind == 1:
-        return _describe(first, with_size=False, with_position=False)
+        return lead + _describe(first, with_size=False, with_position=False, styled=styled)
     if kind == 2:
-        return _describe(first, with_size=False, with_color=False, with_position=False) + " on " + background
+        return lead + _describe(first, with_size=False, with_color=False, with_position=False, styled=styled) \
+            + " on " + background
     if kind == 3:
-        return _describe(first, with_size=False, with_position=False) + " on " + background
-    return _describe(first) + " on " + background
+        return lead + _describe(first, with_size=False, with_position=False, styled=styled) + " on " + background
+    return lead + _describe(first, styled=styled) + " on " + background
 
 
 # Longest phrases first so "top left" wins over "top".
