@@ -5,7 +5,7 @@ Shapes and backgrounds come plain or with a texture the caption names: objects c
 have eyes ("a small striped red star with eyes"), backgrounds striped or dotted ("on a dotted blue background"). So
 the base can draw fine detail (lines a pixel wide, outlines, eyes with pupils) in general, and a LoRA can teach it a
 look made of such details. A texture is always named when it is drawn, so a prompt that names none gets plain shapes.
-Some textured scenes name a made-up style word instead ("vobrin, a small red star on a blue background"): each word
+Some textured scenes name a made-up style word instead ("radumer, a small red star on a blue background"): each word
 always draws the same look, as a real base learns that an artist's name carries one. So the base learns that a word it
 does not know can carry a texture, which a LoRA's trigger word then only has to bind.
 
