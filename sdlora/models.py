@@ -382,12 +382,14 @@ def _from_hub(repo_id: str, dtype: torch.dtype | dict):
 
 
 def _own_resolution(pipe) -> int | None:
-    """A UNet base's training size as its own configs state it, as check.base_resolution reads it from the files: the
-    UNet's sample size times the VAE's scale (SD1.5: 64 x 8 = 512; a 64 px model: 16 x 4). None for a transformer."""
+    """A UNet base's training size as its own configs state it (check.unet_resolution, the rule check.base_resolution
+    reads from the files); None for a transformer."""
+    from sdlora.check import unet_resolution
+
     unet = getattr(pipe, "unet", None)
     if unet is None or not isinstance(unet.config.get("sample_size"), int):
         return None
-    return unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return unet_resolution(unet.config, pipe.vae.config)
 
 
 def _base(pipe, name: str, prediction_type: str | None, ztsnr: bool | None, resolution: int | None = None) -> Base:

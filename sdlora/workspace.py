@@ -624,21 +624,22 @@ def _remembered_as_of(ask, base: str, size: int, mtime: int):
 def _family(base: str):
     from sdlora import check
 
-    if Path(base).suffix.lower() == ".ckpt":
-        return None  # read whole to be looked at: its family shows when a run loads it
-    try:
-        return check.base_family(base)
-    except UserError:
-        return None
+    return _told(check.base_family, base)
 
 
 def _resolution(base: str) -> int | None:
     from sdlora import check
 
+    return _told(check.base_resolution, base)
+
+
+def _told(ask, base: str):
+    """ask(base) (a check.base_* function), or None where the files cannot tell it without loading the model: a .ckpt
+    (read whole to be looked at: its family shows when a run loads it), a file that is no model."""
     if Path(base).suffix.lower() == ".ckpt":
-        return None  # as _family
+        return None
     try:
-        return check.base_resolution(base)
+        return ask(base)
     except UserError:
         return None
 

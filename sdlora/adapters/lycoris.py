@@ -269,8 +269,7 @@ def _kron_activations(layer, adapter: str, x: torch.Tensor, *args, **kwargs) -> 
     form (which sdlora never sets) and grouped convolutions take peft's own path."""
     base = layer.get_base_layer()
     conv = isinstance(base, torch.nn.Conv2d)
-    if (layer.training and layer.rank_dropout[adapter]) or adapter in layer.lokr_t2 or \
-            (conv and (base.groups != 1 or x.dim() != 4)):
+    if _peft_path(layer, adapter, x, layer.lokr_t2):
         return type(layer)._get_delta_activations(layer, adapter, x, *args, **kwargs)
     w1 = layer.lokr_w1[adapter] if adapter in layer.lokr_w1 else layer.lokr_w1_a[adapter] @ layer.lokr_w1_b[adapter]
     w2 = layer.lokr_w2[adapter] if adapter in layer.lokr_w2 else layer.lokr_w2_a[adapter] @ layer.lokr_w2_b[adapter]
@@ -303,8 +302,7 @@ def _hadamard_activations(layer, adapter: str, x: torch.Tensor, *args, **kwargs)
     w2a, w2b = layer.hada_w2_a[adapter], layer.hada_w2_b[adapter]
     (out_dim, r), in_dim = w1a.shape, w1b.shape[1]
     tokens = x.numel() // x.shape[1 if conv else -1]
-    if (layer.training and layer.rank_dropout[adapter]) or adapter in layer.hada_t1 or \
-            (conv and (base.groups != 1 or x.dim() != 4)) or \
+    if _peft_path(layer, adapter, x, layer.hada_t1) or \
             tokens * r * r * (in_dim + out_dim) >= (2 * r + tokens) * in_dim * out_dim:
         return formed(layer, adapter, x, *args, **kwargs)
     up = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_dim, r * r) * layer.scaling[adapter]
@@ -315,6 +313,14 @@ def _hadamard_activations(layer, adapter: str, x: torch.Tensor, *args, **kwargs)
     h = torch.nn.functional.conv2d(x, down.reshape(r * r, -1, *base.kernel_size), stride=base.stride,
                                    padding=base.padding, dilation=base.dilation)
     return torch.nn.functional.conv2d(h, up[:, :, None, None])
+
+
+def _peft_path(layer, adapter: str, x: torch.Tensor, tucker) -> bool:
+    """Whether a LoHa or LoKr layer's change needs peft's own path: rank dropout while training, the Tucker form
+    (`tucker`: the layer's core tensors), a grouped convolution or an input that is no batch of pictures."""
+    base = layer.get_base_layer()
+    return bool(layer.training and layer.rank_dropout[adapter]) or adapter in tucker or \
+        (isinstance(base, torch.nn.Conv2d) and (base.groups != 1 or x.dim() != 4))
 
 
 def _lokr_rank(w) -> int:
