@@ -107,6 +107,8 @@ def base_resolution(base: str) -> int:
         return NATIVE[base]
     path = _base_path(base)
     if (path / "unet" / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        from sdlora.models import unet_resolution
+
         return unet_resolution(json.loads((path / "unet" / "config.json").read_text()),
                                json.loads((path / "vae" / "config.json").read_text()))
     family = base_family(base)
@@ -115,12 +117,6 @@ def base_resolution(base: str) -> int:
                         f"give --resolution, or --base as tiny, {', '.join(families.FAMILIES)}, a diffusers folder or "
                         f"a .safetensors file")
     return family.resolution
-
-
-def unet_resolution(unet: dict, vae: dict) -> int:
-    """A UNet base's own training size from its UNet's and VAE's configs: the UNet's sample size times the VAE's scale
-    (SD1.5: 64 x 8 = 512; a 64 px model: 16 x 4)."""
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def base_family(base: str):

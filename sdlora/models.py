@@ -381,11 +381,14 @@ def _from_hub(repo_id: str, dtype: torch.dtype | dict):
         raise UserError(f"could not download {repo_id}: {first_line(e, 200)}", f"check the id and the network, or {hint}") from None
 
 
-def _own_resolution(pipe) -> int | None:
-    """A UNet base's training size as its own configs state it (check.unet_resolution, the rule check.base_resolution
-    reads from the files); None for a transformer."""
-    from sdlora.check import unet_resolution
+def unet_resolution(unet: dict, vae: dict) -> int:
+    """A UNet base's own training size from its UNet's and VAE's configs (a loaded model's, or check.base_resolution's
+    read from the files): the UNet's sample size times the VAE's scale (SD1.5: 64 x 8 = 512; a 64 px model: 16 x 4)."""
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
+
+def _own_resolution(pipe) -> int | None:
+    """A UNet base's training size as its own configs state it (unet_resolution); None for a transformer."""
     unet = getattr(pipe, "unet", None)
     if unet is None or not isinstance(unet.config.get("sample_size"), int):
         return None
