@@ -313,7 +313,8 @@ def flops_of(fn) -> int:
 
 def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, tiny: bool,
                autotune_too: bool = False, channels_last_too: bool = False, sdpa_too: tuple = (),
-               profile: bool = False, adapters_too: tuple = ()) -> dict:
+               profile: bool = False, adapters_too: tuple = (), on_part=lambda result: None) -> dict:
+    """One configuration's timings; `on_part` gets the result so far after each variant, so a run cut short keeps them."""
     family, resolution, batch, train_te = CONFIGS[name]
     if tiny:
         family, resolution = "tiny", 64
@@ -412,6 +413,7 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
             result[label]["kernels"] = kernel_profile(lambda: variant.step(ours_inputs()))
         variant = None
         _free(device)
+        on_part(result)
     ours.step_fn.run.enabled = False  # count FLOPs on the eager path (a graph replay hides its kernels)
     result["sdlora"]["flops"] = flops_of(lambda: ours.step(ours_inputs()))
     if profile and device == "cuda":
@@ -655,7 +657,9 @@ def main() -> None:
                                                  args.tiny, autotune_too=args.cudnn_benchmark_too,
                                                  channels_last_too=args.channels_last_too,
                                                  sdpa_too=tuple(args.sdpa_too), profile=args.profile,
-                                                 adapters_too=tuple(args.adapters_too)))
+                                                 adapters_too=tuple(args.adapters_too),
+                                                 on_part=lambda r: (results.update(partial=r), save())))
+            results.pop("partial", None)
         except Exception:
             import traceback
 
