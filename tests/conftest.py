@@ -185,6 +185,33 @@ def measured_again(run, tmp_path) -> dict:
     return [e for e in read_events(copy) if e["type"] == "eval" and e.get("source") == "sdlora eval"][-1]
 
 
+def assert_run_verified_and_measured(run, tmp_path, family: str) -> tuple[list, set, dict]:
+    """A three-step CLI run on a small `family` model: 64 px, finite losses, the file checked through diffusers' loader
+    (every key consumed, strength 0 = base), the measures positive and the same when `sdlora eval` measures the file
+    again, keys in diffusers' lora_A/lora_B names. Gives the events, the file's modules and its metadata."""
+    import numpy as np
+    from safetensors import safe_open
+
+    from sdlora.rundir import read_events
+
+    events = read_events(run)
+    start = next(e for e in events if e["type"] == "start")
+    assert start["family"] == family and start["resolution"] == 64
+    assert all(np.isfinite(e["loss"]) for e in events if e["type"] == "progress")
+    verify = next(e for e in events if e["type"] == "verify")
+    assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"] and verify["strength0_max_diff"] == 0
+    assert verify["file_check"]["ok"]
+    measured = [e for e in events if e["type"] == "eval"][-1]
+    assert measured["learned"] > 0 and np.isfinite(measured["learned"]) and np.isfinite(measured["bleed"])
+    assert any(e["type"] == "recommend" for e in events)
+    again = measured_again(run, tmp_path)
+    assert (again["learned"], again["bleed"]) == pytest.approx((measured["learned"], measured["bleed"]), rel=1e-3)
+    with safe_open(str(run / "lora.safetensors"), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    return events, module_names(keys), meta
+
+
 def assert_app_lists(tmp_path, folder, single, resolution: int, labels: tuple[str, str]) -> None:
     """A base model's diffusers folder and single file, put in a models folder, are listed by the app under their
     families' `labels` and resolve to the family's `resolution`; picking either on the Train tab offers its family's

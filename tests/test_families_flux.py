@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import (assert_app_lists, assert_resume_matches_an_uninterrupted_run, assert_trains_on_an_fp8_base,
-                      draw_dataset, measured_again, module_names, render_sample)
+from conftest import (assert_app_lists, assert_resume_matches_an_uninterrupted_run, assert_run_verified_and_measured,
+                      assert_trains_on_an_fp8_base, draw_dataset, render_sample)
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import flux_original, flux_original_modules
@@ -213,22 +213,7 @@ def test_flux_lora_trains_exports_and_reproduces_in_plain_diffusers(flux_model, 
     import diffusers
     from PIL import Image
 
-    events = read_events(flux_run)
-    start = next(e for e in events if e["type"] == "start")
-    assert start["family"] == "flux.1-dev" and start["resolution"] == 64
-    assert all(np.isfinite(e["loss"]) for e in events if e["type"] == "progress")
-    verify = next(e for e in events if e["type"] == "verify")
-    assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"] and verify["strength0_max_diff"] == 0
-    assert verify["file_check"]["ok"]
-    measured = [e for e in events if e["type"] == "eval"][-1]
-    assert measured["learned"] > 0 and np.isfinite(measured["learned"]) and np.isfinite(measured["bleed"])
-    # measured again from the file alone (`sdlora eval`, T5 through the evaluator once): the same numbers
-    again = measured_again(flux_run, tmp_path)
-    assert (again["learned"], again["bleed"]) == pytest.approx((measured["learned"], measured["bleed"]), rel=1e-3)
-    with safe_open(str(flux_run / "lora.safetensors"), "pt") as f:
-        keys, meta = set(f.keys()), f.metadata()
-    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
-    names = module_names(keys)
+    events, names, meta = assert_run_verified_and_measured(flux_run, tmp_path, "flux.1-dev")
     assert {"transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_k_proj",
             "transformer.transformer_blocks.0.attn.to_add_out", "transformer.transformer_blocks.0.ff.net.2",
             "transformer.single_transformer_blocks.0.attn.to_v", "transformer.single_transformer_blocks.0.proj_mlp",

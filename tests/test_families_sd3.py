@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import (assert_app_lists, assert_resume_matches_an_uninterrupted_run, assert_trains_on_an_fp8_base,
-                      draw_dataset, measured_again, module_names, render_sample)
+from conftest import (assert_app_lists, assert_resume_matches_an_uninterrupted_run, assert_run_verified_and_measured,
+                      assert_trains_on_an_fp8_base, draw_dataset, render_sample)
 from sdlora import families
 from sdlora.errors import UserError
 from sdlora.families.naming import mmdit_original, mmdit_original_modules, original_layout
@@ -196,26 +196,9 @@ def test_sd3_lora_trains_exports_and_reproduces_in_plain_diffusers(sd3_model, sd
 
     from sdlora.generate import Previewer
 
-    events = read_events(sd3_run)
-    start = next(e for e in events if e["type"] == "start")
-    assert start["family"] == "sd3.5-medium" and start["resolution"] == 64
-    assert all(np.isfinite(e["loss"]) for e in events if e["type"] == "progress")
+    events, names, meta = assert_run_verified_and_measured(sd3_run, tmp_path, "sd3.5-medium")
     assert any(e["type"] == "warning" and e["message"].startswith("min_snr_gamma: DDPM settings, unused by SD3.5 "
                                                                   "Medium's flow matching") for e in events)
-    verify = next(e for e in events if e["type"] == "verify")
-    assert verify["ok"] and verify["keys_consumed"] == verify["keys_written"] and verify["strength0_max_diff"] == 0
-    assert verify["file_check"]["ok"]
-    # measured with flow matching's own noise and target, through the family's transformer call
-    measured = [e for e in events if e["type"] == "eval"][-1]
-    assert measured["learned"] > 0 and np.isfinite(measured["bleed"])
-    assert any(e["type"] == "recommend" for e in events)
-    # measured again from the file alone (`sdlora eval`, T5 through the evaluator once): the same numbers
-    again = measured_again(sd3_run, tmp_path)
-    assert (again["learned"], again["bleed"]) == pytest.approx((measured["learned"], measured["bleed"]), rel=1e-3)
-    with safe_open(str(sd3_run / "lora.safetensors"), "pt") as f:
-        keys, meta = set(f.keys()), f.metadata()
-    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
-    names = module_names(keys)
     transformer = {n for n in names if n.startswith("transformer.transformer_blocks.")}
     assert {n.rsplit(".", 1)[-1] for n in transformer} >= {"to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
                                                              "add_v_proj", "to_add_out"}
