@@ -314,7 +314,8 @@ def flops_of(fn) -> int:
 def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, tiny: bool,
                autotune_too: bool = False, channels_last_too: bool = False, sdpa_too: tuple = (),
                profile: bool = False, adapters_too: tuple = (), on_part=lambda result: None) -> dict:
-    """One configuration's timings; `on_part` gets the result so far after each variant, so a run cut short keeps them."""
+    """One configuration's timings; `on_part` gets the result so far after each variant, so a run cut short keeps
+    them."""
     family, resolution, batch, train_te = CONFIGS[name]
     if tiny:
         family, resolution = "tiny", 64
@@ -440,7 +441,7 @@ def run_config(name: str, steps: int, warmup: int, ceiling: float, device: str, 
         "loss_reference": ref_loss.item(), "loss_sdlora": loss.item(),
         "loss_rel_diff": abs(ref_loss.item() - loss.item()) / abs(ref_loss.item()),
         "grad_rel_l2": ((flat_ours - flat_ref).norm() / flat_ref.norm()).item(),
-        "grad_cosine": F.cosine_similarity(flat_ours, flat_ref, dim=0).item(),
+        "grad_cosine": F.cosine_similarity(flat_ours.double(), flat_ref.double(), dim=0).item(),
         "grad_rel_l2_worst_tensor": max(diffs).item(), "tensors": len(diffs), "alpha_scale_note": scale_fix}
     ours = None
     _free(device)

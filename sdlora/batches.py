@@ -27,7 +27,7 @@ class Batches:
     """
 
     def __init__(self, config: TrainConfig, records, bucket_of, pipe, family, objective, accelerator,
-                 reg_records=()):
+                 reg_records=(), texts_cached=lambda: None):
         self.config, self.records, self.bucket_of = config, list(records) + list(reg_records), bucket_of
         self.reg_from = len(records)  # records from this index on are regularisation pictures
         self.samples = ds.expand_repeats(records)
@@ -41,15 +41,18 @@ class Batches:
         text_encoders = family.encoders(pipe)
         self.processes = accelerator.num_processes
         self.seen = 0  # images trained so far, all processes together (a short batch counts what it holds)
-        self.latents = _shared(accelerator, lambda share: cache_latents(
-            self.vae, self.records, bucket_of, config.flip, family, self.device, share, masks=config.masked_loss)) \
-            if config.cache_latents and not config.random_crop else None
+        # the captions first: `texts_cached` can then take encoders the step never needs off the GPU before the VAE
+        # encodes at full size (SD3.5's T5 is 4.7B parameters; the peak is the larger of the two, not their sum)
         self.texts = None
         self.clip_skip = family.resolve_clip_skip(config.clip_skip)
         if not config.train_text_encoder and not config.shuffle_tags:
             texts = sorted({r.caption for r in self.records} | {""})
             self.texts = _shared(accelerator, lambda share: cache_text(
                 self.tokenizers, text_encoders, family, texts, self.device, share, self.clip_skip))
+            texts_cached()
+        self.latents = _shared(accelerator, lambda share: cache_latents(
+            self.vae, self.records, bucket_of, config.flip, family, self.device, share, masks=config.masked_loss)) \
+            if config.cache_latents and not config.random_crop else None
 
     def per_epoch(self) -> int:
         """Batches in one epoch (of batch_size x processes images; a bucket's last one may be short)."""

@@ -117,11 +117,14 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     setup.lap("models")
     # 4. Batches: latents and text embeddings cached where nothing changes them between steps.
     stage.now = "caching latents and text embeddings"
-    batches = Batches(config, data.records, bucket_of, pipe, family, step_fn.objective, accelerator, reg_records)
     frozen = family.encoders(pipe)[len(family.text_encoders):]  # SD3's T5: 4.7B parameters the step never needs
-    if batches.texts is not None and frozen and device.type == "cuda":  # once the captions are encoded
-        for model in frozen:
+
+    def texts_cached() -> None:  # the captions are encoded: off the GPU before the VAE encodes the pictures
+        for model in frozen if device.type == "cuda" else ():
             model.to("cpu")
+
+    batches = Batches(config, data.records, bucket_of, pipe, family, step_fn.objective, accelerator, reg_records,
+                      texts_cached)
     if reg:
         _warn_about_reg(reg, batches, events)
     setup.lap("caches")

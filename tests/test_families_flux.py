@@ -163,6 +163,9 @@ def test_flux_text_encoding_and_transformer_call_are_the_pipelines(flux_model):
                                       return_dict=False)[0]
             expected = FluxPipeline._unpack_latents(packed, 8 * 8, 8 * 6, 8)
         assert pred.shape == latents.shape and torch.equal(pred, expected)
+        # the position ids, made on the device (a CUDA graph cannot capture the pipeline's copy from the CPU)
+        assert torch.equal(flux.image_ids(4, 3, "cpu", torch.float32),
+                           FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32))
         # a run's --train-guidance reaches dev's guidance embedding; schnell has none to tell
         told = fam.with_train_guidance(4.0)
         with torch.no_grad():

@@ -11,6 +11,8 @@ which diffusers, ComfyUI and Forge all read (docs/lora-format.md, FLUX.1).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from sdlora.families.family import Family, no_prediction
@@ -67,17 +69,38 @@ def predict(transformer, noisy_latents, timesteps, encoder_hidden_states, pooled
 
     b, c, h, w = noisy_latents.shape
     packed = FluxPipeline._pack_latents(noisy_latents, b, c, h, w)
-    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy_latents.device, noisy_latents.dtype)
+    img_ids = image_ids(h // 2, w // 2, noisy_latents.device, noisy_latents.dtype)
     txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=noisy_latents.device, dtype=noisy_latents.dtype)
     embedded = None
     if transformer.config.guidance_embeds:
         embedded = torch.full((b,), guidance, device=noisy_latents.device, dtype=torch.float32)
-    out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=embedded,
-                      pooled_projections=pooled, encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
-                      img_ids=img_ids, return_dict=False)[0]
+    with attention_kernels(noisy_latents.device):
+        out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=embedded,
+                          pooled_projections=pooled, encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
+                          img_ids=img_ids, return_dict=False)[0]
     # FluxPipeline._unpack_latents takes pixel sizes and the VAE's factor; with factor 1 and sides 2h, 2w it
     # unpacks to (b, c, h, w) as the pipeline's own call would
     return _unpack(out, b, c, h, w)
+
+
+def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """The packed latents' position ids (height * width, 3): zero, row, column, as
+    FluxPipeline._prepare_latent_image_ids gives them, but made on `device` (the pipeline makes them on the CPU and
+    copies them, which a CUDA graph cannot capture)."""
+    rows = torch.arange(height, device=device, dtype=dtype)[:, None].expand(height, width)
+    cols = torch.arange(width, device=device, dtype=dtype)[None, :].expand(height, width)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(height * width, 3)
+
+
+def attention_kernels(device) -> contextlib.AbstractContextManager:
+    """Where FLUX.1's attention may run while training: flash, memory-efficient or math kernels, not cuDNN's. cuDNN's
+    attention backward failed with an illegal memory access on FLUX.1-dev at 1024 px, batch 1 (H200, torch 2.11).
+    The measures and the file check, which call `predict` too, run forwards only and lose nothing by it."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _unpack(packed: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tensor:
