@@ -67,11 +67,14 @@ class Measure:
     overfit: bool | None = None
 
     def suggested(self) -> float:
-        """The lowest strength whose learned is within NEAR_BEST of this save's best (1 when none is a number)."""
+        """The lowest strength whose learned is within NEAR_BEST of this save's best (1 when none is a number; the
+        best itself when none lowered the loss, as early in a run: a share of a negative best means nothing)."""
         learned = {s: m["learned"] for s, m in self.strengths.items() if math.isfinite(m["learned"])}
         if not learned:
             return 1.0
         best = max(learned.values())
+        if best <= 0:
+            return max(learned, key=learned.get)
         return min(s for s, value in learned.items() if value >= NEAR_BEST * best)
 
 

@@ -121,7 +121,7 @@ def test_generate_at_a_size_the_model_cannot_draw_says_which_sizes_it_can(tmp_pa
                  str(tmp_path / "x.png")]) == 2
     (line,) = error_lines(capsys)
     assert line.startswith("sdlora: error: the SD1.x pipeline cannot draw this: `height` and `width` have to be "
-                           "divisible by 8") and "multiples of 64 px, near the model's own size (64 px)" in line, line
+                           "divisible by 8") and "multiples of 32 px, near the model's own size (64 px)" in line, line
     assert not (tmp_path / "x.png").exists()
 
 

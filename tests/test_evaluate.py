@@ -35,6 +35,9 @@ def test_the_recommendation_avoids_overfit_and_bleed():
     # a strength within 95% of a save's best is as good: the lowest such is suggested
     flat = Measure(1, {0.5: {"learned": 0.96, "bleed": 0}, 1.0: {"learned": 1.0, "bleed": 0}})
     assert flat.suggested() == 0.5
+    # a save that has lowered the loss at no strength yet (early in a run): the strength that raises it least
+    early = Measure(1, {0.5: {"learned": -0.01, "bleed": 0}, 1.0: {"learned": -0.03, "bleed": 0}})
+    assert early.suggested() == 0.5 and recommend([early], name).strength == 0.5
 
 
 def test_the_split_and_the_trigger():
@@ -92,7 +95,7 @@ def test_every_adapter_type_is_measured_in_the_run_and_from_its_file(tmp_path, d
     from sdlora.train import train
 
     run = tmp_path / adapter
-    train(small_config(dataset_dir, steps=3, adapter=adapter, sample_every=100, save_every=100, unet_lr=1e-2),
+    train(small_config(dataset_dir, steps=3, adapter=adapter, sample_every=100, save_every=100, unet_lr=3e-3),
           run, progress_bar=False)
     measured = [e for e in read_events(run) if e["type"] == "eval"][-1]
     numbers = [r[k] for r in measured["strengths"] for k in ("learned", "bleed")]

@@ -336,7 +336,7 @@ def test_a_run_trains_verifies_merges_as_lycoris_applies_it_previews_and_describ
     run = tmp_path / case
     # LoKr's full-matrix modules train at scale 1 (LyCORIS's rule), so a lower learning rate
     train(small_config(dataset_dir, steps=4, sample_every=0, save_every=0, train_text_encoder=False,
-                       unet_lr={"loha": 1e-2, "lokr": 3e-3}[case], **CASES[case]), run, progress_bar=False)
+                       unet_lr={"loha": 1e-2, "lokr": 1e-3}[case], **CASES[case]), run, progress_bar=False)
     events = read_events(run)
     verify = next(e for e in events if e["type"] == "verify")
     assert verify["ok"] and verify["file_check"]["ok"] and verify["file_check"]["modules"] > 0, verify
