@@ -8,7 +8,9 @@ one save and strength (sdlora/evaluate.py); this script then draws, for every sa
 measured, held-out prompts with the trigger and the same prompts without it (25 steps, guidance 5, seed = prompt
 index), and scores them with the checker (sdlora/tiny/checker.py), which knows what the pictures should show:
 
-- `look`: the dataset's look in the images with the trigger (`style_score` / `character_score`, 0 for the plain world);
+- `look`: the dataset's look in the images with the trigger: the style's hatch lines (`hatching_score`; the style
+  score would also count any texture the base draws for an unknown word as ink) and the character's `character_score`
+  (0 for the plain world);
 - `present`: the share of those images that show the dataset's detail at all (`detail_present`: hatch lines, eyes);
 - `change`: how much the look appears without the trigger (mean look score without it, minus the base's);
 - `truth` = look - max(change, 0): what the LoRA should do, less what it should not.
@@ -75,6 +77,11 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def look_score(name: str, image, prompt: str) -> float:
+    """The look `truth` is made of: the style's hatch lines, the character's score (`lora_effect.score`)."""
+    return checker.hatching_score(image) if name == "style" else score(name, image, prompt)
+
+
 def truth_grid(prev, name: str, evals: list[dict], prompts: list[str]) -> dict:
     """Checker scores for every (save, strength) the run measured: {save path: {strength: numbers}}."""
     trigger = DATASETS[name]
@@ -82,16 +89,16 @@ def truth_grid(prev, name: str, evals: list[dict], prompts: list[str]) -> dict:
     seeds = list(range(len(prompts)))
     draw = lambda ps: prev.images(ps, seeds, steps=STEPS, guidance_scale=GUIDANCE)  # noqa: E731
     prev.set_loras([])
-    base_plain = float(np.mean([score(name, im, p) for im, p in zip(draw(plain), plain)]))
-    base_look = float(np.mean([score(name, im, p) for im, p in zip(draw(prompts), prompts)]))
+    base_plain = float(np.mean([look_score(name, im, p) for im, p in zip(draw(plain), plain)]))
+    base_look = float(np.mean([look_score(name, im, p) for im, p in zip(draw(prompts), prompts)]))
     grid = {}
     for e in evals:
         grid[e["path"]] = {}
         for s in (row["strength"] for row in e["strengths"]):
             prev.set_loras([(e["path"], s)])
             with_images, plain_images = draw(prompts), draw(plain)
-            look = float(np.mean([score(name, im, p) for im, p in zip(with_images, prompts)]))
-            change = float(np.mean([score(name, im, p) for im, p in zip(plain_images, plain)])) - base_plain
+            look = float(np.mean([look_score(name, im, p) for im, p in zip(with_images, prompts)]))
+            change = float(np.mean([look_score(name, im, p) for im, p in zip(plain_images, plain)])) - base_plain
             grid[e["path"]][f"{s:g}"] = {
                 "look": round(look, 4), "change": round(change, 4), "truth": round(look - max(change, 0.0), 4),
                 "present": round(float(np.mean([checker.detail_present(name, im) for im in with_images])), 4)}
