@@ -35,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from lora_effect import DATASETS, GUIDANCE, STEPS, machine, prompts_for, score  # noqa: E402
+from lora_effect import DATASETS, GUIDANCE, STEPS, detail, machine, prompts_for, score  # noqa: E402
 
 from sdlora.tiny import checker  # noqa: E402
 
@@ -78,8 +78,8 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def look_score(name: str, image, prompt: str) -> float:
-    """The look `truth` is made of: the style's hatch lines, the character's score (`lora_effect.score`)."""
-    return checker.hatching_score(image) if name == "style" else score(name, image, prompt)
+    """The look `truth` is made of: the style's detail (its hatch lines), the character's score (lora_effect's)."""
+    return detail(name, image) if name == "style" else score(name, image, prompt)
 
 
 def truth_grid(prev, name: str, evals: list[dict], prompts: list[str]) -> dict:

@@ -120,8 +120,9 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     frozen = family.encoders(pipe)[len(family.text_encoders):]  # SD3's T5: 4.7B parameters the step never needs
 
     def texts_cached() -> None:  # the captions are encoded: off the GPU before the VAE encodes the pictures
-        for model in frozen if device.type == "cuda" else ():
-            model.to("cpu")
+        if device.type == "cuda":
+            for model in frozen:
+                model.to("cpu")
 
     batches = Batches(config, data.records, bucket_of, pipe, family, step_fn.objective, accelerator, reg_records,
                       texts_cached)
