@@ -234,6 +234,9 @@ def main() -> None:
     ap.add_argument("--offset-noise", type=float, default=0.1,
                     help="per-channel constant added to the noise, so flat backgrounds of any brightness come out "
                          "(crosslabs.org/blog/diffusion-with-offset-noise)")
+    ap.add_argument("--high-noise", type=float, default=0.0,
+                    help="share of each batch's timesteps drawn from the noisiest quarter of the schedule instead of "
+                         "all of it (the steps multistep samplers such as PNDM extrapolate from)")
     ap.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting (arXiv:2303.09556); 0: off")
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet and text-encoder weights; 0: off")
     ap.add_argument("--vae-seconds", type=float, help="cap the autoencoder stage at this wall time (fewer steps)")
@@ -388,8 +391,12 @@ def main() -> None:
                           empty_ids, input_ids[idx])
         noise = torch.randn(latents.shape, device=device, generator=gen)
         noise = noise + args.offset_noise * torch.randn(*latents.shape[:2], 1, 1, device=device, generator=gen)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch,), device=device,
-                                  generator=gen)
+        total_t = noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, total_t, (args.batch,), device=device, generator=gen)
+        if args.high_noise:
+            noisiest = torch.randint(total_t * 3 // 4, total_t, (args.batch,), device=device, generator=gen)
+            timesteps = torch.where(torch.rand(args.batch, device=device, generator=gen) < args.high_noise,
+                                    noisiest, timesteps)
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
         def backward(te_fn, unet_fn):
             with autocast:
