@@ -408,7 +408,8 @@ def capped_run(checkpoint: Path, folder: Path, data: Path, run: Path, cap_gib: f
     result = {"returncode": returncode, "wall_s": round(time.perf_counter() - t, 1), "cap_gib": cap_gib}
     errors = [e for e in events if e["type"] == "error"]
     if errors:
-        result["error"] = f"{errors[-1]['message']} ({errors[-1].get('hint', '')})"
+        result["error"] = f"{errors[-1]['message']} ({errors[-1].get('hint', '')})" \
+            + (f": {errors[-1]['detail']}" if errors[-1].get("detail") else "")
     start = next((e for e in events if e["type"] == "start"), None)
     progress = [e for e in events if e["type"] == "progress"]
     if start:

@@ -43,13 +43,20 @@ class Batches:
         self.seen = 0  # images trained so far, all processes together (a short batch counts what it holds)
         # the captions first: `texts_cached` can then take encoders the step never needs off the GPU before the VAE
         # encodes at full size (SD3.5's T5 is 4.7B parameters; the peak is the larger of the two, not their sum)
-        self.texts = None
+        self.texts = self.frozen_texts = None
         self.clip_skip = family.resolve_clip_skip(config.clip_skip)
-        if not config.train_text_encoder and not config.shuffle_tags:
+        adapted = len(family.text_encoders)
+        if not config.shuffle_tags:  # the captions are fixed ("" for those dropped)
             texts = sorted({r.caption for r in self.records} | {""})
-            self.texts = _shared(accelerator, lambda share: cache_text(
-                self.tokenizers, text_encoders, family, texts, self.device, share, self.clip_skip))
-            texts_cached()
+            if not config.train_text_encoder:
+                self.texts = _shared(accelerator, lambda share: cache_text(
+                    self.tokenizers, text_encoders, family, texts, self.device, share, self.clip_skip))
+                texts_cached()
+            elif len(text_encoders) > adapted:  # CLIPs trained: T5's outputs still never change
+                self.frozen_texts = _shared(accelerator, lambda share: cache_frozen_text(
+                    self.tokenizers[adapted:], text_encoders[adapted:], family.token_lengths[adapted:], texts,
+                    self.device, share))
+                texts_cached()
         self.latents = _shared(accelerator, lambda share: cache_latents(
             self.vae, self.records, bucket_of, config.flip, family, self.device, share, masks=config.masked_loss)) \
             if config.cache_latents and not config.random_crop else None
@@ -108,8 +115,12 @@ class Batches:
             if self.texts[captions[0]][1] is not None:
                 inputs["pooled"] = torch.stack([self.texts[c][1] for c in captions])
         else:
+            adapted = len(family.text_encoders)
             for j, tokenizer in enumerate(self.tokenizers):
-                inputs[f"ids_{j}"] = token_ids(tokenizer, captions, device, family.token_lengths[j])
+                # a frozen encoder's cached output stands in for its token ids (Step.loss_and_grads tells them apart)
+                inputs[f"ids_{j}"] = torch.stack([self.frozen_texts[c][j - adapted] for c in captions]) \
+                    if self.frozen_texts is not None and j >= adapted \
+                    else token_ids(tokenizer, captions, device, family.token_lengths[j])
         return inputs
 
 
@@ -168,6 +179,18 @@ def cache_text(tokenizers, text_encoders, family, texts: list[str], device, shar
                                                    for tokenizer, length in zip(tokenizers, family.token_lengths)],
                                    clip_skip or family.clip_skip)
     return {text: (hidden[i], None if pooled is None else pooled[i]) for i, text in enumerate(texts)}
+
+
+@torch.no_grad()
+def cache_frozen_text(tokenizers, encoders, lengths, texts: list[str], device, share=(0, 1)) -> dict:
+    """caption -> (each frozen encoder's last hidden state,) for this process's share of the captions: what
+    family.encode reads from encoders no adapter wraps (SD3's and FLUX.1's T5), when the others train."""
+    texts = texts[share[0]::share[1]]
+    if not texts:
+        return {}
+    outs = [encoder(token_ids(tokenizer, texts, device, length))[0]
+            for tokenizer, encoder, length in zip(tokenizers, encoders, lengths)]
+    return {text: tuple(out[i] for out in outs) for i, text in enumerate(texts)}
 
 
 @torch.no_grad()

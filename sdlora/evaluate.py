@@ -155,12 +155,13 @@ class Evaluator:
 
     @torch.no_grad()
     def _latents(self, vae, recs, bucket, scaling) -> torch.Tensor:
-        pixels = torch.stack([ds.prepare_image(r.image, bucket, random_crop=False, flip=False,
-                                               rng=random.Random(0))[0] for r in recs]) if recs else None
-        if pixels is None:
+        if not recs:
             return torch.empty(0)
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return ((dist.mean.float() - scaling[1]) * scaling[0]).to(self.device, self.dtype)
+        means = []
+        for r in recs:  # one at a time, as the run's cache: at 1024 px an fp32 encode takes gigabytes
+            pixels = ds.prepare_image(r.image, bucket, random_crop=False, flip=False, rng=random.Random(0))[0]
+            means.append(vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist.mean[0].float())
+        return ((torch.stack(means) - scaling[1]) * scaling[0]).to(self.device, self.dtype)
 
     @torch.no_grad()
     def _predict(self, rows: list, strength: float) -> torch.Tensor:

@@ -56,3 +56,19 @@ def used_gb(device) -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def on_gpu(models: dict) -> str:
+    """What each of `models` (name -> module) holds on a GPU, largest first: "transformer 2.3 GB, vae 0.3 GB"; with
+    the process's allocated total, for an out-of-memory message."""
+    held = {}
+    for name, model in models.items():
+        if isinstance(model, torch.nn.Module):
+            size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.is_cuda)
+            if size:
+                held[name] = size
+    parts = [f"{name} {size / 1e9:.1f} GB" for name, size in sorted(held.items(), key=lambda kv: -kv[1])]
+    if torch.cuda.is_available():
+        parts.append(f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated in all, "
+                     f"{torch.cuda.max_memory_allocated() / 2**30:.1f} at the peak")
+    return "; ".join(parts)

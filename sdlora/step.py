@@ -138,8 +138,10 @@ class Step:
         target = self.objective.target(latents, noise, timesteps)
         with self.accelerator.autocast(self.autocast):
             if ids:  # captions not cached: encode their token ids here (through the text encoders' adapters)
-                hidden, pooled = self.family.encode(self.text_encoders, [ids[f"ids_{j}"] for j in range(len(ids))],
-                                                    self.clip_skip)
+                inputs = [ids[f"ids_{j}"] for j in range(len(ids))]
+                # a frozen encoder's output cached by Batches comes in place of its ids: it is passed through as is
+                encoders = [_Cached() if x.is_floating_point() else te for x, te in zip(inputs, self.text_encoders)]
+                hidden, pooled = self.family.encode(encoders, inputs, self.clip_skip)
             model_pred = self.family.predict(self.unet, noisy_latents, timesteps, hidden, pooled, time_ids)
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
         if mask is not None:
@@ -272,3 +274,11 @@ def _optimizer(config: TrainConfig, groups, fused: bool = False):
 
 def _checkpoint(function, *args):
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+class _Cached:
+    """Stands in for a frozen text encoder whose output the batch already holds: called with it, returns it as the
+    model's output tuple."""
+
+    def __call__(self, hidden: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor]:
+        return (hidden,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from sdlora.control import Losses, Requests, StopSignals
 from sdlora.diskspace import disk_full, writing, written_folder
 from sdlora.ema import EMA
 from sdlora.errors import UserError
-from sdlora.memory import memory_defaults, used_gb
+from sdlora.memory import memory_defaults, on_gpu, used_gb
 from sdlora.models import check_sampler, load_base
 from sdlora.atomic import write_atomic
 from sdlora.rundir import CONTROL_FILES, EventLog
@@ -59,11 +60,15 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     except UserError as e:
         _emit_error(events, e.message, e.hint)
         raise
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as e:
         message = f"out of memory while {stage.now}"
         hint = ("lower resolution, or draw fewer samples (sample_prompts, sample_every)" if "sampl" in stage.now
                 else "lower batch_size or resolution, turn on gradient_checkpointing, or set base_precision fp8")
-        events.emit("error", message=message, hint=hint)
+        # torch's own first sentence (how much was asked for, how much was free) and what the models held then
+        detail = ". ".join(str(e).split(". ")[:3])[:300] + (f". On the GPU: {on_gpu(stage.models)}"
+                                                              if torch.cuda.is_available() else "")
+        print(f"sdlora: {message}: {detail}", file=sys.stderr, flush=True)
+        events.emit("error", message=message, hint=hint, detail=detail)
         raise UserError(message, hint) from None
     except Exception as e:
         # a write that no save wraps (the events file): a full disk still ends in one line
@@ -99,6 +104,7 @@ def _train(config, run_dir, accelerator, events, stop, resume, progress_bar, sta
     base = load_base(config.base, weight_dtype(accelerator), vae_dtype=torch.float32, base_config=config.base_config,
                      prediction_type=config.prediction_type, zero_terminal_snr=config.zero_terminal_snr, as_stored=True)
     family, pipe = base.fam.with_train_guidance(config.train_guidance), base.pipe  # FLUX.1 dev's guidance embedding
+    stage.models = dict(pipe.components)
     clip_skip = family.resolve_clip_skip(config.clip_skip)  # settings this base cannot use stop here, before any work
     _check_objective(config, family, events)
     _check_preset(config, family, events)
@@ -420,9 +426,10 @@ def _warn_about_reg(reg, batches, events) -> None:
 
 
 class _Stage:
-    """What the run is doing, for an out-of-memory message."""
+    """What the run is doing and which models it holds, for an out-of-memory message."""
 
     now = "loading the data"
+    models: dict = {}
 
 
 class _SetupTimes:

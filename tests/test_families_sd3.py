@@ -143,6 +143,41 @@ def test_sd3_text_encoding_is_the_pipelines(sd3_model):
     assert torch.equal(hidden, ref_hidden) and torch.equal(pooled, ref_pooled)
 
 
+def test_t5_is_encoded_once_when_the_clips_train(sd3_model, tmp_path):
+    """With the CLIP LoRAs training, T5 (frozen, 4.7B parameters at full size) still encodes each caption once, before
+    the pictures, and leaves the device: the step reads its cached output and gives the loss T5 run live gives."""
+    from accelerate import Accelerator
+
+    from sdlora import dataset as ds
+    from sdlora.batches import Batches, batch_at, token_ids
+    from sdlora.step import build_step
+
+    from conftest import small_config
+
+    pipe = load_base(str(sd3_model[0])).pipe
+    fam = families.detect(pipe)
+    data = draw_dataset(tmp_path / "data", n=2, size=64)
+    records = ds.ingest(data, trigger="zxq").records
+    config = small_config(data, batch_size=2, train_text_encoder=True, resolution=64)
+    accelerator = Accelerator(cpu=True)
+    step = build_step(accelerator, pipe, config, fam)
+    t5 = fam.encoders(pipe)[2]
+    calls, forward = [], t5.forward
+    t5.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
+    offloaded = []
+    batches = Batches(config, records, [(64, 64)] * 2, pipe, fam, step.objective, accelerator,
+                      texts_cached=lambda: offloaded.append(len(calls)))
+    assert offloaded == [1] and batches.texts is None  # one call for every caption, then off the device
+    inputs = batches.at(0)[0]
+    assert inputs["ids_2"].is_floating_point() and inputs["ids_2"].shape == (2, 256, 96)
+    cached_loss, cached_grads = step.loss_and_grads(**inputs)
+    captions = [caption for _, caption, _, _ in batch_at(0, config, batches.records, batches.samples, batches.bucket_of)]
+    live = dict(inputs, ids_2=token_ids(fam.tokenizers(pipe)[2], captions, torch.device("cpu"), 256))
+    live_loss, live_grads = step.loss_and_grads(**live)
+    assert len(calls) == 2 and torch.equal(cached_loss, live_loss)
+    assert all(torch.equal(a, b) for a, b in zip(cached_grads, live_grads))
+
+
 def test_flow_matching_objective_is_diffusers_sd3_training():
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import compute_loss_weighting_for_sd3

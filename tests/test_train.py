@@ -662,3 +662,24 @@ def test_captions_are_encoded_before_the_pictures(tmp_path):
     batches = Batches(config, records, [(64, 64)] * 2, pipe, families.detect(pipe), DDPM(pipe.scheduler.config),
                       Accelerator(cpu=True), texts_cached=lambda: seen.append(len(encoded)))
     assert seen == [0] and len(encoded) >= 2 and batches.texts and batches.latents
+
+
+def test_out_of_memory_while_caching_says_where_and_what_was_asked(tmp_path, dataset_dir, monkeypatch):
+    """Out of memory outside the samples ends the run with one line naming the stage, a hint, and torch's own account
+    of the allocation in the event's detail, beside what each model held on the GPU."""
+    from sdlora import batches
+    from sdlora.errors import UserError
+    from sdlora.train import train
+
+    def tight(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.50 GiB free. "
+                                     "Of the allocated memory 10 GiB is allocated by PyTorch")
+
+    monkeypatch.setattr(batches, "cache_latents", tight)
+    run = tmp_path / "oom"
+    with pytest.raises(UserError) as raised:
+        train(small_config(dataset_dir, steps=4), run, progress_bar=False)
+    assert raised.value.message == "out of memory while caching latents and text embeddings"
+    error = next(e for e in read_events(run) if e["type"] == "error")
+    assert "lower batch_size or resolution" in error["hint"]
+    assert error["detail"].startswith("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.50 GiB free")
