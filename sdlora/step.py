@@ -133,6 +133,12 @@ class Step:
         """Sample the latents from their cached distribution, noise them, predict, weighted MSE against the
         objective's target; return (loss, gradients of the adapter parameters). `mask` (batch, 1, h, w): each latent
         pixel's loss weight (masked_loss); `loss_weight` (batch,): each image's (prior_loss_weight for reg images)."""
+        context = self.family.step_context(mean.device) if self.family.step_context else contextlib.nullcontext()
+        with context:  # forward and backward: the backward recomputes checkpointed blocks with the same kernels
+            return self._loss_and_grads(mean, std, eps, noise, timesteps, time_ids, hidden, pooled, mask,
+                                        loss_weight, ids)
+
+    def _loss_and_grads(self, mean, std, eps, noise, timesteps, time_ids, hidden, pooled, mask, loss_weight, ids):
         latents = ((mean + std * eps - self.shift_factor) * self.scaling_factor).to(self.weight_dtype)
         noisy_latents = self.objective.noisy(latents, noise, timesteps)
         target = self.objective.target(latents, noise, timesteps)

@@ -297,3 +297,20 @@ def test_a_dora_run_verifies_its_file_and_says_what_diffusers_leaves_out(tmp_pat
     assert info["dora_modules"] > 0 and info["conv3x3_modules"] == 0
     resize(run / "lora.safetensors", tmp_path / "small.safetensors", rank=2)
     assert describe(tmp_path / "small.safetensors")["dora_modules"] == info["dora_modules"]
+
+
+def test_the_file_check_reads_layers_on_an_fp8_base_that_computes_in_bf16(tmp_path):
+    """On a GPU an fp8 base (sdlora.quantize) gives its layers bf16 weights at each use; the check after training
+    compares the file against fp32 copies of those layers all the same."""
+    from sdlora.export import check_file
+    from sdlora.lora import kohya_modules, kohya_state_dict, save_lora
+    from sdlora.quantize import quantize_base
+
+    unet = load_base("tiny").pipe.unet.to(torch.bfloat16)
+    quantize_base(unet, [], "fp8")
+    adapter, _ = _perturbed("lora", unet, rslora=False)
+    path = tmp_path / "a.safetensors"
+    save_lora(path, kohya_state_dict(unet, {}, adapter=adapter),
+              adapter.metadata(rank=4, alpha=2.0, dropout=0.0, conv_rank=2, conv_alpha=3.0, rslora=False))
+    result = check_file(path, kohya_modules(unet, {}, adapter=adapter), adapter)
+    assert result["ok"] and result["modules"] == len(adapter.layers(unet)), result

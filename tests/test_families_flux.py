@@ -180,6 +180,46 @@ def test_flux_text_encoding_and_transformer_call_are_the_pipelines(flux_model):
     assert torch.allclose(objective.scheduler.timesteps, torch.arange(1000, 0, -1).float())
 
 
+def test_the_flux_step_runs_forward_and_recomputed_blocks_in_its_kernels(flux_model, tmp_path):
+    """FLUX.1's attention kernels (a CUDA choice) hold for the whole step: with gradient checkpointing the backward
+    recomputes every block, and each attention call, first or recomputed, runs inside the family's step context."""
+    import contextlib
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from conftest import small_config
+    from sdlora import dataset as ds
+    from sdlora.batches import Batches
+    from sdlora.step import build_step
+
+    pipe = load_base(str(flux_model[0])).pipe
+    inside, calls = [], []
+
+    @contextlib.contextmanager
+    def recorded(device):
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    fam = dataclasses.replace(families.detect(pipe), step_context=recorded)
+    data = draw_dataset(tmp_path / "data", n=2, size=64)
+    config = small_config(data, batch_size=2, resolution=64, gradient_checkpointing=True, train_text_encoder=False)
+    accelerator = Accelerator(cpu=True)
+    step = build_step(accelerator, pipe, config, fam)
+    for block in pipe.transformer.transformer_blocks:
+        forward = block.attn.forward
+        block.attn.forward = lambda *a, _f=forward, **k: (calls.append(bool(inside)), _f(*a, **k))[1]
+    batches = Batches(config, ds.ingest(data, trigger="zxq").records, [(64, 64)] * 2, pipe, fam, step.objective,
+                      accelerator)
+    assert pipe.transformer.is_gradient_checkpointing
+    step.loss_and_grads(**batches.at(0)[0])
+    double_blocks = len(pipe.transformer.transformer_blocks)
+    assert len(calls) == 2 * double_blocks and all(calls)  # each block's forward and its recomputation
+
+
 def test_shipped_flux_configs_are_the_published_architectures():
     """sdlora/configs/flux.1-dev and -schnell build FLUX.1 at its published size (a 11.9B transformer; schnell without
     the guidance embedder), with the VAE's shift and scale, and each is told as its family."""

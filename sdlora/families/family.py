@@ -83,6 +83,9 @@ class Family:
     # denoiser modules never adapted, as a regular expression the whole module path must match (peft's
     # exclude_modules): FLUX.1's final `proj_out`, which shares its name with the single blocks' but lies outside them
     unet_exclude: str = ""
+    # (device) -> the context a training step runs in, forward and backward alike (gradient checkpointing recomputes
+    # blocks in the backward, which must pick the kernels the forward picked): FLUX.1's attention kernels
+    step_context: Callable | None = None
 
     def __post_init__(self):
         for field in ("pipeline_kwargs", "text_encoders", "text_encoder_aliases", "unet_targets", "text_targets"):

@@ -74,10 +74,9 @@ def predict(transformer, noisy_latents, timesteps, encoder_hidden_states, pooled
     embedded = None
     if transformer.config.guidance_embeds:
         embedded = torch.full((b,), guidance, device=noisy_latents.device, dtype=torch.float32)
-    with attention_kernels(noisy_latents.device):
-        out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=embedded,
-                          pooled_projections=pooled, encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
-                          img_ids=img_ids, return_dict=False)[0]
+    out = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=embedded, pooled_projections=pooled,
+                      encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids, img_ids=img_ids,
+                      return_dict=False)[0]
     # FluxPipeline._unpack_latents takes pixel sizes and the VAE's factor; with factor 1 and sides 2h, 2w it
     # unpacks to (b, c, h, w) as the pipeline's own call would
     return _unpack(out, b, c, h, w)
@@ -93,9 +92,10 @@ def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
 
 
 def attention_kernels(device) -> contextlib.AbstractContextManager:
-    """Where FLUX.1's attention may run while training: flash, memory-efficient or math kernels, not cuDNN's. cuDNN's
-    attention backward failed with an illegal memory access on FLUX.1-dev at 1024 px, batch 1 (H200, torch 2.11).
-    The measures and the file check, which call `predict` too, run forwards only and lose nothing by it."""
+    """Where FLUX.1's attention may run while training (the family's step_context): flash, memory-efficient or math
+    kernels, not cuDNN's. cuDNN's attention backward failed with an illegal memory access on FLUX.1-dev at 1024 px,
+    batch 1 (H200, torch 2.11). The whole step runs in it: with gradient checkpointing the backward recomputes each
+    block, and a kernel other than the forward's saves tensors of other shapes (torch.utils.checkpoint refuses)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -212,7 +212,8 @@ def _family(dev: bool) -> Family:
         time_ids=time_ids, denoiser_kwargs=denoiser_kwargs, predict=predict, checkpoint_prediction=no_prediction,
         detect_pipeline=detect_pipeline, detect_folder=detect_folder, detect_checkpoint=detect_checkpoint,
         detect_denoiser=detect_denoiser, detect_lora=detect_lora, read_version=read_version,
-        read_architecture=read_architecture, denoiser_from_original=flux_from_original, kohya_to_peft=kohya_to_peft)
+        read_architecture=read_architecture, denoiser_from_original=flux_from_original, kohya_to_peft=kohya_to_peft,
+        step_context=attention_kernels)
 
 
 FLUX1_DEV, FLUX1_SCHNELL = _family(True), _family(False)
