@@ -13,12 +13,16 @@ index), and scores them with the checker (sdlora/tiny/checker.py), which knows w
   (0 for the plain world);
 - `present`: the share of those images that show the dataset's detail at all (`detail_present`: hatch lines, eyes);
 - `change`: how much the look appears without the trigger (mean look score without it, minus the base's);
-- `truth` = look - max(change, 0): what the LoRA should do, less what it should not.
+- `truth` = look - max(change, 0): what the LoRA should do, less what it should not;
+- `pixel_change`: how much the images without the trigger differ from the base's, pixel by pixel (mean absolute
+  difference, 0-255): a change the look scores may not see (a style LoRA can alter colours or shapes without drawing
+  hatch lines).
 
 Per run it reports the recommended (save, strength)'s truth against the best in the grid (wanted: within 10%),
 whether the last save was avoided where truth prefers an earlier one, and the Spearman rank correlation between
 the run's bleed and the checker's change over the saves (at strength 1; wanted: 0.8 or more), the change as it is
-and relative to the look gained with the trigger (the run's bleed is relative to the change with the trigger).
+and relative to the look gained with the trigger (the run's bleed is relative to the change with the trigger), and
+the pixel change. `--reuse` scores the runs already in --runs again instead of training them.
 """
 
 from __future__ import annotations
@@ -43,8 +47,12 @@ DEFAULT_STEPS, DEFAULT_UNET_LR, DEFAULT_TE_LR = 600, 5e-4, 1e-4  # sdlora train'
 RUNS = {f"{name}-{kind}": (name, kind) for name in DATASETS for kind in ("default", "overtrained")}
 
 
-def train(run: Path, name: str, kind: str, steps_scale: float) -> tuple[list[dict], dict, float]:
-    """One `sdlora train` run; returns its eval events, its recommend event and its wall time."""
+def train(run: Path, name: str, kind: str, steps_scale: float,
+          reuse: bool = False) -> tuple[list[dict], dict, float | None]:
+    """One `sdlora train` run; returns its eval events, its recommend event and its wall time (`reuse`: the run folder
+    already there, scored again; its wall time is then None)."""
+    if reuse:
+        return (*_events(run), None)
     steps = max(8, int(DEFAULT_STEPS * steps_scale * (5 if kind == "overtrained" else 1)))
     lr = 3 if kind == "overtrained" else 1
     cmd = [sys.executable, "-m", "sdlora", "train", f"datasets/{name}", "--base", "tiny", "--trigger", DATASETS[name],
@@ -55,10 +63,12 @@ def train(run: Path, name: str, kind: str, steps_scale: float) -> tuple[list[dic
     t0 = time.time()
     with open(str(run) + ".log", "w") as log:
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=log)
+    return (*_events(run), time.time() - t0)
+
+
+def _events(run: Path) -> tuple[list[dict], dict]:
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    evals = [e for e in events if e["type"] == "eval"]
-    recommend = next(e for e in events if e["type"] == "recommend")
-    return evals, recommend, time.time() - t0
+    return [e for e in events if e["type"] == "eval"], next(e for e in events if e["type"] == "recommend")
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -89,7 +99,9 @@ def truth_grid(prev, name: str, evals: list[dict], prompts: list[str]) -> dict:
     seeds = list(range(len(prompts)))
     draw = lambda ps: prev.images(ps, seeds, steps=STEPS, guidance_scale=GUIDANCE)  # noqa: E731
     prev.set_loras([])
-    base_plain = float(np.mean([look_score(name, im, p) for im, p in zip(draw(plain), plain)]))
+    base_plain_images = draw(plain)
+    base_pixels = np.stack([np.asarray(im, dtype=np.float32) for im in base_plain_images])
+    base_plain = float(np.mean([look_score(name, im, p) for im, p in zip(base_plain_images, plain)]))
     base_look = float(np.mean([look_score(name, im, p) for im, p in zip(draw(prompts), prompts)]))
     grid = {}
     for e in evals:
@@ -101,7 +113,9 @@ def truth_grid(prev, name: str, evals: list[dict], prompts: list[str]) -> dict:
             change = float(np.mean([look_score(name, im, p) for im, p in zip(plain_images, plain)])) - base_plain
             grid[e["path"]][f"{s:g}"] = {
                 "look": round(look, 4), "change": round(change, 4), "truth": round(look - max(change, 0.0), 4),
-                "present": round(float(np.mean([checker.detail_present(name, im) for im in with_images])), 4)}
+                "present": round(float(np.mean([checker.detail_present(name, im) for im in with_images])), 4),
+                "pixel_change": round(float(np.abs(np.stack([np.asarray(im, dtype=np.float32) for im in plain_images])
+                                                   - base_pixels).mean()), 3)}
     return {"base_plain_look": round(base_plain, 4), "base_look": round(base_look, 4), "grid": grid}
 
 
@@ -129,7 +143,10 @@ def judge(evals: list[dict], recommend: dict, grid: dict, base_look: float) -> d
                                                        [grid[p]["1"]["change"] for p in saves]), 3),
             "checker_change_relative_at_1": [round(relative(grid[p]["1"]), 4) for p in saves],
             "spearman_bleed_vs_change_relative": round(spearman([r["bleed"] for r in at_one],
-                                                                [relative(grid[p]["1"]) for p in saves]), 3)}
+                                                                [relative(grid[p]["1"]) for p in saves]), 3),
+            "pixel_change_at_1": [grid[p]["1"]["pixel_change"] for p in saves],
+            "spearman_bleed_vs_pixel_change": round(spearman([r["bleed"] for r in at_one],
+                                                             [grid[p]["1"]["pixel_change"] for p in saves]), 3)}
 
 
 def main() -> None:
@@ -140,6 +157,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "recommend-truth-cpu.json"))
     ap.add_argument("--only", nargs="*", choices=sorted(RUNS), help="these runs only (default: all four)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="scale every run's steps (a quick smoke run)")
+    ap.add_argument("--reuse", action="store_true", help="score the runs already in --runs again, without training")
     args = ap.parse_args()
     from sdlora.generate import Previewer
 
@@ -149,18 +167,20 @@ def main() -> None:
     prev.pipe.set_progress_bar_config(disable=True)
     for label in args.only or list(RUNS):
         name, kind = RUNS[label]
-        evals, recommend, train_s = train(Path(args.runs) / label, name, kind, args.steps_scale)
+        evals, recommend, train_s = train(Path(args.runs) / label, name, kind, args.steps_scale, args.reuse)
         t0 = time.time()
         grid = truth_grid(prev, name, evals, prompts_for(name, DATASETS[name], args.prompts))
         verdict = judge(evals, recommend, grid["grid"], grid["base_look"])
-        results["runs"][label] = {"train_wall_s": round(train_s, 1), "truth_wall_s": round(time.time() - t0, 1),
+        results["runs"][label] = {"train_wall_s": train_s and round(train_s, 1),
+                                  "truth_wall_s": round(time.time() - t0, 1),
                                   "steps": [e["step"] for e in evals], **verdict, **grid,
                                   "evals": [{k: e[k] for k in ("step", "path", "learned", "bleed", "strengths", "on")}
                                             for e in evals]}
         r, b = verdict["recommended"], verdict["best"]
         print(f"{label}: recommended {Path(r['path']).name} at {r['strength']:g} (truth {r['truth']:.3f}); best "
               f"{Path(b['path']).name} at {b['strength']:g} ({b['truth']:.3f}); within 10%: "
-              f"{verdict['within_10_percent']}; Spearman bleed vs change {verdict['spearman_bleed_vs_change']}",
+              f"{verdict['within_10_percent']}; Spearman bleed vs change {verdict['spearman_bleed_vs_change']}, vs "
+              f"pixel change {verdict['spearman_bleed_vs_pixel_change']}",
               flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

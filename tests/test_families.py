@@ -411,7 +411,7 @@ FAMILY_FUNCTIONS = ("encode", "encode_prompt", "time_ids", "denoiser_kwargs", "p
                     "detect_pipeline", "detect_folder", "detect_checkpoint", "detect_denoiser", "detect_lora",
                     "read_version", "read_architecture")
 # Functions a family may leave None: how its single files' denoiser alone is read (FLUX.1's BFL files)
-FAMILY_OPTIONAL = ("denoiser_from_original", "kohya_to_peft")
+FAMILY_OPTIONAL = ("denoiser_from_original", "kohya_to_peft", "step_context")
 FAMILY_METHODS = ("tokenizers", "text_encoder_models", "memory_defaults", "kohya_prefixes", "kohya_unet_name",
                   "kohya_text_encoder_name", "lora_metadata", "resolve_clip_skip", "prompt_kwargs", "encoders",
                   "denoiser_of", "sampler", "file_state_dict")

@@ -29,6 +29,17 @@ def _preview(prev, loras, seed=0):
     return _image(prev.pipe, seed)
 
 
+@torch.no_grad()
+def _prediction(prev, loras):
+    """The UNet's noise prediction for PROMPT on fixed noisy latents (t = 500) with `loras` loaded by diffusers: a
+    LoRA's effect that moves smoothly with its weights, where 6 sampling steps can tip a picture into another one."""
+    prev.set_loras(loras)
+    pipe = prev.pipe
+    hidden = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    latents = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    return pipe.unet(latents, 500, encoder_hidden_states=hidden).sample.numpy()
+
+
 @pytest.fixture(scope="module")
 def loras(trained_run, tmp_path_factory):
     """Our own trained file (rank 4, alpha 2, UNet + text encoder) and a kohya file another trainer wrote."""
@@ -202,7 +213,7 @@ def _module_deltas(path):
 def test_resize_fixed_rank_same_rank_and_energy(loras, previewer, tmp_path, capsys):
     a, _ = loras
     original = _module_deltas(a)
-    base, full = _preview(previewer, []), _preview(previewer, [(a, 1.0)])
+    base, full = _prediction(previewer, []), _prediction(previewer, [(a, 1.0)])
     effect = np.abs(full - base).mean()
 
     assert main(["resize", a, "--rank", "2", "--out", str(tmp_path / "r2.safetensors")]) == 0
@@ -222,12 +233,12 @@ def test_resize_fixed_rank_same_rank_and_energy(loras, previewer, tmp_path, caps
     print("\nrank 2: " + format_rows(list(rows.values()), limit=1).splitlines()[-1])
     for name, delta in original.items():  # the reported error is the error of the update alpha/r * up @ down
         assert rows[name]["rel_error"] == pytest.approx(float((resized[name] - delta).norm() / delta.norm()), abs=1e-4)
-    r2 = _preview(previewer, [(str(tmp_path / "r2.safetensors"), 1.0)])
+    r2 = _prediction(previewer, [(str(tmp_path / "r2.safetensors"), 1.0)])
 
     resize(a, tmp_path / "r4.safetensors", rank=4)  # same rank: the same function
     same = _module_deltas(tmp_path / "r4.safetensors")
     assert max(float((same[n] - d).abs().max() / d.abs().max()) for n, d in original.items()) < 1e-5
-    r4 = _preview(previewer, [(str(tmp_path / "r4.safetensors"), 1.0)])
+    r4 = _prediction(previewer, [(str(tmp_path / "r4.safetensors"), 1.0)])
 
     rows = resize(a, tmp_path / "e.safetensors", energy=0.9)  # per-module ranks
     print("energy 0.9: " + format_rows(rows, limit=1).splitlines()[-1])
@@ -239,11 +250,12 @@ def test_resize_fixed_rank_same_rank_and_energy(loras, previewer, tmp_path, caps
     for r in rows:
         delta = original[r["name"]]
         assert float((energy[r["name"]] - delta).norm() / delta.norm()) == pytest.approx(r["rel_error"], abs=1e-4)
-    e9 = _preview(previewer, [(str(tmp_path / "e.safetensors"), 1.0)])  # diffusers sees the per-module ranks right
+    e9 = _prediction(previewer, [(str(tmp_path / "e.safetensors"), 1.0)])  # diffusers sees the per-module ranks right
 
     diffs = {k: np.abs(v - full).mean() for k, v in (("rank 2", r2), ("rank 4", r4), ("energy 0.9", e9))}
-    print(f"\nLoRA effect {effect:.2f}; resized vs original preview: " + ", ".join(f"{k} {v:.3f}" for k, v in diffs.items()))
-    assert diffs["rank 4"] < 0.05 and diffs["rank 2"] < 0.25 * effect and diffs["energy 0.9"] < 0.25 * effect
+    print(f"\nLoRA effect {effect:.4f}; resized vs original prediction: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in diffs.items()))
+    assert diffs["rank 4"] < 1e-3 * effect and diffs["rank 2"] < 0.25 * effect and diffs["energy 0.9"] < 0.25 * effect
 
 
 def test_info_on_our_file_and_a_hand_written_one(loras, tmp_path, capsys):
