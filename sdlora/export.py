@@ -18,6 +18,7 @@ from sdlora.info import Adapter, base_modules, fit
 from sdlora.lora import check_lora_fits, read_lora, usual_mode
 from sdlora.models import Base, load_base
 from sdlora.patch import Patches
+from sdlora.quantize import unstored
 
 VERIFY_ADAPTER = "sdlora_verify"
 
@@ -267,7 +268,7 @@ def check_file(path: str | Path, trained: dict[str, torch.nn.Module], adapter, a
         # an fp32 copy on the CPU: the comparison then shows the file's rounding, not the compute dtype's. An fp8
         # base (sdlora.quantize) upcasts its weight to the compute dtype at each use: the copy keeps that weight as
         # a plain one, which .float() can then cast.
-        layer = _plain(copy.deepcopy(layer)).float().cpu()
+        layer = unstored(copy.deepcopy(layer)).float().cpu()
         base_layer = layer.get_base_layer()
         weight = base_layer.weight.detach().float().cpu()
         delta = adapter.delta(modules[name], 1.0, base_weight=weight).reshape(weight.shape)
@@ -281,14 +282,3 @@ def check_file(path: str | Path, trained: dict[str, torch.nn.Module], adapter, a
         worst = max(worst, diff)
         ok = ok and diff <= atol * max(1.0, wanted.abs().max().item()) and zero.abs().max().item() == 0.0
     return {"modules": len(modules), "max_diff": worst, "ok": bool(ok)}
-
-
-def _plain(module: torch.nn.Module) -> torch.nn.Module:
-    """`module` with every parametrization (sdlora.quantize's fp8 storage) replaced by the weight it gives."""
-    from torch.nn.utils import parametrize
-
-    for sub in module.modules():
-        if parametrize.is_parametrized(sub):
-            for name in list(sub.parametrizations):
-                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
-    return module

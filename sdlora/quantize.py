@@ -134,6 +134,18 @@ class _Fp8Storage(torch.nn.Module):
         return (weight.to(torch.float8_e4m3fn),)
 
 
+def unstored(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` (a copy, say) with every fp8 storage _to_fp8 gave it replaced, in place, by the plain weight it gives
+    at each use (in the compute dtype): a `.float()` afterwards then casts it like any other weight."""
+    from torch.nn.utils import parametrize
+
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            for name in list(sub.parametrizations):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+    return module
+
+
 def _to_fp8(model: torch.nn.Module) -> None:
     """Store every Linear and Conv2d weight of `model` (but KEEP's) as float8_e4m3fn, upcast at each use."""
     from torch.nn.utils import parametrize
